@@ -1,0 +1,10 @@
+"""Kedro datasets for NIfTI volumes, NumPy arrays and Keras models (thin, fsspec-based).
+
+Use them in ``conf/*/catalog.yml`` as ``pancreas_seg.datasets.NiftiDataset`` and so on.
+"""
+
+from pancreas_seg.datasets.keras_model_dataset import KerasModelDataset
+from pancreas_seg.datasets.nifti_dataset import NiftiDataset
+from pancreas_seg.datasets.numpy_dataset import NumpyDataset
+
+__all__ = ["KerasModelDataset", "NiftiDataset", "NumpyDataset"]

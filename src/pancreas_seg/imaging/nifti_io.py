@@ -1,0 +1,129 @@
+"""NIfTI reading and writing with explicit geometry and clear errors.
+
+Every reader returns a :class:`NiftiVolume` (array + affine + header); every writer is atomic
+(temporary file in the target folder, then ``os.replace``) so an interrupted run never leaves a
+half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+
+class InvalidNiftiError(ValueError):
+    """A file is not a usable NIfTI volume; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class NiftiVolume:
+    """A NIfTI volume: ``array`` in the file's voxel order (X, Y, Z), ``affine`` voxel -> mm (4x4)."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | None = None
+
+    @property
+    def spacing_mm(self) -> tuple[float, ...]:
+        """Voxel size along each array axis in mm (from the affine's column norms)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes such as ``"RAS"`` or ``"LPS"`` (the direction each array axis increases)."""
+        return orientation_code(self.affine)
+
+
+def orientation_code(affine: np.ndarray) -> str:
+    """Return the three-letter orientation code of an affine, e.g. ``"RAS"``."""
+    return "".join(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
+
+
+def read_nifti_header(path: str | os.PathLike[str]) -> nib.Nifti1Image:
+    """Open a NIfTI file lazily (header and affine; voxels are not read). Raises InvalidNiftiError."""
+    path = str(path)
+    try:
+        return nib.load(path)
+    except FileNotFoundError as exc:
+        raise InvalidNiftiError(f"{path}: file does not exist") from exc
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InvalidNiftiError(f"{path}: not readable as NIfTI ({type(exc).__name__}: {exc})") from exc
+
+
+def load_nifti(path: str | os.PathLike[str], dtype: Any = None) -> NiftiVolume:
+    """Read a NIfTI file fully into memory.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        dtype: if given, the scaled voxel values are returned in this dtype (``float32`` for HU
+            arithmetic); otherwise the on-disk dtype is kept when the file has no scaling.
+
+    Returns:
+        A :class:`NiftiVolume`; ``array`` has the file's shape, ``affine`` is float64 (4, 4).
+
+    Raises:
+        InvalidNiftiError: the file is missing, truncated, or not NIfTI.
+    """
+    image = read_nifti_header(path)
+    try:
+        if dtype is None:
+            array = np.asanyarray(image.dataobj)
+        else:
+            array = image.get_fdata(dtype=np.dtype(dtype)) if np.dtype(dtype).kind == "f" else (
+                np.asanyarray(image.dataobj).astype(dtype, copy=False)
+            )
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise InvalidNiftiError(f"{path}: voxel data unreadable, the file looks truncated or corrupt "
+                                f"({type(exc).__name__}: {exc})") from exc
+    return NiftiVolume(array=np.asarray(array), affine=np.asarray(image.affine, dtype=np.float64),
+                       header=image.header)
+
+
+def to_nifti_image(array: np.ndarray, affine: np.ndarray,
+                   header: nib.Nifti1Header | None = None) -> nib.Nifti1Image:
+    """Wrap an array and affine in a Nifti1Image whose header dtype matches the array."""
+    header = header.copy() if header is not None else None
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64), header=header)
+    image.set_data_dtype(np.asarray(array).dtype)
+    image.header.set_xyzt_units("mm", "sec")
+    # Integer labels and HU must be stored exactly: no scaling.
+    image.header.set_slope_inter(1.0, 0.0)
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    return image
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray,
+                header: nib.Nifti1Header | None = None, compress: bool = True) -> bytes:
+    """Serialise an array + affine to NIfTI bytes (gzip-compressed when ``compress``)."""
+    raw = to_nifti_image(array, affine, header).to_bytes()
+    return gzip.compress(raw, compresslevel=1, mtime=0) if compress else raw
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
+    """Write bytes to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_nifti(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray,
+               header: nib.Nifti1Header | None = None) -> None:
+    """Atomically write ``array`` with ``affine`` to ``path`` (gzip if it ends in ``.gz``)."""
+    compress = str(path).endswith(".gz")
+    atomic_write_bytes(path, nifti_bytes(array, affine, header, compress=compress))

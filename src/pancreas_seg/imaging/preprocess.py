@@ -1,0 +1,213 @@
+"""The one preprocessing path shared by training, evaluation and inference.
+
+``hu volume (X, Y, Z), affine``  ->  reorient to LPS  ->  axial slices (Z, H, W)  ->  in-plane
+resample/resize  ->  HU normalisation  ->  float32/float16 model input.
+
+:class:`SliceGeometry` records every step so :func:`restore_label_volume` can map model output
+back onto the original file's voxel grid and affine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pancreas_seg.imaging.geometry import (
+    CanonicalTransform,
+    canonical_transform,
+    from_canonical,
+    slices_to_volume,
+    to_canonical,
+    volume_to_slices,
+)
+from pancreas_seg.imaging.intensity import ForegroundIntensityStats, normalise_hu
+from pancreas_seg.imaging.resize import (
+    InPlaneGrid,
+    plan_in_plane_grid,
+    resize_image_slices,
+    resize_label_slices,
+    restore_probability_slices,
+)
+
+LABEL_MODES = ("multiclass", "pancreas", "tumour")
+AIR_HU = -1024.0  # fill value for padding outside the scanned field of view, HU
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """Preprocessing settings (``params:preprocessing`` in conf/*/parameters_preprocessing.yml)."""
+
+    image_size_px: tuple[int, int]
+    intensity_mode: str = "window"
+    window_hu: tuple[float, float] = (-100.0, 240.0)
+    target_spacing_mm: float | None = None
+    label_mode: str = "multiclass"
+    image_dtype: str = "float32"
+    context_slices: int = 1
+
+    def __post_init__(self) -> None:
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
+        if self.image_dtype not in ("float32", "float16"):
+            raise ValueError(f"image_dtype must be float32 or float16, got {self.image_dtype!r}")
+        if self.context_slices < 1 or self.context_slices % 2 == 0:
+            raise ValueError(f"context_slices must be an odd number >= 1, got {self.context_slices}")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> PreprocessingConfig:
+        """Build from the ``preprocessing`` parameter dictionary."""
+        size = params["image_size_px"]
+        size = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+        spacing = params.get("target_spacing_mm")
+        return cls(
+            image_size_px=size,
+            intensity_mode=params.get("intensity", {}).get("mode", "window"),
+            window_hu=tuple(float(v) for v in params.get("intensity", {}).get("window_hu", (-100, 240))),
+            target_spacing_mm=None if spacing is None else float(spacing),
+            label_mode=params.get("label_mode", "multiclass"),
+            image_dtype=params.get("image_dtype", "float32"),
+            context_slices=int(params.get("context_slices", 1)),
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """Model output channels: 3 (softmax) for multiclass, 1 (sigmoid) otherwise."""
+        return 3 if self.label_mode == "multiclass" else 1
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Everything needed to map (Z, H, W) model slices back to the original NIfTI grid."""
+
+    canonical: CanonicalTransform
+    grid: InPlaneGrid
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"canonical": self.canonical.to_dict(), "grid": self.grid.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SliceGeometry:
+        return cls(CanonicalTransform.from_dict(data["canonical"]), InPlaneGrid.from_dict(data["grid"]))
+
+
+def plan_slice_geometry(shape: tuple[int, ...], affine: np.ndarray,
+                        config: PreprocessingConfig) -> SliceGeometry:
+    """Plan reorientation and in-plane resizing for a volume of ``shape`` and ``affine``."""
+    canonical = canonical_transform(shape, affine)
+    lps_shape = [canonical.original_shape[int(axis)] for axis, _ in canonical.to_canonical]
+    spacing_lps = canonical.canonical_spacing_mm
+    # Slices are (Z, Y, X): in-plane H is the P axis, W is the L axis.
+    source_hw = (lps_shape[1], lps_shape[0])
+    spacing_hw = (spacing_lps[1], spacing_lps[0])
+    grid = plan_in_plane_grid(source_hw, spacing_hw, config.image_size_px, config.target_spacing_mm)
+    return SliceGeometry(canonical=canonical, grid=grid)
+
+
+def canonical_slices(volume: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
+    """(X, Y, Z) file-order volume -> (Z, H, W) canonical axial slices at source resolution."""
+    return volume_to_slices(to_canonical(volume, geometry.canonical))
+
+
+def preprocess_image(hu: np.ndarray, affine: np.ndarray, config: PreprocessingConfig,
+                     stats: ForegroundIntensityStats | None = None) -> tuple[np.ndarray, SliceGeometry]:
+    """HU volume (X, Y, Z) in file order -> model input (Z, H, W) in ``config.image_dtype``.
+
+    Args:
+        hu: Hounsfield units, any numeric dtype (cast to float32 first).
+        affine: the file's voxel -> mm affine (4, 4).
+        config: preprocessing settings.
+        stats: training foreground statistics, required for ``intensity_mode == "zscore"``.
+    """
+    if hu.ndim != 3:
+        raise ValueError(f"expected a 3D HU volume, got shape {hu.shape}")
+    geometry = plan_slice_geometry(hu.shape, affine, config)
+    slices = canonical_slices(np.asarray(hu, dtype=np.float32), geometry)
+    slices = resize_image_slices(slices, geometry.grid, fill_value=AIR_HU)
+    image = normalise_hu(slices, config.intensity_mode, config.window_hu, stats)
+    return image.astype(config.image_dtype, copy=False), geometry
+
+
+def map_label_mode(label: np.ndarray, label_mode: str) -> np.ndarray:
+    """MSD labels {0,1,2} -> training targets (uint8): multiclass {0,1,2}; pancreas 1∪2 -> 1; tumour 2 -> 1."""
+    label = np.asarray(label)
+    if label_mode == "multiclass":
+        return label.astype(np.uint8, copy=False)
+    if label_mode == "pancreas":
+        return (label > 0).astype(np.uint8)
+    if label_mode == "tumour":
+        return (label == 2).astype(np.uint8)
+    raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+
+
+def preprocess_label(label: np.ndarray, geometry: SliceGeometry, label_mode: str) -> np.ndarray:
+    """Label volume (X, Y, Z) in file order -> (Z, H, W) uint8 targets on the model grid (nearest)."""
+    slices = canonical_slices(np.asarray(label), geometry)
+    return map_label_mode(resize_label_slices(slices, geometry.grid), label_mode)
+
+
+def probabilities_to_labels(probabilities: np.ndarray, label_mode: str) -> np.ndarray:
+    """(..., C) model output -> MSD label values (uint8): argmax for multiclass, p >= 0.5 otherwise.
+
+    Binary modes map back to their MSD value: ``pancreas`` -> 1, ``tumour`` -> 2.
+    """
+    if label_mode == "multiclass":
+        return np.argmax(probabilities, axis=-1).astype(np.uint8)
+    value = 1 if label_mode == "pancreas" else 2
+    return (probabilities[..., 0] >= 0.5).astype(np.uint8) * np.uint8(value)
+
+
+def restore_label_volume(probabilities: np.ndarray, geometry: SliceGeometry,
+                         label_mode: str) -> np.ndarray:
+    """(Z, H, W, C) model probabilities -> uint8 MSD label map on the original (X, Y, Z) grid."""
+    probs = restore_probability_slices(probabilities, geometry.grid)
+    labels = probabilities_to_labels(probs, label_mode)
+    return from_canonical(slices_to_volume(labels), geometry.canonical)
+
+
+def context_stack(slices: np.ndarray, indices: np.ndarray, context_slices: int) -> np.ndarray:
+    """Gather 2.5D inputs: for each index z, slices z-k//2 .. z+k//2 (clamped at the ends) as channels.
+
+    Args:
+        slices: (Z, H, W) array (may be a read-only memmap).
+        indices: 1D integer slice indices.
+        context_slices: k, odd; 1 gives plain 2D input.
+
+    Returns:
+        float32 (len(indices), H, W, k).
+    """
+    half = context_slices // 2
+    offsets = np.arange(-half, half + 1)
+    rows = np.clip(np.asarray(indices)[:, None] + offsets[None, :], 0, slices.shape[0] - 1)
+    gathered = np.asarray(slices[rows.ravel()], dtype=np.float32)
+    return gathered.reshape(len(indices), context_slices, *slices.shape[1:]).transpose(0, 2, 3, 1)
+
+
+@dataclass(frozen=True)
+class PreprocessedCase:
+    """Model-grid arrays of one case plus the geometry to map predictions back."""
+
+    image: np.ndarray          # (Z, H, W) float32|float16
+    label: np.ndarray | None   # (Z, H, W) uint8 targets for config.label_mode, or None
+    geometry: SliceGeometry
+
+
+def preprocess_case(image_path: str, label_path: str | None, config: PreprocessingConfig,
+                    stats: ForegroundIntensityStats | None = None) -> PreprocessedCase:
+    """Read one case's NIfTI files and preprocess them (at most one case in memory)."""
+    from pancreas_seg.imaging.nifti_io import load_nifti  # noqa: PLC0415
+
+    ct = load_nifti(image_path)
+    image, geometry = preprocess_image(ct.array, ct.affine, config, stats)
+    label = None
+    if label_path is not None:
+        label = preprocess_label(load_nifti(label_path).array, geometry, config.label_mode)
+    return PreprocessedCase(image=image, label=label, geometry=geometry)
+
+
+def intensity_stats_from_dict(data: dict[str, Any] | None) -> ForegroundIntensityStats | None:
+    """Rebuild stats saved by the preprocessing pipeline (None for window mode)."""
+    if not data or data.get("foreground") is None:
+        return None
+    return ForegroundIntensityStats(**data["foreground"])

@@ -1,0 +1,121 @@
+"""In-plane resizing of (Z, H, W) slice stacks: area/linear for images, nearest for labels.
+
+Only the two in-plane axes are resized; slices are never interpolated across Z (the study and this
+project are 2D). :class:`InPlaneGrid` records the mapping so predictions can be put back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class InPlaneGrid:
+    """How a canonical in-plane grid (H, W) maps to the model grid.
+
+    The canonical slice of ``source_hw`` px is first resampled to ``resampled_hw`` px (to reach the
+    target spacing, or straight to the model size), then centre-cropped/padded to ``output_hw``.
+    ``offset_hw`` is where the resampled slice's (0, 0) lands in the output (negative = cropped).
+    """
+
+    source_hw: tuple[int, int]
+    resampled_hw: tuple[int, int]
+    output_hw: tuple[int, int]
+    offset_hw: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InPlaneGrid:
+        return cls(**{k: tuple(int(x) for x in v) for k, v in data.items()})
+
+
+def plan_in_plane_grid(source_hw: tuple[int, int], spacing_hw_mm: tuple[float, float],
+                       output_hw: tuple[int, int],
+                       target_spacing_mm: float | None = None) -> InPlaneGrid:
+    """Plan the resize: straight to ``output_hw`` or, with ``target_spacing_mm``, resample then crop/pad."""
+    source_hw = (int(source_hw[0]), int(source_hw[1]))
+    output_hw = (int(output_hw[0]), int(output_hw[1]))
+    if target_spacing_mm is None:
+        return InPlaneGrid(source_hw, output_hw, output_hw, (0, 0))
+    resampled = tuple(max(1, round(n * s / float(target_spacing_mm)))
+                      for n, s in zip(source_hw, spacing_hw_mm, strict=True))
+    offset = tuple((o - r) // 2 for o, r in zip(output_hw, resampled, strict=True))
+    return InPlaneGrid(source_hw, resampled, output_hw, offset)
+
+
+def _zoom_in_plane(stack: np.ndarray, out_hw: tuple[int, int], order: int) -> np.ndarray:
+    """Resize axes 1 and 2 of (Z, H, W[, C]) to ``out_hw``; area mean for integer downsampling."""
+    z, h, w = stack.shape[:3]
+    if (h, w) == tuple(out_hw):
+        return stack
+    fh, fw = h / out_hw[0], w / out_hw[1]
+    if order > 0 and fh == int(fh) and fw == int(fw) and fh >= 1 and fw >= 1:
+        # Exact area interpolation: mean over fh x fw blocks.
+        fh, fw = int(fh), int(fw)
+        blocks = stack.reshape(z, out_hw[0], fh, out_hw[1], fw, *stack.shape[3:])
+        return blocks.mean(axis=(2, 4), dtype=np.float32)
+    zoom = (1.0, out_hw[0] / h, out_hw[1] / w) + (1.0,) * (stack.ndim - 3)
+    source = stack
+    if order > 0 and (zoom[1] < 1 or zoom[2] < 1):
+        # Anti-alias before linear downsampling (approximates area interpolation).
+        sigma = (0.0, max(0.0, (1 / zoom[1] - 1) / 2), max(0.0, (1 / zoom[2] - 1) / 2)) + (0.0,) * (stack.ndim - 3)
+        source = ndimage.gaussian_filter(stack, sigma=sigma, mode="nearest")
+    return ndimage.zoom(source, zoom, order=order, mode="nearest", grid_mode=True, prefilter=False)
+
+
+def _place(stack: np.ndarray, grid: InPlaneGrid, fill: float) -> np.ndarray:
+    """Centre-crop/pad a (Z, h, w, ...) stack onto the output grid using ``grid.offset_hw``."""
+    out_h, out_w = grid.output_hw
+    off_h, off_w = grid.offset_hw
+    out = np.full((stack.shape[0], out_h, out_w, *stack.shape[3:]), fill, dtype=stack.dtype)
+    src_h0, src_w0 = max(0, -off_h), max(0, -off_w)
+    dst_h0, dst_w0 = max(0, off_h), max(0, off_w)
+    h = min(stack.shape[1] - src_h0, out_h - dst_h0)
+    w = min(stack.shape[2] - src_w0, out_w - dst_w0)
+    out[:, dst_h0:dst_h0 + h, dst_w0:dst_w0 + w] = stack[:, src_h0:src_h0 + h, src_w0:src_w0 + w]
+    return out
+
+
+def _unplace(stack: np.ndarray, grid: InPlaneGrid, fill: float) -> np.ndarray:
+    """Inverse of :func:`_place`: output grid -> resampled grid (cropped parts refilled with ``fill``)."""
+    inverse = InPlaneGrid(grid.output_hw, grid.output_hw, grid.resampled_hw,
+                          (-grid.offset_hw[0], -grid.offset_hw[1]))
+    return _place(stack, inverse, fill)
+
+
+def resize_image_slices(slices: np.ndarray, grid: InPlaneGrid, fill_value: float) -> np.ndarray:
+    """(Z, H, W) float32 image stack -> (Z, *output_hw) float32 with area/linear interpolation."""
+    resized = _zoom_in_plane(np.asarray(slices, dtype=np.float32), grid.resampled_hw, order=1)
+    return _place(resized, grid, fill_value) if grid.resampled_hw != grid.output_hw else resized
+
+
+def resize_label_slices(slices: np.ndarray, grid: InPlaneGrid) -> np.ndarray:
+    """(Z, H, W) integer label stack -> (Z, *output_hw) with nearest-neighbour interpolation."""
+    resized = _zoom_in_plane(np.asarray(slices), grid.resampled_hw, order=0)
+    return _place(resized, grid, 0) if grid.resampled_hw != grid.output_hw else resized
+
+
+def restore_probability_slices(probabilities: np.ndarray, grid: InPlaneGrid) -> np.ndarray:
+    """(Z, *output_hw, C) model probabilities -> (Z, *source_hw, C) float32 by linear interpolation.
+
+    Interpolating probabilities (then taking argmax) gives smoother masks than resizing labels.
+    Regions cropped away on the way in get probability 0 for every class, i.e. background.
+    """
+    probs = np.asarray(probabilities, dtype=np.float32)
+    if grid.resampled_hw != grid.output_hw:
+        probs = _unplace(probs, grid, 0.0)
+    return _zoom_in_plane_linear(probs, grid.source_hw)
+
+
+def _zoom_in_plane_linear(stack: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    z, h, w = stack.shape[:3]
+    if (h, w) == tuple(out_hw):
+        return stack
+    zoom = (1.0, out_hw[0] / h, out_hw[1] / w) + (1.0,) * (stack.ndim - 3)
+    return ndimage.zoom(stack, zoom, order=1, mode="nearest", grid_mode=True, prefilter=False)

@@ -1,0 +1,97 @@
+"""Ingestion nodes: thin wrappers around :mod:`pancreas_seg.task07` and the phantom generator."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pancreas_seg.imaging.phantom import PhantomConfig, write_synthetic_task07
+from pancreas_seg.task07.archive import extract_task07_archive
+from pancreas_seg.task07.layout import is_synthetic, read_dataset_json
+from pancreas_seg.task07.splits import assign_splits
+from pancreas_seg.task07.validation import ON_INVALID, enforce_policy, validate_task07
+
+logger = logging.getLogger(__name__)
+SOURCES = ("synthetic", "msd")
+
+
+def _log_progress(action: str):
+    def progress(index: int, total: int, case_id: str) -> None:
+        logger.info("%s case %d/%d: %s", action, index, total, case_id)
+    return progress
+
+
+def stage_raw_dataset(ingestion: dict[str, Any]) -> str:
+    """Return the Task07 folder to read: phantoms are generated, a ``.tar`` is extracted safely.
+
+    Raw data is only read: an MSD folder is used in place and never modified.
+    """
+    source = ingestion.get("source", "synthetic")
+    if source not in SOURCES:
+        raise ValueError(f"ingestion.source must be one of {SOURCES}, got {source!r}")
+    if source == "synthetic":
+        synthetic = ingestion["synthetic"]
+        logger.warning("Using SYNTHETIC phantom data (not patients): %s", synthetic["path"])
+        root = write_synthetic_task07(
+            synthetic["path"], n_train=int(synthetic["n_train"]), n_test=int(synthetic["n_test"]),
+            config=PhantomConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in synthetic["phantom"].items()}),
+            seed=int(synthetic["seed"]), progress=_log_progress("Generating phantom"))
+        return str(Path(root).resolve())
+    msd_path = ingestion.get("msd_path")
+    if not msd_path:
+        raise ValueError("ingestion.source is 'msd' but ingestion.msd_path is not set: give the "
+                         "Task07_Pancreas folder or the Task07_Pancreas.tar archive")
+    path = Path(msd_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"ingestion.msd_path: {path} does not exist")
+    if path.is_file():
+        return str(extract_task07_archive(path, ingestion["extract_dir"]).resolve())
+    return str(path.resolve())
+
+
+def validate_raw_dataset(raw_root: str, ingestion: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Validate every case before any processing; return the report and the valid cases."""
+    on_invalid = ingestion.get("on_invalid", "fail")
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"ingestion.on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+    root = Path(raw_root)
+    synthetic = is_synthetic(read_dataset_json(root))
+    result = validate_task07(root, float(ingestion.get("affine_tolerance_mm", 1e-3)),
+                             progress=_log_progress("Validating"))
+    for finding in result.findings:
+        logger.error("Invalid input %s [%s]", finding, finding.check)
+    cases = pd.DataFrame([asdict(c) for c in result.cases])
+    cases["source"] = "synthetic" if synthetic else "msd"
+    logger.info("%d valid case(s) in %s%s", len(cases), root, " (SYNTHETIC phantoms)" if synthetic else "")
+    return result.report(root, on_invalid, synthetic), cases
+
+
+def apply_invalid_policy(validation_report: dict[str, Any], validated_cases: pd.DataFrame) -> pd.DataFrame:
+    """``fail``: raise listing every bad case (the report is already saved); ``skip``: keep valid cases."""
+    enforce_policy(validation_report)
+    if validation_report["bad_cases"]:
+        logger.warning("Skipping %d invalid case(s): %s", validation_report["n_bad_cases"],
+                       ", ".join(validation_report["bad_cases"]))
+    return validated_cases
+
+
+def build_case_manifest(valid_cases: pd.DataFrame, split: dict[str, Any]) -> pd.DataFrame:
+    """Add the patient-level ``split`` (and ``fold``) to the labelled cases; imagesTs get ``unlabelled``."""
+    manifest = valid_cases.copy()
+    labelled = manifest["subset"] == "training"
+    if "patient_id" not in manifest:
+        manifest["patient_id"] = manifest["case_id"]
+    assigned = assign_splits(manifest.loc[labelled, "patient_id"], float(split["test_fraction"]),
+                             float(split["validation_fraction"]), int(split["seed"]),
+                             int(split.get("n_folds", 0)))
+    manifest["split"] = "unlabelled"
+    manifest["fold"] = -1
+    manifest.loc[labelled, ["split", "fold"]] = assigned[["split", "fold"]]
+    counts = manifest["split"].value_counts().to_dict()
+    logger.info("Patient-level split (seed %s): %s", split["seed"], counts)
+    return manifest.sort_values("case_id").reset_index(drop=True)

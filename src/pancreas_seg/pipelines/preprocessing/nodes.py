@@ -1,0 +1,81 @@
+"""Preprocessing nodes: thin wrappers around :mod:`pancreas_seg.imaging`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pancreas_seg.imaging.intensity import fit_foreground_stats, sample_foreground_hu
+from pancreas_seg.imaging.nifti_io import load_nifti, read_nifti_header
+from pancreas_seg.imaging.preprocess import (
+    PreprocessingConfig,
+    intensity_stats_from_dict,
+    plan_slice_geometry,
+    preprocess_case,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def labelled_cases(case_manifest: pd.DataFrame) -> pd.DataFrame:
+    """Rows with a label (train, validation and test splits), sorted by case id."""
+    return case_manifest[case_manifest["split"].isin(["train", "validation", "test"])].sort_values("case_id")
+
+
+def fit_intensity_stats(case_manifest: pd.DataFrame, preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """Window mode: record the window. zscore mode: fit foreground stats on the TRAIN split only."""
+    intensity = preprocessing["intensity"]
+    stats: dict[str, Any] = {"mode": intensity["mode"], "window_hu": list(intensity["window_hu"]),
+                             "foreground": None}
+    if intensity["mode"] != "zscore":
+        return stats
+    train = case_manifest[case_manifest["split"] == "train"]
+    rng = np.random.default_rng(int(intensity.get("seed", 0)))
+    samples = []
+    for index, row in enumerate(train.itertuples(), start=1):
+        logger.info("Sampling foreground HU %d/%d: %s", index, len(train), row.case_id)
+        ct = load_nifti(row.image_path)
+        label = load_nifti(row.label_path)
+        samples.append(sample_foreground_hu(ct.array, label.array > 0,
+                                            int(intensity["samples_per_case"]), rng))
+    fitted = fit_foreground_stats(samples, tuple(intensity["foreground_percentiles"]))
+    logger.info("Training-foreground HU stats: %s", fitted)
+    stats["foreground"] = fitted.to_dict()
+    return stats
+
+
+def preprocess_cases(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any],
+                     preprocessing: dict[str, Any]) -> tuple[dict[str, Callable[[], np.ndarray]], dict[str, Any]]:
+    """Plan every labelled case's geometry now; preprocess its arrays lazily, one case at a time.
+
+    Returns:
+        ``{"<case_id>/image": fn, "<case_id>/label": fn}`` for the PartitionedDataset (each fn
+        preprocesses when Kedro saves that partition, so memory is bounded by one case), and
+        ``{case_id: SliceGeometry.to_dict()}``.
+    """
+    config = PreprocessingConfig.from_params(preprocessing)
+    stats = intensity_stats_from_dict(intensity_stats)
+    cases = labelled_cases(case_manifest)
+    geometry = {}
+    for row in cases.itertuples():
+        header = read_nifti_header(row.image_path)
+        geometry[row.case_id] = plan_slice_geometry(header.shape, header.affine, config).to_dict()
+
+    order = {case_id: i for i, case_id in enumerate(cases["case_id"], start=1)}
+
+    @functools.lru_cache(maxsize=1)  # image and label partitions of a case are saved back to back
+    def run_case(case_id: str, image_path: str, label_path: str):
+        logger.info("Preprocessing case %d/%d: %s", order[case_id], len(order), case_id)
+        return preprocess_case(image_path, label_path, config, stats)
+
+    partitions: dict[str, Callable[[], np.ndarray]] = {}
+    for row in cases.itertuples():
+        key = (row.case_id, row.image_path, row.label_path)
+        partitions[f"{row.case_id}/image"] = functools.partial(lambda k: run_case(*k).image, key)
+        partitions[f"{row.case_id}/label"] = functools.partial(lambda k: run_case(*k).label, key)
+    return partitions, geometry

@@ -1,0 +1,14 @@
+"""Kedro project settings."""
+
+from kedro.config import OmegaConfigLoader
+
+from pancreas_seg.hooks import ArchitectureSelectionHook
+
+HOOKS = (ArchitectureSelectionHook(),)
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+}
