@@ -1,0 +1,889 @@
+"""Deterministic synthetic abdominal CT phantoms laid out like MSD Task07_Pancreas.
+
+The data made here is SYNTHETIC: procedurally drawn shapes, not patient images. It exists so the
+pipeline can be built, tested and benchmarked without the real data set.
+
+Anatomy is modelled in world millimetres (RAS+: +x towards the patient's right, +y anterior,
++z superior) and then sampled at voxel centres, so the voxel spacing changes the resolution of a
+case, never the size of its organs. Each case draws its own spacing, slice thickness and z
+coverage from :class:`PhantomConfig`, its own body habitus, organ positions, contrast phase and
+(with ``tumour_probability``) a hypo-attenuating pancreatic tumour.
+
+Conventions: arrays are in NIfTI voxel order ``(X, Y, Z)``; HU images are ``int16`` clipped to
+[-1024, 3071]; labels are ``uint8`` with 0 background, 1 pancreas, 2 tumour (tumour voxels always
+lie inside the pancreas); affines are float64 ``(4, 4)`` mapping voxel indices to mm.
+
+Everything is float32 and vectorised: each structure is evaluated by broadcasting 1-D world
+coordinates over the bounding box of that structure only, so a 512 x 512 x 100 case takes a few
+seconds on one core. The same ``seed`` always gives byte-identical arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from pancreas_seg.imaging.nifti_io import save_nifti
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_NAME = "pancreas_seg.imaging.phantom"
+#: Bump whenever the drawn anatomy or the files change, so old caches are not reused.
+GENERATOR_VERSION = "1"
+HU_MIN, HU_MAX = -1024, 3071
+AIR_HU = -1000.0
+DATASET_NAME = "Task07_Pancreas (SYNTHETIC phantoms - not patient data)"
+_PARTIAL_TAG = ".partial-"
+
+Box = tuple[slice, slice, slice]
+
+
+# --------------------------------------------------------------------------------------------
+# Public data types
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PhantomConfig:
+    """How synthetic cases are drawn. Ranges are ``(low, high)`` and sampled uniformly per case.
+
+    Attributes:
+        shape_xy_px: in-plane matrix size (X = Y), px.
+        spacing_xy_mm: in-plane pixel spacing range, mm (the same spacing is used for X and Y).
+        slice_thickness_mm: slice spacing range, mm.
+        z_extent_mm: cranio-caudal coverage range, mm; ``n_slices = round(extent / thickness)``.
+        noise_hu: standard deviation of the (slightly correlated) image noise, HU.
+        tumour_probability: chance that a case contains a tumour (label 2).
+        non_ras_every: in a written data set every ``non_ras_every``-th case is stored LPS
+            instead of RAS (0 or less: all RAS).
+        plain_phase_probability: chance that a case is unenhanced: kidneys (~35 HU), vessels and
+            spleen lose their contrast; the pancreas (90-110 HU) and liver are drawn as usual.
+    """
+
+    shape_xy_px: int = 256
+    spacing_xy_mm: tuple[float, float] = (1.4, 1.8)
+    slice_thickness_mm: tuple[float, float] = (2.0, 5.0)
+    z_extent_mm: tuple[float, float] = (140.0, 180.0)
+    noise_hu: float = 12.0
+    tumour_probability: float = 0.5
+    non_ras_every: int = 3
+    plain_phase_probability: float = 0.2
+
+    def __post_init__(self) -> None:
+        # accept lists (e.g. from YAML parameters) and ints: store canonical tuples of floats
+        for name in ("spacing_xy_mm", "slice_thickness_mm", "z_extent_mm"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 2:
+                raise ValueError(f"{name} must be a (low, high) pair, got {getattr(self, name)}")
+            object.__setattr__(self, name, value)
+        for name, kind in (("shape_xy_px", int), ("non_ras_every", int), ("noise_hu", float),
+                           ("tumour_probability", float), ("plain_phase_probability", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        if self.shape_xy_px < 8:
+            raise ValueError(f"shape_xy_px must be >= 8, got {self.shape_xy_px}")
+        for name in ("spacing_xy_mm", "slice_thickness_mm", "z_extent_mm"):
+            low, high = (float(v) for v in getattr(self, name))
+            if not (0.0 < low <= high and math.isfinite(high)):
+                raise ValueError(f"{name} must be a (low, high) range with 0 < low <= high, "
+                                 f"got {getattr(self, name)}")
+        if not (self.noise_hu >= 0.0 and math.isfinite(self.noise_hu)):
+            raise ValueError(f"noise_hu must be >= 0, got {self.noise_hu}")
+        for name in ("tumour_probability", "plain_phase_probability"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the fields (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclass(frozen=True, eq=False)
+class PhantomCase:
+    """One synthetic case.
+
+    Attributes:
+        hu: int16 ``(X, Y, Z)`` CT numbers, HU, clipped to [-1024, 3071].
+        label: uint8 ``(X, Y, Z)``, 0 background, 1 pancreas, 2 tumour.
+        affine: float64 ``(4, 4)`` voxel -> world mm (RAS+ world).
+        meta: what was drawn (spacing, orientation, phase, tumour, ...); JSON-ready.
+    """
+
+    hu: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling grid and primitive shapes (all in world mm, evaluated inside bounding boxes)
+# --------------------------------------------------------------------------------------------
+class _Grid:
+    """Voxel-centre world coordinates of an RAS-stored volume with spacing ``sp`` mm."""
+
+    def __init__(self, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                 origin: tuple[float, float, float]) -> None:
+        self.shape = shape
+        self.spacing = np.asarray(spacing, dtype=np.float64)
+        self.origin = np.asarray(origin, dtype=np.float64)
+        self.coords = [(self.origin[a] + self.spacing[a] * np.arange(shape[a])).astype(np.float32)
+                       for a in range(3)]
+
+    def affine(self) -> np.ndarray:
+        """float64 (4, 4) voxel -> mm for RAS storage."""
+        aff = np.diag([*self.spacing, 1.0])
+        aff[:3, 3] = self.origin
+        return aff
+
+    def box(self, lo: np.ndarray, hi: np.ndarray) -> Box | None:
+        """Index slices of the voxels whose centres lie in the world box [lo, hi] (None if empty)."""
+        out = []
+        for a in range(3):
+            i0 = max(0, math.ceil((float(lo[a]) - self.origin[a]) / self.spacing[a] - 1e-6))
+            i1 = min(self.shape[a], math.floor((float(hi[a]) - self.origin[a]) / self.spacing[a]
+                                               + 1e-6) + 1)
+            if i1 <= i0:
+                return None
+            out.append(slice(i0, i1))
+        return (out[0], out[1], out[2])
+
+    def axes(self, box: Box, centre: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """1-D float32 coordinates (minus ``centre``) of a box along X, Y and Z."""
+        c = np.zeros(3) if centre is None else centre
+        return tuple(self.coords[a][box[a]] - np.float32(c[a]) for a in range(3))  # type: ignore[return-value]
+
+
+def _rotation(angle_z_deg: float = 0.0, angle_y_deg: float = 0.0) -> np.ndarray:
+    """3x3 rotation: about y (tilt) then about z (in-plane); columns are the local axes in world."""
+    az, ay = math.radians(angle_z_deg), math.radians(angle_y_deg)
+    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    return rz @ ry
+
+
+def _ellipsoid(grid: _Grid, centre: np.ndarray, semi: np.ndarray,
+               rot: np.ndarray | None = None) -> tuple[Box, np.ndarray] | None:
+    """Normalised squared radius ``q`` (float32, box-shaped) of an ellipsoid; inside is q <= 1.
+
+    ``semi`` are the semi-axes in mm along the local axes, ``rot`` maps local -> world.
+    """
+    centre = np.asarray(centre, dtype=np.float64)
+    semi = np.asarray(semi, dtype=np.float64)
+    rot = np.eye(3) if rot is None else rot
+    extent = np.sqrt(((rot * semi[None, :]) ** 2).sum(axis=1))
+    box = grid.box(centre - extent, centre + extent)
+    if box is None:
+        return None
+    dx, dy, dz = grid.axes(box, centre)
+    dx, dy, dz = dx[:, None, None], dy[None, :, None], dz[None, None, :]
+    q: np.ndarray | float = 0.0
+    for j in range(3):
+        u = None
+        for comp, coord in zip(rot[:, j], (dx, dy, dz), strict=True):
+            if abs(comp) > 1e-9:
+                term = coord * np.float32(comp / semi[j])
+                u = term if u is None else u + term
+        q = q + u * u  # type: ignore[operator]
+    return box, np.asarray(q, dtype=np.float32)
+
+
+def _prism(grid: _Grid, centre_xy: tuple[float, float], semi_xy: tuple[float, float]
+           ) -> tuple[Box, np.ndarray] | None:
+    """Axis-aligned elliptic cylinder along z over the whole grid: ``q`` (float32), inside q <= 1."""
+    (cx, cy), (ax, ay) = centre_xy, semi_xy
+    box = grid.box(np.array([cx - ax, cy - ay, -1e9]), np.array([cx + ax, cy + ay, 1e9]))
+    if box is None:
+        return None
+    dx, dy, _ = grid.axes(box, np.array([cx, cy, 0.0]))
+    q2 = (dx[:, None] / np.float32(ax)) ** 2 + (dy[None, :] / np.float32(ay)) ** 2
+    nz = box[2].stop - box[2].start
+    return box, np.repeat(q2[:, :, None], nz, axis=2)
+
+
+def _catmull_rom(points: np.ndarray, radii: np.ndarray, step_mm: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smooth curve through control points, resampled every ``step_mm`` of arc length.
+
+    Returns centres (n, 3) mm, radii (n,) mm (interpolated) and arc length (n,) mm.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    rad = np.asarray(radii, dtype=np.float64)
+    ext = np.vstack([2 * pts[0] - pts[1], pts, 2 * pts[-1] - pts[-2]])
+    t = np.linspace(0.0, 1.0, 24, endpoint=False)[:, None]
+    dense, dense_r = [], []
+    for i in range(len(pts) - 1):
+        p0, p1, p2, p3 = ext[i], ext[i + 1], ext[i + 2], ext[i + 3]
+        seg = 0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t ** 2
+                     + (3 * p1 - p0 - 3 * p2 + p3) * t ** 3)
+        dense.append(seg)
+        dense_r.append(rad[i] + (rad[i + 1] - rad[i]) * t[:, 0])
+    dense.append(pts[-1:])
+    dense_r.append(rad[-1:])
+    curve, curve_r = np.vstack(dense), np.concatenate(dense_r)
+    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(curve, axis=0), axis=1))])
+    n = max(2, int(math.ceil(arc[-1] / max(step_mm, 1e-3))) + 1)
+    s = np.linspace(0.0, arc[-1], n)
+    centres = np.stack([np.interp(s, arc, curve[:, a]) for a in range(3)], axis=1)
+    return centres, np.interp(s, arc, curve_r), s
+
+
+def _tube(grid: _Grid, centres: np.ndarray, radii: np.ndarray, y_scale: float = 1.0
+          ) -> tuple[Box, np.ndarray] | None:
+    """Union of spheres along a sampled curve: ``g = min_i |p - c_i|^2 / r_i^2`` (float32).
+
+    Inside the tube is g <= 1; g <= k^2 is a concentric lumen of relative radius k. With
+    ``y_scale`` < 1 every sphere is flattened antero-posteriorly (semi-axis r * y_scale).
+    """
+    scale = np.array([1.0, y_scale, 1.0])
+    ext = radii[:, None] * scale[None, :]
+    box = grid.box((centres - ext).min(axis=0), (centres + ext).max(axis=0))
+    if box is None:
+        return None
+    g = np.full(tuple(s.stop - s.start for s in box), np.inf, dtype=np.float32)
+    starts = np.array([s.start for s in box])
+    for c, r, e in zip(centres, radii, ext, strict=True):
+        sub = grid.box(c - e, c + e)
+        if sub is None:
+            continue
+        dx, dy, dz = grid.axes(sub, c)
+        inv = np.float32(1.0 / r)
+        d = ((dx * inv) ** 2)[:, None, None] + ((dy * np.float32(1.0 / (r * y_scale))) ** 2)[
+            None, :, None] + ((dz * inv) ** 2)[None, None, :]
+        rel = tuple(slice(sub[a].start - starts[a], sub[a].stop - starts[a]) for a in range(3))
+        view = g[rel]
+        np.minimum(view, d, out=view)
+    return box, g
+
+
+def _smooth_field(grid: _Grid, rng: np.random.Generator, lattice_mm: float, amplitude: float
+                  ) -> np.ndarray:
+    """Low-frequency random field (float32, grid shape): lattice noise, linearly interpolated."""
+    mats = []
+    for a in range(3):
+        c = grid.coords[a].astype(np.float64)
+        n_lat = max(2, int(math.ceil((c[-1] - c[0]) / lattice_mm)) + 2)
+        pos = (c - c[0]) / lattice_mm
+        i0 = np.clip(np.floor(pos).astype(int), 0, n_lat - 2)
+        w = (pos - i0).astype(np.float32)
+        m = np.zeros((len(c), n_lat), dtype=np.float32)
+        m[np.arange(len(c)), i0] = 1.0 - w
+        m[np.arange(len(c)), i0 + 1] += w
+        mats.append(m)
+    lat = rng.standard_normal((mats[0].shape[1], mats[1].shape[1], mats[2].shape[1]),
+                              dtype=np.float32) * np.float32(amplitude)
+    t = np.tensordot(lat, mats[2], axes=([2], [1]))             # (lx, ly, Z)
+    t = np.einsum("yj,ijk->iyk", mats[1], t, optimize=True)     # (lx, Y, Z)
+    nx = mats[0].shape[0]
+    return (mats[0] @ t.reshape(t.shape[0], -1)).reshape(nx, t.shape[1], t.shape[2])
+
+
+def _kernel_noise_gain(sigma: float, truncate: float) -> float:
+    """Std reduction of white noise by scipy's 1-D Gaussian kernel (sqrt of sum of squared taps)."""
+    if sigma <= 0:
+        return 1.0
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    w /= w.sum()
+    return float(np.sqrt((w ** 2).sum()))
+
+
+# --------------------------------------------------------------------------------------------
+# The phantom
+# --------------------------------------------------------------------------------------------
+class _Canvas:
+    """HU volume (float32) being painted, plus the pancreas/tumour label (uint8)."""
+
+    def __init__(self, grid: _Grid) -> None:
+        self.grid = grid
+        self.hu = np.full(grid.shape, AIR_HU, dtype=np.float32)
+        self.label = np.zeros(grid.shape, dtype=np.uint8)
+
+    def paint(self, box: Box, mask: np.ndarray, value: float,
+              within: np.ndarray | None = None) -> None:
+        """Set ``hu[box][mask] = value``; ``within`` is a full-size bool mask to clip to."""
+        if within is not None:
+            mask = mask & within[box]
+        self.hu[box][mask] = np.float32(value)
+
+
+def _u(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(rng.uniform(low, high))
+
+
+def _draw_grid(rng: np.random.Generator, config: PhantomConfig) -> _Grid:
+    """Per-case spacing, slice count and origin (world mm)."""
+    sxy = float(np.clip(round(_u(rng, *config.spacing_xy_mm), 4), *config.spacing_xy_mm))
+    sz = float(np.clip(round(_u(rng, *config.slice_thickness_mm), 2), *config.slice_thickness_mm))
+    extent = _u(rng, *config.z_extent_mm)
+    nz = max(1, int(round(extent / sz)))
+    nxy = int(config.shape_xy_px)
+    centre = np.array([_u(rng, -10, 10), _u(rng, -12, 8), _u(rng, -8, 8)])
+    spacing = (sxy, sxy, sz)
+    origin = tuple(float(round(centre[a] - 0.5 * (n - 1) * spacing[a], 4))
+                   for a, n in enumerate((nxy, nxy, nz)))
+    return _Grid((nxy, nxy, nz), spacing, origin)  # type: ignore[arg-type]
+
+
+class _Anatomy:
+    """Draws one case's anatomy (world mm) and paints it onto a :class:`_Canvas` (RAS storage).
+
+    All random parameters are drawn whether or not a structure falls inside the field of view,
+    so the anatomy depends only on the anatomy stream, never on the sampling grid.
+    """
+
+    def __init__(self, grid: _Grid, rng: np.random.Generator, config: PhantomConfig) -> None:
+        self.grid, self.rng, self.cv = grid, rng, _Canvas(grid)
+        u = self.u
+        self.plain = rng.random() < config.plain_phase_probability
+        self.has_tumour = rng.random() < config.tumour_probability
+        self.A, self.B = u(140, 160), u(100, 120)         # body semi-axes (x, y), mm
+        self.kx, self.ky = self.A / 150.0, self.B / 110.0  # habitus scale of organ positions
+        self.k = math.sqrt(self.kx * self.ky)               # ... and of organ sizes
+        self.zc = u(-8, 8)                                  # level of the pancreas, mm
+        self.yv = -0.40 * self.B                            # vertebral body centre, mm
+        plain = self.plain
+        self.hu = {                                         # tissue CT numbers of this case, HU
+            "subcutaneous_fat": u(-115, -95), "visceral_fat": u(-100, -82), "muscle": u(42, 58),
+            "liver": u(55, 65), "pancreas": u(90, 110), "bowel": u(55, 75),
+            "duodenum": u(60, 80), "duodenal_fluid": u(10, 30), "gastric_fluid": u(5, 25),
+            "colon_gas": u(-980, -900), "gallbladder": u(0, 20), "pancreatic_duct": u(10, 25),
+            "bone_cortex": u(700, 1000), "bone_cancellous": u(220, 290), "disc": u(75, 95),
+            "vertebral_arch": u(550, 750), "csf": u(5, 20),
+            "spleen": u(45, 55) if plain else u(105, 120),
+            "aorta": u(40, 50) if plain else u(150, 180),
+            "portal_vein": u(38, 48) if plain else u(150, 170),
+            "ivc": u(38, 48) if plain else u(125, 150),
+            "kidney_cortex": u(30, 40) if plain else u(140, 170),
+        }
+        self.hu["kidney_medulla"] = self.hu["kidney_cortex"] - (2.0 if plain else u(25, 45))
+        self.hu["tumour"] = self.hu["pancreas"] - u(30, 50)
+        self.wall_in = self.cav = np.zeros(0, dtype=bool)
+        self.tumour_voxels = self.pancreas_voxels = 0
+        self.tumour_radius = 0.0
+
+    def u(self, low: float, high: float) -> float:
+        """One uniform draw as a Python float (keeps float32 arithmetic float32)."""
+        return _u(self.rng, low, high)
+
+    def fill(self, shape: tuple[Box, np.ndarray] | None, value: float, level: float = 1.0,
+             within: np.ndarray | None = None) -> None:
+        """Paint ``value`` where a shape's field is <= ``level`` (no-op outside the grid)."""
+        if shape is not None:
+            self.cv.paint(shape[0], shape[1] <= level, value, within=within)
+
+    def render(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Paint everything, back to front. Returns HU float32, label uint8 and meta."""
+        self.paint_body()
+        self.paint_spine_and_back()
+        self.paint_liver()
+        self.paint_stomach()
+        self.paint_spleen_and_kidneys()
+        self.paint_bowel()
+        self.draw_pancreas_curve()
+        self.paint_duodenum()
+        self.paint_vessels()
+        self.paint_pancreas()
+        meta = {"contrast_phase": "plain" if self.plain else "portal_venous",
+                "tumour_drawn": bool(self.has_tumour),
+                "tumour_radius_mm": round(self.tumour_radius, 2) if self.has_tumour else None,
+                "pancreas_voxels": self.pancreas_voxels, "tumour_voxels": self.tumour_voxels,
+                "hu": {key: round(val, 1) for key, val in self.hu.items()}}
+        return self.cv.hu, self.cv.label, meta
+
+    # ---- body outline, subcutaneous fat, muscle wall, visceral cavity (full grid) ----
+    def paint_body(self) -> None:
+        u, (xs, ys, zs) = self.u, self.grid.coords
+        t_sc, t_m, expo = u(8, 25), u(6, 11), u(2.0, 2.5)   # fat, muscle (mm), outline exponent
+        w = (u(0.02, 0.05), u(0, 2 * math.pi), u(0.02, 0.05), u(0, 2 * math.pi))
+        zz = zs.astype(np.float64)
+        fx = 1.0 + w[0] * np.sin(zz / 55.0 + w[1])
+        fy = 1.0 + w[2] * np.sin(zz / 70.0 + w[3])
+
+        def outline(shrink: float) -> np.ndarray:
+            a = (self.A * fx - shrink).astype(np.float32)
+            b_ant = (1.08 * self.B * fy - shrink).astype(np.float32)
+            b_post = (0.92 * self.B * fy - shrink).astype(np.float32)
+            px = np.abs(xs[:, None] / a[None, :]) ** np.float32(expo)            # (X, Z)
+            b = np.where(ys[:, None] > 0, b_ant[None, :], b_post[None, :])
+            py = np.abs(ys[:, None] / b) ** np.float32(expo)                      # (Y, Z)
+            return (px[:, None, :] + py[None, :, :]) <= 1.0
+
+        self.cv.hu[outline(0.0)] = self.hu["subcutaneous_fat"]
+        self.wall_in = outline(t_sc)
+        self.cv.hu[self.wall_in] = self.hu["muscle"]
+        self.cav = outline(t_sc + t_m)
+        self.cv.hu[self.cav] = self.hu["visceral_fat"]
+
+    # ---- paraspinal muscles, psoas, vertebrae and discs ----
+    def paint_spine_and_back(self) -> None:
+        u, g, hu, kx, k, yv, zc = self.u, self.grid, self.hu, self.kx, self.k, self.yv, self.zc
+        rvx, rvy = u(19, 23), u(15, 18)
+        for side in (-1, 1):
+            self.fill(_prism(g, (side * 33 * kx, yv - 38), (24 * k, 21 * k)), hu["muscle"],
+                      within=self.wall_in)
+            cps = np.array([[side * 28.0, yv + 4, zc + 40], [side * 38 * kx, yv + 6, zc - 20],
+                            [side * 48 * kx, yv + 14, zc - 110]])
+            cen, rad, _ = _catmull_rom(cps, np.array([5.0, 12.0, 22.0]) * k, 2.0)
+            self.fill(_tube(g, cen, rad), hu["muscle"] - 3)
+        pitch, height, phase = u(30, 36), u(7, 10), u(0, 36)
+        zs = g.coords[2]
+        is_disc = ((zs - np.float32(phase)) % np.float32(pitch)) < np.float32(height)
+        r = _prism(g, (0.0, yv), (rvx, rvy))
+        if r:
+            box, q = r
+            disc = is_disc[box[2]][None, None, :]
+            self.cv.paint(box, (q <= 1) & ~disc, hu["bone_cortex"])
+            self.cv.paint(box, (q <= (1 - 2.2 / rvx) ** 2) & ~disc, hu["bone_cancellous"])
+            self.cv.paint(box, (q <= 1) & disc, hu["disc"])
+        y_canal = yv - rvy - 8.5
+        for centre, semi, within in (((0.0, y_canal), (13.5, 13.0), None),           # arch
+                                     ((0.0, y_canal - 22), (5.0, 12.0), self.wall_in)):  # spinous
+            r = _prism(g, centre, semi)
+            if r:
+                box, q = r
+                self.cv.paint(box, (q <= 1) & ~is_disc[box[2]][None, None, :],
+                              hu["vertebral_arch"], within=within)
+        self.fill(_prism(g, (0.0, y_canal), (8.0, 8.5)), hu["csf"])
+        self.aorta_xy = (-10 * kx + u(-3, 3), yv + rvy + 13 + u(-2, 2))
+        self.ivc_xy = (24 * kx + u(-3, 3), yv + rvy + 16 + u(-2, 2))
+
+    # ---- liver (right upper quadrant; carved back around the pancreas head) and gallbladder ----
+    def paint_liver(self) -> None:
+        u, g, hu, kx, ky, k, zc = self.u, self.grid, self.hu, self.kx, self.ky, self.k, self.zc
+        self.fill(_ellipsoid(g, np.array([72 * kx, 4 * ky, zc + 72]), np.array([80, 88, 108]) * k),
+                  hu["liver"], within=self.cav)
+        r = _ellipsoid(g, np.array([-12 * kx, -4 * ky, zc - 42]),
+                       np.array([u(66, 76) * kx, 80 * ky, 98]), _rotation(u(-10, 10), 0))
+        if r:
+            box, q = r
+            liver = np.abs(self.cv.hu[box] - np.float32(hu["liver"])) < 0.01
+            self.cv.paint(box, (q <= 1) & liver, hu["visceral_fat"])
+        has_gb = self.rng.random() < 0.7
+        gb = _ellipsoid(g, np.array([48 * kx, 40 * ky, zc + u(15, 30)]),
+                        np.array([u(11, 16), u(11, 16), u(25, 38)]), _rotation(u(-30, 30), 20))
+        if has_gb:
+            self.fill(gb, hu["gallbladder"], within=self.cav)
+
+    # ---- stomach: wall, fluid, and gas in the non-dependent (anterior) part ----
+    def paint_stomach(self) -> None:
+        u, g, hu, kx, ky, k, zc = self.u, self.grid, self.hu, self.kx, self.ky, self.k, self.zc
+        air_level = u(0.2, 0.7)
+        for cen, semi in ((np.array([-42 * kx, 38 * ky, zc + 52]), np.array([44, 34, 55]) * k),
+                          (np.array([8 * kx, 52 * ky, zc + 18]), np.array([36, 17, 19]) * k)):
+            r = _ellipsoid(g, cen, semi, _rotation(u(-20, 20), 0))
+            if r:
+                box, q = r
+                self.cv.paint(box, q <= 1, hu["bowel"], within=self.cav)
+                lumen = q <= (1 - 5.0 / semi[1]) ** 2
+                self.cv.paint(box, lumen, hu["gastric_fluid"], within=self.cav)
+                y_air = np.float32(cen[1] + semi[1] * (2 * air_level - 1))
+                gas = lumen & (g.coords[1][box[1]][None, :, None] > y_air)
+                self.cv.paint(box, gas, AIR_HU, within=self.cav)
+
+    # ---- spleen; kidneys with cortex, medulla, sinus fat, in perirenal fat ----
+    def paint_spleen_and_kidneys(self) -> None:
+        u, g, hu, kx, ky, k, zc = self.u, self.grid, self.hu, self.kx, self.ky, self.k, self.zc
+        self.fill(_ellipsoid(g, np.array([-92 * kx, -22 * ky, zc + 52]),
+                             np.array([26, 45, 50]) * k, _rotation(u(30, 50), 0)),
+                  hu["spleen"], within=self.wall_in)
+        for side, dz in ((-1, u(0, 10)), (1, u(-20, -8))):
+            cen = np.array([side * 70 * kx, self.yv - 2, zc + dz])
+            rot = _rotation(side * u(25, 40), side * u(5, 15))
+            semi = np.array([u(22, 26), u(27, 32), u(48, 58)]) * k
+            self.fill(_ellipsoid(g, cen, semi * np.array([1.45, 1.35, 1.15]), rot),
+                      hu["visceral_fat"] - 5, within=self.wall_in)
+            kidney = _ellipsoid(g, cen, semi, rot)
+            self.fill(kidney, hu["kidney_cortex"], within=self.wall_in)
+            self.fill(kidney, hu["kidney_medulla"], level=0.45, within=self.wall_in)
+            hilum = cen + np.array([-side * 0.55 * semi[0], 0.45 * semi[1], 0.0])  # anteromedial
+            self.fill(_ellipsoid(g, hilum, np.array([8, 9, 18]) * k, rot), hu["visceral_fat"],
+                      within=self.wall_in)
+
+    # ---- colon (gas-filled tube) and small-bowel loops, some next to the pancreas ----
+    def paint_bowel(self) -> None:
+        g, rng, hu, kx, ky, k, zc = self.grid, self.rng, self.hu, self.kx, self.ky, self.k, self.zc
+        pts = np.array([[78 * kx, 25 * ky, zc - 60], [75 * kx, 40 * ky, zc - 25],
+                        [30 * kx, 70 * ky, zc - 22 + self.u(-8, 8)], [-30 * kx, 68 * ky, zc - 15],
+                        [-78 * kx, 30 * ky, zc + 20], [-80 * kx, 10 * ky, zc - 50]])
+        pts[:, :2] += rng.uniform(-5, 5, size=(len(pts), 2))
+        cen, rad, _ = _catmull_rom(pts, rng.uniform(15, 22, size=len(pts)) * k, 3.0)
+        colon = _tube(g, cen, rad)
+        self.fill(colon, hu["bowel"] - 15, within=self.cav)
+        self.fill(colon, hu["colon_gas"], level=0.75 ** 2, within=self.cav)
+        loops = rng.uniform(size=(int(rng.integers(5, 10)), 7))
+        for lp in loops:
+            if lp[5] < 0.3:   # next to the pancreas body / tail
+                cen = np.array([-(10 + 40 * lp[0]) * kx, (22 + 15 * lp[1]) * ky,
+                                zc - 16 - 8 * lp[2]])
+            else:             # lower anterior abdomen
+                cen = np.array([(lp[0] - 0.5) * 120 * kx, (25 + 45 * lp[1]) * ky,
+                                zc - 15 - 70 * lp[2]])
+            semi = np.array([12 + 7 * lp[3], 10 + 6 * lp[4], 14 + 8 * lp[3]]) * k
+            loop = _ellipsoid(g, cen, semi, _rotation(360 * lp[4], 30 * (lp[2] - 0.5)))
+            self.fill(loop, hu["bowel"] + 5 * (lp[0] - 0.5), within=self.cav)
+            if lp[3] > 0.5:
+                self.fill(loop, 5 + 25 * lp[6], level=0.45, within=self.cav)
+
+    # ---- pancreas centre line: head by the duodenum, body over the aorta, tail to the spleen ----
+    def draw_pancreas_curve(self) -> None:
+        u, rng, kx, ky, zc = self.u, self.rng, self.kx, self.ky, self.zc
+        self.f_ap = u(0.7, 0.9)                           # antero-posterior flattening
+        pts = np.array([[16 * kx, -12 * ky, zc - 21],     # uncinate process
+                        [35 * kx, -2 * ky, zc - 10],      # head
+                        [10 * kx, 14 * ky, zc + 1],       # neck (anterior to the SMV)
+                        [-25 * kx, 11 * ky, zc + 7],      # body (anterior to aorta and spine)
+                        [-66 * kx, -8 * ky, zc + 14]])    # tail (towards spleen / left kidney)
+        self.panc_pts = pts + rng.uniform(-5, 5, size=(5, 3))
+        self.panc_r = np.array([u(8, 11), u(11, 14), u(8, 10), u(9, 12), u(8, 12)])
+        self.pc, pr, self.ps = _catmull_rom(self.panc_pts, self.panc_r, 1.0)
+        wig = rng.uniform(0, 2 * math.pi, size=2)
+        self.pr = pr + 0.8 * np.sin(self.ps / 9.0 + wig[0]) + 0.5 * np.sin(self.ps / 4.0 + wig[1])
+        # arc length of each control point along the curve (for duct and tumour sites)
+        self.cp_s = np.array([self.ps[np.argmin(np.linalg.norm(self.pc - p, axis=1))]
+                              for p in self.panc_pts])
+
+    # ---- duodenal C-loop around the head ----
+    def paint_duodenum(self) -> None:
+        rng, kx, ky, k, zc = self.rng, self.kx, self.ky, self.k, self.zc
+        hx = self.panc_pts[1][0]
+        pts = np.array([[hx - 20 * kx, 35 * ky, zc + 14], [hx + 14, 18 * ky, zc + 12],
+                        [hx + 23, 2 * ky, zc - 4], [hx + 22, -2 * ky, zc - 28],
+                        [hx - 5, 4 * ky, zc - 42], [-5 * kx, 8 * ky, zc - 47],
+                        [-28 * kx, 10 * ky, zc - 38], [-42 * kx, 20 * ky, zc - 28]])
+        pts[:, :2] += rng.uniform(-3, 3, size=(len(pts), 2))
+        cen, rad, _ = _catmull_rom(pts, rng.uniform(9, 13, size=len(pts)) * k, 1.5)
+        fluid = rng.random() < 0.5
+        duo = _tube(self.grid, cen, rad)
+        self.fill(duo, self.hu["duodenum"], within=self.cav)
+        if fluid:
+            self.fill(duo, self.hu["duodenal_fluid"], level=0.7 ** 2, within=self.cav)
+
+    # ---- aorta, IVC, SMA, SMV, portal vein and the splenic vein behind the pancreas ----
+    def paint_vessels(self) -> None:
+        u, g, hu, kx, zs = self.u, self.grid, self.hu, self.kx, self.grid.coords[2]
+        (ax, ay), r_ao = self.aorta_xy, u(10.5, 13)
+        z_top, z_bot = float(zs[-1]) + 20, float(zs[0]) - 20
+        tubes = [(np.array([[ax, ay, z_top], [ax - 2, ay + 2, z_bot]]),
+                  np.array([r_ao, r_ao - 1.5]), hu["aorta"])]
+        nx, ny, nz = self.panc_pts[2]
+        y_smv = ny - self.panc_r[2] * self.f_ap - 5.5
+        tubes += [
+            (np.array([[nx - 1, y_smv, nz], [nx + 2, y_smv + 4, nz - 40],          # SMV
+                       [nx + 4, y_smv + 10, nz - 100]]), np.array([6.5, 5.5, 4.5]),
+             hu["portal_vein"]),
+            (np.array([[nx - 1, y_smv, nz], [nx + 14, y_smv + 2, nz + 18],         # portal vein
+                       [nx + 34 * kx, y_smv + 6, nz + 40]]), np.array([7.0, 7.5, 6.5]),
+             hu["portal_vein"]),
+            (np.array([[ax, ay + r_ao - 4, nz + 18], [nx - 14, y_smv + 2, nz - 8],  # SMA
+                       [nx - 12, y_smv + 8, nz - 100]]), np.array([4.5, 4.0, 3.5]), hu["aorta"]),
+        ]
+        for pts, rad, value in tubes:
+            cen, r, _ = _catmull_rom(pts, rad, 1.5)
+            self.fill(_tube(g, cen, r), value)
+        self.fill(_prism(g, self.ivc_xy, (u(11, 14), u(8, 10))), hu["ivc"])
+        sel = self.ps >= self.cp_s[2] - 5
+        sv = self.pc[sel] - np.array([0.0, 1.0, 0.0]) * (self.pr[sel] * self.f_ap + 2.0)[:, None]
+        sv[:, 2] += 1.5
+        self.fill(_tube(g, sv, np.full(len(sv), u(3.5, 5.0))), hu["portal_vein"])
+
+    # ---- pancreas (label 1), main duct, tumour (label 2) ----
+    def paint_pancreas(self) -> None:
+        u, rng, g, hu, cp_s, ps = self.u, self.rng, self.grid, self.hu, self.cp_s, self.ps
+        site = rng.random()            # tumour parameters are drawn always, used if has_tumour
+        lo_s, hi_s = ((cp_s[0] + 3, cp_s[2]) if site < 0.6 else        # head / uncinate
+                      (cp_s[2], cp_s[3] + 10) if site < 0.85 else      # neck / body
+                      (cp_s[3] + 10, cp_s[4] - 6))                     # tail
+        j_t = int(np.argmin(np.abs(ps - u(lo_s, max(lo_s, hi_s)))))
+        r_t = self.tumour_radius = u(6, 15)
+        n_lob, lob, lob_f = int(rng.integers(0, 3)), rng.standard_normal((2, 3)), rng.uniform(
+            0.4, 0.7, size=2)
+        duct_r, has_duct = u(1.0, 2.2), rng.random() < 0.5
+        pr = self.pr
+        if self.has_tumour:  # the gland swells around the mass, so the mass stays inside it
+            pr = np.maximum(pr, (r_t + 2.0) * np.exp(-((ps - ps[j_t]) / (1.2 * r_t + 6.0)) ** 2))
+        pr = np.maximum(pr, 5.0)
+        r = _tube(g, self.pc, pr, y_scale=self.f_ap)
+        if r is None:
+            return
+        box, field_ = r
+        panc = field_ <= 1
+        self.cv.paint(box, panc, hu["pancreas"])
+        self.cv.label[box][panc] = 1
+        self.pancreas_voxels = int(panc.sum())
+        sel = (ps > cp_s[1]) & (ps < cp_s[4] - 8)
+        if has_duct and sel.sum() >= 2:
+            d = _tube(g, self.pc[sel], np.full(int(sel.sum()), duct_r))
+            if d is not None:
+                self.cv.paint(d[0], (d[1] <= 1) & (self.cv.label[d[0]] == 1),
+                              hu["pancreatic_duct"])
+        if not self.has_tumour:
+            return
+        # main sphere plus up to two lobules, all inside the gland's sphere at the site (same
+        # flattened metric), so every tumour voxel is a pancreas voxel
+        c_t, r_gland = self.pc[j_t], float(pr[j_t])
+        spheres = [(c_t, min(r_t, r_gland - 1.0))]
+        for i in range(n_lob):
+            r_i = min(lob_f[i] * r_t, r_gland - 1.0)
+            dist = max(0.0, min(0.6 * r_t, r_gland - 1.0 - r_i))
+            off = lob[i] / (np.linalg.norm(lob[i]) + 1e-9) * dist * np.array([1.0, self.f_ap, 1.0])
+            spheres.append((c_t + off, r_i))
+        for c_i, r_i in spheres:
+            t = _tube(g, np.asarray(c_i)[None, :], np.array([r_i]), y_scale=self.f_ap)
+            if t is not None:
+                m = (t[1] <= 1) & (self.cv.label[t[0]] == 1)
+                self.cv.paint(t[0], m, hu["tumour"])
+                self.cv.label[t[0]][m] = 2
+        self.tumour_voxels = int((self.cv.label[box] == 2).sum())
+
+
+def _finish(hu: np.ndarray, grid: _Grid, rng: np.random.Generator, noise_hu: float) -> np.ndarray:
+    """Add texture, correlated noise and mild blur; round and clip to int16 HU."""
+    hu += _smooth_field(grid, rng, lattice_mm=30.0, amplitude=4.0)
+    # a mild scanner blur of ~0.8 mm in-plane, kept between 0.35 and 0.6 px; 0.35 px along z
+    s_xy = float(np.clip(0.8 / grid.spacing[0], 0.35, 0.6))
+    sigma = (s_xy, s_xy, 0.35)
+    truncate = 3.0
+    if noise_hu > 0:
+        gain = np.prod([_kernel_noise_gain(s, truncate) for s in sigma])
+        noise = rng.standard_normal(hu.shape, dtype=np.float32)
+        noise *= np.float32(noise_hu / gain)
+        hu += noise
+        del noise
+    out = ndimage.gaussian_filter(hu, sigma=sigma, truncate=truncate, mode="nearest")
+    np.rint(out, out=out)
+    np.clip(out, HU_MIN, HU_MAX, out=out)
+    return out.astype(np.int16)
+
+
+def _to_lps(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Re-store an RAS array as LPS: flip axes 0 and 1 and adjust the affine (same world)."""
+    ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                           nib.orientations.axcodes2ornt("LPS"))
+    flipped = np.ascontiguousarray(nib.orientations.apply_orientation(array, ornt))
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape)
+    return flipped, new_affine.astype(np.float64)
+
+
+def make_phantom(seed: int, config: PhantomConfig, store_non_ras: bool = False) -> PhantomCase:
+    """Draw one synthetic case.
+
+    Args:
+        seed: any non-negative int; the same (seed, config) always gives identical arrays.
+            Anatomy, grid and noise use separate streams, so changing only the spacing/shape
+            configuration re-samples the same anatomy.
+        config: drawing ranges.
+        store_non_ras: store the arrays LPS (axes 0 and 1 flipped, affine adjusted) instead of
+            RAS; the world-space anatomy is identical.
+
+    Returns:
+        :class:`PhantomCase` with HU int16 (X, Y, Z), label uint8 (X, Y, Z) and float64 affine.
+    """
+    ss = np.random.SeedSequence(int(seed))
+    grid_ss, anat_ss, noise_ss = ss.spawn(3)
+    grid = _draw_grid(np.random.default_rng(grid_ss), config)
+    hu_f, label, meta = _Anatomy(grid, np.random.default_rng(anat_ss), config).render()
+    hu = _finish(hu_f, grid, np.random.default_rng(noise_ss), float(config.noise_hu))
+    affine = grid.affine()
+    if store_non_ras:
+        hu, _ = _to_lps(hu, affine)
+        label, affine = _to_lps(label, affine)
+    meta.update({"seed": int(seed), "shape": list(hu.shape),
+                 "spacing_mm": [float(s) for s in grid.spacing],
+                 "orientation": "".join(nib.aff2axcodes(affine)), "synthetic": True})
+    return PhantomCase(hu=hu, label=label, affine=affine, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# MSD-style data set on disk
+# --------------------------------------------------------------------------------------------
+def case_seed(seed: int, index: int) -> int:
+    """Per-case seed from the data-set seed and the 0-based case index (order-independent)."""
+    state = np.random.SeedSequence(int(seed), spawn_key=(int(index),)).generate_state(2, np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
+def non_ras_indices(n_train: int, n_test: int, non_ras_every: int) -> set[int]:
+    """0-based case indices (training first, then test) that are stored LPS.
+
+    Every ``non_ras_every``-th case; if that picks none and there are >= 2 cases, the last
+    training case (or the last case when there are fewer than two training cases).
+    """
+    n = n_train + n_test
+    if non_ras_every <= 0 or n < 1:
+        return set()
+    picked = {i for i in range(n) if (i + 1) % non_ras_every == 0}
+    if not picked and n >= 2:
+        picked = {n_train - 1 if n_train >= 2 else n - 1}
+    return picked
+
+
+def dataset_fingerprint(n_train: int, n_test: int, config: PhantomConfig, seed: int) -> str:
+    """sha256 of everything that determines the written files (config, counts, seed, version)."""
+    payload = {"generator": GENERATOR_NAME, "version": GENERATOR_VERSION,
+               "config": config.to_dict(), "n_train": int(n_train), "n_test": int(n_test),
+               "seed": int(seed)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _existing_fingerprint(root: Path) -> str | None:
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+        return str(meta["synthetic"]["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remove_stale_partials(root: Path) -> None:
+    """Delete temporary siblings left by generator processes that no longer run."""
+    prefix = f".{root.name}{_PARTIAL_TAG}"
+    if not root.parent.is_dir():
+        return
+    for entry in root.parent.iterdir():
+        if not (entry.name.startswith(prefix) and entry.is_dir()):
+            continue
+        try:
+            pid = int(entry.name[len(prefix):].split("-", 1)[0])
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except (ValueError, PermissionError, OSError):
+            alive = True  # unknown owner: leave it alone
+        if not alive:
+            logger.warning("Removing stale partial synthetic data set %s", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _reuse_existing(root: Path, fingerprint: str) -> bool:
+    """True if ``root`` holds this exact data set; raise if it holds anything else."""
+    if not root.exists():
+        return False
+    if root.is_dir() and _existing_fingerprint(root) == fingerprint:
+        logger.info("Reusing SYNTHETIC phantom data set at %s (fingerprint %s matches)",
+                    root, fingerprint[:12])
+        return True
+    if root.is_dir() and not any(root.iterdir()):
+        return False  # an empty folder holds no data: it is replaced
+    raise FileExistsError(
+        f"{root} already exists and is not the synthetic data set requested (its fingerprint: "
+        f"{_existing_fingerprint(root) or 'none'}, requested: {fingerprint}); refusing to "
+        "overwrite existing data - remove the folder or choose another one")
+
+
+def _write_cases(folder: Path, n_train: int, n_test: int, config: PhantomConfig, *, seed: int,
+                 progress: Callable[[int, int, str], None] | None) -> dict[str, Any]:
+    """Write every case under ``folder``; return the dataset.json entries (file lists, cases)."""
+    n = n_train + n_test
+    lps = non_ras_indices(n_train, n_test, config.non_ras_every)
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (folder / sub).mkdir()
+    training: list[dict[str, str]] = []
+    test: list[str] = []
+    cases: list[dict[str, Any]] = []
+    for index in range(n):
+        case_id, is_train = f"pancreas_{index + 1:03d}", index < n_train
+        case = make_phantom(case_seed(seed, index), config, store_non_ras=index in lps)
+        image_rel = f"./{'imagesTr' if is_train else 'imagesTs'}/{case_id}.nii.gz"
+        save_nifti(folder / image_rel, case.hu, case.affine)
+        entry = {"id": case_id, "split": "train" if is_train else "test",
+                 "orientation": case.meta["orientation"], "spacing_mm": case.meta["spacing_mm"],
+                 "shape": case.meta["shape"], "contrast_phase": case.meta["contrast_phase"]}
+        if is_train:  # test cases keep their ground truth to themselves
+            label_rel = f"./labelsTr/{case_id}.nii.gz"
+            save_nifti(folder / label_rel, case.label, case.affine)
+            training.append({"image": image_rel, "label": label_rel})
+            entry["tumour"] = bool(case.meta["tumour_voxels"] > 0)
+        else:
+            test.append(image_rel)
+        cases.append(entry)
+        if progress is not None:
+            progress(index + 1, n, case_id)
+    return {"training": training, "test": test, "cases": cases}
+
+
+def write_synthetic_task07(root: str | Path, n_train: int, n_test: int,  # noqa: PLR0917
+                           config: PhantomConfig, seed: int,
+                           progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Write (or reuse) a SYNTHETIC MSD Task07-style folder and return its path.
+
+    Layout: ``root/dataset.json``, ``root/imagesTr/pancreas_NNN.nii.gz``,
+    ``root/labelsTr/pancreas_NNN.nii.gz`` and ``root/imagesTs/pancreas_NNN.nii.gz`` (test: image
+    only). Training cases are numbered 1..n_train, test cases n_train+1..n_train+n_test; case
+    ``i`` (0-based) is ``make_phantom(case_seed(seed, i), config)``, stored LPS when ``i`` is in
+    :func:`non_ras_indices`.
+
+    The folder is built in a temporary sibling and renamed to ``root`` at the end, so an
+    interrupted run never leaves a folder that looks complete. If ``root`` already holds a data
+    set with the same fingerprint it is returned untouched; any other existing, non-empty
+    ``root`` raises :class:`FileExistsError` (existing data is never overwritten).
+
+    Args:
+        progress: called as ``progress(i, n, case_id)`` after each case is written, i in 1..n.
+
+    Raises:
+        FileExistsError: ``root`` exists and is not this exact synthetic data set.
+        ValueError: negative counts or no cases at all.
+    """
+    if n_train < 0 or n_test < 0 or n_train + n_test < 1:
+        raise ValueError(f"need n_train >= 0, n_test >= 0 and at least one case, got "
+                         f"n_train={n_train}, n_test={n_test}")
+    root = Path(root)
+    fingerprint = dataset_fingerprint(n_train, n_test, config, seed)
+    if _reuse_existing(root, fingerprint):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(root)
+    logger.warning("Generating %d SYNTHETIC phantom CT cases (not patient data) into %s",
+                   n_train + n_test, root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}{_PARTIAL_TAG}{os.getpid()}-",
+                                dir=root.parent))
+    try:
+        written = _write_cases(tmp, n_train, n_test, config, seed=seed, progress=progress)
+        dataset = {
+            "name": DATASET_NAME,
+            "description": ("SYNTHETIC procedurally generated abdominal CT phantoms with pancreas "
+                            "and pancreatic tumour labels, in the Medical Segmentation Decathlon "
+                            "Task07 layout. Not patient data; for pipeline development and tests."),
+            "reference": "Generated by pancreas_seg.imaging.phantom (no external source)",
+            "licence": "CC-BY-SA 4.0 (synthetic data)",
+            "release": f"synthetic-{GENERATOR_VERSION}",
+            "tensorImageSize": "3D",
+            "modality": {"0": "CT"},
+            "labels": {"0": "background", "1": "pancreas", "2": "cancer"},
+            "numTraining": n_train,
+            "numTest": n_test,
+            "training": written["training"],
+            "test": written["test"],
+            "synthetic": {"generator": GENERATOR_NAME, "version": GENERATOR_VERSION,
+                          "fingerprint": fingerprint, "seed": int(seed),
+                          "config": config.to_dict(), "cases": written["cases"]},
+        }
+        (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
+        try:
+            if root.is_dir() and not any(root.iterdir()):
+                root.rmdir()
+            os.rename(tmp, root)
+        except OSError:
+            if _existing_fingerprint(root) != fingerprint:
+                raise FileExistsError(f"{root} appeared while generating and is not the requested "
+                                      "synthetic data set; refusing to overwrite it") from None
+            logger.info("Reusing SYNTHETIC phantom data set at %s written concurrently", root)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("SYNTHETIC phantom data set (%d train, %d test) ready at %s", n_train, n_test, root)
+    return root
