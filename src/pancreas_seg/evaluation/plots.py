@@ -1,0 +1,251 @@
+"""Report figures: training curves, Dice box plots, CT overlays (Matplotlib, no pyplot state).
+
+Every ``plot_*`` function builds a :class:`matplotlib.figure.Figure` directly (no ``pyplot``
+global state, no GUI backend) and returns it; the caller saves it (``fig.savefig(path)``, or a
+Kedro ``matplotlib.MatplotlibDataset``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from .metrics import CLASS_LABELS, class_mask, dice
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+LABEL_COLOURS: dict[int, tuple[float, float, float]] = {
+    1: (0.10, 0.85, 0.25),  # pancreas (green)
+    2: (0.95, 0.10, 0.60),  # tumour (magenta)
+}
+"""RGB colour per label value in overlays."""
+LABEL_NAMES: dict[int, str] = {1: "pancreas", 2: "tumour"}
+OVERLAY_ALPHA = 0.45
+
+
+# --------------------------------------------------------------------------- training curves
+def _is_dice_key(key: str) -> bool:
+    """True for Keras history keys of Dice metrics (``dice_*``, ``val_dice_*``, ``dice``)."""
+    return key.startswith(("dice_", "val_dice_")) or key in ("dice", "val_dice")
+
+
+def plot_training_curves(history: Mapping[str, Sequence[float]], title: str) -> Figure:
+    """Loss and Dice curves of one training run.
+
+    Args:
+        history: Keras-style history, metric name -> one value per epoch; uses ``loss`` and
+            ``val_loss`` (left panel) and every ``dice_*`` / ``val_dice_*`` key (right panel).
+            Missing keys are skipped; NaN values show as gaps.
+        title: figure title (e.g. the architecture).
+
+    Returns:
+        A Figure with 2 axes; x is the epoch number, starting at 1.
+    """
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_loss, ax_dice = fig.subplots(1, 2)
+    for key, style in (("loss", "-"), ("val_loss", "--")):
+        values = history.get(key)
+        if values is not None and len(values):
+            epochs = np.arange(1, len(values) + 1)
+            ax_loss.plot(epochs, np.asarray(values, dtype=float), style, marker=".", label=key)
+    ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
+
+    train_keys = sorted(k for k in history if _is_dice_key(k) and not k.startswith("val_"))
+    val_keys = sorted(k for k in history if _is_dice_key(k) and k.startswith("val_"))
+    colours: dict[str, str] = {}
+    for index, key in enumerate(train_keys):
+        colours[key] = f"C{index % 10}"
+    for key in train_keys + val_keys:
+        values = history[key]
+        if not len(values):
+            continue
+        base = key.removeprefix("val_")
+        colour = colours.setdefault(base, f"C{len(colours) % 10}")
+        epochs = np.arange(1, len(values) + 1)
+        ax_dice.plot(epochs, np.asarray(values, dtype=float), "--" if key.startswith("val_") else "-",
+                     color=colour, marker=".", label=key)
+    ax_dice.set(title="Dice", xlabel="epoch", ylabel="Dice", ylim=(0.0, 1.0))
+    if not (train_keys or val_keys):
+        ax_dice.text(0.5, 0.5, "no Dice metrics in history", ha="center", va="center",
+                     transform=ax_dice.transAxes)
+    for ax in (ax_loss, ax_dice):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+# --------------------------------------------------------------------------- Dice box plots
+def plot_dice_boxplots(metrics: pd.DataFrame) -> Figure:
+    """Box plots of per-case 3D Dice per architecture, one panel per class.
+
+    Args:
+        metrics: one row per case x architecture x class with columns
+            ``case_id, architecture, class, dice, hd95_mm, nsd``. Rows whose Dice is NaN (both
+            masks empty) are left out; each box's x label gives its number of cases ``n``.
+
+    Returns:
+        A Figure with one axis per class (known classes first, in :data:`CLASS_LABELS` order).
+    """
+    classes = list(dict.fromkeys(metrics["class"].tolist()))
+    classes = [c for c in CLASS_LABELS if c in classes] + [c for c in classes if c not in CLASS_LABELS]
+    architectures = list(dict.fromkeys(metrics["architecture"].tolist()))
+    fig = Figure(figsize=(max(4.0, 1.6 * len(architectures) + 1.5) * max(len(classes), 1), 4.5),
+                 layout="constrained")
+    axes = fig.subplots(1, max(len(classes), 1), squeeze=False)[0]
+    if not classes:
+        axes[0].text(0.5, 0.5, "no metrics", ha="center", va="center", transform=axes[0].transAxes)
+        return fig
+    rng = np.random.default_rng(0)
+    for ax, class_name in zip(axes, classes, strict=True):
+        data, labels = [], []
+        for arch in architectures:
+            rows = metrics[(metrics["class"] == class_name) & (metrics["architecture"] == arch)]
+            values = rows["dice"].to_numpy(dtype=float)
+            values = values[np.isfinite(values)]
+            data.append(values)
+            labels.append(f"{arch}\n(n={values.size})")
+        positions = np.arange(1, len(architectures) + 1)
+        ax.boxplot(data, positions=positions, widths=0.5, showfliers=False)
+        for pos, values in zip(positions, data, strict=True):
+            if values.size:
+                jitter = rng.uniform(-0.12, 0.12, size=values.size)
+                ax.plot(pos + jitter, values, "o", markersize=3, alpha=0.6, color="C0")
+        ax.set_xticks(positions)
+        ax.set_xticklabels(labels)
+        ax.set(title=f"{class_name} Dice (3D, per case)", ylabel="Dice", ylim=(-0.02, 1.02))
+        ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+# --------------------------------------------------------------------------- overlays
+def window_for_display(hu_slice: np.ndarray, window_hu: tuple[float, float]) -> np.ndarray:
+    """Map HU to [0, 1] through a display window ``(low, high)`` in HU (clipped), float32."""
+    low, high = float(window_hu[0]), float(window_hu[1])
+    if not high > low:
+        raise ValueError(f"window_hu must be (low, high) with high > low, got {window_hu}")
+    return np.clip((np.asarray(hu_slice, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def label_overlay_rgba(label_slice: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """RGBA image (H, W, 4) float32 colouring labels 1 and 2; background fully transparent."""
+    label_slice = np.asarray(label_slice)
+    rgba = np.zeros((*label_slice.shape, 4), dtype=np.float32)
+    for value, colour in LABEL_COLOURS.items():
+        where = label_slice == value
+        rgba[where, :3] = colour
+        rgba[where, 3] = alpha
+    return rgba
+
+
+def _format_dice(value: float) -> str:
+    """Dice as text, ``n/a`` when undefined (both empty)."""
+    return "n/a" if not np.isfinite(value) else f"{value:.3f}"
+
+
+def plot_overlays(ct_hu_slices: np.ndarray, truth_slices: np.ndarray | None,
+                  predictions: Mapping[str, np.ndarray], window_hu: tuple[float, float],
+                  titles: Sequence[str]) -> Figure:
+    """Grid of CT slices with ground-truth and predicted label overlays.
+
+    Args:
+        ct_hu_slices: CT slices in HU, shape (N, H, W), shown as given (orient them before).
+        truth_slices: ground-truth label slices (N, H, W), values {0, 1, 2}; None (inference on
+            unlabelled scans) drops the ground-truth column and the per-slice Dice.
+        predictions: architecture -> predicted label slices (N, H, W).
+        window_hu: display window (low, high) in HU, e.g. (-160, 240) for abdomen.
+        titles: one title per row (e.g. ``"case 012, z=45"``), shown over the CT panel.
+
+    Returns:
+        A Figure with N rows x (2 + len(predictions)) axes: CT alone, CT + truth, then CT + each
+        prediction titled with the architecture and that slice's 2D pancreas (1 ∪ 2) Dice.
+        Pancreas and tumour are drawn in two colours (see :data:`LABEL_COLOURS`) with a legend.
+    """
+    ct = np.asarray(ct_hu_slices)
+    truth = None if truth_slices is None else np.asarray(truth_slices)
+    if ct.ndim != 3:
+        raise ValueError(f"ct_hu_slices must be (N, H, W), got shape {ct.shape}")
+    if truth is not None and truth.shape != ct.shape:
+        raise ValueError(f"truth_slices shape {truth.shape} != ct_hu_slices shape {ct.shape}")
+    preds = {name: np.asarray(arr) for name, arr in predictions.items()}
+    for name, arr in preds.items():
+        if arr.shape != ct.shape:
+            raise ValueError(f"prediction {name!r} shape {arr.shape} != CT shape {ct.shape}")
+    if len(titles) != ct.shape[0]:
+        raise ValueError(f"{len(titles)} titles for {ct.shape[0]} slices")
+    low, high = float(window_hu[0]), float(window_hu[1])
+    if not high > low:
+        raise ValueError(f"window_hu must be (low, high) with high > low, got {window_hu}")
+
+    n_rows, n_cols = ct.shape[0], (1 if truth is None else 2) + len(preds)
+    height, width = ct.shape[1:]
+    panel = 2.8
+    fig = Figure(figsize=(panel * n_cols, panel * n_rows * height / max(width, 1) + 0.8),
+                 layout="constrained")
+    axes = fig.subplots(max(n_rows, 1), n_cols, squeeze=False)
+    for row in range(n_rows):
+        panels: list[tuple[str, np.ndarray | None]] = [(f"{titles[row]}\nCT", None)]
+        if truth is not None:
+            panels.append(("ground truth", truth[row]))
+        for name, arr in preds.items():
+            if truth is None:
+                panels.append((f"{name} prediction", arr[row]))
+                continue
+            slice_dice = dice(class_mask(arr[row], "pancreas"), class_mask(truth[row], "pancreas"))
+            panels.append((f"{name}\npancreas Dice {_format_dice(slice_dice)}", arr[row]))
+        for col, (panel_title, labels) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(ct[row], cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+            if labels is not None:
+                ax.imshow(label_overlay_rgba(labels), interpolation="nearest")
+            ax.set_title(panel_title, fontsize="small")
+            ax.set_axis_off()
+    handles = [Patch(facecolor=LABEL_COLOURS[v], alpha=0.8, label=LABEL_NAMES[v])
+               for v in sorted(LABEL_COLOURS)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    fig.suptitle(f"CT window [{low:g}, {high:g}] HU", fontsize="small")
+    return fig
+
+
+def pick_representative_slices(truth_labels: np.ndarray, n: int, axis: int = 2) -> list[int]:
+    """Pick ``n`` slice indices spread over the pancreas extent, including the largest tumour slice.
+
+    The pancreas slices (labels 1 ∪ 2 present) are sorted and sampled at the centred quantiles
+    ``(i + 0.5) / n``; if the case has tumour, the slice with the largest tumour area replaces the
+    nearest pick. With no pancreas at all the picks are spread over the whole axis.
+
+    Args:
+        truth_labels: integer label map (X, Y, Z).
+        n: number of slices wanted (>= 1).
+        axis: slicing axis (2 = axial for (X, Y, Z) arrays).
+
+    Returns:
+        Up to ``n`` distinct slice indices in increasing order (fewer if fewer pancreas slices).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    labels = np.asarray(truth_labels)
+    other = tuple(a for a in range(labels.ndim) if a != axis % labels.ndim)
+    pancreas_area = class_mask(labels, "pancreas").sum(axis=other)
+    tumour_area = class_mask(labels, "tumour").sum(axis=other)
+    candidates = np.flatnonzero(pancreas_area)
+    if candidates.size == 0:
+        candidates = np.arange(labels.shape[axis])
+    if candidates.size <= n:
+        return [int(i) for i in candidates]
+    positions = np.floor((np.arange(n) + 0.5) / n * (candidates.size - 1) + 0.5).astype(int)
+    picks = [int(candidates[p]) for p in np.unique(positions)]
+    if tumour_area.any():
+        best_tumour = int(np.argmax(tumour_area))
+        if best_tumour not in picks:
+            nearest = int(np.argmin([abs(p - best_tumour) for p in picks]))
+            picks[nearest] = best_tumour
+    return sorted(set(picks))
