@@ -11,4 +11,6 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+    # Environments (smoke, msd, local) override single keys, not whole top-level sections.
+    "merge_strategy": {"parameters": "soft", "mlflow": "soft", "catalog": "soft"},
 }

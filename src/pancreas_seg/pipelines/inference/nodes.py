@@ -1,0 +1,99 @@
+"""Inference node: CT NIfTI file(s) -> label maps in each input's own geometry, plus overlays."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pancreas_seg.evaluation.plots import pick_representative_slices, plot_overlays
+from pancreas_seg.imaging.nifti_io import NiftiVolume, atomic_write_bytes, load_nifti, save_nifti
+from pancreas_seg.imaging.preprocess import (
+    PreprocessingConfig,
+    canonical_slices,
+    intensity_stats_from_dict,
+    plan_slice_geometry,
+)
+from pancreas_seg.model_store import load_keras_model, resolve_model
+from pancreas_seg.prediction import segment_volume
+from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
+from pancreas_seg.task07.validation import validate_case
+
+logger = logging.getLogger(__name__)
+
+
+def collect_inputs(input_path: str | Path) -> list[Path]:
+    """One NIfTI file, or every NIfTI file in a folder (``._*`` files skipped)."""
+    path = Path(input_path).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = list_nifti_files(path)
+        if not files:
+            raise FileNotFoundError(f"inference.input_path: {path} contains no .nii/.nii.gz files")
+        return files
+    raise FileNotFoundError(f"inference.input_path: {path} does not exist")
+
+
+def save_overlay(ct: NiftiVolume, labels: np.ndarray, config: PreprocessingConfig, path: Path,
+                 window_hu: tuple[float, float], title: str) -> None:
+    """PNG of representative axial slices (radiological view) with the predicted mask."""
+    import io  # noqa: PLC0415
+
+    geometry = plan_slice_geometry(ct.array.shape, ct.affine, config)
+    ct_slices = canonical_slices(np.asarray(ct.array, dtype=np.float32), geometry)
+    label_slices = canonical_slices(labels, geometry)
+    chosen = pick_representative_slices(np.moveaxis(label_slices, 0, -1), 3)
+    figure = plot_overlays(ct_slices[chosen], None, {title: label_slices[chosen]}, window_hu,
+                           [f"{path.stem} slice {z}" for z in chosen])
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
+    """Segment every input CT; write ``<case>.nii.gz`` (same shape, affine, orientation) + overlay PNG.
+
+    Invalid inputs follow ``inference.on_invalid`` (``fail`` lists all of them, ``skip`` continues).
+    Returns a report of what was written.
+    """
+    inputs = collect_inputs(inference["input_path"])
+    model_file, card = resolve_model(str(inference["model"]), inference["models_dir"])
+    config = PreprocessingConfig.from_params(card["preprocessing"])
+    stats = intensity_stats_from_dict(card.get("intensity_stats"))
+    output_dir = Path(inference["output_dir"])
+    findings, valid = [], []
+    for path in inputs:
+        record, problems = validate_case(CaseFiles(case_id_from_path(path), path, None, "inference"))
+        findings.extend(problems)
+        if record is not None:
+            valid.append(path)
+    for finding in findings:
+        logger.error("Invalid input %s", finding)
+    if findings and inference.get("on_invalid", "fail") == "fail":
+        listing = "\n".join(f"  - {f}" for f in findings)
+        raise ValueError(f"{len(findings)} invalid inference input(s):\n{listing}\n"
+                         "Fix them or set inference.on_invalid: skip")
+    model = load_keras_model(model_file)
+    logger.info("Inference with %s (%s) on %d scan(s) -> %s", card["architecture"], model_file, len(valid), output_dir)
+    outputs = []
+    for index, path in enumerate(valid, start=1):
+        case_id = case_id_from_path(path)
+        logger.info("Segmenting %d/%d: %s", index, len(valid), path.name)
+        ct = load_nifti(path)
+        labels = segment_volume(model, ct.array, ct.affine, config, stats, int(inference["batch_size"]),
+                                bool(inference["flip_tta"]), bool(inference["keep_largest_component"]))
+        mask_path = output_dir / f"{case_id}.nii.gz"
+        save_nifti(mask_path, labels, ct.affine, ct.header)
+        overlay_path = output_dir / f"{case_id}_overlay.png"
+        save_overlay(ct, labels, config, overlay_path, tuple(inference["overlay_window_hu"]),
+                     card["architecture"])
+        outputs.append({"case_id": case_id, "input": str(path), "mask": str(mask_path),
+                        "overlay": str(overlay_path), "shape": list(labels.shape),
+                        "voxels_pancreas": int(np.count_nonzero(labels == 1)),
+                        "voxels_tumour": int(np.count_nonzero(labels == 2))})
+    return {"model": str(inference["model"]), "model_file": str(model_file),
+            "architecture": card["architecture"], "trained_on": card.get("data_source"),
+            "outputs": outputs, "skipped": [{"file": f.file, "reason": f.message} for f in findings]}

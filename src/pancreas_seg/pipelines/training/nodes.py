@@ -1,0 +1,158 @@
+"""Training nodes: thin wrappers around :mod:`pancreas_seg.learning` and :mod:`pancreas_seg.models`.
+
+Keras is imported inside the nodes so ``kedro viz``, ``kedro --help`` and catalog loading stay fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pancreas_seg import tracking
+from pancreas_seg.imaging.preprocess import PreprocessingConfig
+
+logger = logging.getLogger(__name__)
+
+
+def merge_settings(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Deep-merge per-architecture ``overrides`` over the shared ``training`` defaults."""
+    merged = copy.deepcopy(dict(defaults))
+    for key, value in (overrides or {}).items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def split_cases(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case_manifest: pd.DataFrame,
+                split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{case_id: (image memmap, label memmap)}`` for one split of the manifest."""
+    case_ids = case_manifest.loc[case_manifest["split"] == split, "case_id"].tolist()
+    missing = [c for c in case_ids if f"{c}/image" not in model_input_slices]
+    if missing:
+        raise ValueError(f"no preprocessed shards for {split} case(s) {missing}; "
+                         "run `kedro run --pipeline=preprocessing` first")
+    return {c: (model_input_slices[f"{c}/image"](), model_input_slices[f"{c}/label"]()) for c in case_ids}
+
+
+def make_loaders(model_input_slices, case_manifest, settings: dict[str, Any],
+                 preprocessing: PreprocessingConfig):
+    """Training and validation ``SliceLoader``s (no case is in both)."""
+    from pancreas_seg.learning.augmentation import AugmentationConfig  # noqa: PLC0415
+    from pancreas_seg.learning.loader import SliceLoader  # noqa: PLC0415
+
+    common = {"batch_size": int(settings["batch_size"]), "label_mode": preprocessing.label_mode,
+              "context_slices": preprocessing.context_slices, "seed": int(settings["seed"]),
+              "workers": int(settings.get("workers", 1))}
+    train = SliceLoader(split_cases(model_input_slices, case_manifest, "train"), training=True,
+                        foreground_fraction=float(settings["foreground_fraction"]),
+                        augmentation=AugmentationConfig.from_params(settings.get("augmentation")),
+                        steps_per_epoch=settings.get("steps_per_epoch"), **common)
+    validation = SliceLoader(split_cases(model_input_slices, case_manifest, "validation"),
+                             training=False, **common)
+    return train, validation
+
+
+def _compile(model, settings: dict[str, Any], label_mode: str):
+    import keras  # noqa: PLC0415
+
+    from pancreas_seg.learning.losses import make_loss  # noqa: PLC0415
+    from pancreas_seg.learning.metrics import dice_metrics  # noqa: PLC0415
+
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(settings["learning_rate"])),
+                  loss=make_loss(settings["loss"], label_mode, float(settings["dice_smooth"])),
+                  metrics=dice_metrics(label_mode))
+    return model
+
+
+def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case_manifest: pd.DataFrame,
+                intensity_stats: dict[str, Any], preprocessing: dict[str, Any], training: dict[str, Any],
+                architecture: dict[str, Any]) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+    """Train one architecture with resume; log it to its own nested MLflow run.
+
+    Returns the best model (by ``monitor``), the training history, the training-curve figure and a
+    model card (everything inference needs to reproduce the preprocessing).
+    """
+    import keras  # noqa: PLC0415
+
+    from pancreas_seg.evaluation.plots import plot_training_curves  # noqa: PLC0415
+    from pancreas_seg.learning.training import FitConfig, fit_with_resume  # noqa: PLC0415
+    from pancreas_seg.models.registry import build_model  # noqa: PLC0415
+
+    name = architecture["name"]
+    settings = merge_settings(training, architecture.get("overrides"))
+    settings.pop("architectures", None)
+    config = PreprocessingConfig.from_params(preprocessing)
+    if settings.get("mixed_precision"):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    train_loader, val_loader = make_loaders(model_input_slices, case_manifest, settings, config)
+    height, width = config.image_size_px
+    input_shape = (height, width, config.context_slices)
+    fit_config = FitConfig(**{k: settings[k] for k in (
+        "epochs", "batch_size", "learning_rate", "steps_per_epoch", "monitor", "early_stopping_patience",
+        "reduce_lr_patience", "reduce_lr_factor", "seed") if k in settings})
+    data_key = sorted(train_loader.case_ids) + sorted(val_loader.case_ids)
+    fingerprint = fit_config.fingerprint(name, settings, preprocessing, intensity_stats, data_key)
+    source = str(case_manifest["source"].iloc[0])
+    logger.info("[%s] training on %d slices (%d cases), validating on %d slices (%d cases)%s", name,
+                train_loader.n_slices, len(train_loader.case_ids), val_loader.n_slices,
+                len(val_loader.case_ids), " - SYNTHETIC phantoms" if source == "synthetic" else "")
+
+    def build():
+        model = build_model(name, input_shape, config.label_mode, **settings["model"])
+        return _compile(model, settings, config.label_mode)
+
+    with tracking.architecture_run(name) as run:
+        run_id = run.info.run_id
+        import mlflow  # noqa: PLC0415
+
+        mlflow.set_tags({"architecture": name, "data_source": source, "keras_backend": keras.backend.backend(),
+                         "git_commit": tracking.git_commit(), "label_mode": config.label_mode})
+        mlflow.log_params(tracking.flatten({"architecture": name, "training": settings,
+                                            "preprocessing": preprocessing}))
+        epoch_logger = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: tracking.log_epoch_metrics(run_id, logs, epoch + 1))
+        result = fit_with_resume(build, train_loader, val_loader, fit_config,
+                                 Path(settings["checkpoint_root"]) / name, fingerprint, label=name,
+                                 callbacks=[epoch_logger])
+        if result.resumed_from_epoch:
+            mlflow.set_tag("resumed_from_epoch", result.resumed_from_epoch)
+            for epoch in range(result.resumed_from_epoch):  # earlier epochs, so curves are complete
+                tracking.log_epoch_metrics(run_id, {k: v[epoch] for k, v in result.history.items()}, epoch + 1)
+        figure = plot_training_curves(result.history, title=f"{name} ({source} data)")
+        tracking.log_figure(run_id, figure, "plots/training_curves.png")
+        tracking.log_json(run_id, result.history, "training_history.json")
+    card = {
+        "architecture": name, "mlflow_run_id": run_id, "input_shape": list(input_shape),
+        "label_mode": config.label_mode, "preprocessing": preprocessing, "intensity_stats": intensity_stats,
+        "monitor": fit_config.monitor, "best_value": result.best_value, "data_source": source,
+        "keras_backend": keras.backend.backend(), "git_commit": tracking.git_commit(),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "epochs_completed": len(next(iter(result.history.values()), [])),
+    }
+    return result.model, result.history, figure, card
+
+
+def validate_model(model: Any, model_input_slices: Mapping[str, Callable[[], np.ndarray]],
+                   case_manifest: pd.DataFrame, model_card: dict[str, Any], preprocessing: dict[str, Any],
+                   training: dict[str, Any], architecture: dict[str, Any]) -> dict[str, float]:
+    """Validation Dice per class of the best model (slice level, all validation slices)."""
+    config = PreprocessingConfig.from_params(preprocessing)
+    settings = merge_settings(training, architecture.get("overrides"))
+    _, val_loader = make_loaders(model_input_slices, case_manifest, settings, config)
+    scores = model.evaluate(val_loader, return_dict=True, verbose=0)
+    metrics = {f"final_{k}" if k.startswith("val_") else f"final_val_{k}": float(v) for k, v in scores.items()}
+    logger.info("[%s] validation: %s", model_card["architecture"],
+                ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    tracking.log_final_metrics(model_card["mlflow_run_id"], metrics)
+    tracking.log_json(model_card["mlflow_run_id"], model_card, "model_card.json")
+    tracking.log_keras_model(model_card["mlflow_run_id"], model)
+    return metrics

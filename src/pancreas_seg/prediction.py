@@ -1,0 +1,64 @@
+"""Slice-wise prediction and reassembly into label volumes on the original NIfTI grid.
+
+Used by the evaluation pipeline (from preprocessed shards) and the inference pipeline (from raw
+files); both go through :func:`pancreas_seg.imaging.preprocess.preprocess_image` and
+:func:`pancreas_seg.imaging.preprocess.restore_label_volume`, so there is one code path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
+from pancreas_seg.imaging.intensity import ForegroundIntensityStats
+from pancreas_seg.imaging.preprocess import (
+    PreprocessingConfig,
+    SliceGeometry,
+    context_stack,
+    preprocess_image,
+    restore_label_volume,
+)
+
+
+def predict_slices(model: Any, image_slices: np.ndarray, context_slices: int, batch_size: int = 16,
+                   flip_tta: bool = False) -> np.ndarray:
+    """Model probabilities for every slice.
+
+    Args:
+        model: a Keras model mapping (B, H, W, k) float32 -> (B, H, W, C) probabilities.
+        image_slices: preprocessed (Z, H, W) input (memmap welcome).
+        context_slices: k, as used in training.
+        batch_size: slices per forward pass.
+        flip_tta: also predict the left-right mirrored slices and average (test-time augmentation).
+
+    Returns:
+        float32 (Z, H, W, C).
+    """
+    outputs = []
+    for start in range(0, image_slices.shape[0], batch_size):
+        indices = np.arange(start, min(start + batch_size, image_slices.shape[0]))
+        batch = context_stack(image_slices, indices, context_slices)
+        probs = np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+        if flip_tta:
+            mirrored = np.asarray(model.predict_on_batch(batch[:, :, ::-1].copy()), dtype=np.float32)
+            probs = (probs + mirrored[:, :, ::-1]) / 2
+        outputs.append(probs)
+    return np.concatenate(outputs, axis=0)
+
+
+def labels_from_probabilities(probabilities: np.ndarray, geometry: SliceGeometry, label_mode: str,
+                              keep_largest_component: bool = False) -> np.ndarray:
+    """(Z, H, W, C) probabilities -> uint8 MSD labels {0,1,2} on the original (X, Y, Z) grid."""
+    labels = restore_label_volume(probabilities, geometry, label_mode)
+    return keep_largest_foreground(labels) if keep_largest_component else labels
+
+
+def segment_volume(model: Any, hu: np.ndarray, affine: np.ndarray, config: PreprocessingConfig,
+                   stats: ForegroundIntensityStats | None = None, batch_size: int = 16,
+                   flip_tta: bool = False, keep_largest_component: bool = False) -> np.ndarray:
+    """Raw CT (X, Y, Z) HU in file order -> uint8 label map with exactly the input's shape."""
+    image, geometry = preprocess_image(hu, affine, config, stats)
+    probabilities = predict_slices(model, image, config.context_slices, batch_size, flip_tta)
+    return labels_from_probabilities(probabilities, geometry, config.label_mode, keep_largest_component)

@@ -1,0 +1,102 @@
+"""MLflow helpers (no Kedro imports): nested runs per architecture, epoch metrics, artifacts.
+
+kedro-mlflow opens one parent run per ``kedro run``; each architecture gets a nested run here,
+identified afterwards by its run id so later nodes (evaluation) can add to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+logger = logging.getLogger(__name__)
+
+
+def git_commit() -> str:
+    """The current git commit (with ``-dirty`` if the tree has changes), or ``unknown``."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=5).stdout.strip()
+        return f"{commit}-dirty" if dirty else commit
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}`` (MLflow params are flat strings, <= 6000 chars)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+@contextmanager
+def architecture_run(architecture: str, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or re-open, with ``run_id``) the nested run of one architecture.
+
+    Nested under the active run (kedro-mlflow's parent run) when there is one.
+    """
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else architecture, nested=nested) as run:
+        yield run
+
+
+def log_epoch_metrics(run_id: str, logs: Mapping[str, float], epoch: int) -> None:
+    """Log one epoch's metrics (step = 1-based epoch); NaN/inf are skipped."""
+    client = mlflow.MlflowClient()
+    for key, value in logs.items():
+        value = float(value)
+        if math.isfinite(value):
+            client.log_metric(run_id, key, value, step=epoch)
+
+
+def log_final_metrics(run_id: str, metrics: Mapping[str, float]) -> None:
+    """Log end-of-training/evaluation metrics (finite values only) into ``run_id``."""
+    client = mlflow.MlflowClient()
+    for key, value in metrics.items():
+        if value is not None and math.isfinite(float(value)):
+            client.log_metric(run_id, key, float(value))
+
+
+def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
+    """Save a matplotlib figure as a PNG artifact of ``run_id``."""
+    mlflow.MlflowClient().log_figure(run_id, figure, artifact_file)
+
+
+def log_artifact_file(run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+    mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_json(run_id: str, data: Any, artifact_file: str) -> None:
+    mlflow.MlflowClient().log_dict(run_id, data, artifact_file)
+
+
+def log_keras_model(run_id: str, model: Any) -> None:
+    """Log the ``.keras`` file as artifact ``keras/<model name>.keras`` (loadable on any backend).
+
+    The MLflow Keras flavour is not used: it infers pip requirements (~15 s per model) and the
+    project's inference reads the plain ``.keras`` artifact plus ``model_card.json`` instead.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{model.name}.keras"
+        model.save(path)
+        log_artifact_file(run_id, path, "keras")
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    mlflow.MlflowClient().log_text(run_id, text, artifact_file)
