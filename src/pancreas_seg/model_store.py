@@ -39,7 +39,7 @@ def resolve_model(reference: str, models_dir: str | Path) -> tuple[Path, dict[st
     if reference.startswith("runs:/"):
         import mlflow  # noqa: PLC0415
 
-        run_root = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference.rstrip("/")))
+        run_root = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference.rstrip("/") + "/"))
         models = sorted(run_root.glob("keras/*.keras"))
         card_file = run_root / "model_card.json"
         if not models or not card_file.is_file():

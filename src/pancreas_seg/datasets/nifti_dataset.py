@@ -33,7 +33,14 @@ class NiftiDataset(FsspecFileDataset):
         if payload[:2] == b"\x1f\x8b":
             payload = gzip.decompress(payload)
         image = nib.Nifti1Image.from_bytes(payload)
-        return NiftiVolume(np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=np.float64),
+        dtype = self._load_args.get("dtype")
+        if dtype is None:
+            array = np.asanyarray(image.dataobj)
+        elif np.dtype(dtype).kind == "f":
+            array = image.get_fdata(dtype=np.dtype(dtype))
+        else:
+            array = np.asanyarray(image.dataobj).astype(dtype, copy=False)
+        return NiftiVolume(np.asarray(array), np.asarray(image.affine, dtype=np.float64),
                            image.header)
 
     def save(self, data: NiftiVolume | tuple[np.ndarray, np.ndarray]) -> None:

@@ -34,7 +34,7 @@ def window_hu(hu: np.ndarray, window_hu: tuple[float, float]) -> np.ndarray:
     out = np.asarray(hu, dtype=np.float32)
     out = np.clip(out, low, high)
     out -= np.float32(low)
-    out *= np.float32(1.0 / (high - low))
+    out /= np.float32(high - low)
     return out
 
 

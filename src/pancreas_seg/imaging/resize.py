@@ -58,8 +58,13 @@ def _zoom_in_plane(stack: np.ndarray, out_hw: tuple[int, int], order: int) -> np
     if order > 0 and fh == int(fh) and fw == int(fw) and fh >= 1 and fw >= 1:
         # Exact area interpolation: mean over fh x fw blocks.
         fh, fw = int(fh), int(fw)
-        blocks = stack.reshape(z, out_hw[0], fh, out_hw[1], fw, *stack.shape[3:])
-        return blocks.mean(axis=(2, 4), dtype=np.float32)
+        source = np.ascontiguousarray(stack, dtype=np.float32)
+        out = np.zeros((z, *out_hw, *stack.shape[3:]), np.float32)
+        for i in range(fh):  # strided adds: ~3x faster than reshape().mean() here
+            for j in range(fw):
+                out += source[:, i::fh, j::fw]
+        out *= np.float32(1.0 / (fh * fw))
+        return out
     zoom = (1.0, out_hw[0] / h, out_hw[1] / w) + (1.0,) * (stack.ndim - 3)
     source = stack
     if order > 0 and (zoom[1] < 1 or zoom[2] < 1):
@@ -117,5 +122,12 @@ def _zoom_in_plane_linear(stack: np.ndarray, out_hw: tuple[int, int]) -> np.ndar
     z, h, w = stack.shape[:3]
     if (h, w) == tuple(out_hw):
         return stack
-    zoom = (1.0, out_hw[0] / h, out_hw[1] / w) + (1.0,) * (stack.ndim - 3)
-    return ndimage.zoom(stack, zoom, order=1, mode="nearest", grid_mode=True, prefilter=False)
+    # Zoom each 2D slice/channel: a 4D zoom would interpolate across Z and C too (16 taps, ~5x slower).
+    zoom = (out_hw[0] / h, out_hw[1] / w)
+    out = np.empty((z, *out_hw, *stack.shape[3:]), np.float32)
+    for k in range(z):
+        for c in np.ndindex(stack.shape[3:]):
+            index = (k, slice(None), slice(None), *c)
+            out[index] = ndimage.zoom(stack[index], zoom, order=1, mode="nearest", grid_mode=True,
+                                      prefilter=False)
+    return out

@@ -22,6 +22,9 @@ from typing import Any
 import keras
 
 from pancreas_seg.imaging.nifti_io import atomic_write_bytes
+# Register the custom loss and metrics so checkpoints load before anything has built a model.
+from pancreas_seg.learning import losses as _losses  # noqa: F401
+from pancreas_seg.learning import metrics as _metrics  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +156,8 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
             fit_callbacks.append(keras.callbacks.EarlyStopping(
                 monitor=config.monitor, mode="max", patience=config.early_stopping_patience))
         model.fit(train_data, validation_data=validation_data, epochs=config.epochs,
-                  initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0)
+                  initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0,
+                  shuffle=False)  # the loader shuffles, keyed on (seed, epoch, batch): resume-exact
         best_value = fit_callbacks[0].best_value
     else:
         logger.info("[%s] all %d epochs already completed in %s", label, config.epochs, checkpoint_dir)

@@ -12,6 +12,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def unsafe_members(archive: tarfile.TarFile) -> list[str]:
     problems = []
     for member in archive.getmembers():
         name = PurePosixPath(member.name)
-        if name.is_absolute() or member.name.startswith(("/", "\\")) or ":" in name.parts[0]:
+        if name.is_absolute() or member.name.startswith(("/", "\\")) or (name.parts and ":" in name.parts[0]):
             problems.append(f"{member.name}: absolute path")
         elif ".." in name.parts:
             problems.append(f"{member.name}: path contains '..'")
@@ -62,7 +63,14 @@ def extract_task07_archive(archive_path: str | Path, destination: str | Path) ->
     except (tarfile.TarError, OSError) as exc:
         raise ValueError(f"{archive_path}: not a readable tar archive ({exc})") from exc
     with archive:
-        problems = unsafe_members(archive)
+        try:
+            problems = unsafe_members(archive)  # reads every member header
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            raise ValueError(f"{archive_path}: truncated or corrupt tar archive "
+                             f"({type(exc).__name__}: {exc})") from exc
+        if not _ends_with_end_of_archive_marker(archive):
+            raise ValueError(f"{archive_path}: no end-of-archive marker after the last member; "
+                             "the archive looks truncated (re-download it)")
         if problems:
             listing = "\n".join(f"  - {p}" for p in problems)
             raise UnsafeArchiveError(f"{archive_path}: refusing to extract unsafe members:\n{listing}")
@@ -72,7 +80,11 @@ def extract_task07_archive(archive_path: str | Path, destination: str | Path) ->
             members = [m for m in archive.getmembers()
                        if not PurePosixPath(m.name).name.startswith("._")]
             logger.info("Extracting %d members of %s", len(members), archive_path)
-            archive.extractall(partial, members=members, filter="data")
+            try:
+                archive.extractall(partial, members=members, filter="data")
+            except (tarfile.TarError, EOFError, zlib.error) as exc:
+                raise ValueError(f"{archive_path}: truncated or corrupt tar archive "
+                                 f"({type(exc).__name__}: {exc})") from exc
             if _find_dataset_root(partial) is None:
                 raise ValueError(f"{archive_path}: no dataset.json inside; not a Task07 archive")
             os.replace(partial, destination)
@@ -90,3 +102,10 @@ def _find_dataset_root(folder: Path) -> Path | None:
         if (candidate / "dataset.json").is_file():
             return candidate
     return None
+
+
+def _ends_with_end_of_archive_marker(archive: tarfile.TarFile) -> bool:
+    """True if a zero block follows the last member (tar's end-of-archive marker)."""
+    archive.fileobj.seek(archive.offset)
+    block = archive.fileobj.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not any(block)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,13 @@ from pancreas_seg.imaging.phantom import PhantomConfig, write_synthetic_task07
 from pancreas_seg.task07.archive import extract_task07_archive
 from pancreas_seg.task07.layout import is_synthetic, read_dataset_json
 from pancreas_seg.task07.splits import assign_splits
-from pancreas_seg.task07.validation import ON_INVALID, enforce_policy, validate_task07
+from pancreas_seg.task07.validation import (
+    ON_INVALID,
+    CaseRecord,
+    InvalidDatasetError,
+    enforce_policy,
+    validate_task07,
+)
 
 logger = logging.getLogger(__name__)
 SOURCES = ("synthetic", "msd")
@@ -65,7 +71,8 @@ def validate_raw_dataset(raw_root: str, ingestion: dict[str, Any]) -> tuple[dict
                              progress=_log_progress("Validating"))
     for finding in result.findings:
         logger.error("Invalid input %s [%s]", finding, finding.check)
-    cases = pd.DataFrame([asdict(c) for c in result.cases])
+    cases = pd.DataFrame([asdict(c) for c in result.cases],
+                         columns=[f.name for f in fields(CaseRecord)])
     cases["source"] = "synthetic" if synthetic else "msd"
     logger.info("%d valid case(s) in %s%s", len(cases), root, " (SYNTHETIC phantoms)" if synthetic else "")
     return result.report(root, on_invalid, synthetic), cases
@@ -74,6 +81,10 @@ def validate_raw_dataset(raw_root: str, ingestion: dict[str, Any]) -> tuple[dict
 def apply_invalid_policy(validation_report: dict[str, Any], validated_cases: pd.DataFrame) -> pd.DataFrame:
     """``fail``: raise listing every bad case (the report is already saved); ``skip``: keep valid cases."""
     enforce_policy(validation_report)
+    if validated_cases.empty:
+        raise InvalidDatasetError(
+            f"No valid case left in {validation_report['dataset_root']} "
+            f"({validation_report['n_bad_cases']} invalid); see data/08_reporting/validation_report.json")
     if validation_report["bad_cases"]:
         logger.warning("Skipping %d invalid case(s): %s", validation_report["n_bad_cases"],
                        ", ".join(validation_report["bad_cases"]))

@@ -43,6 +43,16 @@ def split_cases(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
     return {c: (model_input_slices[f"{c}/image"](), model_input_slices[f"{c}/label"]()) for c in case_ids}
 
 
+def check_shards(cases: Mapping[str, tuple[np.ndarray, np.ndarray]], config: PreprocessingConfig) -> None:
+    """Fail clearly when the shards on disk were made with other preprocessing settings."""
+    for case_id, (image, _) in cases.items():
+        if tuple(image.shape[1:]) != tuple(config.image_size_px) or image.dtype != np.dtype(config.image_dtype):
+            raise ValueError(
+                f"data/05_model_input/slices/{case_id}/image.npy is {image.shape[1:]} {image.dtype} but "
+                f"preprocessing asks for {config.image_size_px} {config.image_dtype}: the shards come from "
+                "another environment or settings; run `kedro run --pipeline=preprocessing` (same --env) first")
+
+
 def make_loaders(model_input_slices, case_manifest, settings: dict[str, Any],
                  preprocessing: PreprocessingConfig):
     """Training and validation ``SliceLoader``s (no case is in both)."""
@@ -52,12 +62,14 @@ def make_loaders(model_input_slices, case_manifest, settings: dict[str, Any],
     common = {"batch_size": int(settings["batch_size"]), "label_mode": preprocessing.label_mode,
               "context_slices": preprocessing.context_slices, "seed": int(settings["seed"]),
               "workers": int(settings.get("workers", 1))}
-    train = SliceLoader(split_cases(model_input_slices, case_manifest, "train"), training=True,
+    train_cases = split_cases(model_input_slices, case_manifest, "train")
+    validation_cases = split_cases(model_input_slices, case_manifest, "validation")
+    check_shards({**train_cases, **validation_cases}, preprocessing)
+    train = SliceLoader(train_cases, training=True,
                         foreground_fraction=float(settings["foreground_fraction"]),
                         augmentation=AugmentationConfig.from_params(settings.get("augmentation")),
                         steps_per_epoch=settings.get("steps_per_epoch"), **common)
-    validation = SliceLoader(split_cases(model_input_slices, case_manifest, "validation"),
-                             training=False, **common)
+    validation = SliceLoader(validation_cases, training=False, **common)
     return train, validation
 
 
