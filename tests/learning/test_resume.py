@@ -1,0 +1,265 @@
+"""Kill-safe resume of ``fit_with_resume``: a training process killed with SIGKILL right after an
+epoch's checkpoint resumes at the next epoch in a fresh process, a finished training is not
+repeated, another fingerprint starts afresh (the old checkpoint is moved aside), and the resumed
+run reproduces an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Runs fit_with_resume once per entry of the JSON list in argv[2] ({checkpoint_dir, fingerprint,
+# epochs}) and prints one "RESULT {json}" line per call. It imports what the training node
+# imports (the node's _compile imports losses/metrics lazily, inside build()).
+FIT_SCRIPT = r'''
+import json, logging, os, signal, sys, traceback
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from pancreas_seg.learning.loader import SliceLoader
+from pancreas_seg.learning.training import FitConfig, fit_with_resume
+from pancreas_seg.models.registry import build_model
+from pancreas_seg.pipelines.training.nodes import _compile
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
+data_dir, calls = Path(sys.argv[1]), json.loads(sys.argv[2])
+
+
+def cases(split):
+    ids = sorted(p.name[:-len("_image.npy")] for p in data_dir.glob(f"{split}*_image.npy"))
+    return {c: (np.load(data_dir / f"{c}_image.npy", mmap_mode="r"),
+                np.load(data_dir / f"{c}_label.npy", mmap_mode="r")) for c in ids}
+
+
+class KillAfterEpoch(keras.callbacks.Callback):
+    """Runs after ResumableCheckpoint (fit_with_resume puts extra callbacks last): kill -9."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if os.environ.get("KILL_AFTER_EPOCH") == str(epoch + 1):
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class EpochsTrained(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+settings = {"learning_rate": 5e-3, "loss": "dice_ce", "dice_smooth": 1.0}
+
+
+def build():
+    model = build_model("unet_small", (32, 32, 1), "multiclass", base_filters=4, depth=2,
+                        dropout=0.0, l2_weight=0.0)
+    return _compile(model, settings, "multiclass")
+
+
+def fit(call):
+    config = FitConfig(epochs=call["epochs"], batch_size=4, steps_per_epoch=3, learning_rate=5e-3,
+                       monitor="val_dice_pancreas", seed=42)
+    train = SliceLoader(cases("train"), 4, "multiclass", training=True, foreground_fraction=0.5,
+                        seed=config.seed, steps_per_epoch=config.steps_per_epoch)
+    validation = SliceLoader(cases("val"), 4, "multiclass", training=False)
+    trained = EpochsTrained()
+    result = fit_with_resume(build, train, validation, config, Path(call["checkpoint_dir"]),
+                             call["fingerprint"], label="tiny", callbacks=[trained, KillAfterEpoch()])
+    last = keras.saving.load_model(Path(call["checkpoint_dir"]) / "last.keras", safe_mode=True)
+    return {"backend": keras.backend.backend(), "resumed_from_epoch": result.resumed_from_epoch,
+            "history": result.history, "best_value": result.best_value, "epochs_trained": trained.epochs,
+            "best_output_shape": list(result.model.output_shape),
+            "optimizer_iterations": int(keras.ops.convert_to_numpy(last.optimizer.iterations))}
+
+
+for call in calls:  # each call reports on its own, so one failure does not hide the others
+    try:
+        outcome = fit(call)
+    except Exception:
+        outcome = {"error": traceback.format_exc()}
+    print("RESULT " + json.dumps(outcome), flush=True)
+'''
+
+STEPS_PER_EPOCH = 3
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small random train/val cases as .npy shards (foreground in a few slices)."""
+    directory = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for case_id, n_slices in (("train_a", 12), ("train_b", 10), ("val_a", 6)):
+        label = np.zeros((n_slices, 32, 32), np.uint8)
+        for z in range(1, n_slices, 4):
+            r, c = rng.integers(4, 16, size=2)
+            label[z, r:r + 12, c:c + 12] = 1
+            label[z, r + 3:r + 7, c + 3:c + 7] = 2
+        image = (rng.normal(0.0, 0.3, label.shape) + label).astype(np.float32)
+        np.save(directory / f"{case_id}_image.npy", image)
+        np.save(directory / f"{case_id}_label.npy", label)
+    (directory / "fit.py").write_text(FIT_SCRIPT)
+    return directory
+
+
+def _start(shards: Path, calls: list[dict], kill_after_epoch: int | None = None) -> subprocess.Popen:
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("KILL_AFTER_EPOCH", None)
+    if kill_after_epoch is not None:
+        env["KILL_AFTER_EPOCH"] = str(kill_after_epoch)
+    calls = [{"epochs": 3, "fingerprint": "abc", **call} for call in calls]
+    return subprocess.Popen([sys.executable, str(shards / "fit.py"), str(shards), json.dumps(calls)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _results(process: subprocess.CompletedProcess, expected: int) -> list[dict]:
+    """The per-call outcomes; a call that raised is reported with its traceback."""
+    results = [json.loads(line[len("RESULT "):]) for line in process.stdout.splitlines()
+               if line.startswith("RESULT ")]
+    assert process.returncode == 0 and len(results) == expected, process.stderr[-4000:]
+    return results
+
+
+def _ok(result: dict) -> dict:
+    assert "error" not in result, result.get("error")
+    return result
+
+
+def _state(checkpoint_dir: Path) -> dict:
+    return json.loads((checkpoint_dir / "state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two chains of processes, run side by side:
+
+    * a 3-epoch training killed with SIGKILL after epoch 1, then one fresh process that reruns it
+      (resume) and reruns it again (nothing left to do);
+    * an uninterrupted 3-epoch reference training, then (same process) one epoch in the same
+      folder with another fingerprint.
+    """
+    root = tmp_path_factory.mktemp("run")
+    checkpoint_dir, reference_dir = root / "checkpoints", root / "reference"
+    started = [_start(shards, [{"checkpoint_dir": str(checkpoint_dir)}], kill_after_epoch=1),
+               _start(shards, [{"checkpoint_dir": str(reference_dir)},
+                               {"checkpoint_dir": str(reference_dir), "fingerprint": "other", "epochs": 1}])]
+    try:
+        out = {"checkpoint_dir": checkpoint_dir, "reference_dir": reference_dir,
+               "killed": _finish(started[0])}
+        out["files_after_kill"] = sorted(p.name for p in checkpoint_dir.iterdir())
+        out["state_after_kill"] = _state(checkpoint_dir) if (checkpoint_dir / "state.json").exists() else None
+        started.append(_start(shards, [{"checkpoint_dir": str(checkpoint_dir)},
+                                       {"checkpoint_dir": str(checkpoint_dir)}]))
+        out["reference"], out["rerun"] = _finish(started[1]), _finish(started[2])
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return out
+
+
+def test_kill_after_epoch_one_leaves_a_complete_checkpoint(runs: dict) -> None:
+    killed = runs["killed"]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    assert "RESULT" not in killed.stdout
+    state = runs["state_after_kill"]
+    assert state is not None, "state.json must be written before the kill"
+    assert state["completed_epochs"] == 1 and state["fingerprint"] == "abc"
+    assert state["monitor"] == "val_dice_pancreas"
+    assert len(state["history"]["loss"]) == 1
+    assert {"loss", "dice_pancreas", "dice_tumour", "val_loss", "val_dice_pancreas",
+            "val_dice_tumour"} <= set(state["history"])
+    # Only finished files: the atomic writes leave no temporary files behind.
+    assert runs["files_after_kill"] == ["best.keras", "last.keras", "state.json"]
+
+
+def test_rerun_resumes_after_epoch_one_and_then_has_nothing_left_to_do(runs: dict) -> None:
+    """Fails while ``fit_with_resume`` loads ``last.keras`` before the custom loss/metric classes
+    are registered in a fresh process ("Could not locate class 'DiceCrossEntropyLoss'")."""
+    rerun = runs["rerun"]
+    resumed, finished = (_ok(r) for r in _results(rerun, expected=2))
+    assert resumed["backend"] == "tensorflow"
+    assert resumed["resumed_from_epoch"] == 1
+    assert "resuming from" in rerun.stderr and "after epoch 1" in rerun.stderr
+    assert resumed["epochs_trained"] == [1, 2]  # 0-based: epochs 2 and 3 only
+    history = resumed["history"]
+    assert all(len(values) == 3 for values in history.values()), history
+    # Epoch 1 comes from the killed process, epochs 2-3 from this one.
+    assert history["loss"][0] == runs["state_after_kill"]["history"]["loss"][0]
+    assert np.all(np.isfinite(history["loss"]))
+    assert resumed["best_value"] == pytest.approx(max(history["val_dice_pancreas"]))
+    assert resumed["best_output_shape"] == [None, 32, 32, 3]
+    # The optimizer state was restored: its step count continues across the kill.
+    assert resumed["optimizer_iterations"] == 3 * STEPS_PER_EPOCH
+
+    # Rerunning a finished training: no epoch is trained and the history is unchanged.
+    assert finished["resumed_from_epoch"] == 3
+    assert finished["epochs_trained"] == []
+    assert finished["history"] == history
+    assert finished["optimizer_iterations"] == 3 * STEPS_PER_EPOCH
+    assert "all 3 epochs already completed" in rerun.stderr
+
+
+def test_other_fingerprint_starts_afresh_and_moves_the_old_checkpoint_aside(runs: dict) -> None:
+    reference_dir = runs["reference_dir"]
+    finished, other = (_ok(r) for r in _results(runs["reference"], expected=2))
+    assert finished["resumed_from_epoch"] == 0 and finished["epochs_trained"] == [0, 1, 2]
+    assert other["resumed_from_epoch"] == 0 and other["epochs_trained"] == [0]
+    assert all(len(values) == 1 for values in other["history"].values())
+    assert "made with other settings" in runs["reference"].stderr
+    stale = reference_dir.with_name(f"{reference_dir.name}.stale-abc")
+    assert (stale / "last.keras").is_file() and (stale / "best.keras").is_file()
+    assert _state(stale)["fingerprint"] == "abc" and _state(stale)["completed_epochs"] == 3
+    assert _state(stale)["history"] == finished["history"]
+    state = _state(reference_dir)
+    assert state["fingerprint"] == "other" and state["completed_epochs"] == 1
+
+
+def test_resumed_training_reproduces_the_uninterrupted_one(runs: dict) -> None:
+    """Same seed and data: the killed + resumed run must train on the same batches in the same
+    order as the uninterrupted one, so the per-epoch losses agree (both runs are on one CPU;
+    fresh runs here are bit-identical). Fails while Keras' own batch shuffling (``fit`` with
+    ``shuffle=True``, drawn from Python's ``random`` re-seeded at resume) reorders the batches."""
+    reference = _ok(_results(runs["reference"], expected=2)[0])
+    assert reference["resumed_from_epoch"] == 0 and reference["epochs_trained"] == [0, 1, 2]
+    resumed = _ok(_results(runs["rerun"], expected=2)[0])
+    for key in ("loss", "val_loss", "dice_pancreas", "val_dice_pancreas"):
+        np.testing.assert_allclose(resumed["history"][key], reference["history"][key], rtol=1e-5,
+                                   err_msg=key)
+
+
+def test_best_checkpoint_loads_in_safe_mode(runs: dict) -> None:
+    import keras  # noqa: PLC0415
+
+    import pancreas_seg.learning.losses  # noqa: F401, PLC0415  (registers the custom objects)
+    import pancreas_seg.learning.metrics  # noqa: F401, PLC0415
+
+    model = keras.saving.load_model(runs["checkpoint_dir"] / "best.keras", safe_mode=True)
+    assert model.name == "unet_small"
+    assert model.output_shape == (None, 32, 32, 3)
+    assert type(model.loss).__name__ == "DiceCrossEntropyLoss"
+    compile_config = json.dumps(model.get_compile_config())
+    assert "ClassDice" in compile_config and "dice_tumour" in compile_config
+    probabilities = model.predict(np.zeros((2, 32, 32, 1), np.float32), verbose=0)
+    assert probabilities.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, rtol=1e-5)

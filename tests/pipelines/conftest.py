@@ -1,0 +1,185 @@
+"""End-to-end fixtures: ONE real ``train`` run (``--env smoke``) in a throwaway project copy.
+
+The copy holds ``conf/`` (without ``conf/local`` contents), ``pyproject.toml``, ``.telemetry``, an
+empty ``src/`` (Kedro checks that the source folder exists; the package itself is imported from
+the editable install) and the ``data/01_raw`` .. ``data/08_reporting`` skeleton. The train pipeline
+runs there once per test session through a real in-process ``KedroSession``; it writes its own
+``mlflow.db`` (sqlite store) and ``mlruns/`` artifact folder, so the repository stays untouched.
+
+Every test that uses it is marked ``slow``; the whole ``tests/pipelines`` set takes a few
+minutes on 2 CPU cores (the train run dominates).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SMOKE_ENV = "smoke"
+#: Environment of every Kedro call (in-process sessions and subprocesses): no telemetry.
+KEDRO_ENV_VARS = {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1"}
+DATA_LAYERS = ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input",
+               "06_models", "07_model_output", "08_reporting")
+
+
+def make_project_copy(destination: Path) -> Path:
+    """Copy the project's configuration into ``destination`` (see the module docstring)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO_ROOT / "conf", destination / "conf",
+                    ignore=lambda folder, names: names if Path(folder).name == "local" else [])
+    (destination / "conf" / "local").mkdir(exist_ok=True)
+    for name in ("pyproject.toml", ".telemetry"):
+        if (REPO_ROOT / name).is_file():
+            shutil.copy2(REPO_ROOT / name, destination / name)
+    (destination / "src").mkdir(exist_ok=True)
+    for layer in DATA_LAYERS:
+        (destination / "data" / layer).mkdir(parents=True, exist_ok=True)
+    return destination.resolve()
+
+
+def kedro_subprocess_env(**extra: str) -> dict[str, str]:
+    """``os.environ`` plus the no-telemetry variables, for ``kedro``/``mlflow`` subprocesses.
+
+    ``MLFLOW_TRACKING_URI`` is dropped: a relative ``sqlite:///mlflow.db`` exported by an
+    in-process kedro-mlflow setup would otherwise resolve against the subprocess' working dir.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(KEDRO_ENV_VARS)
+    env.update(extra)
+    return env
+
+
+def _forget_mlflow_stores() -> None:
+    """Forget MLflow's cached stores and sqlite engines for relative URIs (private API, best effort).
+
+    MLflow caches stores per URI string and SQLAlchemy engines per database URI: after one
+    in-process session, the relative ``sqlite:///mlflow.db`` of ``conf/base/mlflow.yml`` would keep
+    writing to the first project's database even after a later session changed into another
+    project copy. If these internals move, this does nothing and the cross-copy tests fail loudly.
+    """
+    import importlib  # noqa: PLC0415
+
+    def module_vars(name: str) -> dict[str, Any]:
+        try:
+            return vars(importlib.import_module(name))
+        except ImportError:  # pragma: no cover
+            return {}
+
+    for module, name in (("mlflow.tracking._tracking_service.registry", "TrackingStoreRegistry"),
+                         ("mlflow.tracking._model_registry.registry", "ModelRegistryStoreRegistry")):
+        cached = getattr(module_vars(module).get(name), "_get_store_with_resolved_uri", None)
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    for module in ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+                   "mlflow.store.jobs.sqlalchemy_store"):
+        for store in module_vars(module).values():
+            engines = vars(store).get("_engine_map") if isinstance(store, type) else None
+            for uri in [u for u in engines or {} if u.startswith("sqlite:///") and not u.startswith("sqlite:////")]:
+                engines.pop(uri).dispose()
+
+
+@contextmanager
+def inside_project(project_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run in ``project_path`` as ``kedro run`` would: cwd, telemetry off, clean MLflow state after.
+
+    kedro-mlflow sets the global MLflow tracking URI to ``sqlite:///mlflow.db`` (relative to the
+    cwd) and exports it as ``MLFLOW_TRACKING_URI``; both are restored on exit so nothing later in
+    the test session can write to the repository's ``mlflow.db``. A run still active after the
+    session is ended as KILLED (``kedro run`` would end it at interpreter exit), which the
+    end-to-end test reports.
+    """
+    import mlflow  # noqa: PLC0415
+    from mlflow.tracking._tracking_service import utils as tracking_utils  # noqa: PLC0415
+
+    saved_cwd, saved_env, saved_path = Path.cwd(), dict(os.environ), list(sys.path)
+    saved_uri = getattr(tracking_utils, "_tracking_uri", None)
+    os.environ.update(KEDRO_ENV_VARS)
+    os.environ.update(extra_env or {})
+    os.chdir(project_path)
+    _forget_mlflow_stores()
+    try:
+        yield
+    finally:
+        while mlflow.active_run() is not None:  # must not leak into the next session or test
+            mlflow.end_run(status="KILLED")
+        os.chdir(saved_cwd)
+        mlflow.set_tracking_uri(saved_uri)
+        _forget_mlflow_stores()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.path[:] = saved_path
+
+
+def run_kedro_session(project_path: Path, env: str = SMOKE_ENV, runtime_params: dict[str, Any] | None = None,
+                      extra_env: dict[str, str] | None = None, **run_kwargs: Any) -> dict[str, Any]:
+    """``kedro run --env <env> [--params ...] [run options]`` as a real in-process ``KedroSession``.
+
+    ``run_kwargs`` go to ``KedroSession.run`` (``pipeline_name=``, ``namespaces=`` ...). Dotted
+    ``runtime_params`` keys are nested exactly as ``kedro run --params a.b=c`` does it.
+    """
+    from kedro.framework.session import KedroSession  # noqa: PLC0415
+    from kedro.framework.startup import bootstrap_project  # noqa: PLC0415
+
+    params = nest_dotted(runtime_params) if runtime_params else None
+    with inside_project(project_path, extra_env):
+        bootstrap_project(project_path)
+        with KedroSession.create(project_path=project_path, env=env, runtime_params=params) as session:
+            return session.run(**run_kwargs)
+
+
+def nest_dotted(params: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``, the shape ``kedro run --params`` hands to the session.
+
+    (The CLI uses ``OmegaConf.from_dotlist``; values here keep their Python types.)
+    """
+    nested: dict[str, Any] = {}
+    for key, value in params.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+@pytest.fixture(scope="session")
+def smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project copy after one real ``kedro run --pipeline=train --env smoke`` (in-process).
+
+    Treat it as read-only: tests that change training state work on a copy of it.
+    """
+    project = make_project_copy(tmp_path_factory.mktemp("smoke_project") / "pancreas_seg")
+    run_kedro_session(project, pipeline_name="train")
+    return project
+
+
+@pytest.fixture(scope="session")
+def smoke_tracking_uri(smoke_project: Path) -> str:
+    """The copy's sqlite MLflow store (absolute URI)."""
+    return f"sqlite:///{smoke_project / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def kedro_session_runner() -> Callable[..., dict[str, Any]]:
+    """:func:`run_kedro_session`, for tests that start further in-process sessions."""
+    return run_kedro_session
+
+
+@pytest.fixture(scope="session")
+def project_copier() -> Callable[[Path], Path]:
+    """:func:`make_project_copy`, for tests that need an empty project copy."""
+    return make_project_copy
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> Callable[..., dict[str, str]]:
+    """:func:`kedro_subprocess_env`, the environment for ``kedro``/``mlflow`` subprocesses."""
+    return kedro_subprocess_env

@@ -1,0 +1,129 @@
+"""A real ``mlflow server`` on the smoke run's sqlite store, queried through its REST API.
+
+This is what a researcher opens after ``kedro run``: the tracking server must see the train
+parent run, one nested run per architecture and their per-epoch, validation and test metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ARCHITECTURES = ("unet", "unet_small", "fcn", "vnet2d")
+EXPERIMENT = "pancreas_seg_smoke"
+STARTUP_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(base: str, endpoint: str, **query: str) -> dict:
+    url = f"{base}{endpoint}?{urllib.parse.urlencode(query)}" if query else f"{base}{endpoint}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post(base: str, endpoint: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{base}{endpoint}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (uvicorn worker included), SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(smoke_project: Path, tmp_path_factory: pytest.TempPathFactory,
+                  subprocess_env) -> Iterator[str]:
+    """Base URL of ``mlflow server`` on 127.0.0.1 (free port); always terminated afterwards."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("mlflow_server") / "server.log"
+    command = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{smoke_project / 'mlflow.db'}",
+               # the runs' artifact URIs are absolute paths under <copy>/mlruns (kedro-mlflow's
+               # sqlite store in the project root); new experiments would go there too
+               "--default-artifact-root", str(smoke_project / "mlruns"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    base = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=smoke_project, env=subprocess_env(), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"mlflow server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after {STARTUP_TIMEOUT_S} s:\n"
+                            f"{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        _stop(process)
+
+
+def test_rest_api_lists_runs_and_metrics(mlflow_server: str) -> None:
+    base = mlflow_server
+    # get-by-name is a GET endpoint (a POST answers 405 Method Not Allowed)
+    experiment = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+    assert experiment["name"] == EXPERIMENT and experiment["lifecycle_stage"] == "active"
+
+    runs = _post(base, "/api/2.0/mlflow/runs/search",
+                 {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})["runs"]
+    tags = {run["info"]["run_id"]: {t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs}
+    parents = [r for r in runs if "mlflow.parentRunId" not in tags[r["info"]["run_id"]]
+               and r["info"]["run_name"] == "train"]
+    assert len(parents) == 1, [r["info"]["run_name"] for r in runs]
+    parent_id = parents[0]["info"]["run_id"]
+    nested = {tags[r["info"]["run_id"]]["architecture"]: r for r in runs
+              if tags[r["info"]["run_id"]].get("mlflow.parentRunId") == parent_id}
+    assert set(nested) == set(ARCHITECTURES)
+
+    for arch, run in nested.items():
+        run_id = run["info"]["run_id"]
+        assert run["info"]["status"] == "FINISHED"
+        metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+        params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
+        for key in ("val_dice_pancreas", "final_val_dice_pancreas", "test_dice_pancreas_mean"):
+            assert key in metrics and 0.0 <= metrics[key] <= 1.0, (arch, key, sorted(metrics))
+        assert float(params["training.learning_rate"]) == pytest.approx(2.0e-4)
+        history = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
+                       metric_key="val_dice_pancreas")["metrics"]
+        assert [m["step"] for m in sorted(history, key=lambda m: m["step"])] == \
+            list(range(1, len(history) + 1)) and history, (arch, history)
+        assert history[-1]["value"] == pytest.approx(metrics["val_dice_pancreas"])
+        listed = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="keras")
+        assert [f["path"] for f in listed.get("files", [])] == [f"keras/{arch}.keras"], listed
