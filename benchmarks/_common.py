@@ -1,0 +1,128 @@
+"""Shared helpers for the scripts in ``benchmarks/`` (not a benchmark itself).
+
+* :func:`ensure_phantoms_512` writes (once) and reuses the cached 30-case 512 x 512 x ~100
+  SYNTHETIC phantom data set under ``data/01_raw/benchmark_phantoms_512/``.
+* :func:`run_variant` runs ``python <script> --variant ...`` in a fresh subprocess and returns the
+  JSON the child prints on its last stdout line, plus the child's peak RSS, so variants never
+  pollute each other's peak memory.
+* :func:`peak_rss_mib` / :func:`write_report` / :func:`print_table` / :func:`median`.
+
+Every benchmark script imports this module as ``_common`` (the scripts put their own folder on
+``sys.path``), so run them from the repository root, e.g.
+``.venv/bin/python benchmarks/preprocessing_benchmark.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REPORT_DIR = REPO_ROOT / "data" / "08_reporting" / "benchmarks"
+PHANTOM_ROOT = REPO_ROOT / "data" / "01_raw" / "benchmark_phantoms_512"
+PHANTOM_SEED = 512
+N_PHANTOMS = 30
+RESULT_PREFIX = "BENCH_RESULT_JSON:"
+
+
+def phantom_config() -> Any:
+    """512 x 512 in-plane, 0.7-0.9 mm pixels, 1.5-1.7 mm slices over 150-170 mm: 88-113 slices."""
+    from pancreas_seg.imaging.phantom import PhantomConfig  # noqa: PLC0415
+
+    return PhantomConfig(shape_xy_px=512, spacing_xy_mm=(0.7, 0.9), slice_thickness_mm=(1.5, 1.7),
+                         z_extent_mm=(150.0, 170.0))
+
+
+def ensure_phantoms_512(progress: bool = True) -> Path:
+    """Write (or reuse, by fingerprint) the 30-case 512 px SYNTHETIC benchmark data set."""
+    from pancreas_seg.imaging.phantom import write_synthetic_task07  # noqa: PLC0415
+
+    def report(i: int, n: int, case_id: str) -> None:
+        if progress:
+            print(f"  phantom {i}/{n} {case_id}", file=sys.stderr, flush=True)
+
+    return write_synthetic_task07(PHANTOM_ROOT, n_train=N_PHANTOMS, n_test=0, config=phantom_config(),
+                                  seed=PHANTOM_SEED, progress=report)
+
+
+def phantom_pairs(root: Path, n: int | None = None) -> list[tuple[str, str]]:
+    """``[(image_path, label_path), ...]`` of the first ``n`` training cases of a Task07 folder."""
+    dataset = json.loads((root / "dataset.json").read_text())
+    pairs = [(str(root / e["image"]), str(root / e["label"])) for e in dataset["training"]]
+    return pairs if n is None else pairs[:n]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, MiB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def emit_result(result: dict[str, Any]) -> None:
+    """Child side: print the result as the last stdout line, with the child's own peak RSS."""
+    import psutil  # noqa: PLC0415
+
+    result = {**result, "peak_rss_mib": peak_rss_mib(),
+              "final_rss_mib": psutil.Process().memory_info().rss / 2**20}
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_variant(script: Path, args: Sequence[str], timeout: float = 1800.0,
+                env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Parent side: run ``python script *args`` in a fresh process and return its result dict.
+
+    ``peak_rss_mib`` is reported by the child from its own ``ru_maxrss`` (the parent's
+    RUSAGE_CHILDREN would be the max over *all* children so far, not this one).
+    """
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT, env={**os.environ, **(env or {})},
+                          check=False)
+    wall = time.perf_counter() - start
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{script.name} {' '.join(args)} failed (rc={proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result["subprocess_wall_s"] = wall
+    return result
+
+
+def machine_info() -> dict[str, Any]:
+    import psutil  # noqa: PLC0415
+
+    return {"python": sys.version.split()[0], "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "load_avg_at_start": os.getloadavg()}
+
+
+def write_report(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``data/08_reporting/benchmarks/<name>.json`` and return its path."""
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
+    path = REPORT_DIR / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "machine": machine_info(), **payload},
+                               indent=2, default=float) + "\n")
+    return path
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Plain fixed-width table on stdout."""
+    cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
