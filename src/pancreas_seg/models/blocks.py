@@ -19,6 +19,12 @@ LABEL_MODES: tuple[str, ...] = ("multiclass", "pancreas", "tumour")
 ACTIVATIONS: tuple[str, ...] = ("relu", "prelu")
 
 
+# Moving-statistics momentum of every BatchNormalization. Keras' 0.99 needs ~500 steps before
+# inference statistics settle; short CPU runs (a few hundred steps) then validate far worse than
+# they train. 0.9 settles within ~50 steps and is what the reference U-Net implementations use.
+BATCH_NORM_MOMENTUM = 0.9
+
+
 def validate_label_mode(label_mode: str) -> str:
     """Return ``label_mode``, or raise ValueError when it is not in :data:`LABEL_MODES`."""
     if label_mode not in LABEL_MODES:
@@ -100,7 +106,7 @@ def conv_bn_act(
         kernel_regularizer=l2_regulariser(l2_weight),
         name=f"{name}_conv",
     )(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name=f"{name}_bn")(x)
     if activation is not None:
         x = activation_layer(x, activation, name=f"{name}_{activation}")
     return x
