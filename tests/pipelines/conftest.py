@@ -183,3 +183,14 @@ def project_copier() -> Callable[[Path], Path]:
 def subprocess_env() -> Callable[..., dict[str, str]]:
     """:func:`kedro_subprocess_env`, the environment for ``kedro``/``mlflow`` subprocesses."""
     return kedro_subprocess_env
+
+
+@pytest.fixture(scope="session")
+def configured_learning_rate() -> float:
+    """``training.learning_rate`` as the project's config resolves it for the smoke env (base + smoke)."""
+    env = "smoke"
+    from kedro.config import OmegaConfigLoader
+
+    loader = OmegaConfigLoader(str(REPO_ROOT / "conf"), base_env="base", default_run_env=env,
+                               merge_strategy={"parameters": "soft"})
+    return float(loader["parameters"]["training"]["learning_rate"])
