@@ -18,7 +18,12 @@ from pancreas_seg.evaluation.metrics import case_metrics, slice_dice, summarise
 from pancreas_seg.evaluation.plots import pick_representative_slices, plot_dice_boxplots, plot_overlays
 from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
-from pancreas_seg.imaging.preprocess import PreprocessingConfig, SliceGeometry, canonical_slices
+from pancreas_seg.imaging.preprocess import (
+    PreprocessingConfig,
+    SliceGeometry,
+    canonical_slices,
+    plan_slice_geometry,
+)
 from pancreas_seg.prediction import labels_from_probabilities, predict_slices
 
 logger = logging.getLogger(__name__)
@@ -167,8 +172,6 @@ def plot_test_overlays(case_manifest: pd.DataFrame, evaluation: dict[str, Any], 
     ct = load_nifti(manifest.loc[case_id, "image_path"], dtype=np.float32)
     truth = load_nifti(manifest.loc[case_id, "label_path"])
     config = PreprocessingConfig.from_params({**cards[0]["preprocessing"], "target_spacing_mm": None})
-    from pancreas_seg.imaging.preprocess import plan_slice_geometry  # noqa: PLC0415
-
     geometry = plan_slice_geometry(ct.array.shape, ct.affine, config)
     ct_slices = canonical_slices(ct.array, geometry)
     truth_slices = canonical_slices(truth.array, geometry)

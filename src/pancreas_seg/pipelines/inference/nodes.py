@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,6 @@ def collect_inputs(input_path: str | Path) -> list[Path]:
 def save_overlay(ct: NiftiVolume, labels: np.ndarray, config: PreprocessingConfig, path: Path,
                  window_hu: tuple[float, float], title: str) -> None:
     """PNG of representative axial slices (radiological view) with the predicted mask."""
-    import io  # noqa: PLC0415
-
     geometry = plan_slice_geometry(ct.array.shape, ct.affine, config)
     ct_slices = canonical_slices(np.asarray(ct.array, dtype=np.float32), geometry)
     label_slices = canonical_slices(labels, geometry)
