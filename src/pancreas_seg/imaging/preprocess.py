@@ -1,7 +1,7 @@
 """The one preprocessing path shared by training, evaluation and inference.
 
 ``hu volume (X, Y, Z), affine``  ->  reorient to LPS  ->  axial slices (Z, H, W)  ->  in-plane
-resample/resize  ->  HU normalisation  ->  float32/float16 model input.
+resample/resize (optionally framed on the body)  ->  HU normalisation  ->  float32/float16 model input.
 
 :class:`SliceGeometry` records every step so :func:`restore_label_volume` can map model output
 back onto the original file's voxel grid and affine.
@@ -25,6 +25,7 @@ from pancreas_seg.imaging.geometry import (
 from pancreas_seg.imaging.intensity import ForegroundIntensityStats, normalise_hu
 from pancreas_seg.imaging.resize import (
     InPlaneGrid,
+    body_bounding_box,
     plan_in_plane_grid,
     resize_image_slices,
     resize_label_slices,
@@ -43,6 +44,9 @@ class PreprocessingConfig:
     intensity_mode: str = "window"
     window_hu: tuple[float, float] = (-100.0, 240.0)
     target_spacing_mm: float | None = None
+    crop_to_body: bool = False
+    body_threshold_hu: float = -500.0
+    body_margin_mm: float = 10.0
     label_mode: str = "multiclass"
     image_dtype: str = "float32"
     context_slices: int = 1
@@ -66,6 +70,9 @@ class PreprocessingConfig:
             intensity_mode=params.get("intensity", {}).get("mode", "window"),
             window_hu=tuple(float(v) for v in params.get("intensity", {}).get("window_hu", (-100, 240))),
             target_spacing_mm=None if spacing is None else float(spacing),
+            crop_to_body=bool(params.get("crop_to_body", False)),
+            body_threshold_hu=float(params.get("body_threshold_hu", -500.0)),
+            body_margin_mm=float(params.get("body_margin_mm", 10.0)),
             label_mode=params.get("label_mode", "multiclass"),
             image_dtype=params.get("image_dtype", "float32"),
             context_slices=int(params.get("context_slices", 1)),
@@ -92,22 +99,39 @@ class SliceGeometry:
         return cls(CanonicalTransform.from_dict(data["canonical"]), InPlaneGrid.from_dict(data["grid"]))
 
 
-def plan_slice_geometry(shape: tuple[int, ...], affine: np.ndarray,
-                        config: PreprocessingConfig) -> SliceGeometry:
-    """Plan reorientation and in-plane resizing for a volume of ``shape`` and ``affine``."""
+def plan_slice_geometry(shape: tuple[int, ...], affine: np.ndarray, config: PreprocessingConfig,
+                        canonical_hu: np.ndarray | None = None) -> SliceGeometry:
+    """Plan reorientation and in-plane resizing for a volume of ``shape`` and ``affine``.
+
+    With ``config.crop_to_body`` the in-plane grid is centred on (and, without a target spacing,
+    scaled to) the body, found in ``canonical_hu``: the (Z, H, W) canonical HU slices, required
+    then. A volume without any body voxel falls back to the whole slice.
+    """
     canonical = canonical_transform(shape, affine)
     lps_shape = [canonical.original_shape[int(axis)] for axis, _ in canonical.to_canonical]
     spacing_lps = canonical.canonical_spacing_mm
     # Slices are (Z, Y, X): in-plane H is the P axis, W is the L axis.
     source_hw = (lps_shape[1], lps_shape[0])
     spacing_hw = (spacing_lps[1], spacing_lps[0])
-    grid = plan_in_plane_grid(source_hw, spacing_hw, config.image_size_px, config.target_spacing_mm)
+    body_box = None
+    if config.crop_to_body:
+        if canonical_hu is None:
+            raise ValueError("crop_to_body needs the canonical HU slices to find the body")
+        body_box = body_bounding_box(canonical_hu, config.body_threshold_hu)
+    grid = plan_in_plane_grid(source_hw, spacing_hw, config.image_size_px, config.target_spacing_mm,
+                              body_box_hw=body_box, body_margin_mm=config.body_margin_mm)
     return SliceGeometry(canonical=canonical, grid=grid)
 
 
-def canonical_slices(volume: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
+def canonical_slices(volume: np.ndarray, geometry: SliceGeometry | CanonicalTransform) -> np.ndarray:
     """(X, Y, Z) file-order volume -> (Z, H, W) canonical axial slices at source resolution."""
-    return volume_to_slices(to_canonical(volume, geometry.canonical))
+    canonical = geometry.canonical if isinstance(geometry, SliceGeometry) else geometry
+    return volume_to_slices(to_canonical(volume, canonical))
+
+
+def axial_view(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) file-order volume -> (Z, H, W) radiological axial slices, source resolution (for display)."""
+    return canonical_slices(volume, canonical_transform(volume.shape, affine))
 
 
 def preprocess_image(hu: np.ndarray, affine: np.ndarray, config: PreprocessingConfig,
@@ -122,8 +146,8 @@ def preprocess_image(hu: np.ndarray, affine: np.ndarray, config: PreprocessingCo
     """
     if hu.ndim != 3:
         raise ValueError(f"expected a 3D HU volume, got shape {hu.shape}")
-    geometry = plan_slice_geometry(hu.shape, affine, config)
-    slices = canonical_slices(np.asarray(hu, dtype=np.float32), geometry)
+    slices = axial_view(np.asarray(hu, dtype=np.float32), affine)
+    geometry = plan_slice_geometry(hu.shape, affine, config, canonical_hu=slices)
     slices = resize_image_slices(slices, geometry.grid, fill_value=AIR_HU)
     image = normalise_hu(slices, config.intensity_mode, config.window_hu, stats)
     return image.astype(config.image_dtype, copy=False), geometry
@@ -191,6 +215,20 @@ class PreprocessedCase:
     image: np.ndarray          # (Z, H, W) float32|float16
     label: np.ndarray | None   # (Z, H, W) uint8 targets for config.label_mode, or None
     geometry: SliceGeometry
+
+
+def plan_case_geometry(image_path: str, config: PreprocessingConfig) -> SliceGeometry:
+    """The :class:`SliceGeometry` :func:`preprocess_image` will use for the CT file ``image_path``.
+
+    Reads only the header, unless ``config.crop_to_body`` needs the HU voxels to find the body.
+    """
+    from pancreas_seg.imaging.nifti_io import load_nifti, read_nifti_header  # noqa: PLC0415
+
+    if not config.crop_to_body:
+        header = read_nifti_header(image_path)
+        return plan_slice_geometry(header.shape, header.affine, config)
+    ct = load_nifti(image_path, dtype=np.float32)
+    return plan_slice_geometry(ct.array.shape, ct.affine, config, canonical_hu=axial_view(ct.array, ct.affine))
 
 
 def preprocess_case(image_path: str, label_path: str | None, config: PreprocessingConfig,

@@ -6,6 +6,7 @@ project are 2D). :class:`InPlaneGrid` records the mapping so predictions can be 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,7 +19,8 @@ class InPlaneGrid:
     """How a canonical in-plane grid (H, W) maps to the model grid.
 
     The canonical slice of ``source_hw`` px is first resampled to ``resampled_hw`` px (to reach the
-    target spacing, or straight to the model size), then centre-cropped/padded to ``output_hw``.
+    target spacing, or straight to the model size), then cropped/padded to ``output_hw`` around the
+    slice centre or the body centre.
     ``offset_hw`` is where the resampled slice's (0, 0) lands in the output (negative = cropped).
     """
 
@@ -35,18 +37,54 @@ class InPlaneGrid:
         return cls(**{k: tuple(int(x) for x in v) for k, v in data.items()})
 
 
+def body_bounding_box(slices_hu: np.ndarray, threshold_hu: float) -> tuple[int, int, int, int] | None:
+    """In-plane bounding box ``(h0, h1, w0, w1)`` (half-open, px) of the patient's body.
+
+    ``slices_hu`` is a (Z, H, W) HU stack. Body = voxels above ``threshold_hu`` in any slice (a
+    maximum projection along Z); the largest connected component is kept, so a scanner table or
+    a cable separated from the body by air does not widen the box. None when nothing exceeds the
+    threshold (for example an all-air volume).
+    """
+    projection = np.asarray(slices_hu).max(axis=0) > threshold_hu
+    labelled, n_components = ndimage.label(projection)
+    if n_components == 0:
+        return None
+    sizes = np.bincount(labelled.ravel())[1:]
+    rows, cols = np.nonzero(labelled == 1 + int(np.argmax(sizes)))
+    return int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+
+
 def plan_in_plane_grid(source_hw: tuple[int, int], spacing_hw_mm: tuple[float, float],
-                       output_hw: tuple[int, int],
-                       target_spacing_mm: float | None = None) -> InPlaneGrid:
-    """Plan the resize: straight to ``output_hw`` or, with ``target_spacing_mm``, resample then crop/pad."""
+                       output_hw: tuple[int, int], target_spacing_mm: float | None = None,
+                       body_box_hw: tuple[int, int, int, int] | None = None,
+                       body_margin_mm: float = 10.0) -> InPlaneGrid:
+    """Plan the in-plane mapping from a canonical slice to the model grid.
+
+    * Neither ``target_spacing_mm`` nor ``body_box_hw``: resize the whole slice to ``output_hw``.
+    * ``target_spacing_mm``: resample to that isotropic spacing (mm), then crop/pad to ``output_hw``
+      around the slice centre, or around the body box centre when ``body_box_hw`` is given.
+    * ``body_box_hw`` alone: choose the isotropic spacing that fits the body box plus
+      ``body_margin_mm`` on every side into ``output_hw`` and centre the body. The anatomy then
+      fills the model input instead of air around the patient (aspect ratio kept).
+    """
     source_hw = (int(source_hw[0]), int(source_hw[1]))
     output_hw = (int(output_hw[0]), int(output_hw[1]))
-    if target_spacing_mm is None:
+    if target_spacing_mm is None and body_box_hw is None:
         return InPlaneGrid(source_hw, output_hw, output_hw, (0, 0))
-    resampled = tuple(max(1, round(n * s / float(target_spacing_mm)))
-                      for n, s in zip(source_hw, spacing_hw_mm, strict=True))
-    offset = tuple((o - r) // 2 for o, r in zip(output_hw, resampled, strict=True))
-    return InPlaneGrid(source_hw, resampled, output_hw, offset)
+    if target_spacing_mm is None:
+        h0, h1, w0, w1 = body_box_hw  # type: ignore[misc]
+        extent_mm = ((h1 - h0) * spacing_hw_mm[0] + 2 * body_margin_mm,
+                     (w1 - w0) * spacing_hw_mm[1] + 2 * body_margin_mm)
+        target_spacing_mm = max(e / o for e, o in zip(extent_mm, output_hw, strict=True))
+    scale = tuple(s / float(target_spacing_mm) for s in spacing_hw_mm)  # source px -> resampled px
+    resampled = tuple(max(1, round(n * f)) for n, f in zip(source_hw, scale, strict=True))
+    if body_box_hw is None:
+        offset = tuple((o - r) // 2 for o, r in zip(output_hw, resampled, strict=True))
+    else:
+        h0, h1, w0, w1 = body_box_hw
+        centre = ((h0 + h1) / 2 * scale[0], (w0 + w1) / 2 * scale[1])  # resampled px
+        offset = tuple(math.floor(o / 2 - c + 0.5) for o, c in zip(output_hw, centre, strict=True))
+    return InPlaneGrid(source_hw, resampled, output_hw, offset)  # type: ignore[arg-type]
 
 
 def _zoom_in_plane(stack: np.ndarray, out_hw: tuple[int, int], order: int) -> np.ndarray:

@@ -21,8 +21,7 @@ from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
     SliceGeometry,
-    canonical_slices,
-    plan_slice_geometry,
+    axial_view,
 )
 from pancreas_seg.prediction import labels_from_probabilities, predict_slices
 
@@ -171,12 +170,10 @@ def plot_test_overlays(case_manifest: pd.DataFrame, evaluation: dict[str, Any], 
     case_id = _most_informative_test_case(case_manifest)
     ct = load_nifti(manifest.loc[case_id, "image_path"], dtype=np.float32)
     truth = load_nifti(manifest.loc[case_id, "label_path"])
-    config = PreprocessingConfig.from_params({**cards[0]["preprocessing"], "target_spacing_mm": None})
-    geometry = plan_slice_geometry(ct.array.shape, ct.affine, config)
-    ct_slices = canonical_slices(ct.array, geometry)
-    truth_slices = canonical_slices(truth.array, geometry)
+    ct_slices = axial_view(ct.array, ct.affine)
+    truth_slices = axial_view(truth.array, ct.affine)
     chosen = pick_representative_slices(np.moveaxis(truth_slices, 0, -1), int(evaluation["overlay_slices"]))
-    model_slices = {card["architecture"]: canonical_slices(pred[case_id]().array, geometry)[chosen]
+    model_slices = {card["architecture"]: axial_view(pred[case_id]().array, ct.affine)[chosen]
                     for card, pred in zip(cards, predictions, strict=True)}
     figure = plot_overlays(ct_slices[chosen], truth_slices[chosen], model_slices,
                            tuple(evaluation["overlay_window_hu"]),

@@ -13,9 +13,8 @@ from pancreas_seg.evaluation.plots import pick_representative_slices, plot_overl
 from pancreas_seg.imaging.nifti_io import NiftiVolume, atomic_write_bytes, load_nifti, save_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
-    canonical_slices,
+    axial_view,
     intensity_stats_from_dict,
-    plan_slice_geometry,
 )
 from pancreas_seg.model_store import load_keras_model, resolve_model
 from pancreas_seg.prediction import segment_volume
@@ -38,12 +37,11 @@ def collect_inputs(input_path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"inference.input_path: {path} does not exist")
 
 
-def save_overlay(ct: NiftiVolume, labels: np.ndarray, config: PreprocessingConfig, path: Path,
+def save_overlay(ct: NiftiVolume, labels: np.ndarray, path: Path,
                  window_hu: tuple[float, float], title: str) -> None:
     """PNG of representative axial slices (radiological view) with the predicted mask."""
-    geometry = plan_slice_geometry(ct.array.shape, ct.affine, config)
-    ct_slices = canonical_slices(np.asarray(ct.array, dtype=np.float32), geometry)
-    label_slices = canonical_slices(labels, geometry)
+    ct_slices = axial_view(np.asarray(ct.array, dtype=np.float32), ct.affine)
+    label_slices = axial_view(labels, ct.affine)
     chosen = pick_representative_slices(np.moveaxis(label_slices, 0, -1), 3)
     figure = plot_overlays(ct_slices[chosen], None, {title: label_slices[chosen]}, window_hu,
                            [f"{path.stem} slice {z}" for z in chosen])
@@ -87,7 +85,7 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
         mask_path = output_dir / f"{case_id}.nii.gz"
         save_nifti(mask_path, labels, ct.affine, ct.header)
         overlay_path = output_dir / f"{case_id}_overlay.png"
-        save_overlay(ct, labels, config, overlay_path, tuple(inference["overlay_window_hu"]),
+        save_overlay(ct, labels, overlay_path, tuple(inference["overlay_window_hu"]),
                      card["architecture"])
         outputs.append({"case_id": case_id, "input": str(path), "mask": str(mask_path),
                         "overlay": str(overlay_path), "shape": list(labels.shape),

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg.imaging.intensity import fit_foreground_stats, sample_foreground_hu
-from pancreas_seg.imaging.nifti_io import load_nifti, read_nifti_header
+from pancreas_seg.imaging.nifti_io import load_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
     intensity_stats_from_dict,
-    plan_slice_geometry,
+    plan_case_geometry,
     preprocess_case,
 )
 
@@ -62,9 +62,10 @@ def preprocess_cases(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any
     stats = intensity_stats_from_dict(intensity_stats)
     cases = labelled_cases(case_manifest)
     geometry = {}
-    for row in cases.itertuples():
-        header = read_nifti_header(row.image_path)
-        geometry[row.case_id] = plan_slice_geometry(header.shape, header.affine, config).to_dict()
+    for index, row in enumerate(cases.itertuples(), start=1):
+        if config.crop_to_body:
+            logger.info("Finding the body %d/%d: %s", index, len(cases), row.case_id)
+        geometry[row.case_id] = plan_case_geometry(row.image_path, config).to_dict()
 
     order = {case_id: i for i, case_id in enumerate(cases["case_id"], start=1)}
 
