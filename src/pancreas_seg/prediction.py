@@ -22,6 +22,22 @@ from pancreas_seg.imaging.preprocess import (
 )
 
 
+def use_xla(model: Any, enabled: bool = True) -> bool:
+    """Compile ``model``'s forward pass with XLA for prediction; returns whether XLA is now used.
+
+    Only the TensorFlow backend needs this: Keras leaves XLA off on CPU-only machines by default,
+    yet it made U-Net inference 1.2-1.4x faster on the 2-core CPU (see the inference benchmark).
+    JAX always compiles with XLA. Layers that XLA cannot compile make Keras warn and stay eager.
+    """
+    import keras  # noqa: PLC0415
+
+    if not enabled or keras.backend.backend() != "tensorflow":
+        return False
+    model.jit_compile = True
+    model.predict_function = None  # rebuilt on the next predict call, now with XLA
+    return bool(model.jit_compile)
+
+
 def predict_slices(model: Any, image_slices: np.ndarray, context_slices: int, batch_size: int = 16,
                    flip_tta: bool = False) -> np.ndarray:
     """Model probabilities for every slice.
@@ -36,15 +52,19 @@ def predict_slices(model: Any, image_slices: np.ndarray, context_slices: int, ba
     Returns:
         float32 (Z, H, W, C).
     """
+    n_slices = image_slices.shape[0]
     outputs = []
-    for start in range(0, image_slices.shape[0], batch_size):
-        indices = np.arange(start, min(start + batch_size, image_slices.shape[0]))
+    for start in range(0, n_slices, batch_size):
+        # The last batch is padded to ``batch_size`` (repeating its last slice) so every forward
+        # pass has one static shape: no retracing or recompiling per volume length.
+        indices = np.minimum(np.arange(start, start + batch_size), n_slices - 1)
+        n_real = min(batch_size, n_slices - start)
         batch = context_stack(image_slices, indices, context_slices)
         probs = np.asarray(model.predict_on_batch(batch), dtype=np.float32)
         if flip_tta:
             mirrored = np.asarray(model.predict_on_batch(batch[:, :, ::-1].copy()), dtype=np.float32)
             probs = (probs + mirrored[:, :, ::-1]) / 2
-        outputs.append(probs)
+        outputs.append(probs[:n_real])
     return np.concatenate(outputs, axis=0)
 
 

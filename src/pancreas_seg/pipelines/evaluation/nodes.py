@@ -23,7 +23,7 @@ from pancreas_seg.imaging.preprocess import (
     SliceGeometry,
     axial_view,
 )
-from pancreas_seg.prediction import labels_from_probabilities, predict_slices
+from pancreas_seg.prediction import labels_from_probabilities, predict_slices, use_xla
 
 logger = logging.getLogger(__name__)
 METRIC_COLUMNS = ["case_id", "architecture", "class", "dice", "hd95_mm", "nsd", "slice_dice",
@@ -46,6 +46,7 @@ def predict_test_cases(model: Any, model_input_slices: Mapping[str, Callable[[],
     cases = test_case_ids(case_manifest)
     if not cases:
         raise ValueError("the manifest has no test split; set split.test_fraction > 0")
+    use_xla(model, bool(evaluation.get("xla", True)))
 
     def predict(index: int, case_id: str) -> NiftiVolume:
         logger.info("[%s] predicting test case %d/%d: %s", model_card["architecture"], index, len(cases), case_id)

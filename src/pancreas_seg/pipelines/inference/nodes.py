@@ -17,7 +17,7 @@ from pancreas_seg.imaging.preprocess import (
     intensity_stats_from_dict,
 )
 from pancreas_seg.model_store import load_keras_model, resolve_model
-from pancreas_seg.prediction import segment_volume
+from pancreas_seg.prediction import segment_volume, use_xla
 from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
 from pancreas_seg.task07.validation import validate_case
 
@@ -74,6 +74,7 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{len(findings)} invalid inference input(s):\n{listing}\n"
                          "Fix them or set inference.on_invalid: skip")
     model = load_keras_model(model_file)
+    use_xla(model, bool(inference.get("xla", True)))
     logger.info("Inference with %s (%s) on %d scan(s) -> %s", card["architecture"], model_file, len(valid), output_dir)
     outputs = []
     for index, path in enumerate(valid, start=1):
