@@ -184,9 +184,22 @@ def probabilities_to_labels(probabilities: np.ndarray, label_mode: str) -> np.nd
 
 def restore_label_volume(probabilities: np.ndarray, geometry: SliceGeometry,
                          label_mode: str) -> np.ndarray:
-    """(Z, H, W, C) model probabilities -> uint8 MSD label map on the original (X, Y, Z) grid."""
-    probs = restore_probability_slices(probabilities, geometry.grid)
-    labels = probabilities_to_labels(probs, label_mode)
+    """(Z, H, W, C) model probabilities -> uint8 MSD label map on the original (X, Y, Z) grid.
+
+    Slices whose every pixel is strictly background on the model grid are not interpolated: a
+    linear interpolation is a convex combination, so it keeps "background wins" strict and these
+    slices stay background at source resolution. The result equals interpolating every slice.
+    """
+    probs = np.asarray(probabilities, dtype=np.float32)
+    if label_mode == "multiclass":
+        background = probs[..., 0] > probs[..., 1:].max(axis=-1)
+    else:
+        background = probs[..., 0] < 0.5
+    active = ~background.reshape(len(probs), -1).all(axis=1)
+    labels = np.zeros((len(probs), *geometry.grid.source_hw), dtype=np.uint8)
+    if active.any():
+        restored = restore_probability_slices(probs[active], geometry.grid)
+        labels[active] = probabilities_to_labels(restored, label_mode)
     return from_canonical(slices_to_volume(labels), geometry.canonical)
 
 

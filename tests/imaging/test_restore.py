@@ -1,0 +1,49 @@
+"""Mapping model probabilities back to the original grid: skipping all-background slices is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from pancreas_seg.imaging.geometry import from_canonical, slices_to_volume
+from pancreas_seg.imaging.preprocess import (
+    PreprocessingConfig,
+    preprocess_image,
+    probabilities_to_labels,
+    restore_label_volume,
+)
+from pancreas_seg.imaging.resize import restore_probability_slices
+
+
+def _every_slice(probs: np.ndarray, geometry, label_mode: str) -> np.ndarray:
+    """Reference: interpolate every slice, then decide."""
+    labels = probabilities_to_labels(restore_probability_slices(probs, geometry.grid), label_mode)
+    return from_canonical(slices_to_volume(labels), geometry.canonical)
+
+
+@pytest.mark.parametrize("label_mode", ["multiclass", "pancreas"])
+@pytest.mark.parametrize("crop_to_body", [False, True])
+def test_skipping_background_slices_equals_interpolating_all(label_mode: str, crop_to_body: bool) -> None:
+    rng = np.random.default_rng(3)
+    hu = np.full((40, 36, 12), -1000, np.int16)
+    hu[6:34, 5:30] = 40                                   # a "body" for crop_to_body
+    affine = np.diag([1.5, 1.2, 3.0, 1.0])
+    config = PreprocessingConfig(image_size_px=(16, 16), crop_to_body=crop_to_body, label_mode=label_mode)
+    _, geometry = preprocess_image(hu, affine, config)
+    channels = 3 if label_mode == "multiclass" else 1
+    logits = ndimage.gaussian_filter(rng.normal(size=(12, 16, 16, channels)), (0, 2, 2, 0)) * 6
+    if label_mode == "multiclass":
+        logits[..., 0] += 0.5
+        logits[[0, 1, 5, 11], ..., 0] += 50.0             # these slices are background everywhere
+        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    else:
+        logits[[0, 1, 5, 11]] -= 50.0
+        probs = 1 / (1 + np.exp(-logits))
+    probs = probs.astype(np.float32)
+    expected = _every_slice(probs, geometry, label_mode)
+    restored = restore_label_volume(probs, geometry, label_mode)
+    assert restored.dtype == np.uint8 and restored.shape == hu.shape
+    assert np.array_equal(restored, expected)
+    assert 0 < np.count_nonzero(expected) < expected.size   # a non-trivial mask was compared
+    assert not restored[:, :, [0, 1, 5, 11]].any()
