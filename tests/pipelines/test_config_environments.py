@@ -1,0 +1,44 @@
+"""The resolved parameters of each environment give every architecture the intended budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kedro.config import OmegaConfigLoader
+
+from pancreas_seg.models.names import ARCHITECTURE_NAMES
+from pancreas_seg.pipelines.training.nodes import merge_settings
+from pancreas_seg.settings import CONFIG_LOADER_ARGS
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _parameters(env: str) -> dict:
+    args = {**CONFIG_LOADER_ARGS, "default_run_env": env}
+    return OmegaConfigLoader(str(CONF), **args)["parameters"]
+
+
+def _effective(params: dict, architecture: str) -> dict:
+    return merge_settings(params["training"], params[architecture]["architecture"].get("overrides"))
+
+
+@pytest.mark.parametrize(("env", "expected_epochs"), [
+    ("smoke", {name: 1 for name in ARCHITECTURE_NAMES}),
+    ("msd", {name: 30 for name in ARCHITECTURE_NAMES}),
+])
+def test_every_architecture_gets_the_environment_epochs(env: str, expected_epochs: dict) -> None:
+    # conf/base caps some architectures for the CPU; other environments must not inherit the cap
+    params = _parameters(env)
+    assert {name: _effective(params, name)["epochs"] for name in ARCHITECTURE_NAMES} == expected_epochs
+
+
+def test_base_budgets_and_model_overrides() -> None:
+    params = _parameters("base")
+    effective = {name: _effective(params, name) for name in ARCHITECTURE_NAMES}
+    assert {n: s["epochs"] for n, s in effective.items()} == {"unet": 5, "unet_small": 3, "fcn": 5, "vnet2d": 3}
+    assert effective["unet_small"]["model"]["depth"] == 2 and effective["fcn"]["model"]["depth"] == 5
+    assert effective["vnet2d"]["model"]["base_filters"] == 8
+    assert params["training"]["foreground_fraction"] == pytest.approx(1 / 3, abs=1e-3)  # nnU-Net
+    assert params["preprocessing"]["crop_to_body"] is True
+    assert _effective(_parameters("msd"), "vnet2d")["model"]["base_filters"] == 16
