@@ -23,6 +23,7 @@ from pancreas_seg.imaging.geometry import (
     volume_to_slices,
 )
 from pancreas_seg.imaging.intensity import ForegroundIntensityStats, normalise_hu
+from pancreas_seg.imaging.nifti_io import load_nifti, read_nifti_header
 from pancreas_seg.imaging.resize import (
     InPlaneGrid,
     body_bounding_box,
@@ -235,8 +236,6 @@ def plan_case_geometry(image_path: str, config: PreprocessingConfig) -> SliceGeo
 
     Reads only the header, unless ``config.crop_to_body`` needs the HU voxels to find the body.
     """
-    from pancreas_seg.imaging.nifti_io import load_nifti, read_nifti_header  # noqa: PLC0415
-
     if not config.crop_to_body:
         header = read_nifti_header(image_path)
         return plan_slice_geometry(header.shape, header.affine, config)
@@ -247,8 +246,6 @@ def plan_case_geometry(image_path: str, config: PreprocessingConfig) -> SliceGeo
 def preprocess_case(image_path: str, label_path: str | None, config: PreprocessingConfig,
                     stats: ForegroundIntensityStats | None = None) -> PreprocessedCase:
     """Read one case's NIfTI files and preprocess them (at most one case in memory)."""
-    from pancreas_seg.imaging.nifti_io import load_nifti  # noqa: PLC0415
-
     ct = load_nifti(image_path)
     image, geometry = preprocess_image(ct.array, ct.affine, config, stats)
     label = None
