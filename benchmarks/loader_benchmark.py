@@ -5,13 +5,15 @@ What it measures
 A small preprocessed data set is built once per run in a temporary folder: the first 8 cases of
 the cached SYNTHETIC 512 px phantom set (``data/01_raw/benchmark_phantoms_512/``, written by
 ``preprocessing_benchmark.py`` / ``_common.ensure_phantoms_512`` if missing) go through
-``preprocess_case(..., PreprocessingConfig(image_size_px=(128, 128)))`` and are saved as
-``<case>/image.npy`` (float32) and ``<case>/label.npy`` (uint8) shards, like the pipeline does.
+``preprocess_case(..., PreprocessingConfig(image_size_px=(96, 96), crop_to_body=True))`` (the
+conf/base geometry) and are saved as ``<case>/image.npy`` (float32) and ``<case>/label.npy``
+(uint8) shards, like the pipeline does.
 
 For each architecture (``unet``, ``unet_small``, ``fcn``, ``vnet2d``) with the CPU defaults of
-``conf/base/parameters_training.yml`` (base_filters 16, dropout 0.1, l2 1e-4; depth 4 for unet
-and vnet2d, 2 for unet_small, 5 for fcn), batch 8, label_mode multiclass, compiled like the
-training pipeline (Adam 2e-4, ``make_loss("dice_ce", ...)``, ``dice_metrics(...)``):
+``conf/base/parameters_training.yml`` (base_filters 16, dropout 0.1, l2 1e-4; depth 4 for unet,
+2 for unet_small, 5 for fcn; vnet2d depth 4 with base_filters 8), batch 8, label_mode multiclass,
+compiled like the training pipeline (Adam, ``make_loss("dice_ce", ...)``, ``dice_metrics(...)``),
+with ``retained_heap`` on as the training node runs it (``--no-retain-heap`` turns it off):
 
 * ``loader``: ``model.fit(SliceLoader(np.load(mmap_mode="r") shards, batch_size=8,
   label_mode="multiclass", training=True, augmentation=AugmentationConfig(enabled=False),
@@ -27,6 +29,11 @@ epoch and one in-memory epoch, alternating which goes first. The epoch time come
 computed per round and the median is reported (target >= 0.9). Interleaving on the same model in
 the same process cancels most of the noise of a shared 2-core machine, which separate processes
 minutes apart do not.
+
+Each round also runs a third epoch, ``loader_default_heap``: the loader epoch again, outside
+``retained_heap`` (glibc's default malloc). Its ratio to the loader epoch is the speed-up the
+training node gets from ``training.retain_heap`` (``pancreas_seg.runtime``), with the minor page
+faults per step of both (``getrusage``).
 
 Peak memory (``--variant loader`` / ``--variant memory``): each variant of each architecture runs
 in its own fresh subprocess (data set up, model compiled, ``--rss-steps`` training steps) and
@@ -45,10 +52,9 @@ How to run (from the repository root)
     # a single child by hand (the parent passes --data-dir of the shards it built):
     .venv/bin/python benchmarks/loader_benchmark.py --variant interleaved --arch unet --data-dir /tmp/x
 
-The defaults (4 steps of 8 slices per timed epoch, 3 rounds) keep the total near 10 minutes on
-a busy 2-core CPU, where one U-Net training step at 128 px takes seconds; the loader itself
-needs milliseconds per batch, so short epochs already resolve its overhead. Use larger
-``--steps`` on a quiet or faster machine.
+The defaults (12 steps of 8 slices per timed epoch, 3 rounds) keep the total near 15 minutes on
+a 2-core CPU, where one U-Net training step at 96 px takes about half a second; the loader itself
+needs milliseconds per batch.
 Results: ``data/08_reporting/benchmarks/loader_benchmark.json`` and a table on stdout.
 """
 
@@ -72,9 +78,9 @@ ARCH_DEFAULTS = {  # conf/base/parameters_training.yml: training.model + per-arc
     "unet": {"base_filters": 16, "depth": 4, "dropout": 0.1, "l2_weight": 1e-4},
     "unet_small": {"base_filters": 16, "depth": 2, "dropout": 0.1, "l2_weight": 1e-4},
     "fcn": {"base_filters": 16, "depth": 5, "dropout": 0.1, "l2_weight": 1e-4},
-    "vnet2d": {"base_filters": 16, "depth": 4, "dropout": 0.1, "l2_weight": 1e-4},
+    "vnet2d": {"base_filters": 8, "depth": 4, "dropout": 0.1, "l2_weight": 1e-4},
 }
-SIZE = (128, 128)
+SIZE = (96, 96)
 BATCH = 8
 N_CASES = 8
 
@@ -86,7 +92,7 @@ def build_shards(folder: Path, n_cases: int) -> dict:
     from pancreas_seg.imaging.preprocess import PreprocessingConfig, preprocess_case  # noqa: PLC0415
 
     root = _common.ensure_phantoms_512()
-    config = PreprocessingConfig(image_size_px=SIZE)
+    config = PreprocessingConfig(image_size_px=SIZE, crop_to_body=True)
     n_slices = 0
     for image_path, label_path in _common.phantom_pairs(root, n_cases):
         case = preprocess_case(image_path, label_path, config, None)
@@ -134,14 +140,22 @@ def _setup_fit(args: argparse.Namespace):
         info["memory_slices_used"] = keep
     info["rss_after_data_mib"] = _common.peak_rss_mib()
     model = build_model(args.arch, (*SIZE, 1), "multiclass", **ARCH_DEFAULTS[args.arch])
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=2e-4),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=2e-3),
                   loss=make_loss("dice_ce", "multiclass", 1.0), metrics=dice_metrics("multiclass"))
     info["params"] = int(model.count_params())
     return keras, model, loader, arrays, info
 
 
-def _fit_epoch(keras, model, loader, arrays, steps: int) -> tuple[float, float]:
-    """One ``model.fit(..., epochs=1)``; returns (epoch time from callbacks, wall time of fit)."""
+def _minor_faults() -> int:
+    import resource  # noqa: PLC0415
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _fit_epoch(keras, model, loader, arrays, steps: int, retain_heap: bool) -> tuple[float, float, int]:
+    """One ``model.fit(..., epochs=1)``: (epoch time from callbacks, wall time of fit, minor faults)."""
+    from pancreas_seg.runtime import retained_heap  # noqa: PLC0415
+
     span: list[float] = []
 
     class EpochTimer(keras.callbacks.Callback):
@@ -151,19 +165,20 @@ def _fit_epoch(keras, model, loader, arrays, steps: int) -> tuple[float, float]:
         def on_epoch_end(self, epoch, logs=None):
             span.append(time.perf_counter())
 
-    t0 = time.perf_counter()
-    if loader is not None:
-        model.fit(loader, epochs=1, verbose=0, callbacks=[EpochTimer()])
-    else:
-        model.fit(*arrays, batch_size=BATCH, shuffle=True, steps_per_epoch=steps, epochs=1, verbose=0,
-                  callbacks=[EpochTimer()])
-    return span[1] - span[0], time.perf_counter() - t0
+    t0, faults = time.perf_counter(), _minor_faults()
+    with retained_heap(retain_heap):
+        if loader is not None:
+            model.fit(loader, epochs=1, verbose=0, callbacks=[EpochTimer()])
+        else:
+            model.fit(*arrays, batch_size=BATCH, shuffle=True, steps_per_epoch=steps, epochs=1, verbose=0,
+                      callbacks=[EpochTimer()])
+    return span[1] - span[0], time.perf_counter() - t0, _minor_faults() - faults
 
 
 def child_fit(args: argparse.Namespace) -> dict:
     """``loader`` / ``memory``: peak RSS of a short fit (compile + a few steps) in its own process."""
     keras, model, loader, arrays, info = _setup_fit(args)
-    epoch_s, fit_s = _fit_epoch(keras, model, loader, arrays, args.steps)
+    epoch_s, fit_s, _ = _fit_epoch(keras, model, loader, arrays, args.steps, args.retain_heap)
     return {"variant": args.variant, "arch": args.arch, "steps": args.steps, **info,
             "first_epoch_s": epoch_s, "first_fit_wall_s": fit_s}
 
@@ -171,22 +186,35 @@ def child_fit(args: argparse.Namespace) -> dict:
 def child_interleaved(args: argparse.Namespace) -> dict:
     """Both variants on one model in one process, epochs alternating, so noise hits both alike."""
     keras, model, loader, arrays, info = _setup_fit(args)
-    warm = {"loader": _fit_epoch(keras, model, loader, None, args.steps)[0],
-            "memory": _fit_epoch(keras, model, None, arrays, args.steps)[0]}
-    epochs: dict[str, list[float]] = {"loader": [], "memory": []}
-    ratios = []
+    variants = {  # name: (loader, arrays, retain_heap)
+        "loader": (loader, None, args.retain_heap),
+        "memory": (None, arrays, args.retain_heap),
+        "loader_default_heap": (loader, None, False),
+    }
+    warm = {name: _fit_epoch(keras, model, *variants[name][:2], args.steps, variants[name][2])[0]
+            for name in variants}
+    epochs: dict[str, list[float]] = {name: [] for name in variants}
+    faults: dict[str, list[int]] = {name: [] for name in variants}
+    ratios, heap_speedups = [], []
+    names = list(variants)
     for r in range(args.epochs):
-        order = ("loader", "memory") if r % 2 == 0 else ("memory", "loader")
-        for name in order:
-            epochs[name].append(_fit_epoch(keras, model, loader if name == "loader" else None,
-                                           arrays if name == "memory" else None, args.steps)[0])
+        for name in names[r % 3:] + names[:r % 3]:  # rotate which variant goes first
+            epoch_s, _, epoch_faults = _fit_epoch(keras, model, *variants[name][:2], args.steps,
+                                                  variants[name][2])
+            epochs[name].append(epoch_s)
+            faults[name].append(epoch_faults)
         ratios.append(epochs["memory"][-1] / epochs["loader"][-1])  # = loader sl/s / memory sl/s
+        heap_speedups.append(epochs["loader_default_heap"][-1] / epochs["loader"][-1])
     slices = args.steps * BATCH
     return {"variant": "interleaved", "arch": args.arch, "steps_per_epoch": args.steps,
-            "workers": args.workers, **info, "warmup_epoch_s": warm, "epoch_s": epochs,
+            "workers": args.workers, "retain_heap": args.retain_heap, **info, "warmup_epoch_s": warm,
+            "epoch_s": epochs, "minor_faults_per_step": {k: _common.median(v) / args.steps
+                                                         for k, v in faults.items()},
             "loader_slices_per_s": slices / _common.median(epochs["loader"]),
             "memory_slices_per_s": slices / _common.median(epochs["memory"]),
-            "round_ratios": ratios, "ratio_loader_over_memory": _common.median(ratios)}
+            "loader_default_heap_slices_per_s": slices / _common.median(epochs["loader_default_heap"]),
+            "round_ratios": ratios, "ratio_loader_over_memory": _common.median(ratios),
+            "round_heap_speedups": heap_speedups, "heap_speedup": _common.median(heap_speedups)}
 
 
 def _vectorised_batch(images: list, labels: list, case_of: np.ndarray, z_of: np.ndarray,
@@ -285,10 +313,11 @@ def parent(args: argparse.Namespace) -> None:
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow")}
     t_start = time.perf_counter()
     try:
-        print(f"Building {args.n_cases} preprocessed 128 px cases in {folder} ...", flush=True)
+        print(f"Building {args.n_cases} preprocessed {SIZE[0]} px cases in {folder} ...", flush=True)
         dataset = build_shards(folder, args.n_cases)
         print(f"  {dataset['n_slices']} slices", flush=True)
-        common = ["--data-dir", str(folder), "--workers", str(args.workers)]
+        common = ["--data-dir", str(folder), "--workers", str(args.workers),
+                  *([] if args.retain_heap else ["--no-retain-heap"])]
         data = _common.run_variant(script, ["--variant", "data", *common, "--steps", "20",
                                             "--epochs", "3"], env=env)
         print(f"  data only: {data['no_aug_ms_per_batch']:.1f} ms/batch (no aug), "
@@ -301,7 +330,10 @@ def parent(args: argparse.Namespace) -> None:
             timing.append(result)
             print(f"  {arch:<10} interleaved: loader {result['loader_slices_per_s']:6.2f} sl/s, memory "
                   f"{result['memory_slices_per_s']:6.2f} sl/s, ratio {result['ratio_loader_over_memory']:.3f} "
-                  f"(rounds {[round(x, 3) for x in result['round_ratios']]})", flush=True)
+                  f"(rounds {[round(x, 3) for x in result['round_ratios']]}); default heap "
+                  f"{result['loader_default_heap_slices_per_s']:6.2f} sl/s, retain_heap speed-up "
+                  f"{result['heap_speedup']:.2f}x; minor faults/step "
+                  f"{ {k: round(v) for k, v in result['minor_faults_per_step'].items()} }", flush=True)
             order = ("loader", "memory") if k % 2 == 0 else ("memory", "loader")
             for variant in order:
                 r = _common.run_variant(script, ["--variant", variant, "--arch", arch, *common,
@@ -324,16 +356,19 @@ def parent(args: argparse.Namespace) -> None:
                          "memory_slices_per_s": t["memory_slices_per_s"],
                          "throughput_ratio_loader_over_memory": ratio, "pass_ge_0.9": ratio >= 0.9,
                          "round_ratios": t["round_ratios"],
+                         "loader_default_heap_slices_per_s": t["loader_default_heap_slices_per_s"],
+                         "retain_heap_speedup": t["heap_speedup"],
+                         "minor_faults_per_step": t["minor_faults_per_step"],
                          "loader_peak_rss_mib": lo["peak_rss_mib"], "memory_peak_rss_mib": me["peak_rss_mib"],
                          "peak_rss_ratio_loader_over_memory": rss_ratio,
                          "loader_data_rss_mib": lo["rss_after_data_mib"] - lo["rss_after_imports_mib"],
                          "memory_data_rss_mib": me["rss_after_data_mib"] - me["rss_after_imports_mib"]}
         rows.append([arch, t["loader_slices_per_s"], t["memory_slices_per_s"], round(ratio, 3),
                      "PASS" if ratio >= 0.9 else "FAIL", round(lo["peak_rss_mib"]), round(me["peak_rss_mib"]),
-                     round(rss_ratio, 3)])
+                     round(rss_ratio, 3), t["loader_default_heap_slices_per_s"], round(t["heap_speedup"], 2)])
     print()
     _common.print_table(["arch", "loader sl/s", "memory sl/s", "ratio", ">=0.9", "loader RSS MiB",
-                         "memory RSS MiB", "RSS ratio"], rows)
+                         "memory RSS MiB", "RSS ratio", "default-heap sl/s", "heap speed-up"], rows)
     print(f"\nLoader alone (median ms per batch of {BATCH}): no augmentation "
           f"{data['no_aug_ms_per_batch']:.2f} ms ({data['no_aug_slices_per_s']:.0f} slices/s), "
           f"default augmentation {data['aug_ms_per_batch']:.2f} ms ({data['aug_slices_per_s']:.0f} slices/s)")
@@ -341,6 +376,7 @@ def parent(args: argparse.Namespace) -> None:
     path = _common.write_report("loader_benchmark", {
         "settings": {"archs": args.archs, "steps_per_epoch": args.steps, "timed_rounds": args.epochs,
                      "rss_steps": args.rss_steps, "batch_size": BATCH, "image_size_px": SIZE,
+                     "retain_heap": args.retain_heap,
                      "loader_workers": args.workers,
                      "arch_params": {a: ARCH_DEFAULTS[a] for a in args.archs}, **dataset},
         "summary": summary, "data_only": data, "timing_runs": timing, "rss_runs": rss,
@@ -356,11 +392,13 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", choices=tuple(ARCH_DEFAULTS), default=list(ARCH_DEFAULTS))
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--n-cases", type=int, default=N_CASES)
-    parser.add_argument("--steps", type=int, default=4, help="training batches per timed epoch")
+    parser.add_argument("--steps", type=int, default=12, help="training batches per timed epoch")
     parser.add_argument("--epochs", type=int, default=3,
                         help="timed rounds (one loader + one in-memory epoch each) after the warm-up")
     parser.add_argument("--rss-steps", type=int, default=2, help="steps of the peak-RSS children")
     parser.add_argument("--workers", type=int, default=1, help="SliceLoader workers (pipeline: 1)")
+    parser.add_argument("--no-retain-heap", dest="retain_heap", action="store_false",
+                        help="glibc's default malloc for the loader and memory variants (pipeline: retained)")
     args = parser.parse_args()
     if args.variant is None:
         parent(args)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg import tracking
+from pancreas_seg.runtime import retained_heap
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
 
 logger = logging.getLogger(__name__)
@@ -132,9 +133,10 @@ def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
                                             "preprocessing": preprocessing}))
         epoch_logger = keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: tracking.log_epoch_metrics(run_id, logs, epoch + 1))
-        result = fit_with_resume(build, train_loader, val_loader, fit_config,
-                                 Path(settings["checkpoint_root"]) / name, fingerprint, label=name,
-                                 callbacks=[epoch_logger])
+        with retained_heap(bool(settings["retain_heap"])):
+            result = fit_with_resume(build, train_loader, val_loader, fit_config,
+                                     Path(settings["checkpoint_root"]) / name, fingerprint, label=name,
+                                     callbacks=[epoch_logger])
         if result.resumed_from_epoch:
             mlflow.set_tag("resumed_from_epoch", result.resumed_from_epoch)
             for epoch in range(result.resumed_from_epoch):  # earlier epochs, so curves are complete
@@ -160,7 +162,8 @@ def validate_model(model: Any, model_input_slices: Mapping[str, Callable[[], np.
     config = PreprocessingConfig.from_params(preprocessing)
     settings = merge_settings(training, architecture.get("overrides"))
     _, val_loader = make_loaders(model_input_slices, case_manifest, settings, config)
-    scores = model.evaluate(val_loader, return_dict=True, verbose=0)
+    with retained_heap(bool(settings["retain_heap"])):
+        scores = model.evaluate(val_loader, return_dict=True, verbose=0)
     metrics = {f"final_{k}" if k.startswith("val_") else f"final_val_{k}": float(v) for k, v in scores.items()}
     logger.info("[%s] validation: %s", model_card["architecture"],
                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
