@@ -151,20 +151,26 @@ def test_training_steps_lower_the_loss(arch: str, label_mode: str, params: dict)
 @pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 @pytest.mark.parametrize(
-    ("arch", "label_mode"),
+    ("arch", "label_mode", "params"),
     [
-        ("unet", "multiclass"),
-        ("unet_small", "tumour"),
-        ("fcn", "pancreas"),
-        ("vnet2d", "multiclass"),
+        ("unet", "multiclass", {}),
+        ("unet_small", "tumour", {}),
+        ("fcn", "pancreas", {}),
+        ("fcn", "multiclass", {"batch_norm": True}),
+        ("vnet2d", "multiclass", {}),
     ],
 )
-def test_keras_round_trip_safe_mode(arch: str, label_mode: str, tmp_path: Path) -> None:
+def test_keras_round_trip_safe_mode(arch: str, label_mode: str, params: dict, tmp_path: Path) -> None:
     keras.utils.set_random_seed(2)
-    model = build_model(arch, (32, 32, 2), label_mode, **TINY)
+    model = build_model(arch, (32, 32, 2), label_mode, **TINY, **params)
+    rng = np.random.default_rng(2)
+    for layer in model.layers:  # FCN's class scores start at zero: make the outputs depend on weights
+        if isinstance(layer, keras.layers.Conv2D) and not np.any(layer.get_weights()[0]):
+            layer.set_weights([rng.normal(0.0, 0.5, w.shape).astype("float32") for w in layer.get_weights()])
     model.compile(optimizer="adam", loss=SoftDiceLoss(smooth=0.5), metrics=dice_metrics(label_mode))
     x, _ = _batch((32, 32, 2), label_mode)
     expected = keras.ops.convert_to_numpy(model(x, training=False))
+    assert np.ptp(expected) > 1e-3, "outputs must depend on the weights for the comparison to mean anything"
     path = tmp_path / "m.keras"
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
@@ -216,6 +222,19 @@ def test_fcn_loads_local_vgg16_weights(vgg_file: tuple[Path, keras.Model]) -> No
     _assert_encoder_equal(model, encoder)
 
 
+def test_fcn_batch_norm_variant_loads_vgg16_weights(vgg_file: tuple[Path, keras.Model]) -> None:
+    """VGG16-BN: BatchNormalization after each encoder convolution; the convolutions keep their
+    names, kernels and biases, so the same VGG16 file loads into them."""
+    path, encoder = vgg_file
+    model = build_fcn((32, 32, 3), "multiclass", base_filters=64, fc_filters=8, batch_norm=True,
+                      vgg16_weights_path=str(path))
+    _assert_encoder_equal(model, encoder)
+    bn_layers = [layer.name for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bn_layers == [f"{name}_bn" for name in VGG16_CONV_NAMES]
+    plain = build_fcn((32, 32, 3), "multiclass", base_filters=64, fc_filters=8)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in plain.layers)
+
+
 def test_fcn_loads_legacy_h5_layout(vgg_file: tuple[Path, keras.Model], tmp_path: Path) -> None:
     """The Keras 2 / keras.applications layout: layer_names and weight_names attributes."""
     _, encoder = vgg_file
@@ -248,3 +267,37 @@ def test_fcn_weights_mismatch_and_missing_file(
         build_fcn((32, 32, 3), "multiclass", base_filters=8, vgg16_weights_path=str(path))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         build_fcn((32, 32, 3), "multiclass", vgg16_weights_path=str(tmp_path / "absent.h5"))
+
+
+@pytest.mark.parametrize("stride", [2, 8])
+def test_bilinear_upsampling_init_interpolates(stride: int) -> None:
+    """FCN's upsampling starts as bilinear interpolation: a constant map stays constant inside
+    the border and a ramp stays a ramp (linear interpolation reproduces linear functions)."""
+    from pancreas_seg.models.fcn import BilinearUpsampling  # noqa: PLC0415
+
+    layer = keras.layers.Conv2DTranspose(2, 2 * stride, strides=stride, padding="same", use_bias=False,
+                                         kernel_initializer=BilinearUpsampling())
+    ramp = np.tile(np.arange(8, dtype=np.float32)[None, :], (8, 1))           # x-coordinate, (8, 8)
+    inputs = np.stack([np.ones((8, 8), np.float32), ramp], axis=-1)[None]      # (1, 8, 8, 2)
+    out = keras.ops.convert_to_numpy(layer(inputs))[0]
+    assert out.shape == (8 * stride, 8 * stride, 2)
+    inner = slice(stride, -stride)                                              # away from the zero padding
+    np.testing.assert_allclose(out[inner, inner, 0], 1.0, atol=1e-6)
+    steps = np.diff(out[inner, inner, 1], axis=1)
+    np.testing.assert_allclose(steps, 1.0 / stride, atol=1e-5)                # one input pixel = stride outputs
+    np.testing.assert_allclose(np.diff(out[inner, inner, 1], axis=0), 0.0, atol=1e-6)
+
+
+def test_bilinear_upsampling_rejects_mixed_channels() -> None:
+    from pancreas_seg.models.fcn import BilinearUpsampling  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="as many output as input channels"):
+        BilinearUpsampling()((4, 4, 3, 2))
+
+
+def test_untrained_fcn_outputs_uniform_scores() -> None:
+    # Zero-initialised class scores + bilinear upsampling: every class starts equally likely
+    model = build_fcn((64, 64, 1), "multiclass", base_filters=4, dropout=0.0, l2_weight=0.0)
+    probabilities = model.predict(np.random.default_rng(0).normal(size=(2, 64, 64, 1)).astype("float32"),
+                                  verbose=0)
+    np.testing.assert_allclose(probabilities, 1.0 / 3.0, atol=1e-6)
