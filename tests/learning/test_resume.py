@@ -58,13 +58,15 @@ class EpochsTrained(keras.callbacks.Callback):
         self.epochs.append(epoch)
 
 
-settings = {"learning_rate": 5e-3, "loss": "dice_ce", "dice_smooth": 1.0}
+# poly schedule: a resume must also continue the learning-rate curve (saved with the optimizer)
+settings = {"learning_rate": 5e-3, "lr_schedule": "poly", "loss": "dice_ce", "dice_smooth": 1.0}
+TOTAL_STEPS = 3 * 3  # the 3-epoch runs, 3 steps each: poly reaches 0 at the end
 
 
 def build():
     model = build_model("unet_small", (32, 32, 1), "multiclass", base_filters=4, depth=2,
                         dropout=0.0, l2_weight=0.0)
-    return _compile(model, settings, "multiclass")
+    return _compile(model, settings, "multiclass", total_steps=TOTAL_STEPS)
 
 
 def fit(call):
@@ -80,7 +82,8 @@ def fit(call):
     return {"backend": keras.backend.backend(), "resumed_from_epoch": result.resumed_from_epoch,
             "history": result.history, "best_value": result.best_value, "epochs_trained": trained.epochs,
             "best_output_shape": list(result.model.output_shape),
-            "optimizer_iterations": int(keras.ops.convert_to_numpy(last.optimizer.iterations))}
+            "optimizer_iterations": int(keras.ops.convert_to_numpy(last.optimizer.iterations)),
+            "learning_rate": float(keras.ops.convert_to_numpy(last.optimizer.learning_rate))}
 
 
 for call in calls:  # each call reports on its own, so one failure does not hide the others
@@ -211,6 +214,8 @@ def test_rerun_resumes_after_epoch_one_and_then_has_nothing_left_to_do(runs: dic
     assert resumed["best_output_shape"] == [None, 32, 32, 3]
     # The optimizer state was restored: its step count continues across the kill.
     assert resumed["optimizer_iterations"] == 3 * STEPS_PER_EPOCH
+    # ... and so did the poly learning-rate schedule: 5e-3 * (1 - 9/9)^0.9 = 0 after the last step.
+    assert resumed["learning_rate"] == pytest.approx(0.0, abs=1e-9)
 
     # Rerunning a finished training: no epoch is trained and the history is unchanged.
     assert finished["resumed_from_epoch"] == 3

@@ -36,9 +36,26 @@ def test_every_architecture_gets_the_environment_epochs(env: str, expected_epoch
 def test_base_budgets_and_model_overrides() -> None:
     params = _parameters("base")
     effective = {name: _effective(params, name) for name in ARCHITECTURE_NAMES}
-    assert {n: s["epochs"] for n, s in effective.items()} == {"unet": 5, "unet_small": 3, "fcn": 5, "vnet2d": 3}
+    assert {n: s["epochs"] for n, s in effective.items()} == {"unet": 8, "unet_small": 3, "fcn": 5, "vnet2d": 3}
+    assert {s["lr_schedule"] for s in effective.values()} == {"poly"}
     assert effective["unet_small"]["model"]["depth"] == 2 and effective["fcn"]["model"]["depth"] == 5
     assert effective["vnet2d"]["model"]["base_filters"] == 8
+    assert effective["fcn"]["model"]["batch_norm"] is True and effective["fcn"]["learning_rate"] == pytest.approx(2e-4)
+    assert [effective[n]["learning_rate"] for n in ("unet", "unet_small", "vnet2d")] == pytest.approx([2e-3] * 3)
     assert params["training"]["foreground_fraction"] == pytest.approx(1 / 3, abs=1e-3)  # nnU-Net
     assert params["preprocessing"]["crop_to_body"] is True
     assert _effective(_parameters("msd"), "vnet2d")["model"]["base_filters"] == 16
+
+
+@pytest.mark.parametrize("env", ["base", "smoke", "msd"])
+def test_every_architecture_gets_a_valid_fit_config(env: str) -> None:
+    # FitConfig validates its settings, e.g. a poly schedule cannot be combined with ReduceLROnPlateau
+    from pancreas_seg.learning.training import FitConfig  # noqa: PLC0415
+
+    params = _parameters(env)
+    for name in ARCHITECTURE_NAMES:
+        settings = _effective(params, name)
+        config = FitConfig.from_settings(settings)
+        assert config.epochs == settings["epochs"] and config.lr_schedule == settings["lr_schedule"]
+    msd_unet = _effective(_parameters("msd"), "unet")
+    assert msd_unet["lr_schedule"] == "constant" and msd_unet["learning_rate"] == pytest.approx(2e-4)

@@ -14,8 +14,8 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class FitConfig:
     epochs: int = 10
     batch_size: int = 8
     learning_rate: float = 2e-4           # Adam, as in the study
+    lr_schedule: str = "constant"         # constant | poly (see learning_rate_schedule)
     steps_per_epoch: int | None = None    # None = one pass over the training slices
     monitor: str = "val_dice_pancreas"    # maximised; picks best.keras
     early_stopping_patience: int | None = None   # epochs without improvement; None = off
@@ -44,10 +45,42 @@ class FitConfig:
     min_learning_rate: float = 1e-6
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.lr_schedule != "constant" and self.reduce_lr_patience:
+            raise ValueError(f"reduce_lr_patience needs lr_schedule 'constant': ReduceLROnPlateau cannot "
+                             f"change a {self.lr_schedule!r} schedule; set one of them to off")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> FitConfig:
+        """The fields of this class found in merged ``training`` settings; other keys are ignored."""
+        return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings})
+
     def fingerprint(self, *parts: Any) -> str:
         """Hash of these settings plus anything else that must match for a resume to be valid."""
         payload = json.dumps([asdict(self), *parts], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+LR_SCHEDULES = ("constant", "poly")
+
+
+def learning_rate_schedule(learning_rate: float, schedule: str,
+                           total_steps: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The optimizer's learning rate: ``learning_rate`` itself (``constant``) or nnU-Net's per-step
+    poly decay ``learning_rate * (1 - step / total_steps) ** 0.9`` (``poly``), 0 at ``total_steps``.
+
+    A Keras schedule is saved with the optimizer, so a resumed run continues the same curve.
+    """
+    if schedule == "constant":
+        return float(learning_rate)
+    if schedule == "poly":
+        if total_steps < 1:
+            raise ValueError(f"poly lr_schedule needs total_steps >= 1, got {total_steps}")
+        return keras.optimizers.schedules.PolynomialDecay(float(learning_rate), decay_steps=int(total_steps),
+                                                          end_learning_rate=0.0, power=0.9)
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
 
 
 def _atomic_save_model(model: keras.Model, path: Path) -> None:

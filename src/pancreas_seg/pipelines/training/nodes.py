@@ -74,13 +74,16 @@ def make_loaders(model_input_slices, case_manifest, settings: dict[str, Any],
     return train, validation
 
 
-def _compile(model, settings: dict[str, Any], label_mode: str):
+def _compile(model, settings: dict[str, Any], label_mode: str, total_steps: int = 1):
     import keras  # noqa: PLC0415
 
     from pancreas_seg.learning.losses import make_loss  # noqa: PLC0415
     from pancreas_seg.learning.metrics import dice_metrics  # noqa: PLC0415
+    from pancreas_seg.learning.training import learning_rate_schedule  # noqa: PLC0415
 
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(settings["learning_rate"])),
+    learning_rate = learning_rate_schedule(float(settings["learning_rate"]),
+                                           settings.get("lr_schedule", "constant"), total_steps)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
                   loss=make_loss(settings["loss"], label_mode, float(settings["dice_smooth"])),
                   metrics=dice_metrics(label_mode))
     return model
@@ -109,9 +112,7 @@ def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
     train_loader, val_loader = make_loaders(model_input_slices, case_manifest, settings, config)
     height, width = config.image_size_px
     input_shape = (height, width, config.context_slices)
-    fit_config = FitConfig(**{k: settings[k] for k in (
-        "epochs", "batch_size", "learning_rate", "steps_per_epoch", "monitor", "early_stopping_patience",
-        "reduce_lr_patience", "reduce_lr_factor", "seed") if k in settings})
+    fit_config = FitConfig.from_settings(settings)
     data_key = sorted(train_loader.case_ids) + sorted(val_loader.case_ids)
     fingerprint = fit_config.fingerprint(name, settings, preprocessing, intensity_stats, data_key)
     source = str(case_manifest["source"].iloc[0])
@@ -121,7 +122,7 @@ def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
 
     def build():
         model = build_model(name, input_shape, config.label_mode, **settings["model"])
-        return _compile(model, settings, config.label_mode)
+        return _compile(model, settings, config.label_mode, total_steps=fit_config.epochs * len(train_loader))
 
     with tracking.architecture_run(name) as run:
         run_id = run.info.run_id
