@@ -30,6 +30,7 @@ How to run (from the repository root)
     .venv/bin/python benchmarks/inference_benchmark.py                       # all 4, 3 repeats
     .venv/bin/python benchmarks/inference_benchmark.py --archs unet unet_b16 --repeats 5
     .venv/bin/python benchmarks/inference_benchmark.py --archs unet --no-xla   # without XLA
+    .venv/bin/python benchmarks/inference_benchmark.py --archs unet --retain-heap   # allocator experiment
     .venv/bin/python benchmarks/inference_benchmark.py --variant unet        # one child by hand
 
 Results: ``data/08_reporting/benchmarks/inference_benchmark.json`` and a table on stdout.
@@ -61,7 +62,7 @@ ARCHS = {  # the study's U-Net width; the others with their CPU defaults (dropou
 }
 
 
-def child(arch: str, repeats: int, case_index: int, xla: bool) -> None:
+def child(arch: str, repeats: int, case_index: int, xla: bool, retain_heap: bool = False) -> None:
     import keras  # noqa: PLC0415
 
     import pancreas_seg.prediction as prediction  # noqa: PLC0415
@@ -109,11 +110,14 @@ def child(arch: str, repeats: int, case_index: int, xla: bool) -> None:
     prediction.segment_volume(model, ct.array[:, :, :warm_z], ct.affine, config, None, batch_size=BATCH)
     warmup_s = time.perf_counter() - t0
 
+    from pancreas_seg.runtime import retained_heap  # noqa: PLC0415
+
     runs = []
     for _ in range(repeats):
         stage_times.clear()
         t0 = time.perf_counter()
-        labels = prediction.segment_volume(model, ct.array, ct.affine, config, None, batch_size=BATCH)
+        with retained_heap(retain_heap):
+            labels = prediction.segment_volume(model, ct.array, ct.affine, config, None, batch_size=BATCH)
         total = time.perf_counter() - t0
         assert labels.shape == ct.array.shape and labels.dtype == np.uint8
         runs.append({"total_s": total, **dict(stage_times)})
@@ -123,7 +127,7 @@ def child(arch: str, repeats: int, case_index: int, xla: bool) -> None:
         "volume_shape": list(ct.array.shape), "slices": n_z, "load_model_s": load_s,
         "warmup_s": warmup_s, "warmup_slices": warm_z, "runs": runs, "median": med,
         "seconds_per_volume": med["total_s"], "slices_per_s": n_z / med["total_s"],
-        "rss_after_imports_mib": rss_after_imports, "xla": xla_on,
+        "rss_after_imports_mib": rss_after_imports, "xla": xla_on, "retain_heap": retain_heap,
         "keras_backend": keras.backend.backend()})
 
 
@@ -136,7 +140,8 @@ def parent(args: argparse.Namespace) -> None:
     for arch in args.archs:
         r = _common.run_variant(script, ["--variant", arch, "--repeats", str(args.repeats),
                                          "--case-index", str(args.case_index),
-                                         *([] if args.xla else ["--no-xla"])], env=env, timeout=3600)
+                                         *([] if args.xla else ["--no-xla"]),
+                                         *(["--retain-heap"] if args.retain_heap else [])], env=env, timeout=3600)
         results.append(r)
         print(f"  {arch:<10}: {r['seconds_per_volume']:7.2f} s/volume ({r['slices_per_s']:.2f} slices/s), "
               f"runs {[round(x['total_s'], 1) for x in r['runs']]}, XLA {r['xla']}, warm-up (compile) "
@@ -162,7 +167,7 @@ def parent(args: argparse.Namespace) -> None:
                   f"{'PASS' if checks[f'{key}_256_le_30s_per_volume'] else 'FAIL'} (target <= 30 s)")
     path = _common.write_report("inference_benchmark", {
         "settings": {"archs": args.archs, "repeats": args.repeats, "image_size_px": SIZE, "batch_size": BATCH,
-                     "xla": args.xla, "crop_to_body": True,
+                     "xla": args.xla, "retain_heap": args.retain_heap, "crop_to_body": True,
                      "case_index": args.case_index},
         "results": results, "checks": checks, "total_wall_s": time.perf_counter() - t_start})
     print(f"\nwrote {path}  (total {time.perf_counter() - t_start:.0f} s)")
@@ -175,11 +180,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--case-index", type=int, default=0, help="which cached phantom (0 = pancreas_001)")
     parser.add_argument("--no-xla", dest="xla", action="store_false", help="predict without XLA (inference.xla: false)")
+    parser.add_argument("--retain-heap", action="store_true",
+                        help="run segment_volume inside pancreas_seg.runtime.retained_heap (not what inference does)")
     args = parser.parse_args()
     if args.variant is None:
         parent(args)
     else:
-        child(args.variant, args.repeats, args.case_index, args.xla)
+        child(args.variant, args.repeats, args.case_index, args.xla, args.retain_heap)
 
 
 if __name__ == "__main__":

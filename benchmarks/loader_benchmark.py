@@ -11,8 +11,9 @@ conf/base geometry) and are saved as ``<case>/image.npy`` (float32) and ``<case>
 
 For each architecture (``unet``, ``unet_small``, ``fcn``, ``vnet2d``) with the CPU defaults of
 ``conf/base/parameters_training.yml`` (base_filters 16, dropout 0.1, l2 1e-4; depth 4 for unet,
-2 for unet_small, 5 for fcn; vnet2d depth 4 with base_filters 8), batch 8, label_mode multiclass,
-compiled like the training pipeline (Adam, ``make_loss("dice_ce", ...)``, ``dice_metrics(...)``),
+2 for unet_small, 5 for fcn with batch_norm; vnet2d depth 4 with base_filters 8), batch 8,
+label_mode multiclass, compiled like the training pipeline (Adam, ``make_loss("dice_ce", ...)``,
+``dice_metrics(...)``),
 with ``retained_heap`` on as the training node runs it (``--no-retain-heap`` turns it off):
 
 * ``loader``: ``model.fit(SliceLoader(np.load(mmap_mode="r") shards, batch_size=8,
@@ -30,10 +31,13 @@ computed per round and the median is reported (target >= 0.9). Interleaving on t
 the same process cancels most of the noise of a shared 2-core machine, which separate processes
 minutes apart do not.
 
-Each round also runs a third epoch, ``loader_default_heap``: the loader epoch again, outside
-``retained_heap`` (glibc's default malloc). Its ratio to the loader epoch is the speed-up the
-training node gets from ``training.retain_heap`` (``pancreas_seg.runtime``), with the minor page
-faults per step of both (``getrusage``).
+Allocator (``--variant heap``): what ``training.retain_heap`` buys. Per architecture, two fresh
+processes train ``model.fit(loader, epochs=3)`` once, as the training node does: one inside
+``retained_heap`` for the whole process, one with glibc's default malloc (order alternating
+between architectures). Each reports the median training-step time of epochs 2-3 (per-batch
+callbacks; epoch 1 includes tracing) and the minor page faults per step (``getrusage``). The
+speed-up is default / retained step time. It cannot be interleaved inside one process: leaving
+the retained state hands the heap back (``malloc_trim``), which the next epoch pays for.
 
 Peak memory (``--variant loader`` / ``--variant memory``): each variant of each architecture runs
 in its own fresh subprocess (data set up, model compiled, ``--rss-steps`` training steps) and
@@ -77,7 +81,7 @@ import numpy as np  # noqa: E402
 ARCH_DEFAULTS = {  # conf/base/parameters_training.yml: training.model + per-architecture overrides
     "unet": {"base_filters": 16, "depth": 4, "dropout": 0.1, "l2_weight": 1e-4},
     "unet_small": {"base_filters": 16, "depth": 2, "dropout": 0.1, "l2_weight": 1e-4},
-    "fcn": {"base_filters": 16, "depth": 5, "dropout": 0.1, "l2_weight": 1e-4},
+    "fcn": {"base_filters": 16, "depth": 5, "dropout": 0.1, "l2_weight": 1e-4, "batch_norm": True},
     "vnet2d": {"base_filters": 8, "depth": 4, "dropout": 0.1, "l2_weight": 1e-4},
 }
 SIZE = (96, 96)
@@ -126,7 +130,7 @@ def _setup_fit(args: argparse.Namespace):
     keras.utils.set_random_seed(42)
     cases = open_cases(Path(args.data_dir))
     loader = arrays = None
-    if args.variant in ("loader", "interleaved"):
+    if args.variant in ("loader", "interleaved", "heap"):
         loader = SliceLoader(cases, batch_size=BATCH, label_mode="multiclass", training=True,
                              augmentation=AugmentationConfig(enabled=False), seed=42,
                              steps_per_epoch=args.steps, workers=args.workers)
@@ -152,10 +156,8 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _fit_epoch(keras, model, loader, arrays, steps: int, retain_heap: bool) -> tuple[float, float, int]:
+def _fit_epoch(keras, model, loader, arrays, steps: int) -> tuple[float, float, int]:
     """One ``model.fit(..., epochs=1)``: (epoch time from callbacks, wall time of fit, minor faults)."""
-    from pancreas_seg.runtime import retained_heap  # noqa: PLC0415
-
     span: list[float] = []
 
     class EpochTimer(keras.callbacks.Callback):
@@ -166,19 +168,18 @@ def _fit_epoch(keras, model, loader, arrays, steps: int, retain_heap: bool) -> t
             span.append(time.perf_counter())
 
     t0, faults = time.perf_counter(), _minor_faults()
-    with retained_heap(retain_heap):
-        if loader is not None:
-            model.fit(loader, epochs=1, verbose=0, callbacks=[EpochTimer()])
-        else:
-            model.fit(*arrays, batch_size=BATCH, shuffle=True, steps_per_epoch=steps, epochs=1, verbose=0,
-                      callbacks=[EpochTimer()])
+    if loader is not None:
+        model.fit(loader, epochs=1, verbose=0, callbacks=[EpochTimer()])
+    else:
+        model.fit(*arrays, batch_size=BATCH, shuffle=True, steps_per_epoch=steps, epochs=1, verbose=0,
+                  callbacks=[EpochTimer()])
     return span[1] - span[0], time.perf_counter() - t0, _minor_faults() - faults
 
 
 def child_fit(args: argparse.Namespace) -> dict:
     """``loader`` / ``memory``: peak RSS of a short fit (compile + a few steps) in its own process."""
     keras, model, loader, arrays, info = _setup_fit(args)
-    epoch_s, fit_s, _ = _fit_epoch(keras, model, loader, arrays, args.steps, args.retain_heap)
+    epoch_s, fit_s, _ = _fit_epoch(keras, model, loader, arrays, args.steps)
     return {"variant": args.variant, "arch": args.arch, "steps": args.steps, **info,
             "first_epoch_s": epoch_s, "first_fit_wall_s": fit_s}
 
@@ -186,25 +187,17 @@ def child_fit(args: argparse.Namespace) -> dict:
 def child_interleaved(args: argparse.Namespace) -> dict:
     """Both variants on one model in one process, epochs alternating, so noise hits both alike."""
     keras, model, loader, arrays, info = _setup_fit(args)
-    variants = {  # name: (loader, arrays, retain_heap)
-        "loader": (loader, None, args.retain_heap),
-        "memory": (None, arrays, args.retain_heap),
-        "loader_default_heap": (loader, None, False),
-    }
-    warm = {name: _fit_epoch(keras, model, *variants[name][:2], args.steps, variants[name][2])[0]
-            for name in variants}
+    variants = {"loader": (loader, None), "memory": (None, arrays)}
+    warm = {name: _fit_epoch(keras, model, *variants[name], args.steps)[0] for name in variants}
     epochs: dict[str, list[float]] = {name: [] for name in variants}
     faults: dict[str, list[int]] = {name: [] for name in variants}
-    ratios, heap_speedups = [], []
-    names = list(variants)
+    ratios = []
     for r in range(args.epochs):
-        for name in names[r % 3:] + names[:r % 3]:  # rotate which variant goes first
-            epoch_s, _, epoch_faults = _fit_epoch(keras, model, *variants[name][:2], args.steps,
-                                                  variants[name][2])
+        for name in ("loader", "memory") if r % 2 == 0 else ("memory", "loader"):
+            epoch_s, _, epoch_faults = _fit_epoch(keras, model, *variants[name], args.steps)
             epochs[name].append(epoch_s)
             faults[name].append(epoch_faults)
         ratios.append(epochs["memory"][-1] / epochs["loader"][-1])  # = loader sl/s / memory sl/s
-        heap_speedups.append(epochs["loader_default_heap"][-1] / epochs["loader"][-1])
     slices = args.steps * BATCH
     return {"variant": "interleaved", "arch": args.arch, "steps_per_epoch": args.steps,
             "workers": args.workers, "retain_heap": args.retain_heap, **info, "warmup_epoch_s": warm,
@@ -212,9 +205,34 @@ def child_interleaved(args: argparse.Namespace) -> dict:
                                                          for k, v in faults.items()},
             "loader_slices_per_s": slices / _common.median(epochs["loader"]),
             "memory_slices_per_s": slices / _common.median(epochs["memory"]),
-            "loader_default_heap_slices_per_s": slices / _common.median(epochs["loader_default_heap"]),
-            "round_ratios": ratios, "ratio_loader_over_memory": _common.median(ratios),
-            "round_heap_speedups": heap_speedups, "heap_speedup": _common.median(heap_speedups)}
+            "round_ratios": ratios, "ratio_loader_over_memory": _common.median(ratios)}
+
+
+def child_heap(args: argparse.Namespace) -> dict:
+    """One 3-epoch ``fit`` through the loader, as the training node runs it; step times and faults."""
+    keras, model, loader, _, info = _setup_fit(args)
+    steps: list[list[float]] = []
+    faults: list[int] = []
+
+    class StepTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            steps.append([])
+            faults.append(_minor_faults())
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            steps[-1].append(time.perf_counter() - self.t0)
+
+        def on_epoch_end(self, epoch, logs=None):
+            faults[-1] = _minor_faults() - faults[-1]
+
+    model.fit(loader, epochs=3, verbose=0, callbacks=[StepTimer()])
+    timed = [t for epoch in steps[1:] for t in epoch]
+    return {"variant": "heap", "arch": args.arch, "retain_heap": args.retain_heap, **info,
+            "steps_per_epoch": args.steps, "median_step_s": _common.median(timed),
+            "minor_faults_per_step": sum(faults[1:]) / len(timed), "step_s_per_epoch": steps}
 
 
 def _vectorised_batch(images: list, labels: list, case_of: np.ndarray, z_of: np.ndarray,
@@ -295,12 +313,14 @@ def child_data(args: argparse.Namespace) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
+    from pancreas_seg.runtime import retained_heap  # noqa: PLC0415
+
     if args.variant == "data":
         result = child_data(args)
-    elif args.variant == "interleaved":
-        result = child_interleaved(args)
     else:
-        result = child_fit(args)
+        run = {"interleaved": child_interleaved, "heap": child_heap}.get(args.variant, child_fit)
+        with retained_heap(args.retain_heap):  # for the whole child, as the training node around fit
+            result = run(args)
     _common.emit_result(result)
 
 
@@ -316,13 +336,13 @@ def parent(args: argparse.Namespace) -> None:
         print(f"Building {args.n_cases} preprocessed {SIZE[0]} px cases in {folder} ...", flush=True)
         dataset = build_shards(folder, args.n_cases)
         print(f"  {dataset['n_slices']} slices", flush=True)
-        common = ["--data-dir", str(folder), "--workers", str(args.workers),
-                  *([] if args.retain_heap else ["--no-retain-heap"])]
+        base = ["--data-dir", str(folder), "--workers", str(args.workers)]
+        common = [*base, *([] if args.retain_heap else ["--no-retain-heap"])]
         data = _common.run_variant(script, ["--variant", "data", *common, "--steps", "20",
                                             "--epochs", "3"], env=env)
         print(f"  data only: {data['no_aug_ms_per_batch']:.1f} ms/batch (no aug), "
               f"{data['aug_ms_per_batch']:.1f} ms/batch (aug)", flush=True)
-        timing, rss = [], []
+        timing, rss, heap = [], [], []
         for k, arch in enumerate(args.archs):
             result = _common.run_variant(script, ["--variant", "interleaved", "--arch", arch, *common,
                                                   "--steps", str(args.steps), "--epochs", str(args.epochs)],
@@ -330,10 +350,14 @@ def parent(args: argparse.Namespace) -> None:
             timing.append(result)
             print(f"  {arch:<10} interleaved: loader {result['loader_slices_per_s']:6.2f} sl/s, memory "
                   f"{result['memory_slices_per_s']:6.2f} sl/s, ratio {result['ratio_loader_over_memory']:.3f} "
-                  f"(rounds {[round(x, 3) for x in result['round_ratios']]}); default heap "
-                  f"{result['loader_default_heap_slices_per_s']:6.2f} sl/s, retain_heap speed-up "
-                  f"{result['heap_speedup']:.2f}x; minor faults/step "
-                  f"{ {k: round(v) for k, v in result['minor_faults_per_step'].items()} }", flush=True)
+                  f"(rounds {[round(x, 3) for x in result['round_ratios']]})", flush=True)
+            for retain in (True, False) if k % 2 == 0 else (False, True):
+                r = _common.run_variant(script, ["--variant", "heap", "--arch", arch, *base,
+                                                 "--steps", str(args.steps),
+                                                 *([] if retain else ["--no-retain-heap"])], env=env)
+                heap.append(r)
+                print(f"  {arch:<10} heap {'retained' if retain else 'default':<8}: median step "
+                      f"{r['median_step_s']:.3f} s, {r['minor_faults_per_step']:.0f} minor faults/step", flush=True)
             order = ("loader", "memory") if k % 2 == 0 else ("memory", "loader")
             for variant in order:
                 r = _common.run_variant(script, ["--variant", variant, "--arch", arch, *common,
@@ -351,24 +375,31 @@ def parent(args: argparse.Namespace) -> None:
         lo = next(r for r in rss if r["arch"] == arch and r["variant"] == "loader")
         me = next(r for r in rss if r["arch"] == arch and r["variant"] == "memory")
         ratio = t["ratio_loader_over_memory"]
+        he = next(r for r in heap if r["arch"] == arch and r["retain_heap"])
+        hd = next(r for r in heap if r["arch"] == arch and not r["retain_heap"])
+        heap_speedup = hd["median_step_s"] / he["median_step_s"]
         rss_ratio = lo["peak_rss_mib"] / me["peak_rss_mib"]
         summary[arch] = {"loader_slices_per_s": t["loader_slices_per_s"],
                          "memory_slices_per_s": t["memory_slices_per_s"],
                          "throughput_ratio_loader_over_memory": ratio, "pass_ge_0.9": ratio >= 0.9,
                          "round_ratios": t["round_ratios"],
-                         "loader_default_heap_slices_per_s": t["loader_default_heap_slices_per_s"],
-                         "retain_heap_speedup": t["heap_speedup"],
-                         "minor_faults_per_step": t["minor_faults_per_step"],
+                         "median_step_s_retained_heap": he["median_step_s"],
+                         "median_step_s_default_heap": hd["median_step_s"],
+                         "retain_heap_speedup": heap_speedup,
+                         "minor_faults_per_step_retained_heap": he["minor_faults_per_step"],
+                         "minor_faults_per_step_default_heap": hd["minor_faults_per_step"],
                          "loader_peak_rss_mib": lo["peak_rss_mib"], "memory_peak_rss_mib": me["peak_rss_mib"],
                          "peak_rss_ratio_loader_over_memory": rss_ratio,
                          "loader_data_rss_mib": lo["rss_after_data_mib"] - lo["rss_after_imports_mib"],
                          "memory_data_rss_mib": me["rss_after_data_mib"] - me["rss_after_imports_mib"]}
         rows.append([arch, t["loader_slices_per_s"], t["memory_slices_per_s"], round(ratio, 3),
                      "PASS" if ratio >= 0.9 else "FAIL", round(lo["peak_rss_mib"]), round(me["peak_rss_mib"]),
-                     round(rss_ratio, 3), t["loader_default_heap_slices_per_s"], round(t["heap_speedup"], 2)])
+                     round(rss_ratio, 3), round(hd["median_step_s"], 3), round(he["median_step_s"], 3),
+                     round(heap_speedup, 2)])
     print()
     _common.print_table(["arch", "loader sl/s", "memory sl/s", "ratio", ">=0.9", "loader RSS MiB",
-                         "memory RSS MiB", "RSS ratio", "default-heap sl/s", "heap speed-up"], rows)
+                         "memory RSS MiB", "RSS ratio", "step s (default heap)", "step s (retained)",
+                         "heap speed-up"], rows)
     print(f"\nLoader alone (median ms per batch of {BATCH}): no augmentation "
           f"{data['no_aug_ms_per_batch']:.2f} ms ({data['no_aug_slices_per_s']:.0f} slices/s), "
           f"default augmentation {data['aug_ms_per_batch']:.2f} ms ({data['aug_slices_per_s']:.0f} slices/s)")
@@ -379,14 +410,14 @@ def parent(args: argparse.Namespace) -> None:
                      "retain_heap": args.retain_heap,
                      "loader_workers": args.workers,
                      "arch_params": {a: ARCH_DEFAULTS[a] for a in args.archs}, **dataset},
-        "summary": summary, "data_only": data, "timing_runs": timing, "rss_runs": rss,
+        "summary": summary, "data_only": data, "timing_runs": timing, "rss_runs": rss, "heap_runs": heap,
         "total_wall_s": time.perf_counter() - t_start})
     print(f"\nwrote {path}  (total {time.perf_counter() - t_start:.0f} s)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", choices=("interleaved", "loader", "memory", "data"), default=None,
+    parser.add_argument("--variant", choices=("interleaved", "loader", "memory", "data", "heap"), default=None,
                         help="child mode (the parent runs these in subprocesses)")
     parser.add_argument("--arch", choices=tuple(ARCH_DEFAULTS), default="unet")
     parser.add_argument("--archs", nargs="+", choices=tuple(ARCH_DEFAULTS), default=list(ARCH_DEFAULTS))
@@ -398,7 +429,7 @@ def main() -> None:
     parser.add_argument("--rss-steps", type=int, default=2, help="steps of the peak-RSS children")
     parser.add_argument("--workers", type=int, default=1, help="SliceLoader workers (pipeline: 1)")
     parser.add_argument("--no-retain-heap", dest="retain_heap", action="store_false",
-                        help="glibc's default malloc for the loader and memory variants (pipeline: retained)")
+                        help="glibc default malloc in the throughput and RSS children (pipeline: retained)")
     args = parser.parse_args()
     if args.variant is None:
         parent(args)
