@@ -186,11 +186,16 @@ def subprocess_env() -> Callable[..., dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def configured_learning_rate() -> float:
-    """``training.learning_rate`` as the project's config resolves it for the smoke env (base + smoke)."""
+def configured_learning_rates() -> dict[str, float]:
+    """Each architecture's learning rate as the project's config resolves it for the smoke env
+    (base + smoke, per-architecture overrides merged over ``training``)."""
     env = "smoke"
     from kedro.config import OmegaConfigLoader
 
+    from pancreas_seg.pipelines.training.nodes import merge_settings
+
     loader = OmegaConfigLoader(str(REPO_ROOT / "conf"), base_env="base", default_run_env=env,
                                merge_strategy={"parameters": "soft"})
-    return float(loader["parameters"]["training"]["learning_rate"])
+    params = loader["parameters"]
+    return {arch: float(merge_settings(params["training"], params[arch]["architecture"].get("overrides"))
+                        ["learning_rate"]) for arch in params["training"]["architectures"]}

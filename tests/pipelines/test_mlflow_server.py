@@ -95,7 +95,7 @@ def mlflow_server(smoke_project: Path, tmp_path_factory: pytest.TempPathFactory,
         _stop(process)
 
 
-def test_rest_api_lists_runs_and_metrics(configured_learning_rate: float, mlflow_server: str) -> None:
+def test_rest_api_lists_runs_and_metrics(configured_learning_rates: dict[str, float], mlflow_server: str) -> None:
     base = mlflow_server
     # get-by-name is a GET endpoint (a POST answers 405 Method Not Allowed)
     experiment = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
@@ -119,7 +119,7 @@ def test_rest_api_lists_runs_and_metrics(configured_learning_rate: float, mlflow
         params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
         for key in ("val_dice_pancreas", "final_val_dice_pancreas", "test_dice_pancreas_mean"):
             assert key in metrics and 0.0 <= metrics[key] <= 1.0, (arch, key, sorted(metrics))
-        assert float(params["training.learning_rate"]) == pytest.approx(configured_learning_rate)
+        assert float(params["training.learning_rate"]) == pytest.approx(configured_learning_rates[arch])
         history = _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
                        metric_key="val_dice_pancreas")["metrics"]
         assert [m["step"] for m in sorted(history, key=lambda m: m["step"])] == \

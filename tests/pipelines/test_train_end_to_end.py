@@ -64,7 +64,7 @@ def _model_versions(project: Path, arch: str) -> set[str]:
     return {p.name for p in (project / "data" / "06_models" / arch / "model.keras").iterdir()}
 
 
-def test_mlflow_parent_and_nested_runs(configured_learning_rate: float, smoke_project: Path) -> None:
+def test_mlflow_parent_and_nested_runs(configured_learning_rates: dict[str, float], smoke_project: Path) -> None:
     client = _client(smoke_project)
     runs = _runs(client)
     parents = _train_parents(runs)
@@ -87,7 +87,7 @@ def test_mlflow_parent_and_nested_runs(configured_learning_rate: float, smoke_pr
         assert run.info.status == "FINISHED", (arch, run.info.status)
         assert run.info.run_name == arch
         # params: flattened training settings (with the per-architecture overrides merged in)
-        assert float(run.data.params["training.learning_rate"]) == pytest.approx(configured_learning_rate)
+        assert float(run.data.params["training.learning_rate"]) == pytest.approx(configured_learning_rates[arch])
         assert run.data.params["architecture"] == arch
         assert run.data.params["training.epochs"] == "1"  # conf/smoke
         # tags
