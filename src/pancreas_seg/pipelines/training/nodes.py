@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg import tracking
-from pancreas_seg.runtime import retained_heap
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
+from pancreas_seg.runtime import retained_heap
 
 logger = logging.getLogger(__name__)
 
