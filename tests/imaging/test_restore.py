@@ -13,7 +13,7 @@ from pancreas_seg.imaging.preprocess import (
     probabilities_to_labels,
     restore_label_volume,
 )
-from pancreas_seg.imaging.resize import restore_probability_slices
+from pancreas_seg.imaging.resize import linear_taps, resize_linear, restore_probability_slices
 
 
 def _every_slice(probs: np.ndarray, geometry, label_mode: str) -> np.ndarray:
@@ -47,3 +47,34 @@ def test_skipping_background_slices_equals_interpolating_all(label_mode: str, cr
     assert np.array_equal(restored, expected)
     assert 0 < np.count_nonzero(expected) < expected.size   # a non-trivial mask was compared
     assert not restored[:, :, [0, 1, 5, 11]].any()
+
+
+@pytest.mark.parametrize(("in_hw", "out_hw"), [((16, 16), (40, 36)),     # upsampling, anisotropic
+                                               ((37, 23), (512, 300)),   # odd, non-integer factors
+                                               ((64, 48), (20, 31)),     # downsampling
+                                               ((5, 7), (5, 7)),         # identity
+                                               ((1, 9), (4, 9))])        # one source row
+def test_resize_linear_equals_scipy_zoom_per_slice(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+    """The separable resize is scipy's order-1, pixel-centred, edge-clamped zoom of each 2D slice."""
+    rng = np.random.default_rng(7)
+    stack = rng.random((3, *in_hw, 2)).astype(np.float32)
+    resized = resize_linear(stack, out_hw)
+    assert resized.shape == (3, *out_hw, 2) and resized.dtype == np.float32
+    zoom = (out_hw[0] / in_hw[0], out_hw[1] / in_hw[1])
+    for k in range(3):
+        for c in range(2):
+            expected = ndimage.zoom(stack[k, :, :, c].astype(np.float64), zoom, order=1, mode="nearest",
+                                    grid_mode=True, prefilter=False)
+            assert expected.shape == out_hw
+            np.testing.assert_allclose(resized[k, :, :, c], expected, rtol=0, atol=1e-6)
+
+
+def test_linear_taps_are_convex_and_edge_clamped() -> None:
+    low, high, weight = linear_taps(4, 10)
+    assert low.min() == 0 and high.max() == 3
+    assert ((weight >= 0) & (weight <= 1)).all()
+    assert weight[0] == 0 and low[0] == 0                # first output centre lies left of input 0
+    assert low[-1] == 3 and weight[-1] == 0              # last output clamped to the last input
+    probe = np.arange(4, dtype=np.float32)
+    interpolated = (1 - weight) * probe[low] + weight * probe[high]
+    assert np.all(np.diff(interpolated) >= 0) and interpolated[0] == 0 and interpolated[-1] == 3

@@ -183,6 +183,10 @@ def probabilities_to_labels(probabilities: np.ndarray, label_mode: str) -> np.nd
     return (probabilities[..., 0] >= 0.5).astype(np.uint8) * np.uint8(value)
 
 
+#: Slices restored per step in :func:`restore_label_volume` (bounds its memory, not its result).
+_RESTORE_CHUNK_SLICES = 8
+
+
 def restore_label_volume(probabilities: np.ndarray, geometry: SliceGeometry,
                          label_mode: str) -> np.ndarray:
     """(Z, H, W, C) model probabilities -> uint8 MSD label map on the original (X, Y, Z) grid.
@@ -196,11 +200,14 @@ def restore_label_volume(probabilities: np.ndarray, geometry: SliceGeometry,
         background = probs[..., 0] > probs[..., 1:].max(axis=-1)
     else:
         background = probs[..., 0] < 0.5
-    active = ~background.reshape(len(probs), -1).all(axis=1)
+    active = np.flatnonzero(~background.reshape(len(probs), -1).all(axis=1))
     labels = np.zeros((len(probs), *geometry.grid.source_hw), dtype=np.uint8)
-    if active.any():
-        restored = restore_probability_slices(probs[active], geometry.grid)
-        labels[active] = probabilities_to_labels(restored, label_mode)
+    for start in range(0, len(active), _RESTORE_CHUNK_SLICES):
+        # a few slices at a time: full-volume float32 probabilities at source size would need
+        # Z x H x W x C x 4 bytes (~320 MB for 100 slices of 512 x 512 x 3)
+        chunk = active[start:start + _RESTORE_CHUNK_SLICES]
+        labels[chunk] = probabilities_to_labels(restore_probability_slices(probs[chunk], geometry.grid),
+                                                label_mode)
     return from_canonical(slices_to_volume(labels), geometry.canonical)
 
 

@@ -153,19 +153,50 @@ def restore_probability_slices(probabilities: np.ndarray, grid: InPlaneGrid) -> 
     probs = np.asarray(probabilities, dtype=np.float32)
     if grid.resampled_hw != grid.output_hw:
         probs = _unplace(probs, grid, 0.0)
-    return _zoom_in_plane_linear(probs, grid.source_hw)
+    return resize_linear(probs, grid.source_hw)
 
 
-def _zoom_in_plane_linear(stack: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+def linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of a 1D linear resize from ``n_in`` to ``n_out`` samples.
+
+    Pixel centres are aligned (output centre i sits at input coordinate (i + 0.5) * n_in / n_out - 0.5)
+    and coordinates outside the input are clamped to the edge pixels: the definition of
+    ``scipy.ndimage.zoom(order=1, grid_mode=True, mode="nearest")``.
+
+    Returns:
+        ``(low, high, weight_high)``: int index arrays and a float32 weight array, each (n_out,);
+        output[i] = (1 - weight_high[i]) * input[low[i]] + weight_high[i] * input[high[i]].
+    """
+    coords = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1.0)
+    low = np.floor(coords).astype(np.intp)
+    high = np.minimum(low + 1, n_in - 1)
+    return low, high, (coords - low).astype(np.float32)
+
+
+def _resize_axis_linear(array: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    low, high, weight = linear_taps(array.shape[axis], n_out)
+    weight = weight.reshape((-1,) + (1,) * (array.ndim - axis - 1))
+    out = np.take(array, low, axis=axis)
+    out += (np.take(array, high, axis=axis) - out) * weight
+    return out
+
+
+def resize_linear(stack: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear in-plane resize of a (Z, H, W[, C]) float stack to (Z, *out_hw[, C]) float32.
+
+    Separable (rows, then columns), one slice at a time so the intermediates stay in cache. Equals
+    ``scipy.ndimage.zoom(slice, order=1, grid_mode=True, mode="nearest")`` of every 2D slice and
+    channel to float32 rounding (tested), at a fraction of the cost: no interpolation across Z or C.
+    """
     z, h, w = stack.shape[:3]
     if (h, w) == tuple(out_hw):
-        return stack
-    # Zoom each 2D slice/channel: a 4D zoom would interpolate across Z and C too (16 taps, ~5x slower).
-    zoom = (out_hw[0] / h, out_hw[1] / w)
-    out = np.empty((z, *out_hw, *stack.shape[3:]), np.float32)
+        return np.asarray(stack, dtype=np.float32)
+    channels = stack.shape[3:]
+    out = np.empty((z, *out_hw, *channels), np.float32)
     for k in range(z):
-        for c in np.ndindex(stack.shape[3:]):
-            index = (k, slice(None), slice(None), *c)
-            out[index] = ndimage.zoom(stack[index], zoom, order=1, mode="nearest", grid_mode=True,
-                                      prefilter=False)
+        # channels first, so both gathers move whole contiguous rows
+        planes = np.ascontiguousarray(np.moveaxis(np.asarray(stack[k], dtype=np.float32), (0, 1), (-2, -1)))
+        resized = _resize_axis_linear(_resize_axis_linear(planes, planes.ndim - 2, out_hw[0]),
+                                      planes.ndim - 1, out_hw[1])
+        out[k] = np.moveaxis(resized, (-2, -1), (0, 1))
     return out
