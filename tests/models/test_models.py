@@ -301,3 +301,48 @@ def test_untrained_fcn_outputs_uniform_scores() -> None:
     probabilities = model.predict(np.random.default_rng(0).normal(size=(2, 64, 64, 1)).astype("float32"),
                                   verbose=0)
     np.testing.assert_allclose(probabilities, 1.0 / 3.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("stride", "use_bias"), [(2, True), ((2, 3), False), (4, True)])
+def test_patch_conv_transpose_equals_conv2d_transpose(stride, use_bias: bool) -> None:
+    """The matmul + pixel-shuffle upsampling computes exactly what Conv2DTranspose computes."""
+    from pancreas_seg.models.blocks import PatchConv2DTranspose  # noqa: PLC0415
+
+    rng = np.random.default_rng(5)
+    inputs = rng.normal(size=(3, 6, 5, 7)).astype("float32")
+    settings = {"filters": 4, "kernel_size": stride, "strides": stride, "padding": "same", "use_bias": use_bias}
+    reference = keras.layers.Conv2DTranspose(**settings)
+    patch = PatchConv2DTranspose(**settings)
+    reference.build(inputs.shape)
+    patch.build(inputs.shape)
+    weights = [rng.normal(size=w.shape).astype("float32") for w in reference.get_weights()]
+    reference.set_weights(weights)
+    patch.set_weights(weights)
+    expected = keras.ops.convert_to_numpy(reference(inputs))
+    result = keras.ops.convert_to_numpy(patch(inputs))
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    assert result.shape == expected.shape == (3, 6 * sh, 5 * sw, 4)
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(expected).max() > 1.0                                     # a non-trivial comparison
+
+
+def test_patch_conv_transpose_falls_back_for_overlapping_kernels() -> None:
+    from pancreas_seg.models.blocks import PatchConv2DTranspose  # noqa: PLC0415
+
+    inputs = np.random.default_rng(6).normal(size=(1, 4, 4, 2)).astype("float32")
+    settings = {"filters": 3, "kernel_size": 4, "strides": 2, "padding": "same"}
+    reference, patch = keras.layers.Conv2DTranspose(**settings), PatchConv2DTranspose(**settings)
+    reference.build(inputs.shape)
+    patch.build(inputs.shape)
+    patch.set_weights(reference.get_weights())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(patch(inputs)),
+                               keras.ops.convert_to_numpy(reference(inputs)), atol=1e-6)
+
+
+def test_unet_and_vnet_upsample_with_patch_conv_transpose() -> None:
+    from pancreas_seg.models.blocks import PatchConv2DTranspose  # noqa: PLC0415
+
+    for arch in ("unet", "vnet2d"):
+        model = build_model(arch, (32, 32, 1), "multiclass", base_filters=4, depth=2)
+        ups = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2DTranspose)]
+        assert ups and all(isinstance(layer, PatchConv2DTranspose) for layer in ups), arch

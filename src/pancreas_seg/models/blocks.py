@@ -202,20 +202,53 @@ def down_conv(
     )
 
 
+@keras.saving.register_keras_serializable(package="pancreas_seg")
+class PatchConv2DTranspose(layers.Conv2DTranspose):
+    """A Conv2DTranspose whose kernel size equals its stride, computed as one matrix product.
+
+    With kernel == stride the output patches do not overlap: each input pixel (B, h, w, C) becomes its
+    own (s_h, s_w, filters) patch, ``x @ kernel``, placed at (s_h * h, s_w * w). That is one
+    (B*H*W, C) x (C, s_h*s_w*filters) matmul and a pixel shuffle, instead of the dilated
+    convolution that backends lower Conv2DTranspose to (XLA on the CPU spent ~2x longer on it).
+    Same weights, same config and the same output as :class:`keras.layers.Conv2DTranspose` (tested);
+    other settings fall back to the parent's implementation.
+    """
+
+    def call(self, inputs):  # noqa: D102 - see the class docstring
+        stride_h, stride_w = self.strides
+        _, height, width, channels = inputs.shape
+        if (tuple(self.kernel_size) != (stride_h, stride_w) or self.data_format != "channels_last"
+                or tuple(self.dilation_rate) != (1, 1) or self.output_padding is not None
+                or height is None or width is None):
+            return super().call(inputs)
+        ops = keras.ops
+        # kernel (s_h, s_w, filters, C) -> (C, s_h * s_w * filters)
+        kernel = ops.reshape(ops.transpose(self.kernel, (3, 0, 1, 2)), (channels, -1))
+        patches = ops.matmul(ops.reshape(inputs, (-1, channels)), kernel)
+        patches = ops.reshape(patches, (-1, height, width, stride_h, stride_w, self.filters))
+        outputs = ops.reshape(ops.transpose(patches, (0, 1, 3, 2, 4, 5)),
+                              (-1, height * stride_h, width * stride_w, self.filters))
+        if self.use_bias:
+            outputs = outputs + self.bias
+        return outputs if self.activation is None else self.activation(outputs)
+
+
 def up_transpose(
     x: keras.KerasTensor,
     filters: int,
     *,
     l2_weight: float = 0.0,
     name: str = "up",
-    kernel_size: int = 2,
-    strides: int = 2,
+    stride: int = 2,
 ) -> keras.KerasTensor:
-    """Conv2DTranspose upsampling ('same' padding, linear): (B, H, W, C) -> (B, sH, sW, filters)."""
-    return layers.Conv2DTranspose(
+    """Learned upsampling by ``stride`` ('same' padding, linear): (B, H, W, C) -> (B, sH, sW, filters).
+
+    A stride x stride Conv2DTranspose with non-overlapping kernels (see :class:`PatchConv2DTranspose`).
+    """
+    return PatchConv2DTranspose(
         filters,
-        kernel_size,
-        strides=strides,
+        stride,
+        strides=stride,
         padding="same",
         kernel_regularizer=l2_regulariser(l2_weight),
         name=name,
