@@ -11,6 +11,7 @@ import numpy as np
 
 from pancreas_seg.evaluation.plots import pick_representative_slices, plot_overlays
 from pancreas_seg.imaging.nifti_io import NiftiVolume, atomic_write_bytes, load_nifti, save_nifti
+from pancreas_seg.imaging.intensity import ForegroundIntensityStats
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
     axial_view,
@@ -40,14 +41,35 @@ def collect_inputs(input_path: str | Path) -> list[Path]:
 def save_overlay(ct: NiftiVolume, labels: np.ndarray, path: Path,
                  window_hu: tuple[float, float], title: str) -> None:
     """PNG of representative axial slices (radiological view) with the predicted mask."""
-    ct_slices = axial_view(np.asarray(ct.array, dtype=np.float32), ct.affine)
     label_slices = axial_view(labels, ct.affine)
     chosen = pick_representative_slices(np.moveaxis(label_slices, 0, -1), 3)
-    figure = plot_overlays(ct_slices[chosen], None, {title: label_slices[chosen]}, window_hu,
+    ct_slices = axial_view(ct.array, ct.affine)[chosen].astype(np.float32)   # only the shown slices
+    figure = plot_overlays(ct_slices, None, {title: label_slices[chosen]}, window_hu,
                            [f"{path.stem} slice {z}" for z in chosen])
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def segment_case(model: Any, path: Path, output_dir: Path, config: PreprocessingConfig,
+                 stats: ForegroundIntensityStats | None, inference: dict[str, Any],
+                 architecture: str) -> dict[str, Any]:
+    """Segment one validated CT file: write ``<case>.nii.gz`` in its geometry and ``<case>_overlay.png``.
+
+    Returns the case's report row (paths, shape, predicted voxel counts).
+    """
+    case_id = case_id_from_path(path)
+    ct = load_nifti(path)
+    labels = segment_volume(model, ct.array, ct.affine, config, stats, int(inference["batch_size"]),
+                            bool(inference["flip_tta"]), bool(inference["keep_largest_component"]))
+    mask_path = output_dir / f"{case_id}.nii.gz"
+    save_nifti(mask_path, labels, ct.affine, ct.header)
+    overlay_path = output_dir / f"{case_id}_overlay.png"
+    save_overlay(ct, labels, overlay_path, tuple(inference["overlay_window_hu"]), architecture)
+    return {"case_id": case_id, "input": str(path), "mask": str(mask_path),
+            "overlay": str(overlay_path), "shape": list(labels.shape),
+            "voxels_pancreas": int(np.count_nonzero(labels == 1)),
+            "voxels_tumour": int(np.count_nonzero(labels == 2))}
 
 
 def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
@@ -78,20 +100,8 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
     logger.info("Inference with %s (%s) on %d scan(s) -> %s", card["architecture"], model_file, len(valid), output_dir)
     outputs = []
     for index, path in enumerate(valid, start=1):
-        case_id = case_id_from_path(path)
         logger.info("Segmenting %d/%d: %s", index, len(valid), path.name)
-        ct = load_nifti(path)
-        labels = segment_volume(model, ct.array, ct.affine, config, stats, int(inference["batch_size"]),
-                                bool(inference["flip_tta"]), bool(inference["keep_largest_component"]))
-        mask_path = output_dir / f"{case_id}.nii.gz"
-        save_nifti(mask_path, labels, ct.affine, ct.header)
-        overlay_path = output_dir / f"{case_id}_overlay.png"
-        save_overlay(ct, labels, overlay_path, tuple(inference["overlay_window_hu"]),
-                     card["architecture"])
-        outputs.append({"case_id": case_id, "input": str(path), "mask": str(mask_path),
-                        "overlay": str(overlay_path), "shape": list(labels.shape),
-                        "voxels_pancreas": int(np.count_nonzero(labels == 1)),
-                        "voxels_tumour": int(np.count_nonzero(labels == 2))})
+        outputs.append(segment_case(model, path, output_dir, config, stats, inference, card["architecture"]))
     return {"model": str(inference["model"]), "model_file": str(model_file),
             "architecture": card["architecture"], "trained_on": card.get("data_source"),
             "outputs": outputs, "skipped": [{"file": f.file, "reason": f.message} for f in findings]}
