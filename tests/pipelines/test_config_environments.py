@@ -59,3 +59,21 @@ def test_every_architecture_gets_a_valid_fit_config(env: str) -> None:
         assert config.epochs == settings["epochs"] and config.lr_schedule == settings["lr_schedule"]
     msd_unet = _effective(_parameters("msd"), "unet")
     assert msd_unet["lr_schedule"] == "constant" and msd_unet["learning_rate"] == pytest.approx(2e-4)
+
+
+def test_resume_fingerprint_ignores_speed_only_settings() -> None:
+    """Toggling retain_heap resumes the same checkpoint; changing what is computed does not."""
+    from pancreas_seg.learning.training import FitConfig  # noqa: PLC0415
+    from pancreas_seg.pipelines.training.nodes import resume_fingerprint  # noqa: PLC0415
+
+    settings = _effective(_parameters("base"), "unet")
+    parts = ({"image_size_px": 96}, {"mean": 1.0}, ["pancreas_001"])
+
+    def fingerprint(**changes) -> str:
+        changed = {**settings, **changes}
+        return resume_fingerprint(FitConfig.from_settings(changed), "unet", changed, *parts)
+
+    assert fingerprint(retain_heap=True) == fingerprint(retain_heap=False)
+    assert fingerprint(learning_rate=1e-4) != fingerprint()
+    assert fingerprint(foreground_fraction=0.5) != fingerprint()   # a loader setting outside FitConfig
+    assert resume_fingerprint(FitConfig.from_settings(settings), "unet_small", settings, *parts) != fingerprint()

@@ -79,14 +79,26 @@ def _compile(model, settings: dict[str, Any], label_mode: str, total_steps: int 
 
     from pancreas_seg.learning.losses import make_loss  # noqa: PLC0415
     from pancreas_seg.learning.metrics import dice_metrics  # noqa: PLC0415
-    from pancreas_seg.learning.training import learning_rate_schedule  # noqa: PLC0415
+    from pancreas_seg.learning.training import FitConfig, learning_rate_schedule  # noqa: PLC0415
 
-    learning_rate = learning_rate_schedule(float(settings["learning_rate"]),
-                                           settings.get("lr_schedule", "constant"), total_steps)
+    fit_config = FitConfig.from_settings(settings)
+    learning_rate = learning_rate_schedule(fit_config.learning_rate, fit_config.lr_schedule, total_steps)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
                   loss=make_loss(settings["loss"], label_mode, float(settings["dice_smooth"])),
                   metrics=dice_metrics(label_mode))
     return model
+
+
+#: Training settings that change how fast a run goes, not what it computes: a checkpoint written
+#: with one value resumes with the other (retain_heap: identical weights and metrics, measured).
+RESULT_NEUTRAL_SETTINGS = ("retain_heap",)
+
+
+def resume_fingerprint(fit_config: Any, name: str, settings: Mapping[str, Any], *parts: Any) -> str:
+    """The checkpoint fingerprint: fit settings, architecture, merged training settings (less
+    :data:`RESULT_NEUTRAL_SETTINGS`) and ``parts`` (preprocessing, intensity stats, case ids)."""
+    relevant = {k: v for k, v in settings.items() if k not in RESULT_NEUTRAL_SETTINGS}
+    return fit_config.fingerprint(name, relevant, *parts)
 
 
 def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case_manifest: pd.DataFrame,
@@ -114,7 +126,7 @@ def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
     input_shape = (height, width, config.context_slices)
     fit_config = FitConfig.from_settings(settings)
     data_key = sorted(train_loader.case_ids) + sorted(val_loader.case_ids)
-    fingerprint = fit_config.fingerprint(name, settings, preprocessing, intensity_stats, data_key)
+    fingerprint = resume_fingerprint(fit_config, name, settings, preprocessing, intensity_stats, data_key)
     source = str(case_manifest["source"].iloc[0])
     logger.info("[%s] training on %d slices (%d cases), validating on %d slices (%d cases)%s", name,
                 train_loader.n_slices, len(train_loader.case_ids), val_loader.n_slices,
