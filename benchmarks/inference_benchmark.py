@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 
 SIZE = (256, 256)
 STAGES = ("read", "preprocess", "predict", "restore", "write_mask", "overlay_png")  # in order
-ARCHS = {  # the study's U-Net width; the others with their CPU defaults (dropout 0.1, l2 1e-4)
+ARCHS = {  # the study's U-Net width; the others at their conf/base widths, V-Net at conf/msd's 16 (base: 8)
     "unet": {"base_filters": 32, "depth": 4, "dropout": 0.1, "l2_weight": 1e-4},
     "unet_b16": {"base_filters": 16, "depth": 4, "dropout": 0.1, "l2_weight": 1e-4},  # conf/base width
     "unet_small": {"base_filters": 16, "depth": 2, "dropout": 0.1, "l2_weight": 1e-4},
