@@ -7,7 +7,8 @@ On SYNTHETIC 512 x 512 x ~100 phantoms (30 cases, written once and cached under
 coverage -> 88-113 slices), two variants preprocess the first N cases to 256 x 256:
 
 * ``project`` - exactly what the preprocessing pipeline does per case:
-  ``preprocess_case(image, label, PreprocessingConfig(image_size_px=(256, 256)), None)``, then
+  ``preprocess_case(image, label, PreprocessingConfig(image_size_px=(256, 256), crop_to_body=True),
+  None)`` (the body framing of conf/base), then
   ``image.npy`` (float32) and ``label.npy`` (uint8) written atomically with
   ``pancreas_seg.datasets.NumpyDataset(...).save`` into a temporary folder, one case at a time.
 * ``naive`` - what the original study did: ``nib.load(p).get_fdata()`` (float64) for image and
@@ -67,7 +68,7 @@ def run_project(pairs: list[tuple[str, str]], out: Path) -> dict[str, float]:
     from pancreas_seg.datasets import NumpyDataset  # noqa: PLC0415
     from pancreas_seg.imaging.preprocess import PreprocessingConfig, preprocess_case  # noqa: PLC0415
 
-    config = PreprocessingConfig(image_size_px=SIZE)
+    config = PreprocessingConfig(image_size_px=SIZE, crop_to_body=True)   # conf/base framing
     slices = 0
     start = time.perf_counter()
     for image_path, label_path in pairs:
@@ -115,7 +116,7 @@ def run_stages(pairs: list[tuple[str, str]]) -> dict[str, float]:
         preprocess_label,
     )
 
-    config = PreprocessingConfig(image_size_px=SIZE)
+    config = PreprocessingConfig(image_size_px=SIZE, crop_to_body=True)   # conf/base framing
     totals = dict.fromkeys(("read_image", "preprocess_image", "read_label", "preprocess_label",
                             "save_npy"), 0.0)
     with tempfile.TemporaryDirectory(prefix="bench_pre_stages_") as tmp:

@@ -78,3 +78,24 @@ def test_linear_taps_are_convex_and_edge_clamped() -> None:
     probe = np.arange(4, dtype=np.float32)
     interpolated = (1 - weight) * probe[low] + weight * probe[high]
     assert np.all(np.diff(interpolated) >= 0) and interpolated[0] == 0 and interpolated[-1] == 3
+
+
+@pytest.mark.parametrize("out_hw", [(23, 19), (50, 70)])   # shrink (anti-aliased) and enlarge
+def test_image_resize_matches_scipy_stack_zoom(out_hw: tuple[int, int]) -> None:
+    """Image slices: Gaussian anti-aliasing when shrinking, then exactly scipy's linear zoom of the
+    (Z, H, W) stack with Z left alone (no interpolation across slices)."""
+    from pancreas_seg.imaging.resize import InPlaneGrid, resize_image_slices  # noqa: PLC0415
+
+    rng = np.random.default_rng(8)
+    stack = (rng.normal(size=(4, 40, 36)) * 300).astype(np.float32)   # HU-like magnitudes
+    grid = InPlaneGrid((40, 36), out_hw, out_hw, (0, 0))
+    zoom = (1.0, out_hw[0] / 40, out_hw[1] / 36)
+    source = stack
+    if zoom[1] < 1 or zoom[2] < 1:
+        sigma = (0.0, max(0.0, (1 / zoom[1] - 1) / 2), max(0.0, (1 / zoom[2] - 1) / 2))
+        source = ndimage.gaussian_filter(stack, sigma=sigma, mode="nearest")
+    expected = ndimage.zoom(source.astype(np.float64), zoom, order=1, mode="nearest", grid_mode=True,
+                            prefilter=False)
+    resized = resize_image_slices(stack, grid, fill_value=-1000.0)
+    assert resized.shape == (4, *out_hw) and resized.dtype == np.float32
+    np.testing.assert_allclose(resized, expected, rtol=0, atol=1e-3)        # HU, float32 rounding

@@ -88,7 +88,11 @@ def plan_in_plane_grid(source_hw: tuple[int, int], spacing_hw_mm: tuple[float, f
 
 
 def _zoom_in_plane(stack: np.ndarray, out_hw: tuple[int, int], order: int) -> np.ndarray:
-    """Resize axes 1 and 2 of (Z, H, W[, C]) to ``out_hw``; area mean for integer downsampling."""
+    """Resize axes 1 and 2 of (Z, H, W[, C]) to ``out_hw``.
+
+    ``order`` 0: nearest neighbour (labels). ``order`` 1: area mean for integer downsampling factors,
+    otherwise Gaussian anti-aliasing (when shrinking) and :func:`resize_linear`; float32 out.
+    """
     z, h, w = stack.shape[:3]
     if (h, w) == tuple(out_hw):
         return stack
@@ -104,12 +108,14 @@ def _zoom_in_plane(stack: np.ndarray, out_hw: tuple[int, int], order: int) -> np
         out *= np.float32(1.0 / (fh * fw))
         return out
     zoom = (1.0, out_hw[0] / h, out_hw[1] / w) + (1.0,) * (stack.ndim - 3)
+    if order == 0:
+        return ndimage.zoom(stack, zoom, order=0, mode="nearest", grid_mode=True, prefilter=False)
     source = stack
-    if order > 0 and (zoom[1] < 1 or zoom[2] < 1):
+    if zoom[1] < 1 or zoom[2] < 1:
         # Anti-alias before linear downsampling (approximates area interpolation).
         sigma = (0.0, max(0.0, (1 / zoom[1] - 1) / 2), max(0.0, (1 / zoom[2] - 1) / 2)) + (0.0,) * (stack.ndim - 3)
-        source = ndimage.gaussian_filter(stack, sigma=sigma, mode="nearest")
-    return ndimage.zoom(source, zoom, order=order, mode="nearest", grid_mode=True, prefilter=False)
+        source = ndimage.gaussian_filter(np.asarray(stack, dtype=np.float32), sigma=sigma, mode="nearest")
+    return resize_linear(source, out_hw)
 
 
 def _place(stack: np.ndarray, grid: InPlaneGrid, fill: float) -> np.ndarray:
