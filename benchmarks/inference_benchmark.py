@@ -15,7 +15,7 @@ Models (untrained weights are fine for timing; label_mode multiclass): ``unet`` 
 base_filters 32 and depth 4 (the study's setup), ``unet_b16`` (the U-Net width of
 ``conf/base/parameters_training.yml``: 16, depth 4); ``unet_small`` (16, depth 2), ``fcn`` (16,
 depth 5) and ``vnet2d`` (16, depth 4). Each model is built, saved to a temporary ``.keras`` file
-and loaded back with ``pancreas_seg.model_store.load_keras_model`` (safe mode), as inference does.
+and loaded back with ``pancreas_seg.models.io.load_model`` (safe mode), as inference does.
 Untrained weights predict foreground on every slice, so the restore step interpolates every slice:
 a worst case (a trained model skips the slices that are background everywhere).
 
@@ -53,7 +53,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
-
 import numpy as np  # noqa: E402
 
 SIZE = (256, 256)
@@ -85,7 +84,7 @@ def child(arch: str, repeats: int, case_index: int, settings: dict, retain_heap:
     import pancreas_seg.pipelines.inference.nodes as nodes  # noqa: PLC0415
     import pancreas_seg.prediction as prediction  # noqa: PLC0415
     from pancreas_seg.imaging.preprocess import PreprocessingConfig  # noqa: PLC0415
-    from pancreas_seg.model_store import load_keras_model  # noqa: PLC0415
+    from pancreas_seg.models.io import load_model  # noqa: PLC0415
     from pancreas_seg.models.registry import build_model  # noqa: PLC0415
     from pancreas_seg.runtime import retained_heap  # noqa: PLC0415
 
@@ -101,7 +100,7 @@ def child(arch: str, repeats: int, case_index: int, settings: dict, retain_heap:
         del built
         keras.backend.clear_session()
         t0 = time.perf_counter()
-        model = load_keras_model(path)
+        model = load_model(path, compile=False)
         xla_on = prediction.use_xla(model, settings["xla"])   # as the inference node does
         load_s = time.perf_counter() - t0
 

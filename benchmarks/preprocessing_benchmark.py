@@ -54,7 +54,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
-
 import numpy as np  # noqa: E402
 
 SIZE = (256, 256)

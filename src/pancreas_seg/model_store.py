@@ -48,14 +48,3 @@ def resolve_model(reference: str, models_dir: str | Path) -> tuple[Path, dict[st
         return models[0], json.loads(card_file.read_text())
     raise ValueError(f"inference.model {reference!r}: use an architecture name "
                      f"{list(ARCHITECTURE_NAMES)} or an MLflow URI runs:/<run_id>")
-
-
-def load_keras_model(path: str | Path) -> Any:
-    """Load a ``.keras`` file with ``safe_mode=True`` (custom objects registered first)."""
-    import keras  # noqa: PLC0415
-
-    import pancreas_seg.learning.losses  # noqa: F401, PLC0415
-    import pancreas_seg.learning.metrics  # noqa: F401, PLC0415
-    import pancreas_seg.models.registry  # noqa: F401, PLC0415
-
-    return keras.saving.load_model(path, safe_mode=True)

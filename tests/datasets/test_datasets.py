@@ -16,8 +16,9 @@ import pytest
 from kedro.io.core import DatasetError, Version
 from kedro_datasets.partitions import PartitionedDataset
 
+from pancreas_seg.atomic import atomic_write_bytes
 from pancreas_seg.datasets import NiftiDataset, NumpyDataset
-from pancreas_seg.imaging.nifti_io import NiftiVolume, atomic_write_bytes, orientation_code
+from pancreas_seg.imaging.nifti_io import NiftiVolume, orientation_code
 
 
 def _rotated_flipped_affine() -> np.ndarray:

@@ -32,12 +32,11 @@ from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
     SliceGeometry,
     context_stack,
-    map_label_mode,
     preprocess_image,
     preprocess_label,
-    probabilities_to_labels,
     restore_label_volume,
 )
+from pancreas_seg.labels import probabilities_to_labels, to_training_target
 
 SMALL = PhantomConfig(shape_xy_px=64, spacing_xy_mm=(5.0, 5.5), slice_thickness_mm=(6.0, 8.0),
                       z_extent_mm=(100.0, 120.0), tumour_probability=1.0)
@@ -347,14 +346,14 @@ def test_target_spacing_keeps_physical_size(phantom, target_mm: float, expect: s
 
 def test_label_modes_map_msd_values() -> None:
     msd = np.array([0, 1, 2, 2, 1, 0], dtype=np.uint8)
-    assert map_label_mode(msd, "multiclass").tolist() == [0, 1, 2, 2, 1, 0]
-    assert map_label_mode(msd, "pancreas").tolist() == [0, 1, 1, 1, 1, 0]
-    assert map_label_mode(msd, "tumour").tolist() == [0, 0, 1, 1, 0, 0]
+    assert to_training_target(msd, "multiclass").tolist() == [0, 1, 2, 2, 1, 0]
+    assert to_training_target(msd, "pancreas").tolist() == [0, 1, 1, 1, 1, 0]
+    assert to_training_target(msd, "tumour").tolist() == [0, 0, 1, 1, 0, 0]
     for mode in ("multiclass", "pancreas", "tumour"):
-        assert map_label_mode(msd, mode).dtype == np.uint8
-    assert map_label_mode(msd.astype(np.int16), "multiclass").dtype == np.uint8
+        assert to_training_target(msd, mode).dtype == np.uint8
+    assert to_training_target(msd.astype(np.int16), "multiclass").dtype == np.uint8
     with pytest.raises(ValueError, match="label_mode"):
-        map_label_mode(msd, "organs")
+        to_training_target(msd, "organs")
 
 
 def test_label_modes_through_preprocess_label() -> None:

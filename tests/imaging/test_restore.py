@@ -10,10 +10,10 @@ from pancreas_seg.imaging.geometry import from_canonical, slices_to_volume
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
     preprocess_image,
-    probabilities_to_labels,
     restore_label_volume,
 )
 from pancreas_seg.imaging.resize import linear_taps, resize_linear, restore_probability_slices
+from pancreas_seg.labels import probabilities_to_labels
 
 
 def _every_slice(probs: np.ndarray, geometry, label_mode: str) -> np.ndarray:

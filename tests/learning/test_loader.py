@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pancreas_seg.imaging.preprocess import PreprocessingConfig, map_label_mode
+from pancreas_seg.imaging.preprocess import PreprocessingConfig
+from pancreas_seg.labels import to_training_target
 from pancreas_seg.learning.augmentation import AugmentationConfig
 from pancreas_seg.learning.loader import SliceLoader
 from pancreas_seg.pipelines.training.nodes import make_loaders, split_cases
@@ -97,7 +98,7 @@ def test_oversampling_holds_with_augmentation_and_binary_targets(tmp_path: Path)
     cases = {}
     for c in range(3):
         image, label = _case_arrays(c)
-        cases[f"c{c}"] = _save_memmapped(tmp_path, f"c{c}", image, map_label_mode(label, "tumour"))
+        cases[f"c{c}"] = _save_memmapped(tmp_path, f"c{c}", image, to_training_target(label, "tumour"))
     loader = SliceLoader(cases, 4, "tumour", training=True, foreground_fraction=0.5, seed=1,
                          steps_per_epoch=10, augmentation=ALWAYS)
     for index in range(len(loader)):
@@ -239,7 +240,7 @@ def test_context_slices_stack_clamped_neighbours(tmp_path: Path) -> None:
 @pytest.mark.parametrize("label_mode", ["multiclass", "pancreas", "tumour"])
 def test_targets_are_encoded_for_the_label_mode(tmp_path: Path, label_mode: str) -> None:
     image, label = _case_arrays(0, 12)
-    mapped = map_label_mode(label, label_mode)
+    mapped = to_training_target(label, label_mode)
     cases = {"a": _save_memmapped(tmp_path, "a", image, mapped)}
     loader = SliceLoader(cases, 12, label_mode, training=False)
     _, targets = loader[0]

@@ -27,6 +27,7 @@ import numpy as np
 
 from pancreas_seg.learning.loader import SliceLoader
 from pancreas_seg.learning.training import FitConfig, fit_with_resume
+from pancreas_seg.models.io import load_model
 from pancreas_seg.models.registry import build_model
 from pancreas_seg.pipelines.training.nodes import _compile
 
@@ -78,7 +79,7 @@ def fit(call):
     trained = EpochsTrained()
     result = fit_with_resume(build, train, validation, config, Path(call["checkpoint_dir"]),
                              call["fingerprint"], label="tiny", callbacks=[trained, KillAfterEpoch()])
-    last = keras.saving.load_model(Path(call["checkpoint_dir"]) / "last.keras", safe_mode=True)
+    last = load_model(Path(call["checkpoint_dir"]) / "last.keras")
     return {"backend": keras.backend.backend(), "resumed_from_epoch": result.resumed_from_epoch,
             "history": result.history, "best_value": result.best_value, "epochs_trained": trained.epochs,
             "best_output_shape": list(result.model.output_shape),
@@ -254,12 +255,9 @@ def test_resumed_training_reproduces_the_uninterrupted_one(runs: dict) -> None:
 
 
 def test_best_checkpoint_loads_in_safe_mode(runs: dict) -> None:
-    import keras  # noqa: PLC0415
+    from pancreas_seg.models.io import load_model  # noqa: PLC0415
 
-    import pancreas_seg.learning.losses  # noqa: F401, PLC0415  (registers the custom objects)
-    import pancreas_seg.learning.metrics  # noqa: F401, PLC0415
-
-    model = keras.saving.load_model(runs["checkpoint_dir"] / "best.keras", safe_mode=True)
+    model = load_model(runs["checkpoint_dir"] / "best.keras")
     assert model.name == "unet_small"
     assert model.output_shape == (None, 32, 32, 3)
     assert type(model.loss).__name__ == "DiceCrossEntropyLoss"

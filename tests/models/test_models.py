@@ -17,6 +17,7 @@ from pancreas_seg.learning.losses import DiceCrossEntropyLoss, SoftDiceLoss
 from pancreas_seg.learning.metrics import dice_metrics
 from pancreas_seg.models import ARCHITECTURES, build_model, output_activation, output_channels
 from pancreas_seg.models.fcn import VGG16_CONV_NAMES, build_fcn, build_vgg16_encoder
+from pancreas_seg.models.io import load_model
 from pancreas_seg.models.names import ARCHITECTURE_NAMES
 from pancreas_seg.models.vnet2d import build_vnet2d
 
@@ -173,7 +174,7 @@ def test_keras_round_trip_safe_mode(arch: str, label_mode: str, params: dict, tm
     assert np.ptp(expected) > 1e-3, "outputs must depend on the weights for the comparison to mean anything"
     path = tmp_path / "m.keras"
     model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
+    loaded = load_model(path)
     got = keras.ops.convert_to_numpy(loaded(x, training=False))
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert loaded.name == arch
@@ -188,7 +189,7 @@ def test_loaded_model_keeps_compiled_metrics(tmp_path: Path) -> None:
     model = build_model("unet_small", (32, 32, 1), "multiclass", **TINY)
     model.compile(optimizer="adam", loss=DiceCrossEntropyLoss(), metrics=dice_metrics("multiclass"))
     model.save(tmp_path / "m.keras")
-    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    loaded = load_model(tmp_path / "m.keras")
     x, y = _batch((32, 32, 1), "multiclass")
     logs = loaded.evaluate(x, y, verbose=0, return_dict=True)
     assert {"loss", "dice_pancreas", "dice_tumour"} <= set(logs)

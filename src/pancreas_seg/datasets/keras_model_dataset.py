@@ -1,42 +1,37 @@
 """``KerasModelDataset``: a Keras 3 ``.keras`` file via ``keras.saving`` (any backend, no TensorFlow).
 
-Loading uses ``safe_mode=True``; the project's custom layers, losses and metrics are registered
-as serialisable when :mod:`pancreas_seg.learning` is imported, which ``load`` does first.
+Loading goes through :func:`pancreas_seg.models.io.load_model`, the project's one model loader, so
+``catalog.load("unet.model")`` works in a fresh process.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
 from pancreas_seg.datasets._fsspec_file import FsspecFileDataset
 
 
 class KerasModelDataset(FsspecFileDataset):
-    """Save/load a compiled Keras model as a single ``.keras`` file (versionable)."""
+    """Save/load a compiled Keras model as a single ``.keras`` file (versionable).
 
-    DEFAULT_LOAD_ARGS = {"safe_mode": True, "compile": True}
+    ``load_args: {compile: false}`` skips restoring the optimizer (faster, enough to predict).
+    """
+
+    DEFAULT_LOAD_ARGS = {"compile": True}
 
     def load(self) -> Any:
-        import keras  # noqa: PLC0415 - lazy: keeps `kedro viz` and catalog loading fast
+        # lazy: keeps `kedro viz` and catalog loading free of TensorFlow
+        from pancreas_seg.models.io import load_model, load_model_bytes  # noqa: PLC0415
 
-        import pancreas_seg.learning  # noqa: F401, PLC0415 - registers custom objects
-        import pancreas_seg.models  # noqa: F401, PLC0415
-
+        compile_model = bool(self._load_args.get("compile", True))
         if self._is_local:
-            return keras.saving.load_model(self._load_path(), **self._load_args)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "model.keras")
-            self._fs.get(self._load_path(), local)
-            return keras.saving.load_model(local, **self._load_args)
+            return load_model(self._load_path(), compile=compile_model)
+        return load_model_bytes(self._read_bytes(), compile=compile_model)
 
     def save(self, model: Any) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "model.keras")
-            model.save(local)
-            with open(local, "rb") as handle:
-                self._write_bytes(handle.read())
+        from pancreas_seg.models.io import model_bytes  # noqa: PLC0415
+
+        self._write_bytes(model_bytes(model))
 
     def _describe(self) -> dict[str, Any]:
         return {**super()._describe(), "format": "keras"}

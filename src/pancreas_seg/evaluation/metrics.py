@@ -55,8 +55,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-CLASS_LABELS: dict[str, tuple[int, ...]] = {"pancreas": (1, 2), "tumour": (2,)}
-"""Evaluated classes of MSD Task07 -> label values forming the class (pancreas = 1 ∪ 2)."""
+from pancreas_seg.labels import CLASS_LABELS
 
 HD_PERCENTILE = 95.0
 

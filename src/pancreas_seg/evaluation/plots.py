@@ -15,17 +15,18 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from .metrics import CLASS_LABELS, class_mask, dice
+from pancreas_seg.labels import CLASS_LABELS, LABEL_NAMES, PANCREAS, TUMOUR
+
+from .metrics import class_mask, dice
 
 if TYPE_CHECKING:
     import pandas as pd
 
 LABEL_COLOURS: dict[int, tuple[float, float, float]] = {
-    1: (0.10, 0.85, 0.25),  # pancreas (green)
-    2: (0.95, 0.10, 0.60),  # tumour (magenta)
+    PANCREAS: (0.10, 0.85, 0.25),  # green
+    TUMOUR: (0.95, 0.10, 0.60),    # magenta
 }
 """RGB colour per label value in overlays."""
-LABEL_NAMES: dict[int, str] = {1: "pancreas", 2: "tumour"}
 OVERLAY_ALPHA = 0.45
 
 

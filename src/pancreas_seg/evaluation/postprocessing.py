@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-PANCREAS_LABELS: tuple[int, ...] = (1, 2)
-"""Label values that together form the pancreas region (pancreas 1 ∪ tumour 2)."""
+from pancreas_seg.labels import PANCREAS_REGION
 
 
 def keep_largest_component(mask: np.ndarray, connectivity: int = 3) -> np.ndarray:
@@ -47,5 +46,5 @@ def keep_largest_foreground(labels: np.ndarray, connectivity: int = 3) -> np.nda
         A label map of the same shape and dtype.
     """
     labels = np.asarray(labels)
-    keep = keep_largest_component(np.isin(labels, PANCREAS_LABELS), connectivity=connectivity)
+    keep = keep_largest_component(np.isin(labels, PANCREAS_REGION), connectivity=connectivity)
     return np.where(keep, labels, np.zeros((), dtype=labels.dtype)).astype(labels.dtype, copy=False)

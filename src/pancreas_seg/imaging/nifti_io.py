@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from pancreas_seg.atomic import atomic_write_bytes
 
 
 class InvalidNiftiError(ValueError):
@@ -106,20 +107,6 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray,
     """Serialise an array + affine to NIfTI bytes (gzip-compressed when ``compress``)."""
     raw = to_nifti_image(array, affine, header).to_bytes()
     return gzip.compress(raw, compresslevel=1, mtime=0) if compress else raw
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
-    """Write bytes to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def save_nifti(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray,

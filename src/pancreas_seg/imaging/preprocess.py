@@ -32,8 +32,13 @@ from pancreas_seg.imaging.resize import (
     resize_label_slices,
     restore_probability_slices,
 )
+from pancreas_seg.labels import (
+    check_label_mode,
+    output_channels,
+    probabilities_to_labels,
+    to_training_target,
+)
 
-LABEL_MODES = ("multiclass", "pancreas", "tumour")
 AIR_HU = -1024.0  # fill value for padding outside the scanned field of view, HU
 
 
@@ -53,8 +58,7 @@ class PreprocessingConfig:
     context_slices: int = 1
 
     def __post_init__(self) -> None:
-        if self.label_mode not in LABEL_MODES:
-            raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
+        check_label_mode(self.label_mode)
         if self.image_dtype not in ("float32", "float16"):
             raise ValueError(f"image_dtype must be float32 or float16, got {self.image_dtype!r}")
         if self.context_slices < 1 or self.context_slices % 2 == 0:
@@ -82,7 +86,7 @@ class PreprocessingConfig:
     @property
     def num_classes(self) -> int:
         """Model output channels: 3 (softmax) for multiclass, 1 (sigmoid) otherwise."""
-        return 3 if self.label_mode == "multiclass" else 1
+        return output_channels(self.label_mode)
 
 
 @dataclass(frozen=True)
@@ -154,33 +158,10 @@ def preprocess_image(hu: np.ndarray, affine: np.ndarray, config: PreprocessingCo
     return image.astype(config.image_dtype, copy=False), geometry
 
 
-def map_label_mode(label: np.ndarray, label_mode: str) -> np.ndarray:
-    """MSD labels {0,1,2} -> training targets (uint8): multiclass {0,1,2}; pancreas 1∪2 -> 1; tumour 2 -> 1."""
-    label = np.asarray(label)
-    if label_mode == "multiclass":
-        return label.astype(np.uint8, copy=False)
-    if label_mode == "pancreas":
-        return (label > 0).astype(np.uint8)
-    if label_mode == "tumour":
-        return (label == 2).astype(np.uint8)
-    raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
-
-
 def preprocess_label(label: np.ndarray, geometry: SliceGeometry, label_mode: str) -> np.ndarray:
     """Label volume (X, Y, Z) in file order -> (Z, H, W) uint8 targets on the model grid (nearest)."""
     slices = canonical_slices(np.asarray(label), geometry)
-    return map_label_mode(resize_label_slices(slices, geometry.grid), label_mode)
-
-
-def probabilities_to_labels(probabilities: np.ndarray, label_mode: str) -> np.ndarray:
-    """(..., C) model output -> MSD label values (uint8): argmax for multiclass, p >= 0.5 otherwise.
-
-    Binary modes map back to their MSD value: ``pancreas`` -> 1, ``tumour`` -> 2.
-    """
-    if label_mode == "multiclass":
-        return np.argmax(probabilities, axis=-1).astype(np.uint8)
-    value = 1 if label_mode == "pancreas" else 2
-    return (probabilities[..., 0] >= 0.5).astype(np.uint8) * np.uint8(value)
+    return to_training_target(resize_label_slices(slices, geometry.grid), label_mode)
 
 
 #: Slices restored per step in :func:`restore_label_volume` (bounds its memory, not its result).

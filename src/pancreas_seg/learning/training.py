@@ -21,10 +21,8 @@ from typing import Any
 
 import keras
 
-from pancreas_seg.imaging.nifti_io import atomic_write_bytes
-# Register the custom loss and metrics so checkpoints load before anything has built a model.
-from pancreas_seg.learning import losses as _losses  # noqa: F401
-from pancreas_seg.learning import metrics as _metrics  # noqa: F401
+from pancreas_seg.atomic import atomic_write_bytes
+from pancreas_seg.models.io import load_model, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +81,6 @@ def learning_rate_schedule(learning_rate: float, schedule: str,
     raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
 
 
-def _atomic_save_model(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
 class ResumableCheckpoint(keras.callbacks.Callback):
     """Writes ``last.keras`` + ``state.json`` every epoch and ``best.keras`` on improvement."""
 
@@ -108,9 +100,9 @@ class ResumableCheckpoint(keras.callbacks.Callback):
             raise KeyError(f"monitor '{self.monitor}' not in epoch logs {sorted(logs)}")
         if not math.isnan(float(current)) and float(current) > self.best_value:
             self.best_value = float(current)
-            _atomic_save_model(self.model, self.directory / "best.keras")
+            save_model(self.model, self.directory / "best.keras")
             logger.info("Epoch %d: %s improved to %.4f; saved best.keras", epoch + 1, self.monitor, current)
-        _atomic_save_model(self.model, self.directory / "last.keras")
+        save_model(self.model, self.directory / "last.keras")
         state = {"fingerprint": self.fingerprint, "completed_epochs": epoch + 1,
                  "best_value": self.best_value, "monitor": self.monitor, "history": self.history}
         atomic_write_bytes(self.directory / "state.json", json.dumps(state, indent=1).encode())
@@ -173,7 +165,7 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
         initial_epoch, history = int(state["completed_epochs"]), state["history"]
         best_value = float(state["best_value"])
         logger.info("[%s] resuming from %s after epoch %d", label, checkpoint_dir, initial_epoch)
-        model = keras.saving.load_model(checkpoint_dir / "last.keras", safe_mode=True)
+        model = load_model(checkpoint_dir / "last.keras")
     train_data.epoch = initial_epoch
 
     if initial_epoch < config.epochs:
@@ -196,6 +188,5 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
         logger.info("[%s] all %d epochs already completed in %s", label, config.epochs, checkpoint_dir)
 
     best_path = checkpoint_dir / "best.keras"
-    best = keras.saving.load_model(best_path if best_path.is_file() else checkpoint_dir / "last.keras",
-                                   safe_mode=True)
+    best = load_model(best_path if best_path.is_file() else checkpoint_dir / "last.keras")
     return FitResult(model=best, history=history, resumed_from_epoch=initial_epoch, best_value=best_value)

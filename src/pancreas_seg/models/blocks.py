@@ -12,8 +12,10 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-#: Supported target layouts (see :func:`output_channels`).
-LABEL_MODES: tuple[str, ...] = ("multiclass", "pancreas", "tumour")
+from pancreas_seg.labels import LABEL_MODES, check_label_mode
+from pancreas_seg.labels import output_channels as label_output_channels
+
+__all__ = ["LABEL_MODES"]  # re-exported: the registry lists it next to the builders
 
 #: Supported hidden activations.
 ACTIVATIONS: tuple[str, ...] = ("relu", "prelu")
@@ -27,18 +29,12 @@ BATCH_NORM_MOMENTUM = 0.9
 
 def validate_label_mode(label_mode: str) -> str:
     """Return ``label_mode``, or raise ValueError when it is not in :data:`LABEL_MODES`."""
-    if label_mode not in LABEL_MODES:
-        raise ValueError(f"Unknown label_mode {label_mode!r}; expected one of {list(LABEL_MODES)}.")
-    return label_mode
+    return check_label_mode(label_mode)
 
 
 def output_channels(label_mode: str) -> int:
-    """Number of output channels for a label mode.
-
-    ``"multiclass"`` -> 3 (background, pancreas, tumour; one-hot targets, softmax output);
-    ``"pancreas"`` (labels 1 and 2) and ``"tumour"`` (label 2) -> 1 (binary targets, sigmoid).
-    """
-    return 3 if validate_label_mode(label_mode) == "multiclass" else 1
+    """Number of output channels for a label mode (see :mod:`pancreas_seg.labels`)."""
+    return label_output_channels(label_mode)
 
 
 def output_activation(label_mode: str) -> str:

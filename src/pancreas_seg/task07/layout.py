@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pancreas_seg.labels import MSD_DATASET_LABELS as MSD_LABELS  # dataset.json "labels"
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-MSD_LABELS = {"0": "background", "1": "pancreas", "2": "cancer"}
 
 
 @dataclass(frozen=True)

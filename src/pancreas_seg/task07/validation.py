@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pancreas_seg.imaging.nifti_io import InvalidNiftiError, load_nifti, orientation_code
+from pancreas_seg.labels import LABEL_VALUES, PANCREAS, TUMOUR
 from pancreas_seg.task07.layout import (
     CaseFiles,
     case_id_from_path,
@@ -26,7 +27,7 @@ from pancreas_seg.task07.layout import (
     resolve_entry,
 )
 
-ALLOWED_LABELS = frozenset({0, 1, 2})
+ALLOWED_LABELS = frozenset(LABEL_VALUES)
 ON_INVALID = ("fail", "skip")
 
 
@@ -170,7 +171,7 @@ def validate_case(case: CaseFiles, affine_atol_mm: float = 1e-3) -> tuple[CaseRe
                                     f"label values {extra} are not in {{0, 1, 2}}"))
         if findings:
             return None, findings
-        counts = (int(np.count_nonzero(label.array == 1)), int(np.count_nonzero(label.array == 2)))
+        counts = (int(np.count_nonzero(label.array == PANCREAS)), int(np.count_nonzero(label.array == TUMOUR)))
     spacing = image.spacing_mm
     record = CaseRecord(
         case_id=case.case_id, subset=case.subset, image_path=str(case.image),

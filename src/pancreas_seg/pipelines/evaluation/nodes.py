@@ -15,7 +15,11 @@ import pandas as pd
 
 from pancreas_seg import tracking
 from pancreas_seg.evaluation.metrics import case_metrics, slice_dice, summarise
-from pancreas_seg.evaluation.plots import pick_representative_slices, plot_dice_boxplots, plot_overlays
+from pancreas_seg.evaluation.plots import (
+    pick_representative_slices,
+    plot_dice_boxplots,
+    plot_overlays,
+)
 from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
 from pancreas_seg.imaging.preprocess import (

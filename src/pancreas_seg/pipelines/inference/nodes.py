@@ -9,15 +9,18 @@ from typing import Any
 
 import numpy as np
 
+from pancreas_seg.atomic import atomic_write_bytes
 from pancreas_seg.evaluation.plots import pick_representative_slices, plot_overlays
-from pancreas_seg.imaging.nifti_io import NiftiVolume, atomic_write_bytes, load_nifti, save_nifti
 from pancreas_seg.imaging.intensity import ForegroundIntensityStats
+from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti, save_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
     axial_view,
     intensity_stats_from_dict,
 )
-from pancreas_seg.model_store import load_keras_model, resolve_model
+from pancreas_seg.labels import PANCREAS, TUMOUR
+from pancreas_seg.model_store import resolve_model
+from pancreas_seg.models.io import load_model
 from pancreas_seg.prediction import segment_volume, use_xla
 from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
 from pancreas_seg.task07.validation import validate_case
@@ -68,8 +71,8 @@ def segment_case(model: Any, path: Path, output_dir: Path, config: Preprocessing
     save_overlay(ct, labels, overlay_path, tuple(inference["overlay_window_hu"]), architecture)
     return {"case_id": case_id, "input": str(path), "mask": str(mask_path),
             "overlay": str(overlay_path), "shape": list(labels.shape),
-            "voxels_pancreas": int(np.count_nonzero(labels == 1)),
-            "voxels_tumour": int(np.count_nonzero(labels == 2))}
+            "voxels_pancreas": int(np.count_nonzero(labels == PANCREAS)),
+            "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
 
 
 def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
@@ -95,7 +98,7 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
         listing = "\n".join(f"  - {f}" for f in findings)
         raise ValueError(f"{len(findings)} invalid inference input(s):\n{listing}\n"
                          "Fix them or set inference.on_invalid: skip")
-    model = load_keras_model(model_file)
+    model = load_model(model_file, compile=False)
     use_xla(model, bool(inference.get("xla", True)))
     logger.info("Inference with %s (%s) on %d scan(s) -> %s", card["architecture"], model_file, len(valid), output_dir)
     outputs = []
