@@ -84,3 +84,19 @@ def retained_heap(enabled: bool = True) -> Iterator[bool]:
         _mallopt(libc, _M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         _mallopt(libc, _M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD_BYTES)
         libc.malloc_trim(0)
+
+
+@contextmanager
+def dtype_policy(name: str | None) -> Iterator[None]:
+    """TEMPORARY (replaced by the resume branch): set keras' global dtype policy for the block."""
+    if name is None:
+        yield
+        return
+    import keras  # noqa: PLC0415
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)

@@ -2,10 +2,6 @@
 
 from kedro.config import OmegaConfigLoader
 
-from pancreas_seg.hooks import ArchitectureSelectionHook
-
-HOOKS = (ArchitectureSelectionHook(),)
-
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

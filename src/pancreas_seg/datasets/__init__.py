@@ -6,5 +6,6 @@ Use them in ``conf/*/catalog.yml`` as ``pancreas_seg.datasets.NiftiDataset`` and
 from pancreas_seg.datasets.keras_model_dataset import KerasModelDataset
 from pancreas_seg.datasets.nifti_dataset import NiftiDataset
 from pancreas_seg.datasets.numpy_dataset import NumpyDataset
+from pancreas_seg.datasets.optional_partitions import OptionalPartitionedDataset
 
-__all__ = ["KerasModelDataset", "NiftiDataset", "NumpyDataset"]
+__all__ = ["KerasModelDataset", "NiftiDataset", "NumpyDataset", "OptionalPartitionedDataset"]

@@ -11,7 +11,6 @@ import gzip
 import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import nibabel as nib

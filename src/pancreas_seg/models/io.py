@@ -66,3 +66,17 @@ def load_model_bytes(payload: bytes, compile: bool = True) -> Any:  # noqa: A002
         local = Path(tmp) / "model.keras"
         local.write_bytes(payload)
         return load_model(local, compile=compile)
+
+
+def weights_sha256(model: keras.Model) -> str:
+    """SHA-256 (hex) of every weight value in order: identifies a trained model's parameters."""
+    import hashlib  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{weight.path}:{value.dtype}:{value.shape};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()

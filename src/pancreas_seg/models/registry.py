@@ -12,6 +12,7 @@ import keras
 
 from pancreas_seg.models.blocks import LABEL_MODES, output_activation, output_channels
 from pancreas_seg.models.fcn import build_fcn
+from pancreas_seg.models.names import ARCHITECTURE_NAMES
 from pancreas_seg.models.unet import build_unet
 from pancreas_seg.models.unet_small import build_unet_small
 from pancreas_seg.models.vnet2d import build_vnet2d
@@ -24,6 +25,8 @@ ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
     "fcn": build_fcn,
     "vnet2d": build_vnet2d,
 }
+if tuple(ARCHITECTURES) != ARCHITECTURE_NAMES:  # pragma: no cover - a programming error
+    raise ImportError(f"models.registry builders {tuple(ARCHITECTURES)} != models.names {ARCHITECTURE_NAMES}")
 
 
 def build_model(

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pancreas_seg.labels import MSD_DATASET_LABELS as MSD_LABELS  # dataset.json "labels"
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 

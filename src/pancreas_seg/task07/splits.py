@@ -3,9 +3,17 @@
 In MSD Task07 every case is one patient, so the default grouping key is the case id; a separate
 ``patient_id`` column can be given when several scans belong to one patient. A patient is never
 in two splits.
+
+The split is made once per dataset and persisted (``data/03_primary/splits/<dataset>.json``, like
+nnU-Net's ``splits_final.json``): later runs reuse it, a new one needs an explicit
+``split.recompute: true``, and cases that drop out are removed from it without moving any other.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -53,3 +61,93 @@ def assign_splits(patient_ids: pd.Series, test_fraction: float, validation_fract
     ids = patient_ids.astype(str)
     return pd.DataFrame({"split": ids.map(split_of), "fold": ids.map(fold_of).astype(int)},
                         index=patient_ids.index)
+
+
+# --------------------------------------------------------------------------- persisted split
+#: Split settings that define a split; changing one of them needs ``split.recompute: true``.
+SPLIT_SETTINGS = ("seed", "test_fraction", "validation_fraction", "n_folds")
+
+
+class SplitMismatchError(ValueError):
+    """The persisted split does not fit the current cases or settings; the message says how."""
+
+
+def _settings(split: Mapping[str, Any]) -> dict[str, Any]:
+    return {"seed": int(split["seed"]), "test_fraction": float(split["test_fraction"]),
+            "validation_fraction": float(split["validation_fraction"]),
+            "n_folds": int(split.get("n_folds", 0) or 0)}
+
+
+def make_split(cases: pd.DataFrame, split: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """A new persisted split (the ``splits/<dataset>.json`` record) of the labelled ``cases``.
+
+    Args:
+        cases: one row per labelled case with ``case_id`` and optionally ``patient_id``.
+        split: the ``split`` parameters (seed, test_fraction, validation_fraction, n_folds).
+        dataset: the dataset's name (its raw folder), recorded so a split never meets other data.
+
+    Returns:
+        ``{"dataset", "settings", "created_at", "train", "validation", "test", "folds", "dropped"}``:
+        sorted case-id lists per split, ``folds`` maps non-test case ids to their fold (n_folds >= 2).
+    """
+    settings = _settings(split)
+    patients = cases["patient_id"] if "patient_id" in cases else cases["case_id"]
+    assigned = assign_splits(patients, settings["test_fraction"], settings["validation_fraction"],
+                             settings["seed"], settings["n_folds"])
+    ids = cases["case_id"].astype(str)
+    record: dict[str, Any] = {"dataset": dataset, "settings": settings,
+                              "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    for name in SPLITS:
+        record[name] = sorted(ids[assigned["split"] == name])
+    record["folds"] = {c: int(f) for c, f in zip(ids, assigned["fold"], strict=True) if f >= 0}
+    record["dropped"] = []
+    return record
+
+
+def reconcile_split(record: Mapping[str, Any], case_ids: Iterable[str], split: Mapping[str, Any],
+                    dataset: str) -> tuple[dict[str, Any], list[str]]:
+    """Reuse a persisted split for the current labelled ``case_ids``.
+
+    Cases of the split that are no longer valid (``on_invalid: skip`` dropped them, or they were
+    removed) are taken out of it, and nothing else moves. Returns the updated record and the
+    dropped case ids.
+
+    Raises:
+        SplitMismatchError: the record is of another dataset, the split settings changed, or there
+            are labelled cases the split does not know; the message names them and the way out
+            (``split.recompute: true`` makes a new split).
+    """
+    hint = ("Set split.recompute=true (for example `kedro run --params split.recompute=true`) to "
+            "make a new split; models trained on the old one will then be refused by evaluation.")
+    if record.get("dataset") != dataset:
+        raise SplitMismatchError(f"the persisted split is of dataset {record.get('dataset')!r}, not "
+                                 f"{dataset!r}. {hint}")
+    wanted, persisted = _settings(split), dict(record["settings"])
+    changed = {k: (persisted.get(k), wanted[k]) for k in SPLIT_SETTINGS if persisted.get(k) != wanted[k]}
+    if changed:
+        listing = ", ".join(f"split.{k}: {old} -> {new}" for k, (old, new) in changed.items())
+        raise SplitMismatchError(f"split settings changed since the split of {dataset!r} was made "
+                                 f"({listing}). {hint}")
+    current = {str(c) for c in case_ids}
+    known = {c for name in SPLITS for c in record[name]}
+    unknown = sorted(current - known)
+    if unknown:
+        raise SplitMismatchError(f"{len(unknown)} labelled case(s) of {dataset!r} are not in its persisted "
+                                 f"split: {', '.join(unknown)}. {hint}")
+    dropped = sorted(known - current)
+    updated = {**record, **{name: [c for c in record[name] if c in current] for name in SPLITS}}
+    updated["folds"] = {c: f for c, f in record.get("folds", {}).items() if c in current}
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    updated["dropped"] = [*record.get("dropped", []), *({"case_id": c, "dropped_at": now} for c in dropped)]
+    if not updated["train"]:
+        raise SplitMismatchError(f"no training case of {dataset!r} is left in its persisted split. {hint}")
+    return updated, dropped
+
+
+def split_assignment(record: Mapping[str, Any], case_ids: Iterable[str]) -> pd.DataFrame:
+    """``split`` and ``fold`` columns for ``case_ids`` (index: case id) from a persisted split."""
+    split_of = {c: name for name in SPLITS for c in record[name]}
+    folds = record.get("folds", {})
+    ids = [str(c) for c in case_ids]
+    return pd.DataFrame({"split": [split_of[c] for c in ids],
+                         "fold": [int(folds.get(c, -1)) for c in ids]}, index=ids)

@@ -27,6 +27,12 @@ from pancreas_seg.imaging.preprocess import (
     SliceGeometry,
     axial_view,
 )
+from pancreas_seg.model_card import (
+    check_dataset,
+    check_disjoint,
+    check_preprocessing,
+    check_weights,
+)
 from pancreas_seg.prediction import labels_from_probabilities, predict_slices, use_xla
 
 logger = logging.getLogger(__name__)
@@ -38,14 +44,38 @@ def test_case_ids(case_manifest: pd.DataFrame) -> list[str]:
     return sorted(case_manifest.loc[case_manifest["split"] == "test", "case_id"])
 
 
-def predict_test_cases(model: Any, model_input_slices: Mapping[str, Callable[[], np.ndarray]],
+def check_model_binding(model_card: dict[str, Any], case_manifest: pd.DataFrame,
+                        intensity_stats: dict[str, Any], preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """Refuse to score a model on its own training data or with other preprocessing.
+
+    Raises :class:`~pancreas_seg.model_card.ModelMismatchError` naming the cases or settings when
+    the model was trained on another dataset, when its training or validation cases are among the
+    test cases of the current split, or when its preprocessing differs from the one in use.
+    Returns what was checked (saved as ``<architecture>/model_check.json``).
+    """
+    cases = test_case_ids(case_manifest)
+    dataset = str(case_manifest["dataset"].iloc[0])
+    check_dataset(model_card, dataset)
+    check_disjoint(model_card, cases, "scores as test cases")
+    check_preprocessing(model_card, preprocessing, intensity_stats)
+    return {"architecture": model_card["architecture"], "dataset": dataset, "test_cases": cases,
+            "preprocessing_fingerprint": model_card["preprocessing_fingerprint"],
+            "weights_sha256": model_card["weights_sha256"], "trained_at": model_card.get("trained_at")}
+
+
+def predict_test_cases(model: Any, model_check: dict[str, Any],
+                       model_input_slices: Mapping[str, Callable[[], np.ndarray]],
                        slice_geometry: dict[str, Any], case_manifest: pd.DataFrame,
                        model_card: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Callable[[], NiftiVolume]]:
     """Lazily predict every test case and map it back to the original file's grid and affine.
 
+    ``model_check`` (from :func:`check_model_binding`) must describe this model's weights.
     Returns ``{case_id: fn}``; Kedro calls each ``fn`` when it saves that partition, so only one
     case is in memory at a time. Saved predictions are not post-processed.
     """
+    from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415 - lazy: Keras
+
+    check_weights(model_check, weights_sha256(model))
     config = PreprocessingConfig.from_params(model_card["preprocessing"])
     cases = test_case_ids(case_manifest)
     if not cases:
@@ -64,7 +94,8 @@ def predict_test_cases(model: Any, model_input_slices: Mapping[str, Callable[[],
 
 
 def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], case_manifest: pd.DataFrame,
-                     model_card: dict[str, Any], evaluation: dict[str, Any]) -> pd.DataFrame:
+                     slice_geometry: dict[str, Any], model_card: dict[str, Any],
+                     evaluation: dict[str, Any]) -> pd.DataFrame:
     """Per case and class: Dice, HD95 (mm), NSD and slice Dice, without and with largest-component."""
     name = model_card["architecture"]
     manifest = case_manifest.set_index("case_id")
@@ -167,7 +198,7 @@ def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str
 def plot_test_overlays(case_manifest: pd.DataFrame, evaluation: dict[str, Any], *inputs: Any) -> Any:
     """Overlays of CT (HU window), ground truth and every model on representative test slices.
 
-    Inputs after the parameters: each architecture's model card, then its test predictions.
+    Inputs after the parameters: each architecture's evaluation summary, then its test predictions.
     """
     n = len(inputs) // 2
     cards, predictions = inputs[:n], inputs[n:]

@@ -1,41 +1,57 @@
-"""Evaluation wiring: per-architecture prediction and scoring, then a cross-model comparison."""
+"""Evaluation wiring: per-architecture prediction and scoring, then a cross-model comparison.
+
+Each architecture's evaluation runs in its namespace (``unet.test_predictions`` ...). The two
+results the comparison reads across namespaces are published under plain names
+(``evaluation_summary_unet``, ``metrics_per_case_unet``, ``test_predictions_unet``), because Kedro
+reserves dotted names for a node's own namespace.
+"""
 
 from collections.abc import Iterable
 
 from kedro.pipeline import Node, Pipeline
 
+from pancreas_seg.models.names import ARCHITECTURE_NAMES
 from pancreas_seg.pipelines.evaluation import nodes
+
+SHARED_INPUTS = {"model_input_slices", "slice_geometry", "case_manifest", "intensity_stats"}
+SHARED_PARAMETERS = {"params:evaluation", "params:preprocessing"}
+PUBLISHED_OUTPUTS = ("test_predictions", "metrics_per_case", "evaluation_summary")
 
 
 def template() -> Pipeline:
+    """Predict and score the held-out test cases with one architecture's model."""
     return Pipeline([
+        Node(nodes.check_model_binding,
+             ["model_card", "case_manifest", "intensity_stats", "params:preprocessing"],
+             "model_check", name="check_model_binding"),
         Node(nodes.predict_test_cases,
-             ["model", "model_input_slices", "slice_geometry", "case_manifest", "model_card", "params:evaluation"],
+             ["model", "model_check", "model_input_slices", "slice_geometry", "case_manifest",
+              "model_card", "params:evaluation"],
              "test_predictions", name="predict_test_cases"),
-        Node(nodes.score_test_cases, ["test_predictions", "case_manifest", "model_card", "params:evaluation"],
+        Node(nodes.score_test_cases,
+             ["test_predictions", "case_manifest", "slice_geometry", "model_card", "params:evaluation"],
              "metrics_per_case", name="score_test_cases"),
         Node(nodes.summarise_model, ["metrics_per_case", "model_card"], "evaluation_summary",
              name="summarise_model"),
     ])
 
 
-def create_pipeline(architectures: Iterable[str] = ("unet", "unet_small", "fcn", "vnet2d")) -> Pipeline:
+def create_pipeline(architectures: Iterable[str] = ARCHITECTURE_NAMES) -> Pipeline:
     archs = list(architectures)
     per_model = sum(
-        (Pipeline(template(), namespace=arch,
-                  inputs={"model_input_slices", "slice_geometry", "case_manifest"},
-                  parameters={"params:evaluation"})
+        (Pipeline(template(), namespace=arch, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS,
+                  outputs={name: f"{name}_{arch}" for name in PUBLISHED_OUTPUTS})
          for arch in archs),
         Pipeline([]),
     )
     comparison = Pipeline([
         Node(nodes.compare_architectures,
-             [f"{a}.metrics_per_case" for a in archs] + [f"{a}.evaluation_summary" for a in archs],
+             [f"metrics_per_case_{a}" for a in archs] + [f"evaluation_summary_{a}" for a in archs],
              ["metrics_per_case", "model_comparison", "model_comparison_markdown", "dice_boxplots"],
              name="compare_architectures"),
         Node(nodes.plot_test_overlays,
-             ["case_manifest", "params:evaluation"] + [f"{a}.model_card" for a in archs]
-             + [f"{a}.test_predictions" for a in archs],
+             ["case_manifest", "params:evaluation"] + [f"evaluation_summary_{a}" for a in archs]
+             + [f"test_predictions_{a}" for a in archs],
              "test_overlays", name="plot_test_overlays"),
     ])
     return per_model + comparison

@@ -20,7 +20,7 @@ from pancreas_seg.imaging.preprocess import (
 )
 from pancreas_seg.labels import PANCREAS, TUMOUR
 from pancreas_seg.model_store import resolve_model
-from pancreas_seg.models.io import load_model
+from pancreas_seg.model_card import check_card_consistent, check_disjoint, check_weights
 from pancreas_seg.prediction import segment_volume, use_xla
 from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
 from pancreas_seg.task07.validation import validate_case
@@ -76,13 +76,19 @@ def segment_case(model: Any, path: Path, output_dir: Path, config: Preprocessing
 
 
 def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
-    """Segment every input CT; write ``<case>.nii.gz`` (same shape, affine, orientation) + overlay PNG.
+    """Segment every input CT with a model checked against its card; write ``<case>.nii.gz`` (same shape, affine, orientation) + overlay PNG.
 
-    Invalid inputs follow ``inference.on_invalid`` (``fail`` lists all of them, ``skip`` continues).
+    The model is refused when its card does not match its weights or its own settings, or when it
+    was trained on one of the inputs (unless ``inference.allow_training_cases``). Invalid inputs follow ``inference.on_invalid`` (``fail`` lists all of them, ``skip`` continues).
     Returns a report of what was written.
     """
     inputs = collect_inputs(inference["input_path"])
-    model_file, card = resolve_model(str(inference["model"]), inference["models_dir"])
+    trained = resolve_model(str(inference["model"]), inference["models_dir"])
+    model_file, card = trained.model_file, trained.card
+    check_card_consistent(card)
+    if not inference.get("allow_training_cases", False):
+        check_disjoint(card, [case_id_from_path(p) for p in inputs],
+                       "was asked to segment (set inference.allow_training_cases: true to allow it)")
     config = PreprocessingConfig.from_params(card["preprocessing"])
     stats = intensity_stats_from_dict(card.get("intensity_stats"))
     output_dir = Path(inference["output_dir"])
@@ -98,7 +104,10 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
         listing = "\n".join(f"  - {f}" for f in findings)
         raise ValueError(f"{len(findings)} invalid inference input(s):\n{listing}\n"
                          "Fix them or set inference.on_invalid: skip")
+    from pancreas_seg.models.io import load_model, weights_sha256  # noqa: PLC0415 - lazy: Keras
+
     model = load_model(model_file, compile=False)
+    check_weights(card, weights_sha256(model))
     use_xla(model, bool(inference.get("xla", True)))
     logger.info("Inference with %s (%s) on %d scan(s) -> %s", card["architecture"], model_file, len(valid), output_dir)
     outputs = []

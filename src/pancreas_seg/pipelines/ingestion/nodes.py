@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pandas as pd
 from pancreas_seg.imaging.phantom import PhantomConfig, write_synthetic_task07
 from pancreas_seg.task07.archive import extract_task07_archive
 from pancreas_seg.task07.layout import is_synthetic, read_dataset_json
-from pancreas_seg.task07.splits import assign_splits
+from pancreas_seg.task07.splits import make_split, reconcile_split, split_assignment
 from pancreas_seg.task07.validation import (
     ON_INVALID,
     CaseRecord,
@@ -91,18 +92,55 @@ def apply_invalid_policy(validation_report: dict[str, Any], validated_cases: pd.
     return validated_cases
 
 
-def build_case_manifest(valid_cases: pd.DataFrame, split: dict[str, Any]) -> pd.DataFrame:
-    """Add the patient-level ``split`` (and ``fold``) to the labelled cases; imagesTs get ``unlabelled``."""
+def dataset_name(raw_root: str) -> str:
+    """The dataset's name: its raw folder (``Task07_Pancreas``, ``Task07_Pancreas_synthetic`` ...)."""
+    return Path(raw_root).name
+
+
+def _labelled(valid_cases: pd.DataFrame) -> pd.DataFrame:
+    return valid_cases[valid_cases["subset"] == "training"]
+
+
+def plan_split(valid_cases: pd.DataFrame, raw_root: str, persisted_splits: Mapping[str, Callable[[], Any]],
+               split: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The dataset's patient-level split: made on the first run, reused (and kept) afterwards.
+
+    Returns ``{dataset: split record}`` for the ``case_splits`` folder. Cases that are no longer
+    valid are removed from a persisted split; nothing else moves. ``split.recompute: true`` makes a
+    new split from the seed and fractions.
+    """
+    name = dataset_name(raw_root)
+    labelled = _labelled(valid_cases)
+    if name in persisted_splits and not split.get("recompute", False):
+        record, dropped = reconcile_split(persisted_splits[name](), labelled["case_id"], split, name)
+        if dropped:
+            logger.warning("Removed %d case(s) that are no longer valid from the persisted split of %s: %s",
+                           len(dropped), name, ", ".join(dropped))
+        logger.info("Reusing the persisted split of %s (made %s, seed %s)", name, record["created_at"],
+                    record["settings"]["seed"])
+    else:
+        if name in persisted_splits:
+            logger.warning("split.recompute is set: replacing the persisted split of %s", name)
+        record = make_split(labelled, split, name)
+        logger.info("New patient-level split of %s (seed %s)", name, split["seed"])
+    return {name: record}
+
+
+def build_case_manifest(valid_cases: pd.DataFrame, case_splits: Mapping[str, Any], raw_root: str) -> pd.DataFrame:
+    """The labelled cases with their ``split`` and ``fold`` from the persisted split, plus the
+    unlabelled ``imagesTs`` cases (split ``unlabelled``), and the ``dataset`` they belong to."""
+    name = dataset_name(raw_root)
+    record = case_splits[name]
+    record = record() if callable(record) else record
     manifest = valid_cases.copy()
     labelled = manifest["subset"] == "training"
     if "patient_id" not in manifest:
         manifest["patient_id"] = manifest["case_id"]
-    assigned = assign_splits(manifest.loc[labelled, "patient_id"], float(split["test_fraction"]),
-                             float(split["validation_fraction"]), int(split["seed"]),
-                             int(split.get("n_folds", 0)))
+    assigned = split_assignment(record, manifest.loc[labelled, "case_id"])
     manifest["split"] = "unlabelled"
     manifest["fold"] = -1
-    manifest.loc[labelled, ["split", "fold"]] = assigned[["split", "fold"]]
-    counts = manifest["split"].value_counts().to_dict()
-    logger.info("Patient-level split (seed %s): %s", split["seed"], counts)
+    manifest.loc[labelled, "split"] = assigned["split"].to_numpy()
+    manifest.loc[labelled, "fold"] = assigned["fold"].to_numpy()
+    manifest["dataset"] = name
+    logger.info("Split of %s: %s", name, manifest["split"].value_counts().to_dict())
     return manifest.sort_values("case_id").reset_index(drop=True)

@@ -12,6 +12,8 @@ def create_pipeline(**kwargs) -> Pipeline:
              ["validation_report", "validated_cases"], name="validate_raw_dataset"),
         Node(nodes.apply_invalid_policy, ["validation_report", "validated_cases"], "valid_cases",
              name="apply_invalid_policy"),
-        Node(nodes.build_case_manifest, ["valid_cases", "params:split"], "case_manifest",
+        Node(nodes.plan_split, ["valid_cases", "raw_task07_root", "persisted_splits", "params:split"],
+             "case_splits", name="plan_split"),
+        Node(nodes.build_case_manifest, ["valid_cases", "case_splits", "raw_task07_root"], "case_manifest",
              name="build_case_manifest"),
     ])

@@ -17,7 +17,8 @@ import pandas as pd
 
 from pancreas_seg import tracking
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
-from pancreas_seg.runtime import retained_heap
+from pancreas_seg.model_card import preprocessing_fingerprint
+from pancreas_seg.runtime import dtype_policy, retained_heap
 
 logger = logging.getLogger(__name__)
 
@@ -101,30 +102,89 @@ def resume_fingerprint(fit_config: Any, name: str, settings: Mapping[str, Any], 
     return fit_config.fingerprint(name, relevant, *parts)
 
 
+def architecture_settings(training: Mapping[str, Any], architecture: Mapping[str, Any]) -> dict[str, Any]:
+    """The shared ``training`` defaults with the architecture's ``overrides`` deep-merged over them."""
+    return merge_settings(training, architecture.get("overrides"))
+
+
+def split_case_ids(case_manifest: pd.DataFrame) -> dict[str, list[str]]:
+    """``{"train": [...], "validation": [...]}``: the sorted case ids a model is trained on."""
+    return {split: sorted(case_manifest.loc[case_manifest["split"] == split, "case_id"].astype(str))
+            for split in ("train", "validation")}
+
+
+def build_model_card(name: str, run_id: str, input_shape: tuple[int, int, int], config: PreprocessingConfig,
+                     preprocessing: dict[str, Any], intensity_stats: dict[str, Any],
+                     case_manifest: pd.DataFrame, result: Any, monitor: str, weights_sha256: str) -> dict[str, Any]:
+    """The model card: what inference needs, and what the model is bound to (see :mod:`model_card`)."""
+    import keras  # noqa: PLC0415
+
+    return {
+        "architecture": name, "mlflow_run_id": run_id, "input_shape": list(input_shape),
+        "label_mode": config.label_mode, "preprocessing": preprocessing, "intensity_stats": intensity_stats,
+        "preprocessing_fingerprint": preprocessing_fingerprint(preprocessing, intensity_stats),
+        "dataset": str(case_manifest["dataset"].iloc[0]),
+        "data_source": str(case_manifest["source"].iloc[0]),
+        "cases": split_case_ids(case_manifest),
+        "weights_sha256": weights_sha256,
+        "monitor": monitor, "best_value": result.best_value,
+        "epochs_completed": len(next(iter(result.history.values()), [])),
+        "keras_backend": keras.backend.backend(), "git_commit": tracking.git_commit(),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _log_run_setup(name: str, settings: dict[str, Any], preprocessing: dict[str, Any], source: str,
+                   label_mode: str) -> None:
+    import keras  # noqa: PLC0415
+    import mlflow  # noqa: PLC0415
+
+    mlflow.set_tags({"architecture": name, "data_source": source, "keras_backend": keras.backend.backend(),
+                     "git_commit": tracking.git_commit(), "label_mode": label_mode})
+    mlflow.log_params(tracking.flatten({"architecture": name, "training": settings,
+                                        "preprocessing": preprocessing}))
+
+
+def _log_training_result(run_id: str, name: str, result: Any, source: str) -> Any:
+    """Complete the epoch curves after a resume; log the training-curve figure and history."""
+    from pancreas_seg.evaluation.plots import plot_training_curves  # noqa: PLC0415
+
+    if result.resumed_from_epoch:
+        import mlflow  # noqa: PLC0415
+
+        mlflow.set_tag("resumed_from_epoch", result.resumed_from_epoch)
+        for epoch in range(result.resumed_from_epoch):  # earlier epochs, so curves are complete
+            tracking.log_epoch_metrics(run_id, {k: v[epoch] for k, v in result.history.items()}, epoch + 1)
+    figure = plot_training_curves(result.history, title=f"{name} ({source} data)")
+    tracking.log_figure(run_id, figure, "plots/training_curves.png")
+    tracking.log_json(run_id, result.history, "training_history.json")
+    return figure
+
+
 def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case_manifest: pd.DataFrame,
                 intensity_stats: dict[str, Any], preprocessing: dict[str, Any], training: dict[str, Any],
                 architecture: dict[str, Any]) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
     """Train one architecture with resume; log it to its own nested MLflow run.
 
-    Returns the best model (by ``monitor``), the training history, the training-curve figure and a
-    model card (everything inference needs to reproduce the preprocessing).
+    Steps: merge the settings, build the loaders, fit (resuming a checkpoint of the same settings
+    and data) under the configured dtype policy and allocator tuning, log the run, write the card.
+    Process-wide settings (mixed precision, malloc tuning) are restored when the node ends.
+
+    Returns the best model (by ``monitor``), the training history, the training-curve figure and
+    the model card (see :mod:`pancreas_seg.model_card`).
     """
     import keras  # noqa: PLC0415
 
-    from pancreas_seg.evaluation.plots import plot_training_curves  # noqa: PLC0415
     from pancreas_seg.learning.training import FitConfig, fit_with_resume  # noqa: PLC0415
+    from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415
     from pancreas_seg.models.registry import build_model  # noqa: PLC0415
 
     name = architecture["name"]
-    settings = merge_settings(training, architecture.get("overrides"))
-    settings.pop("architectures", None)
+    settings = architecture_settings(training, architecture)
     config = PreprocessingConfig.from_params(preprocessing)
-    if settings.get("mixed_precision"):
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    train_loader, val_loader = make_loaders(model_input_slices, case_manifest, settings, config)
-    height, width = config.image_size_px
-    input_shape = (height, width, config.context_slices)
     fit_config = FitConfig.from_settings(settings)
+    train_loader, val_loader = make_loaders(model_input_slices, case_manifest, settings, config)
+    input_shape = (*config.image_size_px, config.context_slices)
     data_key = sorted(train_loader.case_ids) + sorted(val_loader.case_ids)
     fingerprint = resume_fingerprint(fit_config, name, settings, preprocessing, intensity_stats, data_key)
     source = str(case_manifest["source"].iloc[0])
@@ -136,35 +196,19 @@ def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
         model = build_model(name, input_shape, config.label_mode, **settings["model"])
         return _compile(model, settings, config.label_mode, total_steps=fit_config.epochs * len(train_loader))
 
-    with tracking.architecture_run(name) as run:
+    policy = "mixed_float16" if settings.get("mixed_precision") else None
+    with tracking.architecture_run(name) as run, dtype_policy(policy):
         run_id = run.info.run_id
-        import mlflow  # noqa: PLC0415
-
-        mlflow.set_tags({"architecture": name, "data_source": source, "keras_backend": keras.backend.backend(),
-                         "git_commit": tracking.git_commit(), "label_mode": config.label_mode})
-        mlflow.log_params(tracking.flatten({"architecture": name, "training": settings,
-                                            "preprocessing": preprocessing}))
+        _log_run_setup(name, settings, preprocessing, source, config.label_mode)
         epoch_logger = keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: tracking.log_epoch_metrics(run_id, logs, epoch + 1))
         with retained_heap(bool(settings["retain_heap"])):
             result = fit_with_resume(build, train_loader, val_loader, fit_config,
                                      Path(settings["checkpoint_root"]) / name, fingerprint, label=name,
                                      callbacks=[epoch_logger])
-        if result.resumed_from_epoch:
-            mlflow.set_tag("resumed_from_epoch", result.resumed_from_epoch)
-            for epoch in range(result.resumed_from_epoch):  # earlier epochs, so curves are complete
-                tracking.log_epoch_metrics(run_id, {k: v[epoch] for k, v in result.history.items()}, epoch + 1)
-        figure = plot_training_curves(result.history, title=f"{name} ({source} data)")
-        tracking.log_figure(run_id, figure, "plots/training_curves.png")
-        tracking.log_json(run_id, result.history, "training_history.json")
-    card = {
-        "architecture": name, "mlflow_run_id": run_id, "input_shape": list(input_shape),
-        "label_mode": config.label_mode, "preprocessing": preprocessing, "intensity_stats": intensity_stats,
-        "monitor": fit_config.monitor, "best_value": result.best_value, "data_source": source,
-        "keras_backend": keras.backend.backend(), "git_commit": tracking.git_commit(),
-        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "epochs_completed": len(next(iter(result.history.values()), [])),
-    }
+        figure = _log_training_result(run_id, name, result, source)
+    card = build_model_card(name, run_id, input_shape, config, preprocessing, intensity_stats, case_manifest,
+                            result, fit_config.monitor, weights_sha256(result.model))
     return result.model, result.history, figure, card
 
 
@@ -173,7 +217,7 @@ def validate_model(model: Any, model_input_slices: Mapping[str, Callable[[], np.
                    training: dict[str, Any], architecture: dict[str, Any]) -> dict[str, float]:
     """Validation Dice per class of the best model (slice level, all validation slices)."""
     config = PreprocessingConfig.from_params(preprocessing)
-    settings = merge_settings(training, architecture.get("overrides"))
+    settings = architecture_settings(training, architecture)
     _, val_loader = make_loaders(model_input_slices, case_manifest, settings, config)
     with retained_heap(bool(settings["retain_heap"])):
         scores = model.evaluate(val_loader, return_dict=True, verbose=0)

@@ -4,6 +4,7 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Node, Pipeline
 
+from pancreas_seg.models.names import ARCHITECTURE_NAMES
 from pancreas_seg.pipelines.training import nodes
 
 SHARED_INPUTS = {"model_input_slices", "case_manifest", "intensity_stats"}
@@ -24,7 +25,7 @@ def template() -> Pipeline:
     ])
 
 
-def create_pipeline(architectures: Iterable[str] = ("unet", "unet_small", "fcn", "vnet2d")) -> Pipeline:
+def create_pipeline(architectures: Iterable[str] = ARCHITECTURE_NAMES) -> Pipeline:
     return sum(
         (Pipeline(template(), namespace=arch, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS)
          for arch in architectures),
