@@ -145,3 +145,16 @@ def test_plot_caption_and_labels_count_misses() -> None:
     assert "1 miss not drawn" in hd_axes[0].get_title() and "2 misses not drawn" in hd_axes[1].get_title()
     assert [t.get_text() for t in hd_axes[0].get_xticklabels()] == ["missy\n(n=4, 1 miss)", "steady\n(n=5, 0 misses)"]
     assert [t.get_text() for t in hd_axes[1].get_xticklabels()] == ["missy\n(n=2, 2 misses)", "steady\n(n=3, 0 misses)"]
+
+
+def test_compare_architectures_reports_misses_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    logged_text: dict = {}
+    monkeypatch.setattr(nodes.tracking, "log_figure", lambda *args: None)
+    monkeypatch.setattr(nodes.tracking, "log_text", lambda run_id, text, name: logged_text.update({run_id: text}))
+    frames = [_frame(arch) for arch in HD95]
+    summaries = [build_summary(frame, _card(arch)) for frame, arch in zip(frames, HD95, strict=True)]
+    metrics, table, markdown, figure = nodes.compare_architectures(*frames, *summaries)
+    assert len(metrics) == 20 and int(np.isinf(metrics["hd95_mm"]).sum()) == 3
+    assert table.set_index(["architecture", "class"]).loc[("missy", "pancreas"), "hd95_mm_n_inf"] == 1
+    assert "1 miss of 5" in markdown and logged_text["run-steady"] == markdown
+    assert "pancreas: missy 1 of 5, steady 0 of 5" in figure.get_supxlabel()
