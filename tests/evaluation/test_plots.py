@@ -64,12 +64,17 @@ def _metrics_frame() -> pd.DataFrame:
 
 def test_dice_boxplots(tmp_path: Path) -> None:
     fig = plot_dice_boxplots(_metrics_frame())
-    assert isinstance(fig, Figure) and len(fig.axes) == 2
-    pancreas_ax, tumour_ax = fig.axes
+    assert isinstance(fig, Figure) and len(fig.axes) == 4  # Dice row, then HD95 row
+    pancreas_ax, tumour_ax, pancreas_hd_ax, tumour_hd_ax = fig.axes
     assert "pancreas" in pancreas_ax.get_title() and "tumour" in tumour_ax.get_title()
     labels = [t.get_text() for t in tumour_ax.get_xticklabels()]
     assert labels == ["unet\n(n=4)", "attention_unet\n(n=4)", "resunet\n(n=0)"]
     assert [t.get_text() for t in pancreas_ax.get_xticklabels()][0] == "unet\n(n=6)"
+    assert "pancreas HD95" in pancreas_hd_ax.get_title()
+    assert "12 misses not drawn" in tumour_hd_ax.get_title()  # every tumour HD95 is inf
+    assert [t.get_text() for t in tumour_hd_ax.get_xticklabels()] == [
+        "unet\n(n=0, 6 misses)", "attention_unet\n(n=0, 6 misses)", "resunet\n(n=0, 0 misses)"]
+    assert "tumour: unet 6 of 6, attention_unet 6 of 6, resunet 0 of 0" in fig.get_supxlabel()
     _save(fig, tmp_path / "box.png")
 
 

@@ -1,4 +1,4 @@
-"""Report figures: training curves, Dice box plots, CT overlays (Matplotlib, no pyplot state).
+"""Report figures: training curves, Dice and HD95 box plots, CT overlays (Matplotlib, no pyplot state).
 
 Every ``plot_*`` function builds a :class:`matplotlib.figure.Figure` directly (no ``pyplot``
 global state, no GUI backend) and returns it; the caller saves it (``fig.savefig(path)``, or a
@@ -84,46 +84,112 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], title: str) -> 
     return fig
 
 
-# --------------------------------------------------------------------------- Dice box plots
-def plot_dice_boxplots(metrics: pd.DataFrame) -> Figure:
-    """Box plots of per-case 3D Dice per architecture, one panel per class.
+# --------------------------------------------------------------------------- Dice / HD95 box plots
+def _plural(count: int, word: str, plural: str) -> str:
+    return f"{count} {word if count == 1 else plural}"
+
+
+def _ordered(values: pd.Series, known: Sequence[str] = ()) -> list[str]:
+    """Distinct values in first-seen order, the ``known`` ones first (in that order)."""
+    seen = list(dict.fromkeys(values.tolist()))
+    return [v for v in known if v in seen] + [v for v in seen if v not in known]
+
+
+def hd95_counts(metrics: pd.DataFrame, column: str = "hd95_mm") -> dict[tuple[str, str], dict[str, int]]:
+    """Per (class, architecture): ``{"n_finite", "n_inf", "n_nan"}`` of an HD95 column.
+
+    ``n_inf`` counts misses (exactly one of prediction and truth empty), ``n_nan`` the cases where
+    both are empty (HD95 undefined). Classes in :data:`CLASS_LABELS` order, then first-seen order.
+    """
+    counts = {}
+    for class_name in _ordered(metrics["class"], list(CLASS_LABELS)):
+        for arch in _ordered(metrics["architecture"]):
+            rows = metrics[(metrics["class"] == class_name) & (metrics["architecture"] == arch)]
+            values = rows[column].to_numpy(dtype=float)
+            counts[(class_name, arch)] = {"n_finite": int(np.count_nonzero(np.isfinite(values))),
+                                          "n_inf": int(np.count_nonzero(np.isinf(values))),
+                                          "n_nan": int(np.count_nonzero(np.isnan(values)))}
+    return counts
+
+
+def hd95_miss_caption(metrics: pd.DataFrame, column: str = "hd95_mm") -> str:
+    """Caption for HD95 plots: the misses (``inf``) and undefined cases (NaN) per class and model.
+
+    E.g. ``"HD95 boxes show finite cases only. Misses (HD95 = inf: one of prediction and truth
+    empty), not drawn: pancreas: unet 1 of 6, fcn 0 of 6; tumour: ... Both empty (HD95
+    undefined, excluded): tumour: unet 2, fcn 2."``
+    """
+    counts = hd95_counts(metrics, column)
+    classes = list(dict.fromkeys(c for c, _ in counts))
+    misses = "; ".join(
+        f"{c}: " + ", ".join(f"{a} {n['n_inf']} of {n['n_inf'] + n['n_finite']}"
+                             for (c2, a), n in counts.items() if c2 == c)
+        for c in classes)
+    caption = ("HD95 boxes show finite cases only. Misses (HD95 = inf: one of prediction and truth empty), "
+               f"not drawn: {misses or 'none'}.")
+    undefined = "; ".join(
+        f"{c}: " + ", ".join(f"{a} {n['n_nan']}" for (c2, a), n in counts.items() if c2 == c)
+        for c in classes if any(n["n_nan"] for (c2, _), n in counts.items() if c2 == c))
+    if undefined:
+        caption += f" Both empty (HD95 undefined, excluded): {undefined}."
+    return caption
+
+
+def plot_dice_boxplots(metrics: pd.DataFrame, hd95_column: str = "hd95_mm") -> Figure:
+    """Box plots of per-case 3D Dice (top row) and HD95 (bottom row) per architecture and class.
 
     Args:
         metrics: one row per case x architecture x class with columns
-            ``case_id, architecture, class, dice, hd95_mm, nsd``. Rows whose Dice is NaN (both
-            masks empty) are left out; each box's x label gives its number of cases ``n``.
+            ``case_id, architecture, class, dice`` and ``hd95_column``. Rows whose Dice is NaN
+            (both masks empty) are left out of the Dice boxes; each Dice box's x label gives its
+            number of cases ``n``. HD95 boxes hold the finite values only: each HD95 x label gives
+            ``n`` finite cases and the number of misses (``inf``), and the figure caption
+            (:func:`hd95_miss_caption`, ``fig.get_supxlabel()``) lists the misses and the both-empty
+            cases per class and architecture, so a model that misses a structure does not look
+            better than one that finds it badly.
+        hd95_column: which HD95 column to plot (``hd95_mm`` or ``hd95_mm_lcc``).
 
     Returns:
-        A Figure with one axis per class (known classes first, in :data:`CLASS_LABELS` order).
+        A Figure with 2 rows x one column per class (known classes first, in
+        :data:`CLASS_LABELS` order); ``fig.axes`` is the Dice row, then the HD95 row.
     """
-    classes = list(dict.fromkeys(metrics["class"].tolist()))
-    classes = [c for c in CLASS_LABELS if c in classes] + [c for c in classes if c not in CLASS_LABELS]
-    architectures = list(dict.fromkeys(metrics["architecture"].tolist()))
-    fig = Figure(figsize=(max(4.0, 1.6 * len(architectures) + 1.5) * max(len(classes), 1), 4.5),
+    classes = _ordered(metrics["class"], list(CLASS_LABELS))
+    architectures = _ordered(metrics["architecture"])
+    fig = Figure(figsize=(max(4.0, 1.6 * len(architectures) + 1.5) * max(len(classes), 1), 9.0),
                  layout="constrained")
-    axes = fig.subplots(1, max(len(classes), 1), squeeze=False)[0]
+    axes = fig.subplots(2, max(len(classes), 1), squeeze=False)
     if not classes:
-        axes[0].text(0.5, 0.5, "no metrics", ha="center", va="center", transform=axes[0].transAxes)
+        axes[0, 0].text(0.5, 0.5, "no metrics", ha="center", va="center", transform=axes[0, 0].transAxes)
         return fig
+    counts = hd95_counts(metrics, hd95_column)
     rng = np.random.default_rng(0)
-    for ax, class_name in zip(axes, classes, strict=True):
-        data, labels = [], []
+    positions = np.arange(1, len(architectures) + 1)
+    for col, class_name in enumerate(classes):
+        dice_data, dice_labels, hd_data, hd_labels = [], [], [], []
         for arch in architectures:
             rows = metrics[(metrics["class"] == class_name) & (metrics["architecture"] == arch)]
             values = rows["dice"].to_numpy(dtype=float)
-            values = values[np.isfinite(values)]
-            data.append(values)
-            labels.append(f"{arch}\n(n={values.size})")
-        positions = np.arange(1, len(architectures) + 1)
-        ax.boxplot(data, positions=positions, widths=0.5, showfliers=False)
-        for pos, values in zip(positions, data, strict=True):
-            if values.size:
-                jitter = rng.uniform(-0.12, 0.12, size=values.size)
-                ax.plot(pos + jitter, values, "o", markersize=3, alpha=0.6, color="C0")
-        ax.set_xticks(positions)
-        ax.set_xticklabels(labels)
-        ax.set(title=f"{class_name} Dice (3D, per case)", ylabel="Dice", ylim=(-0.02, 1.02))
-        ax.grid(axis="y", alpha=0.3)
+            dice_data.append(values[np.isfinite(values)])
+            dice_labels.append(f"{arch}\n(n={dice_data[-1].size})")
+            values = rows[hd95_column].to_numpy(dtype=float)
+            hd_data.append(values[np.isfinite(values)])
+            n_inf = counts[(class_name, arch)]["n_inf"]
+            hd_labels.append(f"{arch}\n(n={hd_data[-1].size}, {_plural(n_inf, 'miss', 'misses')})")
+        for ax, data, labels in ((axes[0, col], dice_data, dice_labels), (axes[1, col], hd_data, hd_labels)):
+            ax.boxplot(data, positions=positions, widths=0.5, showfliers=False)
+            for pos, values in zip(positions, data, strict=True):
+                if values.size:
+                    jitter = rng.uniform(-0.12, 0.12, size=values.size)
+                    ax.plot(pos + jitter, values, "o", markersize=3, alpha=0.6, color="C0")
+            ax.set_xticks(positions)
+            ax.set_xticklabels(labels)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0, col].set(title=f"{class_name} Dice (3D, per case)", ylabel="Dice", ylim=(-0.02, 1.02))
+        n_misses = sum(counts[(class_name, a)]["n_inf"] for a in architectures)
+        axes[1, col].set(title=f"{class_name} HD95 (finite cases; {_plural(n_misses, 'miss', 'misses')} not drawn)",
+                         ylabel=f"{hd95_column} (mm)")
+        axes[1, col].set_ylim(bottom=0.0)
+    fig.supxlabel(hd95_miss_caption(metrics, hd95_column), fontsize="small", wrap=True)
     return fig
 
 

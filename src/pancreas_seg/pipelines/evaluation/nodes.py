@@ -120,6 +120,12 @@ def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], 
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
+HD95_METRICS = ("hd95_mm", "hd95_mm_lcc")
+"""Columns whose mean/median never stand alone: misses (``inf``) and undefined cases (NaN) are
+counted next to them wherever they are reported (CSV, markdown, MLflow, plots)."""
+HD95_COUNTS = ("n_finite", "n_inf", "n_nan")
+
+
 def build_summary(metrics_per_case: pd.DataFrame, model_card: dict[str, Any]) -> dict[str, Any]:
     """Mean/median/std per class and metric (NaN excluded, inf counted separately)."""
     summary: dict[str, Any] = {"architecture": model_card["architecture"],
@@ -132,24 +138,44 @@ def build_summary(metrics_per_case: pd.DataFrame, model_card: dict[str, Any]) ->
     return summary
 
 
+def mlflow_test_metrics(summary: dict[str, Any]) -> dict[str, float | int]:
+    """The flat ``test_<metric>_<class>_<stat>`` dict that :func:`summarise_model` logs to MLflow.
+
+    Every metric gets its ``mean`` and ``median`` (over finite values); every HD95 column also gets
+    ``n_inf`` (misses: exactly one of prediction / truth empty), ``n_finite`` and ``n_nan`` (both
+    empty, undefined), so an HD95 mean is never logged without the number of misses behind it.
+    """
+    flat: dict[str, float | int] = {}
+    for class_name, metrics in summary["classes"].items():
+        for metric, stats in metrics.items():
+            names = ("mean", "median") + (HD95_COUNTS if metric in HD95_METRICS else ())
+            for stat in names:
+                flat[f"test_{metric}_{class_name}_{stat}"] = stats[stat]
+    return flat
+
+
 def summarise_model(metrics_per_case: pd.DataFrame, model_card: dict[str, Any]) -> dict[str, Any]:
     """Build the model's summary and log it (and test metrics) to the model's MLflow run."""
     summary = build_summary(metrics_per_case, model_card)
-    flat = {f"test_{metric}_{class_name}_{stat}": stats[stat]
-            for class_name, metrics in summary["classes"].items()
-            for metric, stats in metrics.items() for stat in ("mean", "median")}
     run_id = model_card["mlflow_run_id"]
-    tracking.log_final_metrics(run_id, flat)
+    tracking.log_final_metrics(run_id, mlflow_test_metrics(summary))
     tracking.log_json(run_id, summary, "evaluation/summary.json")
     tracking.log_json(run_id, metrics_per_case.to_dict(orient="records"), "evaluation/metrics_per_case.json")
-    pancreas = summary["classes"].get("pancreas", {}).get("dice", {})
-    logger.info("[%s] test pancreas Dice: mean %.4f, median %.4f (n=%s)", model_card["architecture"],
-                pancreas.get("mean", float("nan")), pancreas.get("median", float("nan")), pancreas.get("n"))
+    pancreas = summary["classes"].get("pancreas", {})
+    dice_stats, hd95_stats = pancreas.get("dice", {}), pancreas.get("hd95_mm", {})
+    logger.info("[%s] test pancreas Dice: mean %.4f, median %.4f (n=%s); HD95 median %.1f mm over %s "
+                "finite case(s), %s miss(es)", model_card["architecture"],
+                dice_stats.get("mean", float("nan")), dice_stats.get("median", float("nan")), dice_stats.get("n"),
+                hd95_stats.get("median", float("nan")), hd95_stats.get("n_finite"), hd95_stats.get("n_inf"))
     return summary
 
 
 def comparison_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per architecture × class with mean ± std of each metric."""
+    """One row per architecture × class with mean ± std of each metric.
+
+    HD95 columns (:data:`HD95_METRICS`) also carry the median and the counts ``n_finite``
+    (the cases the mean/median/std are over), ``n_inf`` (misses) and ``n_nan`` (both empty).
+    """
     rows = []
     for summary in summaries:
         for class_name, metrics in summary["classes"].items():
@@ -157,29 +183,58 @@ def comparison_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
             for metric, stats in metrics.items():
                 row[f"{metric}_mean"] = stats["mean"]
                 row[f"{metric}_std"] = stats["std"]
-                if metric.startswith("hd95"):
-                    row[f"{metric}_n_inf"] = stats["n_inf"]
+                if metric in HD95_METRICS:
+                    row[f"{metric}_median"] = stats["median"]
+                    for count in HD95_COUNTS:
+                        row[f"{metric}_{count}"] = int(stats[count])
             rows.append(row)
     return pd.DataFrame(rows).sort_values(["class", "dice_mean"], ascending=[True, False])
 
 
+HD95_NOTE = (
+    "HD95 (mm) is mean ± std over the cases with a finite HD95 (median in brackets). A **miss** is a case "
+    "where exactly one of prediction and truth has the structure (the model missed it, or predicted it "
+    "where the truth has none): its HD95 is infinite, it is not averaged in and is counted as "
+    "\"k misses of m\", m being the cases where the truth or the prediction has the structure. "
+    "Cases where both are empty (typical for the tumour class) have an undefined HD95 (NaN) and are "
+    "excluded; their number is given as \"both empty\". For the tumour class, absent from many "
+    "truths, a tumour predicted in a case without one is a miss, and a correct \"no tumour\" is a "
+    "both-empty case."
+)
+
+
+def _hd95_cell(row: pd.Series, metric: str) -> str:
+    """``"5.4 ± 1.2 (median 5.1; 1 miss of 5; 2 both empty)"`` from a comparison-table row."""
+    mean, std, median = row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_median"]
+    n_finite, n_inf, n_nan = (int(row[f"{metric}_{c}"]) for c in HD95_COUNTS)
+    counts = [f"{n_inf} {'miss' if n_inf == 1 else 'misses'} of {n_finite + n_inf}"]
+    if n_nan:
+        counts.append(f"{n_nan} both empty")
+    if pd.isna(mean):
+        return f"n/a ({'; '.join(counts)})"
+    return f"{mean:.1f} ± {0 if pd.isna(std) else std:.1f} (median {median:.1f}; {'; '.join(counts)})"
+
+
 def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-markdown version of the comparison table (mean ± std)."""
-    header = "| architecture | class | n | Dice | HD95 (mm) | NSD | slice Dice | Dice (LCC) |\n|---|---|---|---|---|---|---|---|\n"
+    """A GitHub-markdown version of the comparison table (mean ± std; HD95 with its miss counts)."""
+    header = ("| architecture | class | n | Dice | HD95 (mm) | NSD | slice Dice | Dice (LCC) | HD95 (mm, LCC) |\n"
+              "|---|---|---|---|---|---|---|---|---|\n")
 
     def fmt(row: pd.Series, metric: str) -> str:
         mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
         return "n/a" if pd.isna(mean) else f"{mean:.3f} ± {0 if pd.isna(std) else std:.3f}"
 
-    lines = [f"| {r['architecture']} | {r['class']} | {r['n_cases']} | {fmt(r, 'dice')} | {fmt(r, 'hd95_mm')} "
-             f"| {fmt(r, 'nsd')} | {fmt(r, 'slice_dice')} | {fmt(r, 'dice_lcc')} |" for _, r in table.iterrows()]
-    return header + "\n".join(lines) + "\n"
+    lines = [f"| {r['architecture']} | {r['class']} | {r['n_cases']} | {fmt(r, 'dice')} | {_hd95_cell(r, 'hd95_mm')} "
+             f"| {fmt(r, 'nsd')} | {fmt(r, 'slice_dice')} | {fmt(r, 'dice_lcc')} | {_hd95_cell(r, 'hd95_mm_lcc')} |"
+             for _, r in table.iterrows()]
+    return header + "\n".join(lines) + "\n\n" + HD95_NOTE + "\n"
 
 
 def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str, Any]:
     """Inputs: each architecture's metrics frame, then each one's summary (same order).
 
-    Returns the combined per-case CSV, the comparison table (CSV and markdown) and Dice box plots,
+    Returns the combined per-case CSV, the comparison table (CSV and markdown) and the Dice and
+    HD95 box plots (misses counted in the labels and caption),
     which are also logged to every architecture's run.
     """
     n = len(inputs) // 2
