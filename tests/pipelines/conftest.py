@@ -192,10 +192,11 @@ def configured_learning_rates() -> dict[str, float]:
     env = "smoke"
     from kedro.config import OmegaConfigLoader
 
+    from pancreas_seg.models.names import ARCHITECTURE_NAMES
     from pancreas_seg.pipelines.training.nodes import merge_settings
 
     loader = OmegaConfigLoader(str(REPO_ROOT / "conf"), base_env="base", default_run_env=env,
                                merge_strategy={"parameters": "soft"})
     params = loader["parameters"]
     return {arch: float(merge_settings(params["training"], params[arch]["architecture"].get("overrides"))
-                        ["learning_rate"]) for arch in params["training"]["architectures"]}
+                        ["learning_rate"]) for arch in ARCHITECTURE_NAMES}
