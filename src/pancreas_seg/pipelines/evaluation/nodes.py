@@ -21,10 +21,10 @@ from pancreas_seg.evaluation.plots import (
     plot_overlays,
 )
 from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
+from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
-    SliceGeometry,
     axial_view,
 )
 from pancreas_seg.prediction import labels_from_probabilities, predict_slices, use_xla
@@ -54,11 +54,11 @@ def predict_test_cases(model: Any, model_input_slices: Mapping[str, Callable[[],
 
     def predict(index: int, case_id: str) -> NiftiVolume:
         logger.info("[%s] predicting test case %d/%d: %s", model_card["architecture"], index, len(cases), case_id)
-        geometry = SliceGeometry.from_dict(slice_geometry[case_id])
+        geometry = ScanGeometry.from_dict(slice_geometry[case_id])
         probabilities = predict_slices(model, model_input_slices[f"{case_id}/image"](), config.context_slices,
                                        int(evaluation["batch_size"]), bool(evaluation["flip_tta"]))
         labels = labels_from_probabilities(probabilities, geometry, config.label_mode)
-        return NiftiVolume(labels, geometry.canonical.original_affine)
+        return NiftiVolume(labels, geometry.affine)
 
     return {case_id: functools.partial(predict, i, case_id) for i, case_id in enumerate(cases, start=1)}
 
