@@ -5,6 +5,7 @@ Tests that change files copy it first (:func:`fresh_task07`), so the pristine co
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,22 @@ from pancreas_seg.imaging.phantom import PhantomConfig, write_synthetic_task07
 SMALL_PHANTOM = PhantomConfig(shape_xy_px=64, spacing_xy_mm=(5.0, 5.5),
                               slice_thickness_mm=(6.0, 8.0), z_extent_mm=(100.0, 120.0))
 SMALL_N_TRAIN, SMALL_N_TEST, SMALL_SEED = 4, 1, 3
+
+#: Real CT test data, ``../shared/realdata`` next to the repository (see its NOTICE.md).
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+REALDATA_FILES = ("ct_abdomen_3mm.nii.gz", "ct_abdomen_3mm_pancreas.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    """The real-data folder. Missing files skip the test locally but FAIL it when ``CI`` is set."""
+    missing = [name for name in REALDATA_FILES if not (REALDATA / name).is_file()]
+    if missing:
+        message = f"real CT test data not found: {missing} in {REALDATA} (see NOTICE.md there)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI is set, so this is an error, not a skip")
+        pytest.skip(message)
+    return REALDATA
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 
 Used by the evaluation pipeline (from preprocessed shards) and the inference pipeline (from raw
 files); both go through :func:`pancreas_seg.imaging.preprocess.preprocess_image` and
-:func:`pancreas_seg.imaging.preprocess.restore_label_volume`, so there is one code path.
+:func:`pancreas_seg.imaging.preprocess.restore_label_volume` with the scan's one
+:class:`pancreas_seg.imaging.geometry.ScanGeometry`, so there is one code path.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
+from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.intensity import ForegroundIntensityStats
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
-    SliceGeometry,
     context_stack,
     preprocess_image,
     restore_label_volume,
@@ -68,9 +69,12 @@ def predict_slices(model: Any, image_slices: np.ndarray, context_slices: int, ba
     return np.concatenate(outputs, axis=0)
 
 
-def labels_from_probabilities(probabilities: np.ndarray, geometry: SliceGeometry, label_mode: str,
+def labels_from_probabilities(probabilities: np.ndarray, geometry: ScanGeometry, label_mode: str,
                               keep_largest_component: bool = False) -> np.ndarray:
-    """(Z, H, W, C) probabilities -> uint8 MSD labels {0,1,2} on the original (X, Y, Z) grid."""
+    """(Z, H, W, C) probabilities -> uint8 MSD labels {0,1,2} of exactly ``geometry.shape`` (X, Y, Z).
+
+    Save the result with ``geometry.affine``.
+    """
     labels = restore_label_volume(probabilities, geometry, label_mode)
     return keep_largest_foreground(labels) if keep_largest_component else labels
 
@@ -78,7 +82,11 @@ def labels_from_probabilities(probabilities: np.ndarray, geometry: SliceGeometry
 def segment_volume(model: Any, hu: np.ndarray, affine: np.ndarray, config: PreprocessingConfig,
                    stats: ForegroundIntensityStats | None = None, batch_size: int = 16,
                    flip_tta: bool = False, keep_largest_component: bool = False) -> np.ndarray:
-    """Raw CT (X, Y, Z) HU in file order -> uint8 label map with exactly the input's shape."""
+    """Raw CT (X, Y, Z) HU in file order, any axis order -> uint8 labels of exactly the input's shape.
+
+    The scan's geometry is planned once from ``hu.shape``/``affine`` (and the body when
+    ``config.crop_to_body``); the labels belong with ``affine``.
+    """
     image, geometry = preprocess_image(hu, affine, config, stats)
     probabilities = predict_slices(model, image, config.context_slices, batch_size, flip_tta)
     return labels_from_probabilities(probabilities, geometry, config.label_mode, keep_largest_component)

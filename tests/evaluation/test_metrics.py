@@ -295,13 +295,15 @@ def test_slice_dice_hand_example() -> None:
     truth[0, 0, 3] = 2  # slice 3: missed -> 0
     pred[3, 3, 4] = 1  # slice 4: false positive -> 0
     expected = (1.0 + 2 / 3 + 0.0 + 0.0) / 4
-    assert slice_dice(pred, truth, "pancreas") == pytest.approx(expected)
+    assert slice_dice(pred, truth, "pancreas", axis=2) == pytest.approx(expected)
     # tumour: slice 2 (pred only) -> 0, slice 3 (truth only) -> 0
-    assert slice_dice(pred, truth, "tumour") == 0.0
+    assert slice_dice(pred, truth, "tumour", axis=2) == 0.0
     # along another axis, and NaN with no class anywhere
     assert slice_dice(truth, truth, "pancreas", axis=0) == 1.0
     empty = np.zeros_like(truth)
-    assert np.isnan(slice_dice(empty, empty, "tumour"))
+    assert np.isnan(slice_dice(empty, empty, "tumour", axis=2))
+    with pytest.raises(TypeError):  # no silent default: the axial axis depends on the file
+        slice_dice(pred, truth, "pancreas")
 
 
 # --------------------------------------------------------------------------- summarise

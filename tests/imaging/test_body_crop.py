@@ -11,7 +11,7 @@ from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
     axial_view,
     plan_case_geometry,
-    plan_slice_geometry,
+    plan_scan_geometry,
     preprocess_image,
     preprocess_label,
     restore_label_volume,
@@ -89,7 +89,7 @@ def test_crop_to_body_enlarges_the_anatomy_and_restores_exactly(phantom) -> None
 def test_crop_to_body_needs_the_voxels(phantom) -> None:
     framed = PreprocessingConfig(image_size_px=(32, 32), crop_to_body=True)
     with pytest.raises(ValueError, match="crop_to_body"):
-        plan_slice_geometry(phantom.hu.shape, phantom.affine, framed)
+        plan_scan_geometry(phantom.hu.shape, phantom.affine, framed)
 
 
 def test_all_air_volume_falls_back_to_the_whole_slice() -> None:
@@ -108,8 +108,13 @@ def test_planning_from_the_file_matches_preprocessing(phantom, tmp_path) -> None
         _, geometry = preprocess_image(phantom.hu, phantom.affine, config)
         planned = plan_case_geometry(str(path), config)
         assert planned.grid == geometry.grid   # the file stores the affine as float32: compare loosely
-        assert np.array_equal(planned.canonical.to_canonical, geometry.canonical.to_canonical)
-        assert np.allclose(planned.canonical.original_affine, geometry.canonical.original_affine, atol=1e-4)
+        assert planned.body_box_hw == geometry.body_box_hw
+        assert (planned.body_box_hw is not None) == config.crop_to_body
+        assert np.array_equal(planned.ornt, geometry.ornt)
+        assert np.allclose(planned.affine, geometry.affine, atol=1e-4)
+        # and preprocessing with the planned geometry uses it as is (no re-planning)
+        image, used = preprocess_image(phantom.hu, phantom.affine, config, geometry=planned)
+        assert used is planned
 
 
 def test_axial_view_is_radiological(phantom) -> None:

@@ -9,14 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pancreas_seg.imaging.geometry import (
-    CanonicalTransform,
-    canonical_transform,
-    from_canonical,
-    slices_to_volume,
-    to_canonical,
-    volume_to_slices,
-)
+from pancreas_seg.imaging.geometry import ScanGeometry, axial_view
 from pancreas_seg.imaging.intensity import (
     ForegroundIntensityStats,
     fit_foreground_stats,
@@ -30,7 +23,6 @@ from pancreas_seg.imaging.phantom import PhantomConfig, make_phantom
 from pancreas_seg.imaging.preprocess import (
     AIR_HU,
     PreprocessingConfig,
-    SliceGeometry,
     context_stack,
     preprocess_image,
     preprocess_label,
@@ -157,29 +149,41 @@ def _affine_for(axcodes: str, spacing=(2.0, 3.0, 4.0), origin=(10.0, -20.0, 30.0
     return affine
 
 
-@pytest.mark.parametrize("axcodes", ["RAS", "LPS", "PLS", "SRA", "LAI"])
+def _identity_geometry(shape: tuple[int, ...], affine: np.ndarray) -> ScanGeometry:
+    """A geometry whose model grid is the canonical slice grid (no resizing)."""
+    z_h_w = axial_view(np.empty(shape, np.uint8), affine).shape
+    return ScanGeometry.plan(shape, affine, z_h_w[1:])
+
+
+@pytest.mark.parametrize("axcodes", ["RAS", "LPS", "PLS", "SRA", "LAI", "ASR", "PSL", "ILA"])
 def test_canonical_round_trip_and_world_positions(axcodes: str) -> None:
     shape = (5, 6, 7)
     array = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
     affine = _affine_for(axcodes)
-    transform = canonical_transform(shape, affine)
-    canonical = to_canonical(array, transform)
-    assert orientation_code(transform.canonical_affine) == "LPS"
-    back = from_canonical(canonical, transform)
+    geometry = _identity_geometry(shape, affine)
+    assert geometry.axcodes == axcodes
+    slices = geometry.to_slices(array)
+    canonical = np.swapaxes(slices, 0, 2)  # (Z, H, W) = (S, P, L) -> LPS volume
+    assert orientation_code(geometry.canonical_affine) == "LPS"
+    assert slices.shape == geometry.slice_shape
+    back = geometry.from_slices(slices)
     assert back.shape == shape and np.array_equal(back, array)
     # every voxel sits at the same world position in both arrays
     index = np.indices(shape).reshape(3, -1)
     world = affine[:3, :3] @ index + affine[:3, 3:4]
-    inverse = np.linalg.inv(transform.canonical_affine)
+    inverse = np.linalg.inv(geometry.canonical_affine)
     canonical_index = inverse[:3, :3] @ world + inverse[:3, 3:4]
     assert np.allclose(canonical_index, np.round(canonical_index), atol=1e-9)
     canonical_index = np.round(canonical_index).astype(int)
     assert np.array_equal(canonical[tuple(canonical_index)], array[tuple(index)])
-    # spacing follows the axes
-    assert sorted(transform.canonical_spacing_mm) == [2.0, 3.0, 4.0]
-    # JSON round trip of the transform
-    restored = CanonicalTransform.from_dict(json.loads(json.dumps(transform.to_dict())))
-    assert np.array_equal(from_canonical(canonical, restored), array)
+    # spacing follows the axes; the axial axis is the file axis along S/I
+    assert sorted(geometry.slice_spacing_mm) == [2.0, 3.0, 4.0]
+    assert axcodes[geometry.axial_axis] in "SI"
+    assert geometry.slice_spacing_mm[0] == (2.0, 3.0, 4.0)[geometry.axial_axis]
+    # JSON round trip of the geometry
+    restored = ScanGeometry.from_dict(json.loads(json.dumps(geometry.to_dict())))
+    assert restored == geometry
+    assert np.array_equal(restored.from_slices(slices), array)
 
 
 def test_canonical_slices_are_in_radiological_view() -> None:
@@ -187,21 +191,30 @@ def test_canonical_slices_are_in_radiological_view() -> None:
     shape = (6, 5, 4)
     ras = np.zeros(shape, np.uint8)
     ras[5, 4, 0] = 1  # RAS: largest x = most right, largest y = most anterior, z 0 = inferior
-    for axcodes in ("RAS", "LPS", "PLS"):
+    for axcodes in ("RAS", "LPS", "PLS", "SAR"):
         array, affine = _reorient(ras, _affine_for("RAS", spacing=(1.0, 1.0, 1.0)), axcodes)
-        slices = volume_to_slices(to_canonical(array, canonical_transform(array.shape, affine)))
+        geometry = _identity_geometry(array.shape, affine)
+        slices = geometry.to_slices(array)
         assert slices.shape == (4, 5, 6)
         assert tuple(np.argwhere(slices)[0]) == (0, 0, 0), axcodes
-        assert np.array_equal(slices_to_volume(slices), to_canonical(
-            array, canonical_transform(array.shape, affine)))
+        assert np.array_equal(axial_view(array, affine), slices)
+        assert np.array_equal(geometry.from_slices(slices), array)
 
 
 def test_geometry_rejects_wrong_shapes() -> None:
     with pytest.raises(ValueError, match="3D"):
-        canonical_transform((4, 4), np.eye(4))
-    transform = canonical_transform((4, 5, 6), np.eye(4))
+        ScanGeometry.plan((4, 4), np.eye(4), (4, 4))
+    geometry = ScanGeometry.plan((4, 5, 6), np.eye(4), (8, 8))
     with pytest.raises(ValueError, match="does not match"):
-        to_canonical(np.zeros((4, 6, 5)), transform)
+        geometry.to_slices(np.zeros((4, 6, 5)))
+    with pytest.raises(ValueError, match="do not match"):
+        geometry.from_slices(np.zeros((6, 4, 5)))
+    with pytest.raises(ValueError, match="do not fit"):
+        restore_label_volume(np.zeros((5, 8, 8, 3), np.float32), geometry, "multiclass")
+    with pytest.raises(ValueError, match="affine"):
+        geometry.check_header((4, 5, 6), np.diag([2.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="degenerate"):
+        ScanGeometry.plan((4, 5, 6), np.diag([1.0, 0.0, 1.0, 1.0]), (8, 8))
 
 
 # -------------------------------------------------------------------------- preprocessing
@@ -259,7 +272,7 @@ def test_zscore_mode_needs_stats_and_uses_them(phantom) -> None:
     assert image.dtype == np.float32
     assert image.min() == pytest.approx(-4.0) and image.max() == pytest.approx(4.0)
     # with no resizing the values are exactly the z-scored HU of the canonical slices
-    expected = zscore_hu(volume_to_slices(to_canonical(phantom.hu, geometry.canonical)), stats)
+    expected = zscore_hu(geometry.to_slices(phantom.hu), stats)
     np.testing.assert_allclose(image, expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="stats"):
         preprocess_image(phantom.hu, phantom.affine, config)
@@ -274,12 +287,11 @@ def test_restore_is_exact_without_resizing(phantom) -> None:
     assert restored.shape == phantom.label.shape and restored.dtype == np.uint8
     assert np.array_equal(restored, phantom.label)
     # the same through the JSON form the pipeline stores
-    stored = SliceGeometry.from_dict(json.loads(json.dumps(geometry.to_dict())))
+    stored = ScanGeometry.from_dict(json.loads(json.dumps(geometry.to_dict())))
     assert np.array_equal(restore_label_volume(np.eye(3, dtype=np.float32)[label], stored,
                                                "multiclass"), phantom.label)
     # and the image is exactly the windowed canonical slices
-    expected = window_hu(volume_to_slices(to_canonical(phantom.hu, geometry.canonical)),
-                         config.window_hu)
+    expected = window_hu(geometry.to_slices(phantom.hu), config.window_hu)
     assert np.array_equal(image, expected)
 
 
@@ -314,7 +326,7 @@ def test_target_spacing_keeps_physical_size(phantom, target_mm: float, expect: s
     image, geometry = preprocess_image(phantom.hu, phantom.affine, config)
     label = preprocess_label(phantom.label, geometry, "pancreas")
     assert image.shape[1:] == size and label.shape[1:] == size
-    spacing = geometry.canonical.canonical_spacing_mm  # L, P, S
+    spacing = geometry.slice_spacing_mm[::-1]  # L, P, S
     source_hw = geometry.grid.source_hw
     fov_mm = np.array([source_hw[0] * spacing[1], source_hw[1] * spacing[0]])
     resampled_mm = np.array(geometry.grid.resampled_hw) * target_mm
@@ -329,7 +341,7 @@ def test_target_spacing_keeps_physical_size(phantom, target_mm: float, expect: s
         assert np.all(label[:, :off_h] == 0) and np.all(label[:, :, :off_w] == 0)
         assert window_hu(np.array([AIR_HU]), config.window_hu)[0] == 0.0
     # pancreas area (mm^2) is preserved
-    source_slices = volume_to_slices(to_canonical(phantom.label > 0, geometry.canonical))
+    source_slices = geometry.to_slices(phantom.label > 0)
     area_source = source_slices.sum() * spacing[0] * spacing[1]
     area_model = label.sum() * target_mm ** 2
     assert area_model == pytest.approx(area_source, rel=0.2)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pancreas_seg.imaging.geometry import from_canonical, slices_to_volume
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
     preprocess_image,
@@ -19,7 +18,7 @@ from pancreas_seg.labels import probabilities_to_labels
 def _every_slice(probs: np.ndarray, geometry, label_mode: str) -> np.ndarray:
     """Reference: interpolate every slice, then decide."""
     labels = probabilities_to_labels(restore_probability_slices(probs, geometry.grid), label_mode)
-    return from_canonical(slices_to_volume(labels), geometry.canonical)
+    return geometry.from_slices(labels)
 
 
 @pytest.mark.parametrize("label_mode", ["multiclass", "pancreas"])

@@ -106,8 +106,8 @@ def test_ingestion_then_preprocessing_on_smoke_phantoms(project: Path) -> None:
         assert label.dtype == np.uint8 and label.shape == image.shape
         assert 0.0 <= image.min() and image.max() <= 1.0
         assert set(np.unique(label).tolist()) <= {0, 1, 2} and label.max() >= 1
-        assert geometry[row.case_id]["canonical"]["original_shape"] == [
-            row.shape_x, row.shape_y, row.shape_z]
+        assert geometry[row.case_id]["shape"] == [row.shape_x, row.shape_y, row.shape_z]
+        assert geometry[row.case_id]["axcodes"] == row.orientation
     stats = json.loads((project / "data" / "04_feature" / "intensity_stats.json").read_text())
     assert stats["mode"] == "window" and stats["foreground"] is None
     # MLflow tracked into the project copy, not the repository

@@ -247,15 +247,17 @@ def case_metrics(pred_labels: np.ndarray, truth_labels: np.ndarray, spacing_mm: 
     return rows
 
 
-def slice_dice(pred_labels: np.ndarray, truth_labels: np.ndarray, class_name: str,
-               axis: int = 2,
+def slice_dice(pred_labels: np.ndarray, truth_labels: np.ndarray, class_name: str, *,
+               axis: int,
                class_labels: Mapping[str, Iterable[int]] = CLASS_LABELS) -> float:
     """Mean per-slice Dice over the slices where the truth or the prediction is non-empty.
 
     Args:
-        pred_labels, truth_labels: integer label maps of equal shape (X, Y, Z).
+        pred_labels, truth_labels: integer label maps of equal shape (X, Y, Z), file voxel order.
         class_name: a key of ``class_labels`` (``"pancreas"`` or ``"tumour"``).
-        axis: the slicing axis (2 = axial for (X, Y, Z) arrays).
+        axis: the slicing array axis, required: for axial slices the file's axial axis,
+            :func:`pancreas_seg.imaging.geometry.axial_axis` of its affine (``ScanGeometry.axial_axis``);
+            it is axis 2 only for files stored with the third axis inferior-superior.
 
     Returns:
         Mean of the 2D Dice of the qualifying slices, in [0, 1]; NaN if no slice has that class in

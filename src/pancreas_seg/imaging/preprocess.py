@@ -1,10 +1,11 @@
 """The one preprocessing path shared by training, evaluation and inference.
 
-``hu volume (X, Y, Z), affine``  ->  reorient to LPS  ->  axial slices (Z, H, W)  ->  in-plane
-resample/resize (optionally framed on the body)  ->  HU normalisation  ->  float32/float16 model input.
+``hu volume (X, Y, Z), affine``  ->  plan the scan's :class:`ScanGeometry` once (header, and the
+body box when framing on the body)  ->  reorient to axial slices (Z, H, W), in-plane resample and
+crop/pad to the model grid  ->  HU normalisation  ->  float32/float16 model input.
 
-:class:`SliceGeometry` records every step so :func:`restore_label_volume` can map model output
-back onto the original file's voxel grid and affine.
+The same :class:`ScanGeometry` maps model output back onto the original file's voxel grid
+(:func:`restore_label_volume`); the preprocessing pipeline stores it per case as JSON.
 """
 
 from __future__ import annotations
@@ -14,30 +15,20 @@ from typing import Any
 
 import numpy as np
 
-from pancreas_seg.imaging.geometry import (
-    CanonicalTransform,
-    canonical_transform,
-    from_canonical,
-    slices_to_volume,
-    to_canonical,
-    volume_to_slices,
-)
+from pancreas_seg.imaging.geometry import ScanGeometry, axial_view
 from pancreas_seg.imaging.intensity import ForegroundIntensityStats, normalise_hu
 from pancreas_seg.imaging.nifti_io import load_nifti, read_nifti_header
-from pancreas_seg.imaging.resize import (
-    InPlaneGrid,
-    body_bounding_box,
-    plan_in_plane_grid,
-    resize_image_slices,
-    resize_label_slices,
-    restore_probability_slices,
-)
+from pancreas_seg.imaging.resize import body_bounding_box
 from pancreas_seg.labels import (
     check_label_mode,
     output_channels,
     probabilities_to_labels,
     to_training_target,
 )
+
+__all__ = ["AIR_HU", "PreprocessedCase", "PreprocessingConfig", "ScanGeometry", "axial_view",
+           "context_stack", "intensity_stats_from_dict", "plan_case_geometry", "plan_scan_geometry",
+           "preprocess_case", "preprocess_image", "preprocess_label", "restore_label_volume"]
 
 AIR_HU = -1024.0  # fill value for padding outside the scanned field of view, HU
 
@@ -89,58 +80,27 @@ class PreprocessingConfig:
         return output_channels(self.label_mode)
 
 
-@dataclass(frozen=True)
-class SliceGeometry:
-    """Everything needed to map (Z, H, W) model slices back to the original NIfTI grid."""
-
-    canonical: CanonicalTransform
-    grid: InPlaneGrid
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"canonical": self.canonical.to_dict(), "grid": self.grid.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SliceGeometry:
-        return cls(CanonicalTransform.from_dict(data["canonical"]), InPlaneGrid.from_dict(data["grid"]))
-
-
-def plan_slice_geometry(shape: tuple[int, ...], affine: np.ndarray, config: PreprocessingConfig,
-                        canonical_hu: np.ndarray | None = None) -> SliceGeometry:
-    """Plan reorientation and in-plane resizing for a volume of ``shape`` and ``affine``.
+def plan_scan_geometry(shape: tuple[int, ...], affine: np.ndarray, config: PreprocessingConfig,
+                       hu: np.ndarray | None = None) -> ScanGeometry:
+    """Plan the :class:`ScanGeometry` of a volume of ``shape`` (X, Y, Z) with ``affine``.
 
     With ``config.crop_to_body`` the in-plane grid is centred on (and, without a target spacing,
-    scaled to) the body, found in ``canonical_hu``: the (Z, H, W) canonical HU slices, required
-    then. A volume without any body voxel falls back to the whole slice.
+    scaled to) the body, found in ``hu``: the (X, Y, Z) HU volume in file order, required then.
+    A volume without any body voxel falls back to the whole slice.
     """
-    canonical = canonical_transform(shape, affine)
-    lps_shape = [canonical.original_shape[int(axis)] for axis, _ in canonical.to_canonical]
-    spacing_lps = canonical.canonical_spacing_mm
-    # Slices are (Z, Y, X): in-plane H is the P axis, W is the L axis.
-    source_hw = (lps_shape[1], lps_shape[0])
-    spacing_hw = (spacing_lps[1], spacing_lps[0])
     body_box = None
     if config.crop_to_body:
-        if canonical_hu is None:
-            raise ValueError("crop_to_body needs the canonical HU slices to find the body")
-        body_box = body_bounding_box(canonical_hu, config.body_threshold_hu)
-    grid = plan_in_plane_grid(source_hw, spacing_hw, config.image_size_px, config.target_spacing_mm,
-                              body_box_hw=body_box, body_margin_mm=config.body_margin_mm)
-    return SliceGeometry(canonical=canonical, grid=grid)
-
-
-def canonical_slices(volume: np.ndarray, geometry: SliceGeometry | CanonicalTransform) -> np.ndarray:
-    """(X, Y, Z) file-order volume -> (Z, H, W) canonical axial slices at source resolution."""
-    canonical = geometry.canonical if isinstance(geometry, SliceGeometry) else geometry
-    return volume_to_slices(to_canonical(volume, canonical))
-
-
-def axial_view(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) file-order volume -> (Z, H, W) radiological axial slices, source resolution (for display)."""
-    return canonical_slices(volume, canonical_transform(volume.shape, affine))
+        if hu is None:
+            raise ValueError("crop_to_body needs the HU volume to find the body")
+        body_box = body_bounding_box(axial_view(np.asarray(hu), affine), config.body_threshold_hu)
+    return ScanGeometry.plan(shape, affine, config.image_size_px,
+                             target_spacing_mm=config.target_spacing_mm, body_box_hw=body_box,
+                             body_margin_mm=config.body_margin_mm)
 
 
 def preprocess_image(hu: np.ndarray, affine: np.ndarray, config: PreprocessingConfig,
-                     stats: ForegroundIntensityStats | None = None) -> tuple[np.ndarray, SliceGeometry]:
+                     stats: ForegroundIntensityStats | None = None,
+                     geometry: ScanGeometry | None = None) -> tuple[np.ndarray, ScanGeometry]:
     """HU volume (X, Y, Z) in file order -> model input (Z, H, W) in ``config.image_dtype``.
 
     Args:
@@ -148,48 +108,61 @@ def preprocess_image(hu: np.ndarray, affine: np.ndarray, config: PreprocessingCo
         affine: the file's voxel -> mm affine (4, 4).
         config: preprocessing settings.
         stats: training foreground statistics, required for ``intensity_mode == "zscore"``.
+        geometry: the scan's geometry if already planned (the preprocessing pipeline plans it
+            once per case); planned here otherwise. Must match ``hu.shape`` and ``affine``.
+
+    Returns:
+        The model input and the geometry it was made with.
     """
     if hu.ndim != 3:
         raise ValueError(f"expected a 3D HU volume, got shape {hu.shape}")
-    slices = axial_view(np.asarray(hu, dtype=np.float32), affine)
-    geometry = plan_slice_geometry(hu.shape, affine, config, canonical_hu=slices)
-    slices = resize_image_slices(slices, geometry.grid, fill_value=AIR_HU)
+    if geometry is None:
+        geometry = plan_scan_geometry(hu.shape, affine, config, hu=hu)
+    else:
+        geometry.check_header(hu.shape, affine, "HU volume")
+        if tuple(geometry.grid.output_hw) != tuple(config.image_size_px):
+            raise ValueError(f"geometry was planned for {geometry.grid.output_hw} px, the config "
+                             f"asks for {config.image_size_px}")
+    slices = geometry.image_to_model(hu, fill_value=AIR_HU)
     image = normalise_hu(slices, config.intensity_mode, config.window_hu, stats)
     return image.astype(config.image_dtype, copy=False), geometry
 
 
-def preprocess_label(label: np.ndarray, geometry: SliceGeometry, label_mode: str) -> np.ndarray:
+def preprocess_label(label: np.ndarray, geometry: ScanGeometry, label_mode: str) -> np.ndarray:
     """Label volume (X, Y, Z) in file order -> (Z, H, W) uint8 targets on the model grid (nearest)."""
-    slices = canonical_slices(np.asarray(label), geometry)
-    return to_training_target(resize_label_slices(slices, geometry.grid), label_mode)
+    return to_training_target(geometry.label_to_model(np.asarray(label)), label_mode)
 
 
 #: Slices restored per step in :func:`restore_label_volume` (bounds its memory, not its result).
 _RESTORE_CHUNK_SLICES = 8
 
 
-def restore_label_volume(probabilities: np.ndarray, geometry: SliceGeometry,
+def restore_label_volume(probabilities: np.ndarray, geometry: ScanGeometry,
                          label_mode: str) -> np.ndarray:
     """(Z, H, W, C) model probabilities -> uint8 MSD label map on the original (X, Y, Z) grid.
+
+    The result has exactly ``geometry.shape`` and belongs with ``geometry.affine``.
 
     Slices whose every pixel is strictly background on the model grid are not interpolated: a
     linear interpolation is a convex combination, so it keeps "background wins" strict and these
     slices stay background at source resolution. The result equals interpolating every slice.
     """
     probs = np.asarray(probabilities, dtype=np.float32)
+    if probs.ndim != 4 or tuple(probs.shape[:3]) != geometry.model_shape:
+        raise ValueError(f"probabilities {probs.shape} do not fit the geometry's model grid "
+                         f"(Z, H, W) = {geometry.model_shape}")
     if label_mode == "multiclass":
         background = probs[..., 0] > probs[..., 1:].max(axis=-1)
     else:
         background = probs[..., 0] < 0.5
     active = np.flatnonzero(~background.reshape(len(probs), -1).all(axis=1))
-    labels = np.zeros((len(probs), *geometry.grid.source_hw), dtype=np.uint8)
+    labels = np.zeros(geometry.slice_shape, dtype=np.uint8)
     for start in range(0, len(active), _RESTORE_CHUNK_SLICES):
         # a few slices at a time: full-volume float32 probabilities at source size would need
         # Z x H x W x C x 4 bytes (~320 MB for 100 slices of 512 x 512 x 3)
         chunk = active[start:start + _RESTORE_CHUNK_SLICES]
-        labels[chunk] = probabilities_to_labels(restore_probability_slices(probs[chunk], geometry.grid),
-                                                label_mode)
-    return from_canonical(slices_to_volume(labels), geometry.canonical)
+        labels[chunk] = probabilities_to_labels(geometry.probabilities_to_slices(probs[chunk]), label_mode)
+    return geometry.from_slices(labels)
 
 
 def context_stack(slices: np.ndarray, indices: np.ndarray, context_slices: int) -> np.ndarray:
@@ -216,26 +189,31 @@ class PreprocessedCase:
 
     image: np.ndarray          # (Z, H, W) float32|float16
     label: np.ndarray | None   # (Z, H, W) uint8 targets for config.label_mode, or None
-    geometry: SliceGeometry
+    geometry: ScanGeometry
 
 
-def plan_case_geometry(image_path: str, config: PreprocessingConfig) -> SliceGeometry:
-    """The :class:`SliceGeometry` :func:`preprocess_image` will use for the CT file ``image_path``.
+def plan_case_geometry(image_path: str, config: PreprocessingConfig) -> ScanGeometry:
+    """The :class:`ScanGeometry` of the CT file ``image_path`` (pass it on to :func:`preprocess_case`).
 
     Reads only the header, unless ``config.crop_to_body`` needs the HU voxels to find the body.
     """
     if not config.crop_to_body:
         header = read_nifti_header(image_path)
-        return plan_slice_geometry(header.shape, header.affine, config)
-    ct = load_nifti(image_path, dtype=np.float32)
-    return plan_slice_geometry(ct.array.shape, ct.affine, config, canonical_hu=axial_view(ct.array, ct.affine))
+        return plan_scan_geometry(header.shape, header.affine, config)
+    ct = load_nifti(image_path)
+    return plan_scan_geometry(ct.array.shape, ct.affine, config, hu=ct.array)
 
 
 def preprocess_case(image_path: str, label_path: str | None, config: PreprocessingConfig,
-                    stats: ForegroundIntensityStats | None = None) -> PreprocessedCase:
-    """Read one case's NIfTI files and preprocess them (at most one case in memory)."""
+                    stats: ForegroundIntensityStats | None = None,
+                    geometry: ScanGeometry | None = None) -> PreprocessedCase:
+    """Read one case's NIfTI files and preprocess them (at most one case in memory).
+
+    ``geometry``: the case's planned geometry (:func:`plan_case_geometry`); the shards are made
+    with exactly that object. Planned from the files when None.
+    """
     ct = load_nifti(image_path)
-    image, geometry = preprocess_image(ct.array, ct.affine, config, stats)
+    image, geometry = preprocess_image(ct.array, ct.affine, config, stats, geometry)
     label = None
     if label_path is not None:
         label = preprocess_label(load_nifti(label_path).array, geometry, config.label_mode)

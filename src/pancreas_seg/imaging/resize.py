@@ -150,6 +150,18 @@ def resize_label_slices(slices: np.ndarray, grid: InPlaneGrid) -> np.ndarray:
     return _place(resized, grid, 0) if grid.resampled_hw != grid.output_hw else resized
 
 
+def restore_label_slices(labels: np.ndarray, grid: InPlaneGrid) -> np.ndarray:
+    """(Z, *output_hw) model-grid labels -> (Z, *source_hw), same dtype, nearest neighbour.
+
+    The inverse of :func:`resize_label_slices` (exact when the grid is the identity); regions
+    cropped away on the way in come back as 0 (background).
+    """
+    labels = np.asarray(labels)
+    if grid.resampled_hw != grid.output_hw:
+        labels = _unplace(labels, grid, 0)
+    return _zoom_in_plane(labels, grid.source_hw, order=0)
+
+
 def restore_probability_slices(probabilities: np.ndarray, grid: InPlaneGrid) -> np.ndarray:
     """(Z, *output_hw, C) model probabilities -> (Z, *source_hw, C) float32 by linear interpolation.
 

@@ -21,10 +21,10 @@ from pancreas_seg.evaluation.plots import (
     plot_overlays,
 )
 from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
+from pancreas_seg.imaging.geometry import ScanGeometry, axial_axis
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
-    SliceGeometry,
     axial_view,
 )
 from pancreas_seg.model_card import (
@@ -84,11 +84,11 @@ def predict_test_cases(model: Any, model_check: dict[str, Any],
 
     def predict(index: int, case_id: str) -> NiftiVolume:
         logger.info("[%s] predicting test case %d/%d: %s", model_card["architecture"], index, len(cases), case_id)
-        geometry = SliceGeometry.from_dict(slice_geometry[case_id])
+        geometry = ScanGeometry.from_dict(slice_geometry[case_id])
         probabilities = predict_slices(model, model_input_slices[f"{case_id}/image"](), config.context_slices,
                                        int(evaluation["batch_size"]), bool(evaluation["flip_tta"]))
         labels = labels_from_probabilities(probabilities, geometry, config.label_mode)
-        return NiftiVolume(labels, geometry.canonical.original_affine)
+        return NiftiVolume(labels, geometry.affine)
 
     return {case_id: functools.partial(predict, i, case_id) for i, case_id in enumerate(cases, start=1)}
 
@@ -109,13 +109,14 @@ def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], 
             raise ValueError(f"prediction for {case_id} is not on the label's grid "
                              f"({prediction.array.shape} vs {truth.array.shape})")
         spacing = truth.spacing_mm
+        axial = axial_axis(truth.affine)  # the file's own axial axis: not always array axis 2
         tolerance = float(evaluation["nsd_tolerance_mm"])
         raw = case_metrics(prediction.array, truth.array, spacing, tolerance)
         lcc = case_metrics(keep_largest_foreground(prediction.array), truth.array, spacing, tolerance)
         for plain, post in zip(raw, lcc, strict=True):
             rows.append({"case_id": case_id, "architecture": name, "class": plain["class"],
                          "dice": plain["dice"], "hd95_mm": plain["hd95_mm"], "nsd": plain["nsd"],
-                         "slice_dice": slice_dice(prediction.array, truth.array, plain["class"]),
+                         "slice_dice": slice_dice(prediction.array, truth.array, plain["class"], axis=axial),
                          "dice_lcc": post["dice"], "hd95_mm_lcc": post["hd95_mm"], "nsd_lcc": post["nsd"]})
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 

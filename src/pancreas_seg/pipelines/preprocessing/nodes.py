@@ -51,32 +51,34 @@ def fit_intensity_stats(case_manifest: pd.DataFrame, preprocessing: dict[str, An
 
 def preprocess_cases(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any],
                      preprocessing: dict[str, Any]) -> tuple[dict[str, Callable[[], np.ndarray]], dict[str, Any]]:
-    """Plan every labelled case's geometry now; preprocess its arrays lazily, one case at a time.
+    """Plan every labelled case's geometry once, now; preprocess its arrays lazily, one case at a time.
+
+    The shards of a case are made with exactly the :class:`ScanGeometry` recorded for it.
 
     Returns:
         ``{"<case_id>/image": fn, "<case_id>/label": fn}`` for the PartitionedDataset (each fn
         preprocesses when Kedro saves that partition, so memory is bounded by one case), and
-        ``{case_id: SliceGeometry.to_dict()}``.
+        ``{case_id: ScanGeometry.to_dict()}`` (``slice_geometry.json``).
     """
     config = PreprocessingConfig.from_params(preprocessing)
     stats = intensity_stats_from_dict(intensity_stats)
     cases = labelled_cases(case_manifest)
-    geometry = {}
+    geometries = {}
     for index, row in enumerate(cases.itertuples(), start=1):
         if config.crop_to_body:
             logger.info("Finding the body %d/%d: %s", index, len(cases), row.case_id)
-        geometry[row.case_id] = plan_case_geometry(row.image_path, config).to_dict()
+        geometries[row.case_id] = plan_case_geometry(row.image_path, config)
 
     order = {case_id: i for i, case_id in enumerate(cases["case_id"], start=1)}
 
     @functools.lru_cache(maxsize=1)  # image and label partitions of a case are saved back to back
     def run_case(case_id: str, image_path: str, label_path: str):
         logger.info("Preprocessing case %d/%d: %s", order[case_id], len(order), case_id)
-        return preprocess_case(image_path, label_path, config, stats)
+        return preprocess_case(image_path, label_path, config, stats, geometries[case_id])
 
     partitions: dict[str, Callable[[], np.ndarray]] = {}
     for row in cases.itertuples():
         key = (row.case_id, row.image_path, row.label_path)
         partitions[f"{row.case_id}/image"] = functools.partial(lambda k: run_case(*k).image, key)
         partitions[f"{row.case_id}/label"] = functools.partial(lambda k: run_case(*k).label, key)
-    return partitions, geometry
+    return partitions, {case_id: geometry.to_dict() for case_id, geometry in geometries.items()}
