@@ -21,7 +21,7 @@ from pancreas_seg.evaluation.plots import (
     plot_overlays,
 )
 from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
-from pancreas_seg.imaging.geometry import ScanGeometry, axial_axis
+from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
@@ -96,7 +96,10 @@ def predict_test_cases(model: Any, model_check: dict[str, Any],
 def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], case_manifest: pd.DataFrame,
                      slice_geometry: dict[str, Any], model_card: dict[str, Any],
                      evaluation: dict[str, Any]) -> pd.DataFrame:
-    """Per case and class: Dice, HD95 (mm), NSD and slice Dice, without and with largest-component."""
+    """Per case and class: Dice, HD95 (mm), NSD and slice Dice, without and with largest-component.
+
+    Slice Dice is taken along each scan's axial axis, from its geometry in ``slice_geometry``.
+    """
     name = model_card["architecture"]
     manifest = case_manifest.set_index("case_id")
     rows = []
@@ -109,7 +112,8 @@ def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], 
             raise ValueError(f"prediction for {case_id} is not on the label's grid "
                              f"({prediction.array.shape} vs {truth.array.shape})")
         spacing = truth.spacing_mm
-        axial = axial_axis(truth.affine)  # the file's own axial axis: not always array axis 2
+        # the scan geometry's axial axis: array axis 2 only for files stored in an axial-last order
+        axial = ScanGeometry.from_dict(slice_geometry[case_id]).axial_axis
         tolerance = float(evaluation["nsd_tolerance_mm"])
         raw = case_metrics(prediction.array, truth.array, spacing, tolerance)
         lcc = case_metrics(keep_largest_foreground(prediction.array), truth.array, spacing, tolerance)

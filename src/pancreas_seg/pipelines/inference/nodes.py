@@ -19,8 +19,8 @@ from pancreas_seg.imaging.preprocess import (
     intensity_stats_from_dict,
 )
 from pancreas_seg.labels import PANCREAS, TUMOUR
-from pancreas_seg.model_store import resolve_model
 from pancreas_seg.model_card import check_card_consistent, check_disjoint, check_weights
+from pancreas_seg.model_store import resolve_model
 from pancreas_seg.prediction import segment_volume, use_xla
 from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
 from pancreas_seg.task07.validation import validate_case
