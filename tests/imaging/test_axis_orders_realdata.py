@@ -199,12 +199,10 @@ def test_inference_masks_match_in_every_axis_order(copies, masks) -> None:
     for row in copies.iloc[1:].itertuples():
         ct, mask = nib.load(row.image_path), nib.load(masks[row.case_id])
         assert mask.shape == ct.shape, row.axcodes
-        # sform affines survive exactly; a qform-only input's affine is recomputed from its
-        # quaternion and stored again as the mask's float32 sform (about 1e-7 mm rounding)
-        if row.style == "qform_only":
-            assert np.allclose(mask.affine, ct.affine, rtol=0, atol=1e-5), row.axcodes
-        else:
-            assert np.array_equal(mask.affine, ct.affine), row.axcodes
+        # the mask keeps the input's own qform/sform, so even a qform-only input's affine is exact
+        assert np.array_equal(mask.affine, ct.affine), (row.axcodes, row.style)
+        assert (mask.header["qform_code"], mask.header["sform_code"]) == \
+            (ct.header["qform_code"], ct.header["sform_code"]), (row.axcodes, row.style)
         canonical = nib.as_closest_canonical(mask)
         assert np.array_equal(np.asanyarray(canonical.dataobj), ref_labels), (row.axcodes, row.style)
 
@@ -237,7 +235,8 @@ def test_slice_dice_along_the_axial_axis_is_the_same_in_every_axis_order(copies,
     predictions = {case_id: (lambda p=masks[case_id]: load_nifti(p)) for case_id in scored["case_id"]}
     # 4 mm: no surface distance (0, 3, 4.24, ... mm on this 3 mm grid) sits on the tolerance, so
     # float32 rounding of a quaternion affine's spacing cannot tip the NSD
-    scores = score_test_cases(predictions, scored.assign(split="test"), {"architecture": "probe"},
+    geometries = {row.case_id: plan_case_geometry(row.image_path, config).to_dict() for row in scored.itertuples()}
+    scores = score_test_cases(predictions, scored.assign(split="test"), geometries, {"architecture": "probe"},
                               {"nsd_tolerance_mm": 4.0}).set_index(["case_id", "class"])
     assert scores.loc[(REFERENCE, "pancreas"), "slice_dice"] == pytest.approx(reference, rel=1e-12)
     for case_id in scored["case_id"]:

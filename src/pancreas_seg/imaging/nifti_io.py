@@ -89,15 +89,26 @@ def load_nifti(path: str | os.PathLike[str], dtype: Any = None) -> NiftiVolume:
 
 def to_nifti_image(array: np.ndarray, affine: np.ndarray,
                    header: nib.Nifti1Header | None = None) -> nib.Nifti1Image:
-    """Wrap an array and affine in a Nifti1Image whose header dtype matches the array."""
-    header = header.copy() if header is not None else None
-    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64), header=header)
-    image.set_data_dtype(np.asarray(array).dtype)
+    """Wrap an array and affine in a Nifti1Image whose header dtype matches the array.
+
+    With the ``header`` of the file the array belongs to (same grid, same affine), that file's
+    qform and sform are kept as they are, so the output reads back with bit-identical geometry
+    (a qform-only input stays qform-only). Otherwise both forms are set from ``affine`` (code 1).
+    """
+    array = np.asarray(array)
+    affine = np.asarray(affine, dtype=np.float64)
+    same_grid = (header is not None and tuple(header.get_data_shape()[:3]) == array.shape[:3]
+                 and np.array_equal(header.get_best_affine(), affine))
+    if same_grid:
+        image = nib.Nifti1Image(array, None, header=header.copy())
+    else:
+        image = nib.Nifti1Image(array, affine, header=header.copy() if header is not None else None)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+    image.set_data_dtype(array.dtype)
     image.header.set_xyzt_units("mm", "sec")
     # Integer labels and HU must be stored exactly: no scaling.
     image.header.set_slope_inter(1.0, 0.0)
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
     return image
 
 
