@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pancreas_seg.imaging.phantom import PhantomConfig, write_synthetic_task07
+from pancreas_seg.phantoms import PhantomConfig, write_synthetic_task07
 
 #: Small phantoms: 64 x 64 px at 5-5.5 mm, 6-8 mm slices over 100-120 mm (13-20 slices).
 SMALL_PHANTOM = PhantomConfig(shape_xy_px=64, spacing_xy_mm=(5.0, 5.5),
