@@ -3,6 +3,9 @@
 from kedro.config import OmegaConfigLoader
 
 from pancreas_seg.hooks import ArchitectureSelectionHook
+from pancreas_seg.warnings_filter import install as install_warning_filters
+
+install_warning_filters()  # known-harmless third-party warnings off, in one place
 
 HOOKS = (ArchitectureSelectionHook(),)
 
