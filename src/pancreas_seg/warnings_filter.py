@@ -66,8 +66,8 @@ KNOWN_HARMLESS: tuple[KnownWarning, ...] = (
         file=r"mlflow[/\\]pyfunc[/\\]utils[/\\]data_validation\.py",
         why="MLflow checks every PythonModel subclass when it is defined; kedro-mlflow's "
             "KedroPipelineModel has no type hints and is defined when kedro-mlflow is imported. "
-            "MLflow raises it under simplefilter('once'), so only the py.warnings log filter "
-            "drops it; the `kedro` CLI imports kedro-mlflow before any project code runs"),
+            "MLflow raises it under its own simplefilter('once'), so only the py.warnings log "
+            "filter drops it (settings.py is loaded before Kedro imports plugin commands)"),
     KnownWarning(
         message=r"IProgress not found",
         category="tqdm.TqdmWarning",

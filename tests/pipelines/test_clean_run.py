@@ -57,11 +57,6 @@ ALLOWED: tuple[tuple[str, str], ...] = (
     (r"pipelines/evaluation/pipeline\.py:\d+: UserWarning: One or more dataset names contain '\.'",
      "Kedro on the evaluation wiring's dotted dataset names; that wiring is being rewritten "
      "(not silenced, so the rewrite can be checked)"),
-    (r"mlflow/pyfunc/utils/data_validation\.py:\d+: UserWarning: (\x1b\[\d+m)?Add type hints to "
-     r"the `predict` method",
-     "MLflow on kedro-mlflow's KedroPipelineModel; the kedro CLI imports kedro-mlflow's commands "
-     "before any project module (settings.py) runs, so only the notebook/ipython/session paths "
-     "can drop it (warnings_filter.KNOWN_HARMLESS)"),
     (r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$",
      "TensorFlow's C++ start-up, printed before Python can configure anything; the oneDNN line "
      "after it goes only with TF_ENABLE_ONEDNN_OPTS=0, which changes numerics"),
