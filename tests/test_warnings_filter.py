@@ -31,6 +31,8 @@ def clean_warnings() -> Iterator[None]:
     """Every warning shown (no filters but ours), filters and py.warnings restored afterwards."""
     py_warnings = logging.getLogger("py.warnings")
     saved_log_filters = list(py_warnings.filters)
+    # a KedroSession earlier in this pytest process (settings.py) may have installed ours already
+    py_warnings.filters[:] = [f for f in saved_log_filters if not isinstance(f, KnownWarningLogFilter)]
     with warnings.catch_warnings():
         warnings.resetwarnings()
         warnings.simplefilter("always")
@@ -107,7 +109,8 @@ def test_log_filter_drops_only_the_mlflow_type_hint_record() -> None:
     assert log_filter.filter(record(f"{path}:187: FutureWarning: {text}\n"))
 
 
-def test_mlflow_type_hint_warning_is_gone_from_kedro_log_but_was_there(clean_warnings) -> None:
+def test_mlflow_type_hint_warning_is_gone_from_kedro_log_but_was_there(
+        clean_warnings, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real warning: MLflow raises it under its own simplefilter('once'), so only the
     py.warnings log filter (Kedro logs warnings via logging.captureWarnings) can drop it."""
     pyfunc = pytest.importorskip("mlflow.pyfunc")
@@ -115,17 +118,23 @@ def test_mlflow_type_hint_warning_is_gone_from_kedro_log_but_was_there(clean_war
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
     py_warnings = logging.getLogger("py.warnings")
+
+    def to_log(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: PLR0917
+        # what logging.captureWarnings(True) installs (set here directly: pytest and an earlier
+        # KedroSession in this process may each have swapped showwarning already)
+        py_warnings.warning("%s", warnings.formatwarning(message, category, filename, lineno, line))
+
+    def define_model() -> None:
+        # MLflow shows it "once" per text: forget earlier ones (other tests may import kedro-mlflow)
+        warnings.onceregistry.clear()
+
+        class NoHints(pyfunc.PythonModel):
+            def predict(self, context, model_input, params=None):  # no type hints on purpose
+                return model_input
+
+    monkeypatch.setattr(warnings, "showwarning", to_log)
     py_warnings.addHandler(handler)
-    logging.captureWarnings(True)
     try:
-        def define_model() -> None:
-            # MLflow shows it "once" per text: forget earlier ones (other tests may import kedro-mlflow)
-            warnings.onceregistry.clear()
-
-            class NoHints(pyfunc.PythonModel):
-                def predict(self, context, model_input, params=None):  # no type hints on purpose
-                    return model_input
-
         define_model()
         shown_without = [r for r in records if "Add type hints" in r.getMessage()]
         records.clear()
@@ -133,7 +142,6 @@ def test_mlflow_type_hint_warning_is_gone_from_kedro_log_but_was_there(clean_war
         define_model()
         shown_with = [r for r in records if "Add type hints" in r.getMessage()]
     finally:
-        logging.captureWarnings(False)
         py_warnings.removeHandler(handler)
     assert shown_without, "MLflow no longer warns: drop this entry from KNOWN_HARMLESS"
     assert not shown_with
