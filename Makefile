@@ -17,14 +17,14 @@ install: $(VENV)/.installed
 
 ## Fresh environment + the main job (ingestion -> preprocessing -> 4 models -> evaluation) on the phantoms
 run: install
-	$(BIN)/kedro run --pipeline=train
+	$(BIN)/kedro run --pipelines=train
 
 ## Fresh environment + the whole test suite
 test: install
 	$(BIN)/python -m pytest
 
 smoke: install
-	$(BIN)/kedro run --pipeline=train --env smoke
+	$(BIN)/kedro run --pipelines=train --env smoke
 
 viz: install
 	$(BIN)/kedro viz run --no-browser --host 127.0.0.1 --port 4141

@@ -36,7 +36,7 @@ RESULT_PREFIX = "BENCH_RESULT_JSON:"
 
 def phantom_config() -> Any:
     """512 x 512 in-plane, 0.7-0.9 mm pixels, 1.5-1.7 mm slices over 150-170 mm: 88-113 slices."""
-    from pancreas_seg.imaging.phantom import PhantomConfig  # noqa: PLC0415
+    from pancreas_seg.phantoms import PhantomConfig  # noqa: PLC0415
 
     return PhantomConfig(shape_xy_px=512, spacing_xy_mm=(0.7, 0.9), slice_thickness_mm=(1.5, 1.7),
                          z_extent_mm=(150.0, 170.0))
@@ -44,7 +44,7 @@ def phantom_config() -> Any:
 
 def ensure_phantoms_512(progress: bool = True) -> Path:
     """Write (or reuse, by fingerprint) the 30-case 512 px SYNTHETIC benchmark data set."""
-    from pancreas_seg.imaging.phantom import write_synthetic_task07  # noqa: PLC0415
+    from pancreas_seg.phantoms import write_synthetic_task07  # noqa: PLC0415
 
     def report(i: int, n: int, case_id: str) -> None:
         if progress:

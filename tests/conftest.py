@@ -1,4 +1,5 @@
-"""Shared fixtures: a small, valid, SYNTHETIC Task07 folder written once per test session.
+"""Shared fixtures: a small, valid, SYNTHETIC Task07 folder written once per test session, and
+the REAL CT files (``../shared/realdata``) with the rule for when they are missing.
 
 Tests that change files copy it first (:func:`fresh_task07`), so the pristine copy stays valid.
 """
@@ -7,33 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pancreas_seg.imaging.phantom import PhantomConfig, write_synthetic_task07
+from pancreas_seg.phantoms import PhantomConfig, write_synthetic_task07
 
 #: Small phantoms: 64 x 64 px at 5-5.5 mm, 6-8 mm slices over 100-120 mm (13-20 slices).
 SMALL_PHANTOM = PhantomConfig(shape_xy_px=64, spacing_xy_mm=(5.0, 5.5),
                               slice_thickness_mm=(6.0, 8.0), z_extent_mm=(100.0, 120.0))
 SMALL_N_TRAIN, SMALL_N_TEST, SMALL_SEED = 4, 1, 3
-
-#: Real CT test data, ``../shared/realdata`` next to the repository (see its NOTICE.md).
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
-REALDATA_FILES = ("ct_abdomen_3mm.nii.gz", "ct_abdomen_3mm_pancreas.nii.gz")
-
-
-@pytest.fixture(scope="session")
-def realdata() -> Path:
-    """The real-data folder. Missing files skip the test locally but FAIL it when ``CI`` is set."""
-    missing = [name for name in REALDATA_FILES if not (REALDATA / name).is_file()]
-    if missing:
-        message = f"real CT test data not found: {missing} in {REALDATA} (see NOTICE.md there)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI is set, so this is an error, not a skip")
-        pytest.skip(message)
-    return REALDATA
-
 
 @pytest.fixture(scope="session")
 def small_task07(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -52,3 +37,52 @@ def fresh_task07(small_task07: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "raw" / "Task07_Pancreas"
     shutil.copytree(small_task07, copy)
     return copy.resolve()
+
+
+# --------------------------------------------------------------------------------------------
+# Real CT data: skipped locally when absent, a failure under CI
+# --------------------------------------------------------------------------------------------
+#: Overrides where the real CT files are looked for (default: ``../shared/realdata`` next to the
+#: repository, read-only).
+REALDATA_ENV_VAR = "PANCREAS_SEG_REALDATA"
+REALDATA_FILES = ("ct_abdomen_3mm.nii.gz", "ct_abdomen_3mm_pancreas.nii.gz")
+DEFAULT_REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+
+
+def in_ci() -> bool:
+    """True when the ``CI`` environment variable is set to true (CI services set ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def realdata_dir() -> Path:
+    """The folder holding the real CT files: ``$PANCREAS_SEG_REALDATA`` or ``../shared/realdata``."""
+    override = os.environ.get(REALDATA_ENV_VAR)
+    return Path(override).expanduser().resolve() if override else DEFAULT_REALDATA
+
+
+@pytest.fixture(scope="session")
+def require_realdata() -> Callable[..., Path]:
+    """``require_realdata(*file_names)`` -> the real-data folder, once those files are there.
+
+    If any is missing the calling test is skipped on a developer's machine, but FAILS under CI
+    (``CI=true``): a CI run that silently skipped every real-CT test would claim more than it checked.
+    """
+
+    def require(*names: str) -> Path:
+        folder = realdata_dir()
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            message = (f"real CT test data missing: {', '.join(missing)} not found in {folder} "
+                       f"(copy shared/realdata next to the repository, or set {REALDATA_ENV_VAR})")
+            if in_ci():
+                pytest.fail(f"{message}; CI=true, so this is a failure, not a skip", pytrace=False)
+            pytest.skip(message)
+        return folder
+
+    return require
+
+
+@pytest.fixture(scope="session")
+def realdata(require_realdata: Callable[..., Path]) -> Path:
+    """The real-data folder holding the CT and its pancreas mask (skip locally / fail under CI)."""
+    return require_realdata(*REALDATA_FILES)

@@ -2,6 +2,10 @@
 
 from kedro.config import OmegaConfigLoader
 
+from pancreas_seg.warnings_filter import install as install_warning_filters
+
+install_warning_filters()  # known-harmless third-party warnings off, in one place
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

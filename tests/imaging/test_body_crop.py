@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from pancreas_seg.imaging.nifti_io import save_nifti
-from pancreas_seg.imaging.phantom import PhantomConfig, make_phantom
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
     axial_view,
@@ -17,6 +16,7 @@ from pancreas_seg.imaging.preprocess import (
     restore_label_volume,
 )
 from pancreas_seg.imaging.resize import body_bounding_box, plan_in_plane_grid
+from pancreas_seg.phantoms import PhantomConfig, make_phantom
 
 # A wide field of view (96 px x 5 mm = 480 mm) around a ~300 x 220 mm body, like a real scan.
 WIDE = PhantomConfig(shape_xy_px=96, spacing_xy_mm=(5.0, 5.0), slice_thickness_mm=(6.0, 6.0),

@@ -19,7 +19,6 @@ from pancreas_seg.imaging.intensity import (
     zscore_hu,
 )
 from pancreas_seg.imaging.nifti_io import orientation_code
-from pancreas_seg.imaging.phantom import PhantomConfig, make_phantom
 from pancreas_seg.imaging.preprocess import (
     AIR_HU,
     PreprocessingConfig,
@@ -29,6 +28,7 @@ from pancreas_seg.imaging.preprocess import (
     restore_label_volume,
 )
 from pancreas_seg.labels import probabilities_to_labels, to_training_target
+from pancreas_seg.phantoms import PhantomConfig, make_phantom
 
 SMALL = PhantomConfig(shape_xy_px=64, spacing_xy_mm=(5.0, 5.5), slice_thickness_mm=(6.0, 8.0),
                       z_extent_mm=(100.0, 120.0), tumour_probability=1.0)

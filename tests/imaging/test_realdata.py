@@ -1,6 +1,7 @@
 """Reading, validating and preprocessing one REAL abdominal CT.
 
-Data (``../shared/realdata`` next to the repository, read-only):
+Data (``../shared/realdata`` next to the repository, or ``$PANCREAS_SEG_REALDATA``; read-only;
+without it these tests are skipped locally and FAIL under ``CI=true``, see ``tests/conftest.py``):
 
 * ``ct_abdomen_3mm.nii.gz``: one real abdominal CT volume, 122 x 101 x 112 voxels, 3.0 mm
   isotropic, RAS, int32 Hounsfield units (about -1207 to 3382). It is the example CT from the
@@ -36,37 +37,44 @@ from pancreas_seg.imaging.preprocess import (
 from pancreas_seg.task07.layout import CaseFiles
 from pancreas_seg.task07.validation import validate_case, validate_task07
 
-REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
-CT = REALDATA / "ct_abdomen_3mm.nii.gz"
-MASK = REALDATA / "ct_abdomen_3mm_pancreas.nii.gz"
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _needs_realdata(realdata: Path) -> None:
-    """Skip when the data is missing locally; fail under CI (see tests/conftest.py)."""
-
+CT_NAME, MASK_NAME = "ct_abdomen_3mm.nii.gz", "ct_abdomen_3mm_pancreas.nii.gz"
 
 SHAPE = (122, 101, 112)
 PANCREAS_SLICES = list(range(81, 100))  # z 81-99 inclusive
 
 
+@pytest.fixture(scope="module", autouse=True)
+def realdata(require_realdata) -> Path:
+    """The real-data folder. Every test here needs it: skipped locally without it, failing in CI."""
+    return require_realdata(CT_NAME, MASK_NAME)
+
+
 @pytest.fixture(scope="module")
-def reference():
+def ct_path(realdata: Path) -> Path:
+    return realdata / CT_NAME
+
+
+@pytest.fixture(scope="module")
+def mask_path(realdata: Path) -> Path:
+    return realdata / MASK_NAME
+
+
+@pytest.fixture(scope="module")
+def reference(ct_path: Path, mask_path: Path):
     """The files as nibabel reads them directly (an independent reader)."""
-    ct, mask = nib.load(str(CT)), nib.load(str(MASK))
+    ct, mask = nib.load(str(ct_path)), nib.load(str(mask_path))
     return {"hu": np.asanyarray(ct.dataobj), "affine": ct.affine,
             "mask": np.asanyarray(mask.dataobj), "mask_affine": mask.affine}
 
 
 @pytest.fixture(scope="module")
-def ct():
-    return load_nifti(CT)
+def ct(ct_path: Path):
+    return load_nifti(ct_path)
 
 
 @pytest.fixture(scope="module")
-def mask():
-    return load_nifti(MASK)
+def mask(mask_path: Path):
+    return load_nifti(mask_path)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -91,8 +99,9 @@ def test_load_nifti_keeps_shape_spacing_orientation_and_hu(ct, mask, reference) 
     assert z.tolist() == PANCREAS_SLICES
 
 
-def test_nifti_dataset_loads_the_same_and_round_trips(ct, tmp_path: Path) -> None:
-    loaded = NiftiDataset(filepath=str(CT)).load()
+def test_nifti_dataset_loads_the_same_and_round_trips(ct, ct_path: Path, realdata: Path,
+                                                     tmp_path: Path) -> None:
+    loaded = NiftiDataset(filepath=str(ct_path)).load()
     assert loaded.array.dtype == ct.array.dtype
     assert np.array_equal(loaded.array, ct.array)
     assert np.array_equal(loaded.affine, ct.affine)
@@ -102,12 +111,12 @@ def test_nifti_dataset_loads_the_same_and_round_trips(ct, tmp_path: Path) -> Non
     again = copy.load()
     assert again.array.dtype == ct.array.dtype and np.array_equal(again.array, ct.array)
     assert np.array_equal(again.affine, ct.affine)
-    assert sorted(p.name for p in REALDATA.iterdir()) == [
+    assert sorted(p.name for p in realdata.iterdir()) == [
         "NOTICE.md", "ct_abdomen_3mm.nii.gz", "ct_abdomen_3mm_pancreas.nii.gz"]
 
 
-def test_validate_case_accepts_the_real_case() -> None:
-    record, findings = validate_case(CaseFiles("ct_abdomen_3mm", CT, MASK, "training"))
+def test_validate_case_accepts_the_real_case(ct_path: Path, mask_path: Path) -> None:
+    record, findings = validate_case(CaseFiles("ct_abdomen_3mm", ct_path, mask_path, "training"))
     assert findings == []
     assert record is not None
     assert (record.shape_x, record.shape_y, record.shape_z) == SHAPE
@@ -118,13 +127,14 @@ def test_validate_case_accepts_the_real_case() -> None:
     assert record.voxels_pancreas == 695 and record.voxels_tumour == 0
 
 
-def test_validate_task07_folder_built_from_the_real_case(tmp_path: Path) -> None:
+def test_validate_task07_folder_built_from_the_real_case(ct_path: Path, mask_path: Path,
+                                                         tmp_path: Path) -> None:
     root = tmp_path / "Task07_Pancreas"
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (root / sub).mkdir(parents=True)
-    shutil.copyfile(CT, root / "imagesTr" / "pancreas_001.nii.gz")
-    shutil.copyfile(MASK, root / "labelsTr" / "pancreas_001.nii.gz")
-    shutil.copyfile(CT, root / "imagesTs" / "pancreas_002.nii.gz")
+    shutil.copyfile(ct_path, root / "imagesTr" / "pancreas_001.nii.gz")
+    shutil.copyfile(mask_path, root / "labelsTr" / "pancreas_001.nii.gz")
+    shutil.copyfile(ct_path, root / "imagesTs" / "pancreas_002.nii.gz")
     (root / "dataset.json").write_text(json.dumps({
         "training": [{"image": "./imagesTr/pancreas_001.nii.gz",
                       "label": "./labelsTr/pancreas_001.nii.gz"}],
@@ -190,11 +200,11 @@ def test_canonical_slices_show_the_real_anatomy_in_radiological_view(ct) -> None
     assert rows.mean() > upper.shape[1] / 2
 
 
-def test_preprocess_case_reads_the_files(ct, mask) -> None:
+def test_preprocess_case_reads_the_files(ct, mask, ct_path: Path, mask_path: Path) -> None:
     config = PreprocessingConfig(image_size_px=(64, 64), label_mode="pancreas")
-    case = preprocess_case(str(CT), str(MASK), config)
+    case = preprocess_case(str(ct_path), str(mask_path), config)
     direct, _ = preprocess_image(ct.array, ct.affine, config)
     assert np.array_equal(case.image, direct)
     assert case.label.shape == (112, 64, 64) and case.label.dtype == np.uint8
     assert np.nonzero(case.label.any(axis=(1, 2)))[0].tolist() == PANCREAS_SLICES
-    assert preprocess_case(str(CT), None, config).label is None
+    assert preprocess_case(str(ct_path), None, config).label is None

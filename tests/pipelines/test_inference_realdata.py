@@ -28,23 +28,22 @@ from scipy import ndimage
 
 pytestmark = pytest.mark.slow
 
-REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
-CT_FILE = REALDATA / "ct_abdomen_3mm.nii.gz"
+CT_NAME = "ct_abdomen_3mm.nii.gz"
 CASE_ID = "ct_abdomen_3mm"
 BODY_HU = -500.0  # air outside the body is about -1000 HU
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def real_ct(realdata: Path) -> Path:
-    """Skips when the data is missing locally; fails under CI (see tests/conftest.py)."""
-    return CT_FILE
+def real_ct(require_realdata) -> Path:
+    """The real CT: skipped locally without ../shared/realdata, a failure under CI (conftest)."""
+    return require_realdata(CT_NAME) / CT_NAME
 
 
-def _run_inference(runner, project: Path, output_dir: Path, model: str, models_dir: Path | None = None,
-                   **extra_env: str) -> dict:
+def _run_inference(runner, project: Path, ct_file: Path, output_dir: Path, model: str,
+                   *, models_dir: Path | None = None, **extra_env: str) -> dict:
     # as `kedro run --pipeline=inference --env smoke --params "inference.input_path=...,..."`
-    params = {"inference.input_path": str(CT_FILE), "inference.output_dir": str(output_dir),
+    params = {"inference.input_path": str(ct_file), "inference.output_dir": str(output_dir),
               "inference.model": model}
     if models_dir is not None:
         params["inference.models_dir"] = str(models_dir)
@@ -70,7 +69,7 @@ def test_inference_on_real_ct(smoke_project: Path, smoke_tracking_uri: str, tmp_
 
     # 1. by architecture name: the newest unet model in data/06_models
     output_dir = tmp_path / "masks"
-    report = _run_inference(kedro_session_runner, smoke_project, output_dir, "unet")
+    report = _run_inference(kedro_session_runner, smoke_project, real_ct, output_dir, "unet")
     labels = _check_mask(output_dir / f"{CASE_ID}.nii.gz", ct)
     foreground = labels > 0
     in_air = np.count_nonzero(foreground & (np.asanyarray(ct.dataobj) <= BODY_HU))
@@ -95,7 +94,7 @@ def test_inference_on_real_ct(smoke_project: Path, smoke_tracking_uri: str, tmp_
     assert run.data.tags["architecture"] == "unet" and "mlflow.parentRunId" in run.data.tags
     mlflow_dir = tmp_path / "masks_mlflow"
     uri = f"runs:/{run.info.run_id}"
-    report = _run_inference(kedro_session_runner, smoke_project, mlflow_dir, uri,
+    report = _run_inference(kedro_session_runner, smoke_project, real_ct, mlflow_dir, uri,
                             MLFLOW_TRACKING_URI=smoke_tracking_uri)
     assert report["model"] == uri and report["architecture"] == "unet"
     assert Path(report["model_file"]).name == "unet.keras"
@@ -132,7 +131,7 @@ def test_real_ct_geometry_with_intensity_probe(smoke_project: Path, tmp_path: Pa
     hu = np.asanyarray(ct.dataobj).astype(np.float32)
     threshold_hu = _write_probe_model(smoke_project, tmp_path / "probe_models")
     output_dir = tmp_path / "probe_masks"
-    report = _run_inference(kedro_session_runner, smoke_project, output_dir, "unet",
+    report = _run_inference(kedro_session_runner, smoke_project, real_ct, output_dir, "unet",
                             models_dir=tmp_path / "probe_models")
     assert Path(report["model_file"]).is_relative_to(tmp_path / "probe_models")
     labels = _check_mask(output_dir / f"{CASE_ID}.nii.gz", ct)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
-import keras
+from typing import TYPE_CHECKING, Any
 
 from pancreas_seg.atomic import atomic_path
+
+if TYPE_CHECKING:  # Keras (and TensorFlow, ~9 s) is imported by load_model only, not on import:
+    import keras  # the pipeline registry imports this module for every `kedro` command
 
 
 def register_custom_objects() -> None:
@@ -39,6 +40,8 @@ def load_model(path: str | os.PathLike[str], compile: bool = True) -> keras.Mode
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
     register_custom_objects()
+    import keras  # noqa: PLC0415 - lazily, see the imports above
+
     return keras.saving.load_model(path, safe_mode=True, compile=compile)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from pancreas_seg.imaging.phantom import PhantomConfig, write_synthetic_task07
+from pancreas_seg.phantoms import PhantomConfig, write_synthetic_task07
 from pancreas_seg.task07.archive import extract_task07_archive
 from pancreas_seg.task07.layout import is_synthetic, read_dataset_json
 from pancreas_seg.task07.splits import make_split, reconcile_split, split_assignment

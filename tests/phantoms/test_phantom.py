@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from pancreas_seg.imaging.nifti_io import load_nifti, orientation_code
-from pancreas_seg.imaging.phantom import (
+from pancreas_seg.phantoms import (
     DATASET_NAME,
     PhantomCase,
     PhantomConfig,
