@@ -7,9 +7,8 @@ raised from anywhere else - our own code included - still shows. Add a filter he
 warning the project cannot fix, with the reason next to it (and a case in
 ``tests/test_warnings_filter.py``).
 
-Not silenced on purpose: Kedro's deprecation of ``--pipeline`` (use ``--pipelines``), Kedro's
-"dataset names contain '.'" warning (the evaluation wiring is being rewritten) and every warning
-of our own code.
+Not silenced on purpose: Kedro's deprecation of ``--pipeline`` (use ``--pipelines``) and every
+warning of our own code.
 """
 
 from __future__ import annotations
