@@ -140,8 +140,8 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 def _observe(body: str, **env: str) -> tuple[dict, str]:
     """Run MALLINFO_PRELUDE + ``body`` (which prints one JSON line) in a fresh Python process."""
-    out = subprocess.run([sys.executable, "-c", MALLINFO_PRELUDE + body], capture_output=True, text=True,
-                         env=_clean_env(**env), timeout=120)
+    out = subprocess.run([sys.executable, "-c", MALLINFO_PRELUDE + body], check=False, capture_output=True,
+                         text=True, env=_clean_env(**env), timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 

@@ -9,6 +9,10 @@ the run is finished (all epochs done, or stopped early). Re-running the same tra
 even ``kill -9``, resumes at the first unfinished epoch with the callbacks where they were, so the
 resumed run reproduces an uninterrupted one; re-running a finished training trains nothing.
 ``best.keras`` keeps the model with the best validation monitor (e.g. ``val_dice_pancreas``).
+
+Known gap: ``last.keras`` and ``state.json`` are two files, each replaced atomically. A kill in the
+milliseconds between the two renames leaves ``last.keras`` one epoch ahead of ``state.json``; that
+epoch is then trained again on top of the newer weights, so such a resume is not exact.
 """
 
 from __future__ import annotations
@@ -164,7 +168,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     """
 
     def __init__(self, directory: Path, fingerprint: str, monitor: str,
-                 history: dict[str, list[float]], best_value: float, epochs: int | None = None,
+                 history: dict[str, list[float]], best_value: float, *, epochs: int | None = None,
                  stateful: Sequence[_ResumableStateMixin] = ()) -> None:
         super().__init__()
         self.directory, self.fingerprint, self.monitor = directory, fingerprint, monitor
