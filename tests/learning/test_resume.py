@@ -1,7 +1,12 @@
 """Kill-safe resume of ``fit_with_resume``: a training process killed with SIGKILL right after an
 epoch's checkpoint resumes at the next epoch in a fresh process, a finished training is not
 repeated, another fingerprint starts afresh (the old checkpoint is moved aside), and the resumed
-run reproduces an uninterrupted one."""
+run reproduces an uninterrupted one: with the poly schedule (conf/base) and with conf/msd's
+ReduceLROnPlateau + EarlyStopping (same learning rates per epoch, same stopping epoch, same
+weights), and an early-stopped run is not continued when re-run.
+
+``RESUME_TEST_KERAS_BACKEND=jax`` runs the training processes under another backend
+(default: tensorflow)."""
 
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ import numpy as np
 import pytest
 
 # Runs fit_with_resume once per entry of the JSON list in argv[2] ({checkpoint_dir, fingerprint,
-# epochs}) and prints one "RESULT {json}" line per call. It imports what the training node
+# epochs, optional kill_after_epoch and FitConfig settings}) and prints one "RESULT {json}" line
+# per call. It imports what the training node
 # imports (the node's _compile imports losses/metrics lazily, inside build()).
 FIT_SCRIPT = r'''
 import json, logging, os, signal, sys, traceback
@@ -44,47 +50,61 @@ def cases(split):
 class KillAfterEpoch(keras.callbacks.Callback):
     """Runs after ResumableCheckpoint (fit_with_resume puts extra callbacks last): kill -9."""
 
+    def __init__(self, epoch):
+        super().__init__()
+        self.kill_epoch = epoch
+
     def on_epoch_end(self, epoch, logs=None):
-        if os.environ.get("KILL_AFTER_EPOCH") == str(epoch + 1):
+        if self.kill_epoch == epoch + 1:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
 class EpochsTrained(keras.callbacks.Callback):
+    """The 0-based epochs this process trained and the optimizer's learning rate at their start."""
+
     def __init__(self):
         super().__init__()
-        self.epochs = []
+        self.epochs, self.learning_rates = [], []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epochs.append(epoch)
+        self.learning_rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
 
 
-# poly schedule: a resume must also continue the learning-rate curve (saved with the optimizer)
-settings = {"learning_rate": 5e-3, "lr_schedule": "poly", "loss": "dice_ce", "dice_smooth": 1.0}
-TOTAL_STEPS = 3 * 3  # the 3-epoch runs, 3 steps each: poly reaches 0 at the end
-
-
-def build():
-    model = build_model("unet_small", (32, 32, 1), "multiclass", base_filters=4, depth=2,
-                        dropout=0.0, l2_weight=0.0)
-    return _compile(model, settings, "multiclass", total_steps=TOTAL_STEPS)
+STEPS = 3  # per epoch
 
 
 def fit(call):
-    config = FitConfig(epochs=call["epochs"], batch_size=4, steps_per_epoch=3, learning_rate=5e-3,
-                       monitor="val_dice_pancreas", seed=42)
+    # poly (default): a resume must also continue the learning-rate curve (saved with the optimizer);
+    # TOTAL_STEPS: the 3-epoch runs, 3 steps each: poly reaches 0 at the end.
+    fit_settings = {"batch_size": 4, "steps_per_epoch": STEPS, "learning_rate": 5e-3, "lr_schedule": "poly",
+                    "monitor": "val_dice_pancreas", "seed": 42, **call.get("fit", {}), "epochs": call["epochs"]}
+    config = FitConfig(**fit_settings)
+    settings = {"learning_rate": config.learning_rate, "lr_schedule": config.lr_schedule, "loss": "dice_ce",
+                "dice_smooth": 1.0}
+
+    def build():
+        model = build_model("unet_small", (32, 32, 1), "multiclass", base_filters=4, depth=2,
+                            dropout=0.0, l2_weight=0.0)
+        return _compile(model, settings, "multiclass", total_steps=3 * STEPS)
+
     train = SliceLoader(cases("train"), 4, "multiclass", training=True, foreground_fraction=0.5,
                         seed=config.seed, steps_per_epoch=config.steps_per_epoch)
     validation = SliceLoader(cases("val"), 4, "multiclass", training=False)
     trained = EpochsTrained()
     result = fit_with_resume(build, train, validation, config, Path(call["checkpoint_dir"]),
-                             call["fingerprint"], label="tiny", callbacks=[trained, KillAfterEpoch()])
+                             call["fingerprint"], label="tiny",
+                             callbacks=[trained, KillAfterEpoch(call.get("kill_after_epoch"))])
     last = load_model(Path(call["checkpoint_dir"]) / "last.keras")
     return {"backend": keras.backend.backend(), "resumed_from_epoch": result.resumed_from_epoch,
             "history": result.history, "best_value": result.best_value, "epochs_trained": trained.epochs,
+            "epoch_learning_rates": trained.learning_rates,
             "best_output_shape": list(result.model.output_shape),
             "optimizer_iterations": int(keras.ops.convert_to_numpy(last.optimizer.iterations)),
-            "learning_rate": float(keras.ops.convert_to_numpy(last.optimizer.learning_rate))}
+            "learning_rate": float(keras.ops.convert_to_numpy(last.optimizer.learning_rate)),
+            "last_weights": [w.ravel().tolist() for w in last.get_weights()],
+            "best_weights": [w.ravel().tolist() for w in result.model.get_weights()]}
 
 
 for call in calls:  # each call reports on its own, so one failure does not hide the others
@@ -96,6 +116,18 @@ for call in calls:  # each call reports on its own, so one failure does not hide
 '''
 
 STEPS_PER_EPOCH = 3
+BACKEND = os.environ.get("RESUME_TEST_KERAS_BACKEND", "tensorflow")
+# conf/msd's callbacks (constant lr, ReduceLROnPlateau, EarlyStopping) with patiences small enough
+# to fire within a few epochs: val_dice_tumour peaks after a few epochs on this tiny data, then the
+# rate is cut every epoch and the run stops (checked in test_msd_callbacks_fire_in_the_reference_run).
+MSD_FIT = {"lr_schedule": "constant", "monitor": "val_dice_tumour", "reduce_lr_patience": 1,
+           "reduce_lr_factor": 0.5, "early_stopping_patience": 3, "min_learning_rate": 1e-6}
+MSD_EPOCHS = 8
+
+
+def _first_cut(learning_rates: list[float]) -> int | None:
+    """The 1-based epoch at whose end the learning rate was first cut (None: never)."""
+    return next((i for i in range(1, len(learning_rates)) if learning_rates[i] < learning_rates[i - 1]), None)
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +148,8 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def _start(shards: Path, calls: list[dict], kill_after_epoch: int | None = None) -> subprocess.Popen:
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("KILL_AFTER_EPOCH", None)
-    if kill_after_epoch is not None:
-        env["KILL_AFTER_EPOCH"] = str(kill_after_epoch)
+def _start(shards: Path, calls: list[dict]) -> subprocess.Popen:
+    env = {**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "2"}
     calls = [{"epochs": 3, "fingerprint": "abc", **call} for call in calls]
     return subprocess.Popen([sys.executable, str(shards / "fit.py"), str(shards), json.dumps(calls)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -154,26 +183,39 @@ def _state(checkpoint_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two chains of processes, run side by side:
+    """Chains of processes (at most two at a time):
 
-    * a 3-epoch training killed with SIGKILL after epoch 1, then one fresh process that reruns it
-      (resume) and reruns it again (nothing left to do);
-    * an uninterrupted 3-epoch reference training, then (same process) one epoch in the same
-      folder with another fingerprint.
+    * the uninterrupted references: poly, then (same process) one epoch in the same folder with
+      another fingerprint; msd (conf/msd's callbacks), then the same msd training again (finished);
+    * side by side: a poly 3-epoch training killed with SIGKILL after epoch 1;
+    * then the msd training killed with SIGKILL right after the epoch whose end cut the learning
+      rate first in the reference (the cut must be in the checkpoint; early stopping is waiting);
+    * then one fresh process that reruns each killed one (resume) and reruns it again (nothing left).
     """
     root = tmp_path_factory.mktemp("run")
     checkpoint_dir, reference_dir = root / "checkpoints", root / "reference"
-    started = [_start(shards, [{"checkpoint_dir": str(checkpoint_dir)}], kill_after_epoch=1),
+    msd_dir, msd_reference_dir = root / "msd", root / "msd_reference"
+    poly = {"checkpoint_dir": str(checkpoint_dir)}
+    msd = {"checkpoint_dir": str(msd_dir), "epochs": MSD_EPOCHS, "fit": MSD_FIT}
+    msd_reference = {**msd, "checkpoint_dir": str(msd_reference_dir)}
+    started = [_start(shards, [{**poly, "kill_after_epoch": 1}]),
                _start(shards, [{"checkpoint_dir": str(reference_dir)},
-                               {"checkpoint_dir": str(reference_dir), "fingerprint": "other", "epochs": 1}])]
+                               {"checkpoint_dir": str(reference_dir), "fingerprint": "other", "epochs": 1},
+                               msd_reference, msd_reference])]
     try:
-        out = {"checkpoint_dir": checkpoint_dir, "reference_dir": reference_dir,
+        out = {"checkpoint_dir": checkpoint_dir, "reference_dir": reference_dir, "msd_dir": msd_dir,
                "killed": _finish(started[0])}
         out["files_after_kill"] = sorted(p.name for p in checkpoint_dir.iterdir())
         out["state_after_kill"] = _state(checkpoint_dir) if (checkpoint_dir / "state.json").exists() else None
-        started.append(_start(shards, [{"checkpoint_dir": str(checkpoint_dir)},
-                                       {"checkpoint_dir": str(checkpoint_dir)}]))
-        out["reference"], out["rerun"] = _finish(started[1]), _finish(started[2])
+        out["reference"] = _finish(started[1])
+        out["msd_reference_state"] = _state(msd_reference_dir)
+        msd_reference_result = _ok(_results(out["reference"], expected=4)[2])
+        out["msd_kill_after"] = _first_cut(msd_reference_result["epoch_learning_rates"]) or 1
+        started.append(_start(shards, [{**msd, "kill_after_epoch": out["msd_kill_after"]}]))
+        out["msd_killed"] = _finish(started[2])
+        out["msd_state_after_kill"] = _state(msd_dir) if (msd_dir / "state.json").exists() else None
+        started.append(_start(shards, [poly, poly, msd, msd]))
+        out["rerun"] = _finish(started[3])
     finally:
         for process in started:
             if process.poll() is None:
@@ -201,8 +243,8 @@ def test_rerun_resumes_after_epoch_one_and_then_has_nothing_left_to_do(runs: dic
     """Fails while ``fit_with_resume`` loads ``last.keras`` before the custom loss/metric classes
     are registered in a fresh process ("Could not locate class 'DiceCrossEntropyLoss'")."""
     rerun = runs["rerun"]
-    resumed, finished = (_ok(r) for r in _results(rerun, expected=2))
-    assert resumed["backend"] == "tensorflow"
+    resumed, finished = (_ok(r) for r in _results(rerun, expected=4)[:2])
+    assert resumed["backend"] == BACKEND
     assert resumed["resumed_from_epoch"] == 1
     assert "resuming from" in rerun.stderr and "after epoch 1" in rerun.stderr
     assert resumed["epochs_trained"] == [1, 2]  # 0-based: epochs 2 and 3 only
@@ -228,7 +270,7 @@ def test_rerun_resumes_after_epoch_one_and_then_has_nothing_left_to_do(runs: dic
 
 def test_other_fingerprint_starts_afresh_and_moves_the_old_checkpoint_aside(runs: dict) -> None:
     reference_dir = runs["reference_dir"]
-    finished, other = (_ok(r) for r in _results(runs["reference"], expected=2))
+    finished, other = (_ok(r) for r in _results(runs["reference"], expected=4)[:2])
     assert finished["resumed_from_epoch"] == 0 and finished["epochs_trained"] == [0, 1, 2]
     assert other["resumed_from_epoch"] == 0 and other["epochs_trained"] == [0]
     assert all(len(values) == 1 for values in other["history"].values())
@@ -246,12 +288,17 @@ def test_resumed_training_reproduces_the_uninterrupted_one(runs: dict) -> None:
     order as the uninterrupted one, so the per-epoch losses agree (both runs are on one CPU;
     fresh runs here are bit-identical). Fails while Keras' own batch shuffling (``fit`` with
     ``shuffle=True``, drawn from Python's ``random`` re-seeded at resume) reorders the batches."""
-    reference = _ok(_results(runs["reference"], expected=2)[0])
+    reference = _ok(_results(runs["reference"], expected=4)[0])
     assert reference["resumed_from_epoch"] == 0 and reference["epochs_trained"] == [0, 1, 2]
-    resumed = _ok(_results(runs["rerun"], expected=2)[0])
+    resumed = _ok(_results(runs["rerun"], expected=4)[0])
     for key in ("loss", "val_loss", "dice_pancreas", "val_dice_pancreas"):
         np.testing.assert_allclose(resumed["history"][key], reference["history"][key], rtol=1e-5,
                                    err_msg=key)
+    # the poly curve: the learning rate at the start of each epoch, across the kill
+    np.testing.assert_allclose(resumed["epoch_learning_rates"], reference["epoch_learning_rates"][1:], rtol=1e-6)
+    assert reference["epoch_learning_rates"][0] > reference["epoch_learning_rates"][1] > \
+        reference["epoch_learning_rates"][2] > 0.0
+    _assert_same_weights(resumed["last_weights"], reference["last_weights"])
 
 
 def test_best_checkpoint_loads_in_safe_mode(runs: dict) -> None:
@@ -266,3 +313,72 @@ def test_best_checkpoint_loads_in_safe_mode(runs: dict) -> None:
     probabilities = model.predict(np.zeros((2, 32, 32, 1), np.float32), verbose=0)
     assert probabilities.shape == (2, 32, 32, 3)
     np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, rtol=1e-5)
+
+
+def _assert_same_weights(actual: list[list[float]], expected: list[list[float]]) -> None:
+    assert len(actual) == len(expected)
+    for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7, err_msg=f"weight {index}")
+
+
+def test_msd_callbacks_fire_in_the_reference_run(runs: dict) -> None:
+    """The scenario the resume tests rely on: the learning rate is cut at the end of the killed
+    epoch, early stopping's wait counter is running at the kill, and the run stops early."""
+    reference = _ok(_results(runs["reference"], expected=4)[2])
+    lrs = reference["epoch_learning_rates"]
+    kill_after = _first_cut(lrs)
+    stopped_after = len(reference["epochs_trained"])
+    assert kill_after is not None, ("ReduceLROnPlateau never fired", reference["history"])
+    assert kill_after < stopped_after < MSD_EPOCHS, reference["history"]
+    state = runs["msd_reference_state"]
+    assert state["stopped_early"] is True and state["finished"] is True
+    assert state["completed_epochs"] == stopped_after
+    assert state["callbacks"]["early_stopping"]["wait"] >= MSD_FIT["early_stopping_patience"]
+    killed = runs["msd_state_after_kill"]
+    assert killed["completed_epochs"] == kill_after and killed["finished"] is False
+    assert killed["stopped_early"] is False
+    assert killed["callbacks"]["early_stopping"]["wait"] >= 1
+    assert killed["callbacks"]["reduce_lr_on_plateau"]["best"] is not None
+    # the cut made at the end of the killed epoch is in state.json and in last.keras
+    assert killed["learning_rate"] == pytest.approx(lrs[kill_after], rel=1e-6)
+    assert killed["learning_rate"] == pytest.approx(lrs[kill_after - 1] * MSD_FIT["reduce_lr_factor"], rel=1e-6)
+
+
+def test_msd_callbacks_resume_exactly_after_kill(runs: dict) -> None:
+    """Killed right after the first ReduceLROnPlateau cut, with early stopping waiting, and
+    resumed: the same learning rate per epoch, losses, stopping epoch and weights as the
+    uninterrupted run. Fails when the callbacks' wait/best counters restart at resume (the run
+    stops later and cuts the rate at other epochs) or when last.keras is written before the cut
+    (the resumed epoch uses the old rate)."""
+    killed = runs["msd_killed"]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    kill_after = runs["msd_kill_after"]
+    reference = _ok(_results(runs["reference"], expected=4)[2])
+    resumed = _ok(_results(runs["rerun"], expected=4)[2])
+    assert resumed["resumed_from_epoch"] == kill_after
+    assert resumed["epochs_trained"] == reference["epochs_trained"][kill_after:]
+    np.testing.assert_allclose(resumed["epoch_learning_rates"], reference["epoch_learning_rates"][kill_after:],
+                               rtol=1e-6)
+    assert len(resumed["history"]["loss"]) == len(reference["history"]["loss"])
+    for key in ("loss", "val_loss", "val_dice_pancreas", "val_dice_tumour", "learning_rate"):
+        np.testing.assert_allclose(resumed["history"][key], reference["history"][key], rtol=1e-5,
+                                   err_msg=key)
+    assert resumed["best_value"] == reference["best_value"]
+    _assert_same_weights(resumed["last_weights"], reference["last_weights"])
+    _assert_same_weights(resumed["best_weights"], reference["best_weights"])
+    assert _state(runs["msd_dir"])["stopped_early"] is True
+
+
+def test_early_stopped_run_is_not_continued_when_rerun(runs: dict) -> None:
+    """Fails while a rerun only compares completed epochs with ``epochs`` (it trains on)."""
+    for chain in ("reference", "rerun"):
+        first, again = (_ok(r) for r in _results(runs[chain], expected=4)[2:])
+        stopped_after = len(first["history"]["loss"])
+        assert stopped_after < MSD_EPOCHS
+        assert again["resumed_from_epoch"] == stopped_after
+        assert again["epochs_trained"] == []
+        assert again["history"] == first["history"]
+        assert again["best_value"] == first["best_value"]
+        _assert_same_weights(again["best_weights"], first["best_weights"])
+        _assert_same_weights(again["last_weights"], first["last_weights"])
+        assert f"stopped early after epoch {stopped_after}" in runs[chain].stderr

@@ -1,9 +1,18 @@
-"""Fitting with kill-safe resume and best-checkpoint selection (backend-agnostic Keras 3).
+"""Fitting with kill-safe, exact resume and best-checkpoint selection (backend-agnostic Keras 3).
 
-After every epoch the full model (weights + optimizer state) is written to ``last.keras`` and then
-``state.json`` (the commit point), both atomically. Re-running the same training after a crash,
-even ``kill -9``, resumes at the first unfinished epoch. ``best.keras`` keeps the model with the
-best validation monitor (e.g. ``val_dice_pancreas``).
+After every epoch, once every callback that changes training state at the end of an epoch has run
+(``ReduceLROnPlateau`` may cut the learning rate, ``EarlyStopping`` may stop), the full model
+(weights + optimizer state, including the current learning rate) is written to ``last.keras`` and
+then ``state.json``, the commit point, both atomically. ``state.json`` holds the history, the
+best monitor value, the state of those callbacks (wait counters, best values, cooldown) and whether
+the run is finished (all epochs done, or stopped early). Re-running the same training after a crash,
+even ``kill -9``, resumes at the first unfinished epoch with the callbacks where they were, so the
+resumed run reproduces an uninterrupted one; re-running a finished training trains nothing.
+``best.keras`` keeps the model with the best validation monitor (e.g. ``val_dice_pancreas``).
+
+Known gap: ``last.keras`` and ``state.json`` are two files, each replaced atomically. A kill in the
+milliseconds between the two renames leaves ``last.keras`` one epoch ahead of ``state.json``; that
+epoch is then trained again on top of the newer weights, so such a resume is not exact.
 """
 
 from __future__ import annotations
@@ -81,18 +90,101 @@ def learning_rate_schedule(learning_rate: float, schedule: str,
     raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
 
 
+def _optional_float(value: Any) -> float | None:
+    """A JSON-safe copy of a monitor value (Python/NumPy/backend scalar or None)."""
+    return None if value is None else float(keras.ops.convert_to_numpy(value))
+
+
+def current_learning_rate(model: keras.Model) -> float:
+    """The optimizer's learning rate now (a schedule is evaluated at the current step)."""
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
+class _ResumableStateMixin:
+    """State of a Keras monitor callback that must survive a process restart, as JSON.
+
+    Keras resets these counters in ``on_train_begin``; a resumed ``fit`` puts the saved values
+    back right after that reset. ``state_fields`` are attributes holding ints or monitor values.
+    """
+
+    state_key: str = ""
+    state_fields: tuple[str, ...] = ()
+    restored_state: Mapping[str, Any] | None = None
+
+    def callback_state(self) -> dict[str, Any]:
+        """The fields as JSON-safe values (``best`` may be None before the first epoch)."""
+        return {name: (_optional_float(getattr(self, name)) if name == "best" else int(getattr(self, name)))
+                for name in self.state_fields}
+
+    def _restore_state(self) -> None:
+        if self.restored_state is None:
+            return
+        for name in self.state_fields:
+            value = self.restored_state[name]
+            setattr(self, name, value if name == "best" or value is None else int(value))
+
+
+class ResumableEarlyStopping(_ResumableStateMixin, keras.callbacks.EarlyStopping):
+    """``keras.callbacks.EarlyStopping`` whose wait/best counters continue across a resume."""
+
+    state_key = "early_stopping"
+    state_fields = ("wait", "best", "best_epoch", "stopped_epoch")
+
+    def __init__(self, *args: Any, restored_state: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.restore_best_weights:
+            raise ValueError("restore_best_weights is not resumable; fit_with_resume keeps best.keras instead")
+        self.restored_state = restored_state
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        super().on_train_begin(logs)
+        self._restore_state()
+
+
+class ResumableReduceLROnPlateau(_ResumableStateMixin, keras.callbacks.ReduceLROnPlateau):
+    """``keras.callbacks.ReduceLROnPlateau`` whose wait/best/cooldown continue across a resume.
+
+    The learning rate itself is optimizer state: it is restored from ``last.keras``.
+    """
+
+    state_key = "reduce_lr_on_plateau"
+    state_fields = ("wait", "best", "cooldown_counter")
+
+    def __init__(self, *args: Any, restored_state: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.restored_state = restored_state
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        super().on_train_begin(logs)
+        self._restore_state()
+
+
 class ResumableCheckpoint(keras.callbacks.Callback):
-    """Writes ``last.keras`` + ``state.json`` every epoch and ``best.keras`` on improvement."""
+    """Writes ``last.keras`` + ``state.json`` every epoch and ``best.keras`` on improvement.
+
+    Must come after every callback that changes the model, the optimizer or its own state in
+    ``on_epoch_end`` (their state is read here and committed with the model). It adds
+    ``learning_rate`` (the rate at the start of the epoch) to the epoch logs and history.
+    """
 
     def __init__(self, directory: Path, fingerprint: str, monitor: str,
-                 history: dict[str, list[float]], best_value: float) -> None:
+                 history: dict[str, list[float]], best_value: float, *, epochs: int | None = None,
+                 stateful: Sequence[_ResumableStateMixin] = ()) -> None:
         super().__init__()
         self.directory, self.fingerprint, self.monitor = directory, fingerprint, monitor
         self.history = history
         self.best_value = best_value
+        self.epochs = epochs
+        self.stateful = list(stateful)
+        self.stopped_early = False
+        self._epoch_learning_rate = math.nan
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch_learning_rate = current_learning_rate(self.model)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        logs = logs or {}
+        logs = logs if logs is not None else {}
+        logs["learning_rate"] = self._epoch_learning_rate  # ReduceLROnPlateau logs the same (pre-cut) value
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
         current = logs.get(self.monitor)
@@ -103,8 +195,14 @@ class ResumableCheckpoint(keras.callbacks.Callback):
             save_model(self.model, self.directory / "best.keras")
             logger.info("Epoch %d: %s improved to %.4f; saved best.keras", epoch + 1, self.monitor, current)
         save_model(self.model, self.directory / "last.keras")
-        state = {"fingerprint": self.fingerprint, "completed_epochs": epoch + 1,
-                 "best_value": self.best_value, "monitor": self.monitor, "history": self.history}
+        self.stopped_early = bool(self.model.stop_training)  # set by EarlyStopping just before
+        completed = epoch + 1
+        state = {"fingerprint": self.fingerprint, "completed_epochs": completed,
+                 "best_value": self.best_value, "monitor": self.monitor, "history": self.history,
+                 "learning_rate": current_learning_rate(self.model),  # for the next epoch (after any cut)
+                 "callbacks": {c.state_key: c.callback_state() for c in self.stateful},
+                 "stopped_early": self.stopped_early,
+                 "finished": self.stopped_early or (self.epochs is not None and completed >= self.epochs)}
         atomic_write_bytes(self.directory / "state.json", json.dumps(state, indent=1).encode())
 
 
@@ -136,6 +234,7 @@ class FitResult:
     history: dict[str, list[float]]     # per-epoch logs over all (resumed) sessions
     resumed_from_epoch: int             # 0 = fresh start
     best_value: float
+    stopped_early: bool = False         # EarlyStopping ended the run (in this or an earlier session)
 
 
 def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.utils.PyDataset,
@@ -144,7 +243,10 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
                     callbacks: Sequence[keras.callbacks.Callback] = ()) -> FitResult:
     """Train ``build_model()`` (compiled) for ``config.epochs``, resuming from ``checkpoint_dir``.
 
-    A checkpoint whose fingerprint differs (other settings or data) is moved aside, not reused.
+    A checkpoint whose fingerprint differs (other settings or data) is moved aside, not reused. A
+    finished checkpoint (all epochs done, or stopped early) is not trained further: the best model
+    is returned. ``callbacks`` run after the checkpoint of each epoch, so they must not change the
+    model or optimizer at epoch end (such a change would not be in ``last.keras``).
     """
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -159,34 +261,56 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
         state = None
 
     keras.utils.set_random_seed(config.seed)
+    callback_states: Mapping[str, Any] = {}
+    stopped_early = False
     if state is None:
-        model, initial_epoch, history, best_value = build_model(), 0, {}, -math.inf
+        initial_epoch, history, best_value = 0, {}, -math.inf
     else:
         initial_epoch, history = int(state["completed_epochs"]), state["history"]
         best_value = float(state["best_value"])
-        logger.info("[%s] resuming from %s after epoch %d", label, checkpoint_dir, initial_epoch)
-        model = load_model(checkpoint_dir / "last.keras")
-    train_data.epoch = initial_epoch
+        stopped_early = bool(state.get("stopped_early", False))
+        callback_states = state.get("callbacks", {})
 
-    if initial_epoch < config.epochs:
-        fit_callbacks: list[keras.callbacks.Callback] = [
-            ResumableCheckpoint(checkpoint_dir, fingerprint, config.monitor, history, best_value),
-            EpochProgress(label, config.epochs), *callbacks,
-        ]
+    if stopped_early:
+        logger.info("[%s] stopped early after epoch %d in %s; not training further",
+                    label, initial_epoch, checkpoint_dir)
+    elif initial_epoch >= config.epochs:
+        logger.info("[%s] all %d epochs already completed in %s", label, config.epochs, checkpoint_dir)
+    else:
+        if state is None:
+            model = build_model()
+        else:
+            logger.info("[%s] resuming from %s after epoch %d", label, checkpoint_dir, initial_epoch)
+            model = load_model(checkpoint_dir / "last.keras")
+        train_data.epoch = initial_epoch
+        stateful: list[_ResumableStateMixin] = []
         if config.reduce_lr_patience:
-            fit_callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            stateful.append(ResumableReduceLROnPlateau(
                 monitor=config.monitor, mode="max", factor=config.reduce_lr_factor,
-                patience=config.reduce_lr_patience, min_lr=config.min_learning_rate))
+                patience=config.reduce_lr_patience, min_lr=config.min_learning_rate,
+                restored_state=callback_states.get(ResumableReduceLROnPlateau.state_key)))
         if config.early_stopping_patience:
-            fit_callbacks.append(keras.callbacks.EarlyStopping(
-                monitor=config.monitor, mode="max", patience=config.early_stopping_patience))
+            stateful.append(ResumableEarlyStopping(
+                monitor=config.monitor, mode="max", patience=config.early_stopping_patience,
+                restored_state=callback_states.get(ResumableEarlyStopping.state_key)))
+        missing = [c.state_key for c in stateful if c.restored_state is None]
+        if state is not None and missing:
+            logger.warning("[%s] checkpoint has no saved state for %s (older format); they start afresh",
+                           label, missing)
+        checkpoint = ResumableCheckpoint(checkpoint_dir, fingerprint, config.monitor, history, best_value,
+                                         epochs=config.epochs, stateful=stateful)
+        # Order matters: state-changing callbacks, then the commit, then observers.
+        fit_callbacks: list[keras.callbacks.Callback] = [
+            *stateful, checkpoint, EpochProgress(label, config.epochs), *callbacks]
         model.fit(train_data, validation_data=validation_data, epochs=config.epochs,
                   initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0,
                   shuffle=False)  # the loader shuffles, keyed on (seed, epoch, batch): resume-exact
-        best_value = fit_callbacks[0].best_value
-    else:
-        logger.info("[%s] all %d epochs already completed in %s", label, config.epochs, checkpoint_dir)
+        best_value, stopped_early = checkpoint.best_value, checkpoint.stopped_early
+        if stopped_early:
+            logger.info("[%s] stopped early after epoch %d (no %s improvement)", label,
+                        len(history.get("loss", [])), config.monitor)
 
     best_path = checkpoint_dir / "best.keras"
     best = load_model(best_path if best_path.is_file() else checkpoint_dir / "last.keras")
-    return FitResult(model=best, history=history, resumed_from_epoch=initial_epoch, best_value=best_value)
+    return FitResult(model=best, history=history, resumed_from_epoch=initial_epoch, best_value=best_value,
+                     stopped_early=stopped_early)
