@@ -99,7 +99,7 @@ def test_one_epoch_through_loader_and_checkpoints_under_jax(tmp_path: Path) -> N
     assert 0.0 <= result["history"]["val_dice_pancreas"][0] <= 1.0
     assert 0.0 <= result["history"]["val_dice_tumour"][0] <= 1.0
     # best.keras was written under JAX and read back by fit_with_resume (safe_mode=True).
-    assert (checkpoint_dir / "best.keras").is_file() and (checkpoint_dir / "last.keras").is_file()
+    assert (checkpoint_dir / "best.keras").is_file() and (checkpoint_dir / "last-epoch-0001.keras").is_file()
     assert result["model_name"] == "unet" and result["loss_class"] == "DiceCrossEntropyLoss"
     assert result["best_value"] == pytest.approx(result["history"]["val_dice_pancreas"][0])
     state = json.loads((checkpoint_dir / "state.json").read_text())

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pancreas_seg.learning.training import committed_checkpoint, read_checkpoint_state
+
 # Runs fit_with_resume once per entry of the JSON list in argv[2] ({checkpoint_dir, fingerprint,
 # epochs, optional kill_after_epoch and FitConfig settings}) and prints one "RESULT {json}" line
 # per call. It imports what the training node
@@ -32,7 +34,7 @@ import keras
 import numpy as np
 
 from pancreas_seg.learning.loader import SliceLoader
-from pancreas_seg.learning.training import FitConfig, fit_with_resume
+from pancreas_seg.learning.training import FitConfig, committed_checkpoint, fit_with_resume, read_checkpoint_state
 from pancreas_seg.models.io import load_model
 from pancreas_seg.models.registry import build_model
 from pancreas_seg.pipelines.training.nodes import _compile
@@ -96,7 +98,8 @@ def fit(call):
     result = fit_with_resume(build, train, validation, config, Path(call["checkpoint_dir"]),
                              call["fingerprint"], label="tiny",
                              callbacks=[trained, KillAfterEpoch(call.get("kill_after_epoch"))])
-    last = load_model(Path(call["checkpoint_dir"]) / "last.keras")
+    checkpoint_dir = Path(call["checkpoint_dir"])
+    last = load_model(committed_checkpoint(checkpoint_dir, read_checkpoint_state(checkpoint_dir)))
     return {"backend": keras.backend.backend(), "resumed_from_epoch": result.resumed_from_epoch,
             "history": result.history, "best_value": result.best_value, "epochs_trained": trained.epochs,
             "epoch_learning_rates": trained.learning_rates,
@@ -236,11 +239,13 @@ def test_kill_after_epoch_one_leaves_a_complete_checkpoint(runs: dict) -> None:
     assert {"loss", "dice_pancreas", "dice_tumour", "val_loss", "val_dice_pancreas",
             "val_dice_tumour"} <= set(state["history"])
     # Only finished files: the atomic writes leave no temporary files behind.
-    assert runs["files_after_kill"] == ["best.keras", "last.keras", "state.json"]
+    # state.json names the checkpoint it commits; no older epoch's file is left
+    assert state["checkpoint"] == "last-epoch-0001.keras"
+    assert runs["files_after_kill"] == ["best.keras", "last-epoch-0001.keras", "state.json"]
 
 
 def test_rerun_resumes_after_epoch_one_and_then_has_nothing_left_to_do(runs: dict) -> None:
-    """Fails while ``fit_with_resume`` loads ``last.keras`` before the custom loss/metric classes
+    """Fails while ``fit_with_resume`` loads the last checkpoint before the custom loss/metric classes
     are registered in a fresh process ("Could not locate class 'DiceCrossEntropyLoss'")."""
     rerun = runs["rerun"]
     resumed, finished = (_ok(r) for r in _results(rerun, expected=4)[:2])
@@ -276,7 +281,7 @@ def test_other_fingerprint_starts_afresh_and_moves_the_old_checkpoint_aside(runs
     assert all(len(values) == 1 for values in other["history"].values())
     assert "made with other settings" in runs["reference"].stderr
     stale = reference_dir.with_name(f"{reference_dir.name}.stale-abc")
-    assert (stale / "last.keras").is_file() and (stale / "best.keras").is_file()
+    assert (stale / _state(stale)["checkpoint"]).is_file() and (stale / "best.keras").is_file()
     assert _state(stale)["fingerprint"] == "abc" and _state(stale)["completed_epochs"] == 3
     assert _state(stale)["history"] == finished["history"]
     state = _state(reference_dir)
@@ -339,7 +344,7 @@ def test_msd_callbacks_fire_in_the_reference_run(runs: dict) -> None:
     assert killed["stopped_early"] is False
     assert killed["callbacks"]["early_stopping"]["wait"] >= 1
     assert killed["callbacks"]["reduce_lr_on_plateau"]["best"] is not None
-    # the cut made at the end of the killed epoch is in state.json and in last.keras
+    # the cut made at the end of the killed epoch is in state.json and in its checkpoint
     assert killed["learning_rate"] == pytest.approx(lrs[kill_after], rel=1e-6)
     assert killed["learning_rate"] == pytest.approx(lrs[kill_after - 1] * MSD_FIT["reduce_lr_factor"], rel=1e-6)
 
@@ -382,3 +387,17 @@ def test_early_stopped_run_is_not_continued_when_rerun(runs: dict) -> None:
         _assert_same_weights(again["best_weights"], first["best_weights"])
         _assert_same_weights(again["last_weights"], first["last_weights"])
         assert f"stopped early after epoch {stopped_after}" in runs[chain].stderr
+
+
+def test_an_orphan_checkpoint_of_an_uncommitted_epoch_is_ignored(tmp_path: Path) -> None:
+    """A kill between writing epoch 2's model file and its state.json leaves that file behind:
+    the committed pair (epoch 1) is what resumes, never the newer, uncommitted weights."""
+    from pancreas_seg.learning.training import last_checkpoint_name  # noqa: PLC0415
+
+    (tmp_path / last_checkpoint_name(1)).write_bytes(b"epoch 1")
+    (tmp_path / last_checkpoint_name(2)).write_bytes(b"epoch 2, not committed")
+    (tmp_path / "state.json").write_text(json.dumps({"completed_epochs": 1, "checkpoint": last_checkpoint_name(1)}))
+    state = read_checkpoint_state(tmp_path)
+    assert state is not None and committed_checkpoint(tmp_path, state).read_bytes() == b"epoch 1"
+    (tmp_path / last_checkpoint_name(1)).unlink()  # a state whose model file is gone is no checkpoint
+    assert read_checkpoint_state(tmp_path) is None

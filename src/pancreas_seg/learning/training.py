@@ -2,17 +2,15 @@
 
 After every epoch, once every callback that changes training state at the end of an epoch has run
 (``ReduceLROnPlateau`` may cut the learning rate, ``EarlyStopping`` may stop), the full model
-(weights + optimizer state, including the current learning rate) is written to ``last.keras`` and
-then ``state.json``, the commit point, both atomically. ``state.json`` holds the history, the
+(weights + optimizer state, including the current learning rate) is written to
+``last-epoch-<N>.keras`` and then ``state.json``, the commit point, both atomically; ``state.json``
+names the checkpoint it belongs to, and older ``last-epoch-*`` files are removed only after it is
+written, so a kill at any moment leaves a consistent pair. ``state.json`` holds the history, the
 best monitor value, the state of those callbacks (wait counters, best values, cooldown) and whether
 the run is finished (all epochs done, or stopped early). Re-running the same training after a crash,
 even ``kill -9``, resumes at the first unfinished epoch with the callbacks where they were, so the
 resumed run reproduces an uninterrupted one; re-running a finished training trains nothing.
 ``best.keras`` keeps the model with the best validation monitor (e.g. ``val_dice_pancreas``).
-
-Known gap: ``last.keras`` and ``state.json`` are two files, each replaced atomically. A kill in the
-milliseconds between the two renames leaves ``last.keras`` one epoch ahead of ``state.json``; that
-epoch is then trained again on top of the newer weights, so such a resume is not exact.
 """
 
 from __future__ import annotations
@@ -144,7 +142,7 @@ class ResumableEarlyStopping(_ResumableStateMixin, keras.callbacks.EarlyStopping
 class ResumableReduceLROnPlateau(_ResumableStateMixin, keras.callbacks.ReduceLROnPlateau):
     """``keras.callbacks.ReduceLROnPlateau`` whose wait/best/cooldown continue across a resume.
 
-    The learning rate itself is optimizer state: it is restored from ``last.keras``.
+    The learning rate itself is optimizer state: it is restored from the last checkpoint.
     """
 
     state_key = "reduce_lr_on_plateau"
@@ -160,7 +158,7 @@ class ResumableReduceLROnPlateau(_ResumableStateMixin, keras.callbacks.ReduceLRO
 
 
 class ResumableCheckpoint(keras.callbacks.Callback):
-    """Writes ``last.keras`` + ``state.json`` every epoch and ``best.keras`` on improvement.
+    """Writes ``last-epoch-<N>.keras`` + ``state.json`` every epoch and ``best.keras`` on improvement.
 
     Must come after every callback that changes the model, the optimizer or its own state in
     ``on_epoch_end`` (their state is read here and committed with the model). It adds
@@ -194,16 +192,20 @@ class ResumableCheckpoint(keras.callbacks.Callback):
             self.best_value = float(current)
             save_model(self.model, self.directory / "best.keras")
             logger.info("Epoch %d: %s improved to %.4f; saved best.keras", epoch + 1, self.monitor, current)
-        save_model(self.model, self.directory / "last.keras")
-        self.stopped_early = bool(self.model.stop_training)  # set by EarlyStopping just before
         completed = epoch + 1
-        state = {"fingerprint": self.fingerprint, "completed_epochs": completed,
+        checkpoint = last_checkpoint_name(completed)
+        save_model(self.model, self.directory / checkpoint)
+        self.stopped_early = bool(self.model.stop_training)  # set by EarlyStopping just before
+        state = {"fingerprint": self.fingerprint, "completed_epochs": completed, "checkpoint": checkpoint,
                  "best_value": self.best_value, "monitor": self.monitor, "history": self.history,
                  "learning_rate": current_learning_rate(self.model),  # for the next epoch (after any cut)
                  "callbacks": {c.state_key: c.callback_state() for c in self.stateful},
                  "stopped_early": self.stopped_early,
                  "finished": self.stopped_early or (self.epochs is not None and completed >= self.epochs)}
         atomic_write_bytes(self.directory / "state.json", json.dumps(state, indent=1).encode())
+        for older in self.directory.glob("last-epoch-*.keras"):  # only once the new pair is committed
+            if older.name != checkpoint:
+                older.unlink(missing_ok=True)
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -218,12 +220,23 @@ class EpochProgress(keras.callbacks.Callback):
         logger.info("[%s] epoch %d/%d: %s", self.label, epoch + 1, self.epochs, shown)
 
 
+def last_checkpoint_name(completed_epochs: int) -> str:
+    """File name of the model checkpoint written after ``completed_epochs`` epochs."""
+    return f"last-epoch-{completed_epochs:04d}.keras"
+
+
+def committed_checkpoint(directory: Path, state: Mapping[str, Any]) -> Path:
+    """The model file ``state`` belongs to (``last.keras`` for checkpoints of older versions)."""
+    return Path(directory) / state.get("checkpoint", "last.keras")
+
+
 def read_checkpoint_state(directory: Path) -> dict[str, Any] | None:
-    """The saved state, or None if there is no complete checkpoint."""
-    state_path = directory / "state.json"
-    if not (state_path.is_file() and (directory / "last.keras").is_file()):
+    """The saved state, or None if there is no complete checkpoint (state and its model file)."""
+    state_path = Path(directory) / "state.json"
+    if not state_path.is_file():
         return None
-    return json.loads(state_path.read_text())
+    state = json.loads(state_path.read_text())
+    return state if committed_checkpoint(directory, state).is_file() else None
 
 
 @dataclass
@@ -246,7 +259,7 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
     A checkpoint whose fingerprint differs (other settings or data) is moved aside, not reused. A
     finished checkpoint (all epochs done, or stopped early) is not trained further: the best model
     is returned. ``callbacks`` run after the checkpoint of each epoch, so they must not change the
-    model or optimizer at epoch end (such a change would not be in ``last.keras``).
+    model or optimizer at epoch end (such a change would not be in the checkpoint).
     """
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +294,7 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
             model = build_model()
         else:
             logger.info("[%s] resuming from %s after epoch %d", label, checkpoint_dir, initial_epoch)
-            model = load_model(checkpoint_dir / "last.keras")
+            model = load_model(committed_checkpoint(checkpoint_dir, state))
         train_data.epoch = initial_epoch
         stateful: list[_ResumableStateMixin] = []
         if config.reduce_lr_patience:
@@ -311,6 +324,8 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
                         len(history.get("loss", [])), config.monitor)
 
     best_path = checkpoint_dir / "best.keras"
-    best = load_model(best_path if best_path.is_file() else checkpoint_dir / "last.keras")
+    if not best_path.is_file():  # no epoch had a finite monitor value
+        best_path = committed_checkpoint(checkpoint_dir, read_checkpoint_state(checkpoint_dir) or {})
+    best = load_model(best_path)
     return FitResult(model=best, history=history, resumed_from_epoch=initial_epoch, best_value=best_value,
                      stopped_early=stopped_early)
