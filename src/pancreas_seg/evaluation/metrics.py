@@ -50,12 +50,12 @@ Aggregation
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from pancreas_seg.labels import CLASS_LABELS
+from pancreas_seg.labels import CLASS_LABELS, class_mask
 
 HD_PERCENTILE = 95.0
 
@@ -207,17 +207,8 @@ def nsd(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float],
     return _nsd_from_distances(*surface_distances_mm(pred, truth, spacing_mm), tolerance_mm)
 
 
-def class_mask(labels: np.ndarray, class_name: str,
-               class_labels: Mapping[str, Iterable[int]] = CLASS_LABELS) -> np.ndarray:
-    """Boolean mask of one class (e.g. pancreas = labels 1 ∪ 2) from an integer label map."""
-    if class_name not in class_labels:
-        raise KeyError(f"unknown class {class_name!r}; known: {sorted(class_labels)}")
-    return np.isin(np.asarray(labels), tuple(class_labels[class_name]))
-
-
 def case_metrics(pred_labels: np.ndarray, truth_labels: np.ndarray, spacing_mm: Sequence[float],
-                 tolerance_mm: float,
-                 class_labels: Mapping[str, Iterable[int]] = CLASS_LABELS) -> list[dict]:
+                 tolerance_mm: float) -> list[dict]:
     """Dice, HD95 (mm) and NSD of every class of one case.
 
     Args:
@@ -225,18 +216,17 @@ def case_metrics(pred_labels: np.ndarray, truth_labels: np.ndarray, spacing_mm: 
             (0 background, 1 pancreas, 2 tumour).
         spacing_mm: voxel size in mm along each array axis.
         tolerance_mm: NSD tolerance in mm.
-        class_labels: class name -> label values (default :data:`CLASS_LABELS`).
 
     Returns:
-        One dict per class, in ``class_labels`` order:
+        One dict per class, in :data:`~pancreas_seg.labels.CLASS_LABELS` order:
         ``{"class": str, "dice": float, "hd95_mm": float, "nsd": float}``.
     """
     pred_labels, truth_labels = np.asarray(pred_labels), np.asarray(truth_labels)
     _check_pair(pred_labels, truth_labels)
     rows = []
-    for name in class_labels:
-        p = class_mask(pred_labels, name, class_labels)
-        t = class_mask(truth_labels, name, class_labels)
+    for name in CLASS_LABELS:
+        p = class_mask(pred_labels, name)
+        t = class_mask(truth_labels, name)
         d_pt, d_tp = surface_distances_mm(p, t, spacing_mm)
         rows.append({
             "class": name,
@@ -248,13 +238,12 @@ def case_metrics(pred_labels: np.ndarray, truth_labels: np.ndarray, spacing_mm: 
 
 
 def slice_dice(pred_labels: np.ndarray, truth_labels: np.ndarray, class_name: str, *,
-               axis: int,
-               class_labels: Mapping[str, Iterable[int]] = CLASS_LABELS) -> float:
+               axis: int) -> float:
     """Mean per-slice Dice over the slices where the truth or the prediction is non-empty.
 
     Args:
         pred_labels, truth_labels: integer label maps of equal shape (X, Y, Z), file voxel order.
-        class_name: a key of ``class_labels`` (``"pancreas"`` or ``"tumour"``).
+        class_name: a key of :data:`~pancreas_seg.labels.CLASS_LABELS` (``"pancreas"`` or ``"tumour"``).
         axis: the slicing array axis, required: for axial slices the file's axial axis,
             :func:`pancreas_seg.imaging.geometry.axial_axis` of its affine (``ScanGeometry.axial_axis``);
             it is axis 2 only for files stored with the third axis inferior-superior.
@@ -265,8 +254,8 @@ def slice_dice(pred_labels: np.ndarray, truth_labels: np.ndarray, class_name: st
     """
     pred_labels, truth_labels = np.asarray(pred_labels), np.asarray(truth_labels)
     _check_pair(pred_labels, truth_labels)
-    p = np.moveaxis(class_mask(pred_labels, class_name, class_labels), axis, 0)
-    t = np.moveaxis(class_mask(truth_labels, class_name, class_labels), axis, 0)
+    p = np.moveaxis(class_mask(pred_labels, class_name), axis, 0)
+    t = np.moveaxis(class_mask(truth_labels, class_name), axis, 0)
     p = p.reshape(p.shape[0], -1)
     t = t.reshape(t.shape[0], -1)
     size_p = p.sum(axis=1, dtype=np.int64)

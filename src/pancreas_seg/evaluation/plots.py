@@ -15,9 +15,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from pancreas_seg.labels import CLASS_LABELS, LABEL_NAMES, PANCREAS, TUMOUR
+from pancreas_seg.labels import CLASS_LABELS, LABEL_NAMES, PANCREAS, TUMOUR, class_mask
 
-from .metrics import class_mask, dice
+from .metrics import dice
 
 if TYPE_CHECKING:
     import pandas as pd
