@@ -12,9 +12,10 @@ from typing import Any
 import keras
 from keras import ops
 
+from pancreas_seg.labels import CLASS_LABELS
 from pancreas_seg.models.blocks import validate_label_mode
 
-CLASS_NAMES: tuple[str, ...] = ("pancreas", "tumour")
+CLASS_NAMES: tuple[str, ...] = tuple(CLASS_LABELS)
 
 
 @keras.saving.register_keras_serializable(package="pancreas_seg")
@@ -52,7 +53,8 @@ class ClassDice(keras.metrics.Metric):
         """(B, H, W, K) probabilities or targets -> float32 (B, H, W) hard mask of the class."""
         if self.label_mode == "multiclass":
             cls = ops.argmax(y, axis=-1)
-            mask = cls >= 1 if self.class_name == "pancreas" else cls == 2
+            # channel index = MSD label value; a class is the set of its values (labels.py)
+            mask = ops.any(ops.stack([cls == value for value in CLASS_LABELS[self.class_name]]), axis=0)
         else:
             mask = y[..., 0] >= 0.5
         return ops.cast(mask, "float32")
