@@ -75,6 +75,7 @@ def weights_sha256(model: keras.Model) -> str:
     """SHA-256 (hex) of every weight value in order: identifies a trained model's parameters."""
     import hashlib  # noqa: PLC0415
 
+    import keras  # noqa: PLC0415 - lazily, see the imports above
     import numpy as np  # noqa: PLC0415
 
     digest = hashlib.sha256()
