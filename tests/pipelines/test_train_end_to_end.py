@@ -211,11 +211,24 @@ def test_cli_rerun_of_one_namespace_resumes_in_a_fresh_process(smoke_project: Pa
 
     A new process resumes unet from its finished checkpoint (``data/06_models/checkpoints``): the
     checkpoint's custom loss and metrics must be loadable before anything has built a model.
+
+    Kedro 1.7's ``--namespaces=unet`` keeps only the nodes whose namespace is ``unet`` (or starts
+    with ``unet.``): the non-namespaced data nodes and the cross-model comparison do not run, and
+    the data, the persisted split and the comparison of the first run are used as they are.
+    (``--pipelines=train_unet`` would also re-run ingestion, preprocessing and a unet-only comparison.)
     """
     project = tmp_path / "pancreas_seg"
     shutil.copytree(smoke_project, project, ignore=shutil.ignore_patterns("mlruns", "build", "notebooks"))
     client = _client(project)
     before = {r.info.run_id for r in _runs(client)}
+    untouched = [project / "data" / "03_primary" / "case_manifest.csv",
+                 *(project / "data" / "03_primary" / "splits").glob("*.json"),
+                 project / "data" / "08_reporting" / "evaluation" / "model_comparison.csv",
+                 project / "data" / "08_reporting" / "evaluation" / "fcn" / "model_check.json"]
+    stamps = {path: path.stat().st_mtime_ns for path in untouched}
+    assert len(stamps) == 4
+    unet_check = project / "data" / "08_reporting" / "evaluation" / "unet" / "model_check.json"
+    unet_check.unlink()
 
     result = subprocess.run([sys.executable, "-m", "kedro", "run", "--pipeline=train", "--namespaces=unet",
                              "--env", "smoke"], check=False, cwd=project, env=subprocess_env(),
@@ -227,3 +240,5 @@ def test_cli_rerun_of_one_namespace_resumes_in_a_fresh_process(smoke_project: Pa
     assert [r.data.tags.get("architecture") for r in nested] == ["unet"]
     assert nested[0].data.tags.get("resumed_from_epoch") == "1"  # all smoke epochs were done already
     assert len(_train_parents(new_runs)) == 1 and len(new_runs) == 2
+    assert {path: path.stat().st_mtime_ns for path in untouched} == stamps  # no data or comparison node ran
+    assert json.loads(unet_check.read_text())["architecture"] == "unet"  # unet's evaluation did
