@@ -83,6 +83,14 @@ def check_preprocessing(card: Mapping[str, Any], preprocessing: Mapping[str, Any
 
 def check_card_consistent(card: Mapping[str, Any]) -> None:
     """Refuse a card whose recorded preprocessing does not match its own fingerprint (edited card)."""
+    expected = card.get("preprocessing_fingerprint")
+    actual = preprocessing_fingerprint(card["preprocessing"], card.get("intensity_stats"))
+    if expected is not None and actual != expected:
+        # check_preprocessing would compare the card's settings with themselves: nothing to list
+        raise ModelMismatchError(f"{describe(card)}: its model card's preprocessing settings do not match "
+                                 f"its preprocessing fingerprint (recorded {expected}, settings give {actual}); "
+                                 "the card was edited after training. Restore the card saved with the "
+                                 "model (same version folder) or retrain it.")
     check_preprocessing(card, card["preprocessing"], card.get("intensity_stats"))
 
 

@@ -2,9 +2,13 @@
 
 The copy holds ``conf/`` (without ``conf/local`` contents), ``pyproject.toml``, ``.telemetry``, an
 empty ``src/`` (Kedro checks that the source folder exists; the package itself is imported from
-the editable install) and the ``data/01_raw`` .. ``data/08_reporting`` skeleton. The train pipeline
-runs there once per test session through a real in-process ``KedroSession``; it writes its own
-``mlflow.db`` (sqlite store) and ``mlruns/`` artifact folder, so the repository stays untouched.
+this checkout's ``src/``, see :func:`kedro_subprocess_env`, or the editable install) and the
+``data/01_raw`` .. ``data/08_reporting`` skeleton. The train pipeline runs there once per test
+session as ``python -m kedro run`` in a NEW PROCESS, as a user would start it, so every test that
+reads its models also checks that they load where nothing was built or trained before. It writes
+its own ``mlflow.db`` (sqlite store) and ``mlruns/`` artifact folder, so the repository stays
+untouched. Later steps may run in-process (:func:`run_kedro_session`) or as further processes
+(:func:`run_kedro_cli`).
 
 Every test that uses it is marked ``slow``; the whole ``tests/pipelines`` set takes a few
 minutes on 2 CPU cores (the train run dominates).
@@ -12,8 +16,10 @@ minutes on 2 CPU cores (the train run dominates).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,11 +56,41 @@ def kedro_subprocess_env(**extra: str) -> dict[str, str]:
 
     ``MLFLOW_TRACKING_URI`` is dropped: a relative ``sqlite:///mlflow.db`` exported by an
     in-process kedro-mlflow setup would otherwise resolve against the subprocess' working dir.
+    This checkout's ``src/`` goes first on ``PYTHONPATH``: project copies have an empty ``src/``,
+    and the subprocess must run the code under test, not whatever checkout is installed.
     """
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(KEDRO_ENV_VARS)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"),
+                                         *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     env.update(extra)
     return env
+
+
+def run_kedro_cli(project_path: Path, *args: str, env: str = SMOKE_ENV, check: bool = True,
+                  timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``python -m kedro run --env <env> <args>`` in ``project_path`` as a NEW process.
+
+    With ``check`` a non-zero exit fails the test with the end of the process' output.
+    """
+    command = [sys.executable, "-m", "kedro", "run", "--env", env, *args]
+    result = subprocess.run(command, check=False, cwd=project_path, env=kedro_subprocess_env(COLUMNS="240"),
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command[2:])} failed (exit {result.returncode}):\n"
+                    f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def latest_model_card(project_path: Path, architecture: str) -> dict[str, Any]:
+    """The newest ``data/06_models/<arch>/model_card.json/<version>/model_card.json`` (with its
+    ``version``); the model file of that same version must exist."""
+    root = project_path / "data" / "06_models" / architecture
+    versions = sorted(p.parent.name for p in (root / "model_card.json").glob("*/model_card.json"))
+    assert versions, f"no model card under {root / 'model_card.json'}"
+    version = versions[-1]
+    assert (root / "model.keras" / version / "model.keras").is_file(), f"no model of card version {version}"
+    return {**json.loads((root / "model_card.json" / version / "model_card.json").read_text()), "version": version}
 
 
 def _forget_mlflow_stores() -> None:
@@ -152,12 +188,12 @@ def nest_dotted(params: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project copy after one real ``kedro run --pipeline=train --env smoke`` (in-process).
+    """A project copy after one real ``kedro run --pipelines=train --env smoke`` (a new process).
 
     Treat it as read-only: tests that change training state work on a copy of it.
     """
     project = make_project_copy(tmp_path_factory.mktemp("smoke_project") / "pancreas_seg")
-    run_kedro_session(project, pipeline_name="train")
+    run_kedro_cli(project, "--pipelines=train")
     return project
 
 
@@ -171,6 +207,18 @@ def smoke_tracking_uri(smoke_project: Path) -> str:
 def kedro_session_runner() -> Callable[..., dict[str, Any]]:
     """:func:`run_kedro_session`, for tests that start further in-process sessions."""
     return run_kedro_session
+
+
+@pytest.fixture(scope="session")
+def kedro_cli_runner() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """:func:`run_kedro_cli`, for tests that start ``kedro run`` as new processes."""
+    return run_kedro_cli
+
+
+@pytest.fixture(scope="session")
+def model_card_reader() -> Callable[[Path, str], dict[str, Any]]:
+    """:func:`latest_model_card`, the newest model card of an architecture in a project copy."""
+    return latest_model_card
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ soft-tissue voxels on the original grid; a flipped, transposed or shifted mask w
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -63,8 +62,8 @@ def _check_mask(mask_path: Path, ct: nib.Nifti1Image) -> np.ndarray:
     return labels
 
 
-def test_inference_on_real_ct(smoke_project: Path, smoke_tracking_uri: str, tmp_path: Path,
-                              kedro_session_runner, real_ct: Path) -> None:
+def test_inference_on_real_ct(smoke_project: Path, smoke_tracking_uri: str, tmp_path: Path,  # noqa: PLR0917
+                              kedro_session_runner, model_card_reader, real_ct: Path) -> None:
     ct = nib.load(real_ct)
 
     # 1. by architecture name: the newest unet model in data/06_models
@@ -89,7 +88,7 @@ def test_inference_on_real_ct(smoke_project: Path, smoke_tracking_uri: str, tmp_
     assert entry["voxels_tumour"] == int(np.count_nonzero(labels == 2))
 
     # 2. by MLflow URI: unet's nested run (the run that produced the newest unet model)
-    card = json.loads((smoke_project / "data" / "06_models" / "unet" / "model_card.json").read_text())
+    card = model_card_reader(smoke_project, "unet")
     run = mlflow.MlflowClient(tracking_uri=smoke_tracking_uri).get_run(card["mlflow_run_id"])
     assert run.data.tags["architecture"] == "unet" and "mlflow.parentRunId" in run.data.tags
     mlflow_dir = tmp_path / "masks_mlflow"
@@ -102,11 +101,16 @@ def test_inference_on_real_ct(smoke_project: Path, smoke_tracking_uri: str, tmp_
     assert np.array_equal(same, labels), "the MLflow artifact gives a different mask than data/06_models"
 
 
-def _write_probe_model(smoke_project: Path, models_dir: Path) -> float:
-    """Save an intensity-threshold "unet" in the trained-model layout; return its threshold (HU)."""
+def _write_probe_model(card: dict, models_dir: Path) -> float:
+    """Save an intensity-threshold "unet" in the trained-model layout; return its threshold (HU).
+
+    Its card is the smoke unet's (same preprocessing, so the same input) with the probe's own
+    weights hash, saved under the probe's version: inference refuses a card of another model.
+    """
     import keras  # noqa: PLC0415
 
-    card = json.loads((smoke_project / "data" / "06_models" / "unet" / "model_card.json").read_text())
+    from pancreas_seg.models.io import save_model, weights_sha256  # noqa: PLC0415
+
     assert card["label_mode"] == "multiclass" and card["preprocessing"]["intensity"]["mode"] == "window"
     low, high = card["preprocessing"]["intensity"]["window_hu"]
     threshold = 0.3  # in the window's [0, 1] scale
@@ -117,19 +121,25 @@ def _write_probe_model(smoke_project: Path, models_dir: Path) -> float:
     kernel = np.zeros((1, 1, card["input_shape"][-1], 3), dtype="float32")
     kernel[..., kernel.shape[2] // 2, 1] = steep  # the centre slice of a 2.5D input
     model.get_layer("probe").set_weights([kernel, np.array([0.0, -steep * threshold, -1e3], dtype="float32")])
-    target = models_dir / "unet" / "model.keras" / "2026-01-01T00.00.00.000Z" / "model.keras"
+    version = "2026-01-01T00.00.00.000Z"
+    target = models_dir / "unet" / "model.keras" / version / "model.keras"
     target.parent.mkdir(parents=True)
-    model.save(target)
-    shutil.copy(smoke_project / "data" / "06_models" / "unet" / "model_card.json",
-                models_dir / "unet" / "model_card.json")
+    save_model(model, target)
+    # bound to the smoke unet's (phantom) training cases: none of them is the real CT
+    assert CASE_ID not in set(card["cases"]["train"]) | set(card["cases"]["validation"])
+    probe_card = {k: v for k, v in card.items() if k != "version"}
+    probe_card["weights_sha256"] = weights_sha256(model)
+    card_file = models_dir / "unet" / "model_card.json" / version / "model_card.json"
+    card_file.parent.mkdir(parents=True)
+    card_file.write_text(json.dumps(probe_card, indent=2))
     return low + threshold * (high - low)
 
 
 def test_real_ct_geometry_with_intensity_probe(smoke_project: Path, tmp_path: Path, kedro_session_runner,
-                                               real_ct: Path) -> None:
+                                               model_card_reader, real_ct: Path) -> None:
     ct = nib.load(real_ct)
     hu = np.asanyarray(ct.dataobj).astype(np.float32)
-    threshold_hu = _write_probe_model(smoke_project, tmp_path / "probe_models")
+    threshold_hu = _write_probe_model(model_card_reader(smoke_project, "unet"), tmp_path / "probe_models")
     output_dir = tmp_path / "probe_masks"
     report = _run_inference(kedro_session_runner, smoke_project, real_ct, output_dir, "unet",
                             models_dir=tmp_path / "probe_models")
@@ -157,3 +167,20 @@ def test_real_ct_geometry_with_intensity_probe(smoke_project: Path, tmp_path: Pa
         flipped = np.flip(reference, axis)
         dice_flipped = 2 * np.count_nonzero(predicted & flipped) / (predicted.sum() + flipped.sum())
         assert dice_flipped < dice - 0.1, (axis, dice, dice_flipped)
+
+
+def test_probe_model_with_the_trained_models_card_is_refused(smoke_project: Path, tmp_path: Path,
+                                                             kedro_session_runner, model_card_reader,
+                                                             real_ct: Path) -> None:
+    """The smoke unet's card next to another model (the probe) does not describe its weights."""
+    from pancreas_seg.model_card import ModelMismatchError  # noqa: PLC0415
+
+    card = model_card_reader(smoke_project, "unet")
+    models_dir = tmp_path / "probe_models"
+    _write_probe_model(card, models_dir)
+    [card_file] = (models_dir / "unet" / "model_card.json").glob("*/model_card.json")
+    card_file.write_text(json.dumps({k: v for k, v in card.items() if k != "version"}, indent=2))
+    output_dir = tmp_path / "refused"
+    with pytest.raises(ModelMismatchError, match="does not belong to this model file"):
+        _run_inference(kedro_session_runner, smoke_project, output_dir, "unet", models_dir=models_dir)
+    assert not output_dir.exists() or not any(output_dir.iterdir())

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 ARCHITECTURES = ("unet", "unet_small", "fcn", "vnet2d")
 PIPELINES = {"train", "data", "ingestion", "preprocessing", "training", "evaluation", "inference", "__default__"}
+PIPELINES |= {f"train_{arch}" for arch in ARCHITECTURES}  # one named pipeline per architecture
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,9 @@ def test_viz_build_lists_pipelines_and_model_namespaces(viz_build: Path) -> None
         assert any(child["type"] == "task" for child in modular[arch]["children"])
         assert {"id": arch, "type": "modularPipeline"} in modular["__root__"]["children"]
         names = {n["full_name"] for n in tasks if n["modular_pipelines"] == [arch]}
-        assert names == {f"{arch}.{step}" for step in ("train_model", "validate_model", "predict_test_cases",
-                                                      "score_test_cases", "summarise_model")}, (arch, names)
+        assert names == {f"{arch}.{step}" for step in ("train_model", "validate_model", "check_model_binding",
+                                                      "predict_test_cases", "score_test_cases",
+                                                      "summarise_model")}, (arch, names)
     training = next(n for n in tasks if n["full_name"] == "unet.train_model")
     assert {"train", "training", "__default__"} <= set(training["pipelines"])
 

@@ -1,4 +1,4 @@
-"""End-to-end ``kedro run --pipeline=train --env smoke`` through a real KedroSession.
+"""End-to-end ``kedro run --pipelines=train --env smoke``, started as a new process (conftest).
 
 Checks what one run leaves behind: the sqlite MLflow store (one parent run, one nested run per
 architecture with params, per-epoch metrics, validation/test metrics, tags and artifacts), the
@@ -64,7 +64,8 @@ def _model_versions(project: Path, arch: str) -> set[str]:
     return {p.name for p in (project / "data" / "06_models" / arch / "model.keras").iterdir()}
 
 
-def test_mlflow_parent_and_nested_runs(configured_learning_rates: dict[str, float], smoke_project: Path) -> None:
+def test_mlflow_parent_and_nested_runs(configured_learning_rates: dict[str, float], smoke_project: Path,
+                                       model_card_reader) -> None:
     client = _client(smoke_project)
     runs = _runs(client)
     parents = _train_parents(runs)
@@ -96,7 +97,7 @@ def test_mlflow_parent_and_nested_runs(configured_learning_rates: dict[str, floa
         assert tags["keras_backend"] in {"tensorflow", "jax", "torch"}
         assert tags["git_commit"]  # a commit hash, or "unknown" outside a git checkout (this copy)
         # per-epoch history: one point per completed epoch, steps 1..n
-        card = json.loads((smoke_project / "data" / "06_models" / arch / "model_card.json").read_text())
+        card = model_card_reader(smoke_project, arch)
         assert card["mlflow_run_id"] == run_id
         epochs = card["epochs_completed"]
         assert epochs >= 1
@@ -169,7 +170,8 @@ def test_evaluation_reports(smoke_project: Path) -> None:
         assert summary["architecture"] == arch and summary["n_cases"] == len(test_ids)
 
 
-def test_namespace_rerun_trains_only_unet(smoke_project: Path, tmp_path: Path, kedro_session_runner) -> None:
+def test_namespace_rerun_trains_only_unet(smoke_project: Path, tmp_path: Path, kedro_session_runner,
+                                         model_card_reader) -> None:
     """``kedro run --pipeline=train --namespaces=unet --env smoke`` as a second in-process session.
 
     Runs on a copy of the trained project so the shared fixture keeps exactly one train run (the
@@ -198,8 +200,9 @@ def test_namespace_rerun_trains_only_unet(smoke_project: Path, tmp_path: Path, k
     assert len(versions_after["unet"] - versions_before["unet"]) == 1
     for arch in ARCHITECTURES[1:]:
         assert versions_after[arch] == versions_before[arch], arch
-    card = json.loads((project / "data" / "06_models" / "unet" / "model_card.json").read_text())
+    card = model_card_reader(project, "unet")
     assert card["mlflow_run_id"] == unet_run.info.run_id
+    assert card["version"] in versions_after["unet"] - versions_before["unet"]
 
 
 def test_cli_rerun_of_one_namespace_resumes_in_a_fresh_process(smoke_project: Path, tmp_path: Path,
@@ -208,11 +211,24 @@ def test_cli_rerun_of_one_namespace_resumes_in_a_fresh_process(smoke_project: Pa
 
     A new process resumes unet from its finished checkpoint (``data/06_models/checkpoints``): the
     checkpoint's custom loss and metrics must be loadable before anything has built a model.
+
+    Kedro 1.7's ``--namespaces=unet`` keeps only the nodes whose namespace is ``unet`` (or starts
+    with ``unet.``): the non-namespaced data nodes and the cross-model comparison do not run, and
+    the data, the persisted split and the comparison of the first run are used as they are.
+    (``--pipelines=train_unet`` would also re-run ingestion, preprocessing and a unet-only comparison.)
     """
     project = tmp_path / "pancreas_seg"
     shutil.copytree(smoke_project, project, ignore=shutil.ignore_patterns("mlruns", "build", "notebooks"))
     client = _client(project)
     before = {r.info.run_id for r in _runs(client)}
+    untouched = [project / "data" / "03_primary" / "case_manifest.csv",
+                 *(project / "data" / "03_primary" / "splits").glob("*.json"),
+                 project / "data" / "08_reporting" / "evaluation" / "model_comparison.csv",
+                 project / "data" / "08_reporting" / "evaluation" / "fcn" / "model_check.json"]
+    stamps = {path: path.stat().st_mtime_ns for path in untouched}
+    assert len(stamps) == 4
+    unet_check = project / "data" / "08_reporting" / "evaluation" / "unet" / "model_check.json"
+    unet_check.unlink()
 
     result = subprocess.run([sys.executable, "-m", "kedro", "run", "--pipeline=train", "--namespaces=unet",
                              "--env", "smoke"], check=False, cwd=project, env=subprocess_env(),
@@ -224,3 +240,5 @@ def test_cli_rerun_of_one_namespace_resumes_in_a_fresh_process(smoke_project: Pa
     assert [r.data.tags.get("architecture") for r in nested] == ["unet"]
     assert nested[0].data.tags.get("resumed_from_epoch") == "1"  # all smoke epochs were done already
     assert len(_train_parents(new_runs)) == 1 and len(new_runs) == 2
+    assert {path: path.stat().st_mtime_ns for path in untouched} == stamps  # no data or comparison node ran
+    assert json.loads(unet_check.read_text())["architecture"] == "unet"  # unet's evaluation did

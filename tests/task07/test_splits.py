@@ -1,4 +1,4 @@
-"""Patient-level, seeded train/validation/test splits and k-fold assignment."""
+"""Patient-level, seeded train/validation/test splits, k-fold assignment and the persisted split."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pancreas_seg.task07.splits import assign_splits
+from pancreas_seg.task07.splits import (
+    SPLITS,
+    SplitMismatchError,
+    assign_splits,
+    make_split,
+    reconcile_split,
+    split_assignment,
+)
 
 
 def _patients(n: int) -> pd.Series:
@@ -109,3 +116,123 @@ def test_fractions_outside_unit_interval_raise(bad: float) -> None:
 def test_small_sets_still_get_a_validation_patient() -> None:
     assigned = assign_splits(_patients(4), test_fraction=0.25, validation_fraction=0.1, seed=0)
     assert assigned["split"].value_counts().to_dict() == {"train": 2, "test": 1, "validation": 1}
+
+
+# --------------------------------------------------------------------------- persisted split
+SETTINGS = {"seed": 42, "test_fraction": 0.2, "validation_fraction": 0.3, "n_folds": 0}
+DATASET = "Task07_Pancreas"
+
+
+def _cases(n: int) -> pd.DataFrame:
+    return pd.DataFrame({"case_id": _patients(n)})
+
+
+def _membership(record: dict) -> dict[str, str]:
+    return {case: name for name in SPLITS for case in record[name]}
+
+
+def test_make_split_is_deterministic_from_the_seed_and_matches_assign_splits() -> None:
+    cases = _cases(30)
+    first = make_split(cases, SETTINGS, DATASET)
+    again = make_split(cases.iloc[::-1].reset_index(drop=True), dict(SETTINGS), DATASET)
+    for key in ("dataset", "settings", *SPLITS, "folds", "dropped"):
+        assert first[key] == again[key], key
+    assert first["dataset"] == DATASET and first["dropped"] == []
+    assert first["settings"] == SETTINGS
+    assert [len(first[name]) for name in SPLITS] == [17, 7, 6]
+    assert sorted(c for name in SPLITS for c in first[name]) == sorted(cases["case_id"])
+    assert all(first[name] == sorted(first[name]) for name in SPLITS)
+    assigned = assign_splits(cases["case_id"], 0.2, 0.3, seed=42)
+    assert _membership(first) == dict(zip(cases["case_id"], assigned["split"], strict=True))
+    other = make_split(cases, {**SETTINGS, "seed": 7}, DATASET)
+    assert _membership(other) != _membership(first)
+
+
+def test_make_split_keeps_patients_together_and_records_folds() -> None:
+    cases = pd.DataFrame({"case_id": [f"scan_{i:02d}" for i in range(20)],
+                          "patient_id": [f"patient_{i // 2:02d}" for i in range(20)]})
+    record = make_split(cases, {**SETTINGS, "n_folds": 3}, DATASET)
+    split_of = _membership(record)
+    for patient, group in cases.groupby("patient_id"):
+        assert len({split_of[c] for c in group["case_id"]}) == 1, patient
+        assert len({record["folds"].get(c, -1) for c in group["case_id"]}) == 1, patient
+    assert set(record["folds"]) == set(record["train"]) | set(record["validation"])
+    assert set(record["folds"].values()) == {0, 1, 2}
+
+
+def test_reconcile_reuses_the_persisted_split_unchanged() -> None:
+    record = make_split(_cases(20), SETTINGS, DATASET)
+    reused, dropped = reconcile_split(record, _patients(20)[::-1], dict(SETTINGS), DATASET)
+    assert dropped == []
+    assert reused == record
+    # a missing n_folds is the default 0, not a changed setting
+    reused, _ = reconcile_split(record, _patients(20), {"seed": 42, "test_fraction": 0.2,
+                                                        "validation_fraction": 0.3}, DATASET)
+    assert _membership(reused) == _membership(record)
+
+
+def test_a_dropped_case_is_removed_and_no_other_case_moves() -> None:
+    record = make_split(_cases(20), {**SETTINGS, "n_folds": 4}, DATASET)
+    victim = record["train"][1]
+    remaining = [c for c in _patients(20) if c != victim]
+    updated, dropped = reconcile_split(record, remaining, SETTINGS | {"n_folds": 4}, DATASET)
+    assert dropped == [victim]
+    before, after = _membership(record), _membership(updated)
+    assert victim not in after and victim not in updated["folds"]
+    assert after == {c: s for c, s in before.items() if c != victim}
+    assert updated["folds"] == {c: f for c, f in record["folds"].items() if c != victim}
+    assert [d["case_id"] for d in updated["dropped"]] == [victim]
+    assert updated["settings"] == record["settings"] and updated["created_at"] == record["created_at"]
+    # the input record is not modified, and a later run keeps the history of dropped cases
+    assert victim in record["train"] and record["dropped"] == []
+    second = record["test"][0]
+    again, dropped_again = reconcile_split(updated, [c for c in remaining if c != second],
+                                           SETTINGS | {"n_folds": 4}, DATASET)
+    assert dropped_again == [second]
+    assert [d["case_id"] for d in again["dropped"]] == [victim, second]
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("seed", 7), ("test_fraction", 0.25), ("validation_fraction", 0.2), ("n_folds", 5)])
+def test_changed_split_settings_raise_naming_the_setting(setting: str, value: float) -> None:
+    record = make_split(_cases(20), SETTINGS, DATASET)
+    with pytest.raises(SplitMismatchError) as excinfo:
+        reconcile_split(record, _patients(20), {**SETTINGS, setting: value}, DATASET)
+    message = str(excinfo.value)
+    assert f"split.{setting}: {SETTINGS[setting]} -> {value}" in message
+    assert "split.recompute=true" in message
+    assert sum(f"split.{name}:" in message for name in SETTINGS) == 1  # only the changed one
+
+
+def test_unknown_new_cases_raise_naming_them() -> None:
+    record = make_split(_cases(20), SETTINGS, DATASET)
+    current = [*_patients(20), "pancreas_777", "pancreas_555"]
+    with pytest.raises(SplitMismatchError, match=r"2 labelled case\(s\).*pancreas_555, pancreas_777"):
+        reconcile_split(record, current, SETTINGS, DATASET)
+
+
+def test_a_split_of_another_dataset_raises() -> None:
+    record = make_split(_cases(20), SETTINGS, "Task07_Pancreas_synthetic")
+    with pytest.raises(SplitMismatchError, match="'Task07_Pancreas_synthetic', not 'Task07_Pancreas'"):
+        reconcile_split(record, _patients(20), SETTINGS, DATASET)
+
+
+def test_no_training_case_left_raises() -> None:
+    record = make_split(_cases(5), {**SETTINGS, "test_fraction": 0.2, "validation_fraction": 0.5}, DATASET)
+    assert len(record["train"]) == 2
+    remaining = [c for c in _patients(5) if c not in record["train"]]
+    with pytest.raises(SplitMismatchError, match="no training case"):
+        reconcile_split(record, remaining, {**SETTINGS, "validation_fraction": 0.5}, DATASET)
+
+
+def test_split_assignment_gives_split_and_fold_per_case() -> None:
+    record = make_split(_cases(20), {**SETTINGS, "n_folds": 3}, DATASET)
+    wanted = [record["test"][0], record["train"][0], record["validation"][0]]
+    frame = split_assignment(record, wanted)
+    assert list(frame.index) == wanted and list(frame.columns) == ["split", "fold"]
+    assert list(frame["split"]) == ["test", "train", "validation"]
+    assert frame.loc[wanted[0], "fold"] == -1
+    assert frame.loc[wanted[1], "fold"] == record["folds"][wanted[1]] >= 0
+    assert frame["fold"].dtype.kind == "i"
+    with pytest.raises(KeyError):
+        split_assignment(record, ["pancreas_999"])  # not in the split: never silently "train"

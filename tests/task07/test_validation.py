@@ -19,6 +19,7 @@ from pancreas_seg.imaging.nifti_io import load_nifti, save_nifti
 from pancreas_seg.pipelines.ingestion.nodes import (
     apply_invalid_policy,
     build_case_manifest,
+    plan_split,
     validate_raw_dataset,
 )
 from pancreas_seg.task07.validation import Finding, InvalidDatasetError, validate_task07
@@ -295,11 +296,43 @@ def test_skip_policy_with_no_valid_case_left_fails_clearly(fresh_task07: Path) -
     report, cases = validate_raw_dataset(str(fresh_task07), {"on_invalid": "skip"})
     assert report["n_valid_cases"] == 0 and len(report["bad_cases"]) == 5
     assert len(cases) == 0
-    with pytest.raises(ValueError, match="[Nn]o valid case"):
-        kept = apply_invalid_policy(report, cases)
-        build_case_manifest(kept, {"seed": 0, "test_fraction": 0.2, "validation_fraction": 0.3})
+    with pytest.raises(ValueError, match="[Nn]o valid case"):  # before any split or manifest is made
+        apply_invalid_policy(report, cases)
 
 
 def test_unknown_policy_is_rejected(fresh_task07: Path) -> None:
     with pytest.raises(ValueError, match="on_invalid"):
         validate_raw_dataset(str(fresh_task07), {"on_invalid": "ignore"})
+
+
+def test_skipped_cases_leave_the_persisted_split_without_moving_the_others(fresh_task07: Path) -> None:
+    """plan_split + build_case_manifest: first run makes the split, a later run with a broken case
+    (on_invalid: skip) removes that case and keeps every other case in its split."""
+    split = {"seed": 0, "test_fraction": 0.25, "validation_fraction": 0.34}
+    report, cases = validate_raw_dataset(str(fresh_task07), {"on_invalid": "skip"})
+    first = plan_split(apply_invalid_policy(report, cases), str(fresh_task07), {}, split)
+    assert list(first) == ["Task07_Pancreas"]
+    record = first["Task07_Pancreas"]
+    manifest = build_case_manifest(cases, first, str(fresh_task07))
+    assert set(manifest["dataset"]) == {"Task07_Pancreas"}
+    assert manifest.set_index("case_id")["split"].to_dict() == {
+        **{c: name for name in ("train", "validation", "test") for c in record[name]},
+        "pancreas_005": "unlabelled"}
+
+    label2 = _label(fresh_task07, 2)
+    label2.write_bytes(b"not a NIfTI file")
+    report, cases = validate_raw_dataset(str(fresh_task07), {"on_invalid": "skip"})
+    kept = apply_invalid_policy(report, cases)
+    persisted = {"Task07_Pancreas": lambda: json.loads(json.dumps(record))}  # as loaded from JSON
+    second = plan_split(kept, str(fresh_task07), persisted, split)
+    later = build_case_manifest(kept, second, str(fresh_task07))
+    assert "pancreas_002" not in set(later["case_id"])
+    assert [d["case_id"] for d in second["Task07_Pancreas"]["dropped"]] == ["pancreas_002"]
+    before = manifest.set_index("case_id")["split"].drop("pancreas_002")
+    pd.testing.assert_series_equal(later.set_index("case_id")["split"], before)
+
+    with pytest.raises(ValueError, match=r"split\.seed: 0 -> 1"):  # SplitMismatchError
+        plan_split(kept, str(fresh_task07), persisted, {**split, "seed": 1})
+    remade = plan_split(kept, str(fresh_task07), persisted, {**split, "seed": 1, "recompute": True})
+    assert remade["Task07_Pancreas"]["settings"]["seed"] == 1
+    assert remade["Task07_Pancreas"]["dropped"] == []
