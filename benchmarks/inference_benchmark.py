@@ -53,7 +53,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
-import numpy as np  # noqa: E402
 
 SIZE = (256, 256)
 STAGES = ("read", "preprocess", "predict", "restore", "write_mask", "overlay_png")  # in order

@@ -182,5 +182,5 @@ def test_probe_model_with_the_trained_models_card_is_refused(smoke_project: Path
     card_file.write_text(json.dumps({k: v for k, v in card.items() if k != "version"}, indent=2))
     output_dir = tmp_path / "refused"
     with pytest.raises(ModelMismatchError, match="does not belong to this model file"):
-        _run_inference(kedro_session_runner, smoke_project, output_dir, "unet", models_dir=models_dir)
+        _run_inference(kedro_session_runner, smoke_project, real_ct, output_dir, "unet", models_dir=models_dir)
     assert not output_dir.exists() or not any(output_dir.iterdir())
