@@ -236,3 +236,13 @@ def test_split_assignment_gives_split_and_fold_per_case() -> None:
     assert frame["fold"].dtype.kind == "i"
     with pytest.raises(KeyError):
         split_assignment(record, ["pancreas_999"])  # not in the split: never silently "train"
+
+
+def test_manifest_dataset_names_the_one_dataset_or_says_how_to_rebuild() -> None:
+    from pancreas_seg.task07.splits import manifest_dataset  # noqa: PLC0415
+
+    assert manifest_dataset(pd.DataFrame({"case_id": ["a", "b"], "dataset": ["Task07", "Task07"]})) == "Task07"
+    with pytest.raises(ValueError, match="no 'dataset' column.*--pipelines=data"):
+        manifest_dataset(pd.DataFrame({"case_id": ["a"]}))
+    with pytest.raises(ValueError, match="mixes datasets"):
+        manifest_dataset(pd.DataFrame({"case_id": ["a", "b"], "dataset": ["x", "y"]}))

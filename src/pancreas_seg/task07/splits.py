@@ -151,3 +151,18 @@ def split_assignment(record: Mapping[str, Any], case_ids: Iterable[str]) -> pd.D
     ids = [str(c) for c in case_ids]
     return pd.DataFrame({"split": [split_of[c] for c in ids],
                          "fold": [int(folds.get(c, -1)) for c in ids]}, index=ids)
+
+
+def manifest_dataset(case_manifest: pd.DataFrame) -> str:
+    """The dataset a case manifest describes (its ``dataset`` column, one value).
+
+    Raises:
+        ValueError: the manifest predates persisted splits (no ``dataset`` column) or mixes datasets.
+    """
+    if "dataset" not in case_manifest:
+        raise ValueError("data/03_primary/case_manifest.csv has no 'dataset' column: it was written by an "
+                         "older version. Run `kedro run --pipelines=data` (same --env) to rebuild it.")
+    names = sorted(set(case_manifest["dataset"].astype(str)))
+    if len(names) != 1:
+        raise ValueError(f"the case manifest mixes datasets {names}; run `kedro run --pipelines=data` again")
+    return names[0]

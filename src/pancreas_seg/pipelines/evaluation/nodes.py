@@ -34,6 +34,7 @@ from pancreas_seg.model_card import (
     check_weights,
 )
 from pancreas_seg.prediction import labels_from_probabilities, predict_slices, use_xla
+from pancreas_seg.task07.splits import manifest_dataset
 
 logger = logging.getLogger(__name__)
 METRIC_COLUMNS = ["case_id", "architecture", "class", "dice", "hd95_mm", "nsd", "slice_dice",
@@ -54,7 +55,7 @@ def check_model_binding(model_card: dict[str, Any], case_manifest: pd.DataFrame,
     Returns what was checked (saved as ``<architecture>/model_check.json``).
     """
     cases = test_case_ids(case_manifest)
-    dataset = str(case_manifest["dataset"].iloc[0])
+    dataset = manifest_dataset(case_manifest)
     check_dataset(model_card, dataset)
     check_disjoint(model_card, cases, "scores as test cases")
     check_preprocessing(model_card, preprocessing, intensity_stats)

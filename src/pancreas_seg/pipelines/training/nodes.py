@@ -19,6 +19,7 @@ from pancreas_seg import tracking
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
 from pancreas_seg.model_card import preprocessing_fingerprint
 from pancreas_seg.runtime import dtype_policy, retained_heap
+from pancreas_seg.task07.splits import manifest_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def build_model_card(name: str, run_id: str, input_shape: tuple[int, int, int], 
         "architecture": name, "mlflow_run_id": run_id, "input_shape": list(input_shape),
         "label_mode": config.label_mode, "preprocessing": preprocessing, "intensity_stats": intensity_stats,
         "preprocessing_fingerprint": preprocessing_fingerprint(preprocessing, intensity_stats),
-        "dataset": str(case_manifest["dataset"].iloc[0]),
+        "dataset": manifest_dataset(case_manifest),
         "data_source": str(case_manifest["source"].iloc[0]),
         "cases": split_case_ids(case_manifest),
         "weights_sha256": weights_sha256,
