@@ -42,7 +42,7 @@ def split_cases(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
     missing = [c for c in case_ids if f"{c}/image" not in model_input_slices]
     if missing:
         raise ValueError(f"no preprocessed shards for {split} case(s) {missing}; "
-                         "run `kedro run --pipeline=preprocessing` first")
+                         "run `kedro run --pipelines=preprocessing` first")
     return {c: (model_input_slices[f"{c}/image"](), model_input_slices[f"{c}/label"]()) for c in case_ids}
 
 
@@ -53,7 +53,7 @@ def check_shards(cases: Mapping[str, tuple[np.ndarray, np.ndarray]], config: Pre
             raise ValueError(
                 f"data/05_model_input/slices/{case_id}/image.npy is {image.shape[1:]} {image.dtype} but "
                 f"preprocessing asks for {config.image_size_px} {config.image_dtype}: the shards come from "
-                "another environment or settings; run `kedro run --pipeline=preprocessing` (same --env) first")
+                "another environment or settings; run `kedro run --pipelines=preprocessing` (same --env) first")
 
 
 def make_loaders(model_input_slices, case_manifest, settings: dict[str, Any],
