@@ -19,8 +19,12 @@ SIZE, SLICES = 32, 6
 def node_inputs(tmp_path: Path) -> dict:
     import mlflow  # noqa: PLC0415
 
-    previous_uri = mlflow.get_tracking_uri()
+    from mlflow.tracking import fluent  # noqa: PLC0415
+
+    previous_uri, previous_experiment = mlflow.get_tracking_uri(), fluent._active_experiment_id
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # an earlier in-process Kedro session may have left its experiment id active: use our own
+    mlflow.set_experiment("training_node_state")
     rng = np.random.default_rng(0)
     shards, rows = {}, []
     for index, split in enumerate(("train", "train", "validation")):
@@ -43,6 +47,7 @@ def node_inputs(tmp_path: Path) -> dict:
     while mlflow.active_run() is not None:
         mlflow.end_run()
     mlflow.set_tracking_uri(previous_uri)
+    fluent._active_experiment_id = previous_experiment
 
 
 def test_mixed_precision_is_scoped_to_the_node(node_inputs: dict) -> None:
