@@ -10,6 +10,7 @@ a model without having built or trained one first.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,8 +54,6 @@ def save_model(model: keras.Model, path: str | os.PathLike[str]) -> None:
 
 def model_bytes(model: keras.Model) -> bytes:
     """The ``.keras`` file of ``model`` as bytes (for object stores and MLflow artifacts)."""
-    import tempfile  # noqa: PLC0415
-
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / f"{model.name}.keras"
         model.save(local)
@@ -63,8 +62,6 @@ def model_bytes(model: keras.Model) -> bytes:
 
 def load_model_bytes(payload: bytes, compile: bool = True) -> Any:  # noqa: A002
     """Inverse of :func:`model_bytes`."""
-    import tempfile  # noqa: PLC0415
-
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model.keras"
         local.write_bytes(payload)

@@ -240,8 +240,7 @@ def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str
     """Inputs: each architecture's metrics frame, then each one's summary (same order).
 
     Returns the combined per-case CSV, the comparison table (CSV and markdown) and the Dice and
-    HD95 box plots (misses counted in the labels and caption),
-    which are also logged to every architecture's run.
+    HD95 box plots (misses counted in the labels and caption), also logged to every architecture's run.
     """
     n = len(inputs) // 2
     frames, summaries = list(inputs[:n]), list(inputs[n:])
@@ -262,7 +261,7 @@ def plot_test_overlays(case_manifest: pd.DataFrame, evaluation: dict[str, Any], 
     Inputs after the parameters: each architecture's evaluation summary, then its test predictions.
     """
     n = len(inputs) // 2
-    cards, predictions = inputs[:n], inputs[n:]
+    summaries, predictions = inputs[:n], inputs[n:]
     manifest = case_manifest.set_index("case_id")
     case_id = _most_informative_test_case(case_manifest)
     ct = load_nifti(manifest.loc[case_id, "image_path"], dtype=np.float32)
@@ -270,13 +269,13 @@ def plot_test_overlays(case_manifest: pd.DataFrame, evaluation: dict[str, Any], 
     ct_slices = axial_view(ct.array, ct.affine)
     truth_slices = axial_view(truth.array, ct.affine)
     chosen = pick_representative_slices(np.moveaxis(truth_slices, 0, -1), int(evaluation["overlay_slices"]))
-    model_slices = {card["architecture"]: axial_view(pred[case_id]().array, ct.affine)[chosen]
-                    for card, pred in zip(cards, predictions, strict=True)}
+    model_slices = {summary["architecture"]: axial_view(pred[case_id]().array, ct.affine)[chosen]
+                    for summary, pred in zip(summaries, predictions, strict=True)}
     figure = plot_overlays(ct_slices[chosen], truth_slices[chosen], model_slices,
                            tuple(evaluation["overlay_window_hu"]),
                            [f"{case_id} (held-out test) slice {z}" for z in chosen])
-    for card in cards:
-        tracking.log_figure(card["mlflow_run_id"], figure, "plots/test_overlays.png")
+    for summary in summaries:
+        tracking.log_figure(summary["mlflow_run_id"], figure, "plots/test_overlays.png")
     return figure
 
 

@@ -76,10 +76,11 @@ def segment_case(model: Any, path: Path, output_dir: Path, config: Preprocessing
 
 
 def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
-    """Segment every input CT with a model checked against its card; write ``<case>.nii.gz`` (same shape, affine, orientation) + overlay PNG.
+    """Segment every input CT; write ``<case>.nii.gz`` (same shape, affine, orientation) + overlay PNG.
 
     The model is refused when its card does not match its weights or its own settings, or when it
-    was trained on one of the inputs (unless ``inference.allow_training_cases``). Invalid inputs follow ``inference.on_invalid`` (``fail`` lists all of them, ``skip`` continues).
+    was trained on one of the inputs (unless ``inference.allow_training_cases``). Invalid inputs
+    follow ``inference.on_invalid`` (``fail`` lists all of them, ``skip`` continues).
     Returns a report of what was written.
     """
     inputs = collect_inputs(inference["input_path"])
