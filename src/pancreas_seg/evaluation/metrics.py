@@ -1,4 +1,4 @@
-"""Per-case segmentation metrics on the original voxel grid: Dice, HD95 (mm), NSD, slice Dice.
+"""Per-case segmentation metrics on the original voxel grid: Dice, HD95 (mm), NSD, slice Dice, lesions.
 
 Conventions used throughout this module
 ---------------------------------------
@@ -42,6 +42,23 @@ Slice Dice (what a 2D study reports)
 Empty masks
     Both empty: Dice, HD95 and NSD are NaN (undefined, excluded by ``nan``-aggregation).
     Exactly one empty: Dice 0.0, HD95 ``inf``, NSD 0.0.
+Lesions (lesion-level detection, tumour class)
+    A *lesion* is a connected component of one class's mask, with full 3D 26-connectivity by
+    default (two voxels belong to the same lesion if they share a face, an edge or a corner; see
+    :func:`lesion_detection`). Per case: ``lesions_true`` = components of the true mask;
+    ``lesions_found`` = true components that share at least one voxel with the predicted mask
+    (overlap, not adjacency: a prediction that only touches a lesion from outside does not find
+    it); ``lesions_predicted`` = components of the predicted mask; ``fp_components`` = predicted
+    components that share no voxel with the true mask; ``lesion_sensitivity`` =
+    ``lesions_found / lesions_true``, NaN when the case has no true lesion. One predicted
+    component overlapping two true lesions finds both and is no false positive; two predicted
+    components on one true lesion find it once and are both true positives.
+Lesion aggregation
+    :func:`summarise_lesions` pools the counts over cases: sensitivity = ``sum(found) /
+    sum(true)`` (each lesion weighs the same, whichever case it is in; NaN if no case has a true
+    lesion) and false-positive components per case = ``sum(fp_components) / n_cases`` over ALL
+    cases, with or without a true lesion (a tumour predicted in a tumour-free case is a false
+    positive too).
 Aggregation
     :func:`summarise` reports mean / median / std / min / max over the FINITE values only and
     counts NaN and infinite values separately (``n_nan``, ``n_inf``); an ``inf`` HD95 is therefore
@@ -50,7 +67,7 @@ Aggregation
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -58,6 +75,10 @@ from scipy import ndimage
 from pancreas_seg.labels import CLASS_LABELS, class_mask
 
 HD_PERCENTILE = 95.0
+LESION_CONNECTIVITY = 3
+"""Default lesion neighbourhood for :func:`lesion_detection`: 3 = full 26-connectivity in 3D."""
+LESION_KEYS = ("lesions_true", "lesions_found", "lesions_predicted", "fp_components", "lesion_sensitivity")
+"""The keys of :func:`lesion_detection`'s result, in column order."""
 
 
 def _as_bool(mask: np.ndarray) -> np.ndarray:
@@ -265,6 +286,98 @@ def slice_dice(pred_labels: np.ndarray, truth_labels: np.ndarray, class_name: st
     if not used.any():
         return float("nan")
     return float(np.mean(2.0 * inter[used] / (size_p[used] + size_t[used])))
+
+
+def lesion_detection(pred_labels: np.ndarray, truth_labels: np.ndarray, class_name: str = "tumour", *,
+                     connectivity: int = LESION_CONNECTIVITY) -> dict[str, int | float]:
+    """Lesion-level detection counts of one case: lesions found, missed and falsely predicted.
+
+    Lesions are the connected components of the class mask (definitions in the module docstring).
+    Full 26-connectivity (``connectivity=3``) is the default because a lesion counter must not
+    split one lesion into several: small, thin or obliquely running masses and nearest-neighbour
+    resampled predictions often hold together only through an edge or a corner, and on thick-slice
+    CT a mass that shifts in-plane from one slice to the next touches its neighbour slice only
+    diagonally. Splitting would inflate both the lesion and the false-positive counts. The
+    neighbourhood is on the voxel grid, whatever the spacing.
+
+    Args:
+        pred_labels, truth_labels: integer label maps of equal shape (X, Y, Z) on the original grid
+            (0 background, 1 pancreas, 2 tumour); any integer dtype.
+        class_name: a key of :data:`~pancreas_seg.labels.CLASS_LABELS`; ``"tumour"`` (label 2) for
+            lesion counting.
+        connectivity: neighbourhood of ``scipy.ndimage.generate_binary_structure``, 1..ndim
+            (1 = faces only, 6-connectivity in 3D; 2 = faces and edges, 18; 3 = full, 26).
+
+    Returns:
+        ``{"lesions_true", "lesions_found", "lesions_predicted", "fp_components"}`` as ints and
+        ``"lesion_sensitivity"`` = found / true as a float in [0, 1], NaN when ``lesions_true`` is 0.
+    """
+    pred_labels, truth_labels = np.asarray(pred_labels), np.asarray(truth_labels)
+    _check_pair(pred_labels, truth_labels)
+    if not 1 <= connectivity <= max(truth_labels.ndim, 1):
+        raise ValueError(f"connectivity must be in 1..{truth_labels.ndim}, got {connectivity}")
+    structure = ndimage.generate_binary_structure(truth_labels.ndim, connectivity)
+    truth = class_mask(truth_labels, class_name)
+    pred = class_mask(pred_labels, class_name)
+    truth_components, n_true = ndimage.label(truth, structure=structure)
+    pred_components, n_pred = ndimage.label(pred, structure=structure)
+    overlap = truth & pred
+    n_found = int(np.unique(truth_components[overlap]).size)   # all > 0: truth is set there
+    n_pred_hitting = int(np.unique(pred_components[overlap]).size)
+    return {
+        "lesions_true": int(n_true),
+        "lesions_found": n_found,
+        "lesions_predicted": int(n_pred),
+        "fp_components": int(n_pred) - n_pred_hitting,
+        "lesion_sensitivity": n_found / n_true if n_true else float("nan"),
+    }
+
+
+def _lesion_count(case: Mapping[str, float], key: str, index: int) -> int:
+    """One non-negative integer count of a per-case lesion record (ints or integral floats)."""
+    value = float(case[key])
+    if not (np.isfinite(value) and value >= 0 and value == int(value)):
+        raise ValueError(f"case {index}: {key} must be a non-negative integer count, got {case[key]!r}")
+    return int(value)
+
+
+def summarise_lesions(cases: Iterable[Mapping[str, float]]) -> dict[str, float | int]:
+    """Pooled lesion detection over a set of cases (the per-case results of :func:`lesion_detection`).
+
+    Args:
+        cases: one mapping per case with at least ``lesions_true``, ``lesions_found``,
+            ``lesions_predicted`` and ``fp_components`` (ints, or integral floats as read back from
+            a CSV); every case counts, also the ones without a true lesion.
+
+    Returns:
+        ``{"n_cases", "n_cases_with_lesions", "lesions_true", "lesions_found", "lesions_predicted",
+        "fp_components"}`` as int sums/counts, ``"lesion_sensitivity"`` = ``sum(found) /
+        sum(true)`` (NaN if there is no true lesion) and ``"fp_components_per_case"`` =
+        ``sum(fp_components) / n_cases`` (NaN if there are no cases), as floats.
+
+    Raises:
+        ValueError: if a count is missing-valued (NaN), negative or fractional, or a case has
+            more lesions found than true.
+    """
+    totals = dict.fromkeys(LESION_KEYS[:4], 0)
+    n_cases = n_with_lesions = 0
+    for index, case in enumerate(cases):
+        counts = {key: _lesion_count(case, key, index) for key in totals}
+        if counts["lesions_found"] > counts["lesions_true"]:
+            raise ValueError(f"case {index}: lesions_found {counts['lesions_found']} > "
+                             f"lesions_true {counts['lesions_true']}")
+        for key, value in counts.items():
+            totals[key] += value
+        n_cases += 1
+        n_with_lesions += counts["lesions_true"] > 0
+    nan = float("nan")
+    return {
+        "n_cases": n_cases,
+        "n_cases_with_lesions": n_with_lesions,
+        **totals,
+        "lesion_sensitivity": totals["lesions_found"] / totals["lesions_true"] if totals["lesions_true"] else nan,
+        "fp_components_per_case": totals["fp_components"] / n_cases if n_cases else nan,
+    }
 
 
 def summarise(values: Iterable[float]) -> dict[str, float | int]:
