@@ -2,16 +2,24 @@
 
 A hand-made metrics frame with known misses (HD95 = inf: exactly one of prediction and truth empty)
 and known both-empty cases (HD95 = NaN) goes through the comparison CSV, the markdown table, the
-MLflow metric dict and the box-plot caption; each must show the counts.
+MLflow metric dict and the box-plot caption; each must show the counts. The same frame carries
+known lesion counts and ``truth_present`` flags: the tumour Dice over the cases with a tumour, the
+pooled lesion sensitivity and the false-positive components per case must reach the summary, the
+CSV, MLflow and the markdown table. :func:`score_test_cases` itself is run on small NIfTI files.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from pancreas_seg.evaluation.metrics import LESION_KEYS
 from pancreas_seg.evaluation.plots import hd95_counts, hd95_miss_caption, plot_dice_boxplots
+from pancreas_seg.imaging.geometry import ScanGeometry
+from pancreas_seg.imaging.nifti_io import NiftiVolume, save_nifti
 from pancreas_seg.pipelines.evaluation import nodes
 from pancreas_seg.pipelines.evaluation.nodes import (
     METRIC_COLUMNS,
@@ -19,6 +27,7 @@ from pancreas_seg.pipelines.evaluation.nodes import (
     comparison_table,
     markdown_table,
     mlflow_test_metrics,
+    score_test_cases,
 )
 
 INF, NAN = np.inf, np.nan
@@ -29,17 +38,31 @@ HD95 = {
     "missy": ([4.0, 5.0, INF, 6.0, 5.0], [NAN, INF, 3.0, 4.0, INF]),
     "steady": ([20.0, 22.0, 24.0, 26.0, 28.0], [NAN, NAN, 9.0, 11.0, 13.0]),
 }
+#: Per architecture and case c0..c4: tumour (lesions_true, lesions_found, lesions_predicted,
+#: fp_components). "missy": c1 is a false positive in a tumour-free case, c3 finds 1 of 2 lesions
+#: and adds one false positive, c4 misses its lesion -> 2 of 4 found, 2 FP in 5 cases. "steady"
+#: finds all 4 (c4: one component over both lesions), no FP.
+LESIONS = {
+    "missy": [(0, 0, 0, 0), (0, 0, 1, 1), (1, 1, 1, 0), (2, 1, 2, 1), (1, 0, 0, 0)],
+    "steady": [(0, 0, 0, 0), (0, 0, 0, 0), (1, 1, 1, 0), (1, 1, 1, 0), (2, 2, 1, 0)],
+}
+TUMOUR_IN_TRUTH = [False, False, True, True, True]
 
 
 def _frame(arch: str) -> pd.DataFrame:
     pancreas, tumour = HD95[arch]
     rows = []
     for i, (hd_p, hd_t) in enumerate(zip(pancreas, tumour, strict=True)):
+        true, found, predicted, fp = LESIONS[arch][i]
+        lesions = {"lesions_true": true, "lesions_found": found, "lesions_predicted": predicted,
+                   "fp_components": fp, "lesion_sensitivity": found / true if true else NAN}
         for class_name, hd in (("pancreas", hd_p), ("tumour", hd_t)):
             dice = NAN if np.isnan(hd) else (0.0 if np.isinf(hd) else 0.7)
             rows.append({"case_id": f"c{i}", "architecture": arch, "class": class_name, "dice": dice,
                          "hd95_mm": hd, "nsd": dice, "slice_dice": dice, "dice_lcc": dice,
-                         "hd95_mm_lcc": hd + 1.0, "nsd_lcc": dice})
+                         "hd95_mm_lcc": hd + 1.0, "nsd_lcc": dice,
+                         "truth_present": class_name == "pancreas" or TUMOUR_IN_TRUTH[i],
+                         **(lesions if class_name == "tumour" else dict.fromkeys(LESION_KEYS, NAN))})
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
@@ -158,3 +181,166 @@ def test_compare_architectures_reports_misses_everywhere(monkeypatch: pytest.Mon
     assert table.set_index(["architecture", "class"]).loc[("missy", "pancreas"), "hd95_mm_n_inf"] == 1
     assert "1 miss of 5" in markdown and logged_text["run-steady"] == markdown
     assert "pancreas: missy 1 of 5, steady 0 of 5" in figure.get_supxlabel()
+
+
+# --- tumour Dice over the cases with a tumour, and lesion detection --------------------------------
+
+
+def _label_file(path, labels: np.ndarray, affine: np.ndarray) -> str:
+    save_nifti(path, labels, affine)
+    return str(path)
+
+
+def test_score_test_cases_writes_truth_present_and_lesion_columns(tmp_path) -> None:
+    """Two NIfTI cases through the node: the lesion columns on tumour rows, ``truth_present`` on all."""
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    shape = (16, 16, 8)
+    pancreas = np.zeros(shape, dtype=np.uint8)
+    pancreas[2:14, 2:14, 1:7] = 1
+    # c0: two true lesions; the prediction finds one and adds a blob outside the truth's tumour
+    truth_0, pred_0 = pancreas.copy(), pancreas.copy()
+    truth_0[3:5, 3:5, 2:4] = 2
+    truth_0[10:12, 10:12, 4:6] = 2
+    pred_0[4:6, 4:6, 3:5] = 2
+    pred_0[3:5, 11:13, 2:3] = 2
+    # c1: no tumour in the truth, none predicted
+    truth_1, pred_1 = pancreas.copy(), pancreas.copy()
+    manifest = pd.DataFrame({"case_id": ["c0", "c1"], "split": ["test", "test"],
+                             "label_path": [_label_file(tmp_path / "c0.nii.gz", truth_0, affine),
+                                            _label_file(tmp_path / "c1.nii.gz", truth_1, affine)]})
+    predictions = {"c0": lambda: NiftiVolume(pred_0, affine), "c1": lambda: NiftiVolume(pred_1, affine)}
+    geometry = ScanGeometry.plan(shape, affine, (16, 16)).to_dict()
+    frame = score_test_cases(predictions, manifest, {"c0": geometry, "c1": geometry},
+                             {"architecture": "probe"}, {"nsd_tolerance_mm": 2.0})
+
+    assert list(frame.columns) == METRIC_COLUMNS
+    assert METRIC_COLUMNS[-6:] == ["truth_present", "lesions_true", "lesions_found", "lesions_predicted",
+                                   "fp_components", "lesion_sensitivity"]
+    rows = frame.set_index(["case_id", "class"])
+    assert rows.loc[("c0", "tumour"), ["lesions_true", "lesions_found", "lesions_predicted",
+                                       "fp_components", "lesion_sensitivity"]].tolist() == [2, 1, 2, 1, 0.5]
+    assert rows.loc[("c1", "tumour"), ["lesions_true", "lesions_predicted", "fp_components"]].tolist() == [0, 0, 0]
+    assert np.isnan(rows.loc[("c1", "tumour"), "lesion_sensitivity"])
+    assert rows[list(LESION_KEYS)].xs("pancreas", level="class").isna().all().all()
+    assert rows["truth_present"].to_dict() == {("c0", "pancreas"): True, ("c0", "tumour"): True,
+                                               ("c1", "pancreas"): True, ("c1", "tumour"): False}
+
+    # the CSV the pipeline saves reads back to the same summary
+    frame.to_csv(tmp_path / "metrics.csv", index=False)
+    loaded = pd.read_csv(tmp_path / "metrics.csv")
+    assert loaded["truth_present"].dtype == bool
+    card = {"architecture": "probe", "mlflow_run_id": "run", "data_source": "synthetic"}
+    summary = build_summary(loaded, card)
+    assert json.dumps(summary, sort_keys=True) == json.dumps(build_summary(frame, card), sort_keys=True)
+    tumour = summary["classes"]["tumour"]
+    assert tumour["dice_truth_present"]["n"] == 1
+    assert tumour["dice_truth_present"]["mean"] == pytest.approx(rows.loc[("c0", "tumour"), "dice"])
+    assert summary["lesions"]["tumour"]["lesions_true"] == 2 and summary["lesions"]["tumour"]["fp_components"] == 1
+    assert summary["lesions"]["tumour"]["fp_components_per_case"] == pytest.approx(0.5)
+
+
+def test_summary_has_dice_over_truth_present_cases_and_pooled_lesions(summaries: list[dict]) -> None:
+    missy, steady = summaries
+    tumour = missy["classes"]["tumour"]
+    assert tumour["dice"]["mean"] == pytest.approx(0.35)                # (0 + 0.7 + 0.7 + 0) / 4
+    assert tumour["dice_truth_present"]["n"] == 3                      # c2, c3, c4
+    assert tumour["dice_truth_present"]["mean"] == pytest.approx(1.4 / 3)
+    assert missy["classes"]["pancreas"]["dice_truth_present"]["n"] == 5
+    assert missy["lesions"]["tumour"] == {
+        "n_cases": 5, "n_cases_with_lesions": 3, "lesions_true": 4, "lesions_found": 2, "lesions_predicted": 4,
+        "fp_components": 2, "lesion_sensitivity": pytest.approx(0.5), "fp_components_per_case": pytest.approx(0.4)}
+    assert steady["lesions"]["tumour"]["lesion_sensitivity"] == pytest.approx(1.0)
+    assert steady["lesions"]["tumour"]["fp_components_per_case"] == 0.0
+    assert set(missy["lesions"]) == {"tumour"}
+    # the existing per-class statistics are unchanged
+    assert set(tumour) == {"dice", "hd95_mm", "nsd", "slice_dice", "dice_lcc", "hd95_mm_lcc", "nsd_lcc",
+                           "dice_truth_present"}
+
+
+def test_comparison_csv_has_lesion_columns_on_tumour_rows(summaries: list[dict], tmp_path) -> None:
+    comparison_table(summaries).to_csv(tmp_path / "comparison.csv", index=False)
+    table = pd.read_csv(tmp_path / "comparison.csv").set_index(["architecture", "class"])
+    missy = table.loc[("missy", "tumour")]
+    assert missy["dice_truth_present_mean"] == pytest.approx(1.4 / 3)
+    assert missy["dice_truth_present_n"] == 3
+    assert missy["lesion_sensitivity"] == pytest.approx(0.5)
+    assert (missy["lesions_found"], missy["lesions_true"], missy["fp_components"]) == (2, 4, 2)
+    assert missy["fp_components_per_case"] == pytest.approx(0.4)
+    assert table.loc[("steady", "tumour"), "lesion_sensitivity"] == pytest.approx(1.0)
+    pancreas = table.xs("pancreas", level="class")
+    assert pancreas[["lesion_sensitivity", "fp_components_per_case", "lesions_true", "lesions_found"]].isna().all().all()
+    assert (pancreas["dice_truth_present_n"] == 5).all()
+
+
+def test_markdown_shows_tumour_dice_with_tumour_lesion_sensitivity_and_fp(summaries: list[dict]) -> None:
+    text = markdown_table(comparison_table(summaries))
+    header = text.splitlines()[0]
+    for column in ("Dice (cases with tumour)", "lesion sensitivity (found/true)", "FP components / case"):
+        assert f"| {column} |" in header or header.endswith(f"| {column} |")
+    assert header.count("|") == text.splitlines()[1].count("|")
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith(("| missy", "| steady"))}
+    assert rows[("missy", "tumour")][-3:] == ["0.467 ± 0.404 (n=3)", "0.500 (2/4)", "0.40 (2 in 5 cases)"]
+    assert rows[("steady", "tumour")][-3:] == ["0.700 ± 0.000 (n=3)", "1.000 (4/4)", "0.00 (0 in 5 cases)"]
+    assert rows[("missy", "pancreas")][-3:] == ["–", "–", "–"]
+    assert all(len(cells) == header.count("|") - 1 for cells in rows.values())
+    notes = text.split("\n\n", 1)[1]
+    for words in ("Dice (cases with tumour)", "Lesion sensitivity", "FP components / case", "26-connectivity",
+                  "found / true"):
+        assert words in notes, words
+
+
+def test_markdown_without_true_lesions_reads_na() -> None:
+    frame = _frame("steady")
+    tumour = frame["class"] == "tumour"
+    frame.loc[tumour, ["lesions_true", "lesions_found", "lesions_predicted", "fp_components"]] = [0, 0, 1, 1]
+    frame.loc[tumour, "lesion_sensitivity"] = NAN
+    frame.loc[tumour, "truth_present"] = False
+    text = markdown_table(comparison_table([build_summary(frame, _card("steady"))]))
+    tumour_row = next(line for line in text.splitlines() if line.startswith("| steady | tumour"))
+    assert tumour_row.endswith("| n/a (n=0) | n/a (0/0) | 1.00 (5 in 5 cases) |")
+
+
+def test_mlflow_metrics_carry_lesion_metrics(summaries: list[dict]) -> None:
+    flat = mlflow_test_metrics(summaries[0])
+    assert flat["test_dice_truth_present_tumour_mean"] == pytest.approx(1.4 / 3)
+    assert flat["test_dice_truth_present_tumour_n"] == 3
+    assert flat["test_lesion_sensitivity_tumour"] == pytest.approx(0.5)
+    assert flat["test_fp_components_per_case_tumour"] == pytest.approx(0.4)
+    assert (flat["test_lesions_true_tumour"], flat["test_lesions_found_tumour"]) == (4, 2)
+    assert (flat["test_lesions_predicted_tumour"], flat["test_fp_components_tumour"]) == (4, 2)
+    assert not any("lesion" in key and "pancreas" in key for key in flat)
+    assert flat["test_dice_tumour_mean"] == pytest.approx(0.35)  # unchanged
+
+
+def test_summarise_model_logs_lesion_metrics(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    logged: dict = {}
+    monkeypatch.setattr(nodes.tracking, "log_final_metrics", lambda run_id, m: logged.update({run_id: dict(m)}))
+    monkeypatch.setattr(nodes.tracking, "log_json", lambda *args: None)
+    with caplog.at_level("INFO", logger=nodes.logger.name):
+        nodes.summarise_model(_frame("missy"), _card("missy"))
+    assert logged["run-missy"]["test_lesion_sensitivity_tumour"] == pytest.approx(0.5)
+    assert logged["run-missy"]["test_dice_truth_present_tumour_mean"] == pytest.approx(1.4 / 3)
+    assert ("test tumour Dice over the 3 case(s) with a tumour: mean 0.4667; lesion sensitivity 0.500 "
+            "(2 of 4 lesions found), 0.40 false-positive component(s) per case over 5 case(s)") in caplog.text
+
+
+def test_compare_architectures_reads_per_case_frames_from_before_the_lesion_columns(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An old per-case CSV and summary (no lesion columns) still compare; their lesion cells read n/a."""
+    monkeypatch.setattr(nodes.tracking, "log_figure", lambda *args: None)
+    monkeypatch.setattr(nodes.tracking, "log_text", lambda *args: None)
+    old_frame = _frame("steady").drop(columns=["truth_present", *LESION_KEYS])
+    old_summary = build_summary(_frame("steady"), _card("steady"))
+    del old_summary["lesions"]
+    for stats in old_summary["classes"].values():
+        del stats["dice_truth_present"]
+    new_frame = _frame("missy")
+    metrics, table, markdown, _ = nodes.compare_architectures(
+        new_frame, old_frame, build_summary(new_frame, _card("missy")), old_summary)
+    assert list(metrics.columns) == METRIC_COLUMNS
+    assert metrics.loc[metrics["architecture"] == "steady", "lesions_true"].isna().all()
+    assert "| steady | tumour |" in markdown
+    old_row = next(line for line in markdown.splitlines() if line.startswith("| steady | tumour"))
+    assert old_row.endswith("| n/a | n/a | n/a |")
+    assert "| 0.500 (2/4) |" in markdown

@@ -14,7 +14,14 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg import tracking
-from pancreas_seg.evaluation.metrics import case_metrics, slice_dice, summarise
+from pancreas_seg.evaluation.metrics import (
+    LESION_KEYS,
+    case_metrics,
+    lesion_detection,
+    slice_dice,
+    summarise,
+    summarise_lesions,
+)
 from pancreas_seg.evaluation.plots import (
     pick_representative_slices,
     plot_dice_boxplots,
@@ -27,6 +34,7 @@ from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
     axial_view,
 )
+from pancreas_seg.labels import class_mask
 from pancreas_seg.model_card import (
     check_dataset,
     check_disjoint,
@@ -37,8 +45,14 @@ from pancreas_seg.prediction import labels_from_probabilities, predict_slices, u
 from pancreas_seg.task07.splits import manifest_dataset
 
 logger = logging.getLogger(__name__)
-METRIC_COLUMNS = ["case_id", "architecture", "class", "dice", "hd95_mm", "nsd", "slice_dice",
-                  "dice_lcc", "hd95_mm_lcc", "nsd_lcc"]
+SCORE_METRICS = ("dice", "hd95_mm", "nsd", "slice_dice", "dice_lcc", "hd95_mm_lcc", "nsd_lcc")
+"""Per-case scores that :func:`build_summary` summarises per class (mean, median, std, counts)."""
+LESION_CLASS = "tumour"
+"""The class whose connected components are counted as lesions (lesion columns, ``lesions`` block)."""
+METRIC_COLUMNS = ["case_id", "architecture", "class", *SCORE_METRICS, "truth_present", *LESION_KEYS]
+"""The per-case CSV: ``truth_present`` (the class is in that case's ground truth) on every row; the
+lesion counts of :func:`~pancreas_seg.evaluation.metrics.lesion_detection` on the
+:data:`LESION_CLASS` rows, NaN on the others."""
 
 
 def test_case_ids(case_manifest: pd.DataFrame) -> list[str]:
@@ -100,6 +114,9 @@ def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], 
     """Per case and class: Dice, HD95 (mm), NSD and slice Dice, without and with largest-component.
 
     Slice Dice is taken along each scan's axial axis, from its geometry in ``slice_geometry``.
+    Every row also says whether the truth has the class (``truth_present``); the tumour rows carry
+    the lesion counts and sensitivity of the raw (not post-processed) prediction, the other rows NaN
+    there. Columns: :data:`METRIC_COLUMNS`.
     """
     name = model_card["architecture"]
     manifest = case_manifest.set_index("case_id")
@@ -118,11 +135,15 @@ def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], 
         tolerance = float(evaluation["nsd_tolerance_mm"])
         raw = case_metrics(prediction.array, truth.array, spacing, tolerance)
         lcc = case_metrics(keep_largest_foreground(prediction.array), truth.array, spacing, tolerance)
+        lesions = lesion_detection(prediction.array, truth.array, LESION_CLASS)
         for plain, post in zip(raw, lcc, strict=True):
-            rows.append({"case_id": case_id, "architecture": name, "class": plain["class"],
+            class_name = plain["class"]
+            rows.append({"case_id": case_id, "architecture": name, "class": class_name,
                          "dice": plain["dice"], "hd95_mm": plain["hd95_mm"], "nsd": plain["nsd"],
-                         "slice_dice": slice_dice(prediction.array, truth.array, plain["class"], axis=axial),
-                         "dice_lcc": post["dice"], "hd95_mm_lcc": post["hd95_mm"], "nsd_lcc": post["nsd"]})
+                         "slice_dice": slice_dice(prediction.array, truth.array, class_name, axis=axial),
+                         "dice_lcc": post["dice"], "hd95_mm_lcc": post["hd95_mm"], "nsd_lcc": post["nsd"],
+                         "truth_present": bool(class_mask(truth.array, class_name).any()),
+                         **(lesions if class_name == LESION_CLASS else dict.fromkeys(LESION_KEYS, np.nan))})
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
@@ -130,17 +151,33 @@ HD95_METRICS = ("hd95_mm", "hd95_mm_lcc")
 """Columns whose mean/median never stand alone: misses (``inf``) and undefined cases (NaN) are
 counted next to them wherever they are reported (CSV, markdown, MLflow, plots)."""
 HD95_COUNTS = ("n_finite", "n_inf", "n_nan")
+TRUTH_PRESENT_DICE = "dice_truth_present"
+"""Summary entry: Dice over the cases whose ground truth has the class (``n`` = those cases)."""
+LESION_SUMMARY = ("lesion_sensitivity", "fp_components_per_case", "lesions_true", "lesions_found",
+                  "lesions_predicted", "fp_components")
+"""Entries of a summary's ``lesions`` block that go to MLflow and into the comparison table."""
 
 
 def build_summary(metrics_per_case: pd.DataFrame, model_card: dict[str, Any]) -> dict[str, Any]:
-    """Mean/median/std per class and metric (NaN excluded, inf counted separately)."""
+    """Mean/median/std per class and metric (NaN excluded, inf counted separately), plus lesions.
+
+    ``classes[<class>]`` holds :func:`summarise` of every :data:`SCORE_METRICS` column and of
+    ``dice_truth_present`` (Dice over the cases where ``truth_present`` is true). ``lesions``
+    holds, for :data:`LESION_CLASS`, :func:`summarise_lesions` over all its rows (pooled lesion
+    sensitivity, false-positive components per case, counts).
+    """
     summary: dict[str, Any] = {"architecture": model_card["architecture"],
                                "mlflow_run_id": model_card["mlflow_run_id"],
                                "n_cases": int(metrics_per_case["case_id"].nunique()),
-                               "data_source": model_card["data_source"], "classes": {}}
+                               "data_source": model_card["data_source"], "classes": {}, "lesions": {}}
     for class_name, frame in metrics_per_case.groupby("class"):
-        summary["classes"][class_name] = {m: summarise(frame[m].to_numpy(dtype=float))
-                                          for m in METRIC_COLUMNS[3:]}
+        stats = {m: summarise(frame[m].to_numpy(dtype=float)) for m in SCORE_METRICS}
+        # eq(True): a bool column, also when read back from the CSV; NaN never counts as present
+        stats[TRUTH_PRESENT_DICE] = summarise(frame.loc[frame["truth_present"].eq(True), "dice"].to_numpy(dtype=float))
+        summary["classes"][class_name] = stats
+    lesion_rows = metrics_per_case[metrics_per_case["class"] == LESION_CLASS]
+    if not lesion_rows.empty:
+        summary["lesions"][LESION_CLASS] = summarise_lesions(lesion_rows[list(LESION_KEYS)].to_dict(orient="records"))
     return summary
 
 
@@ -150,13 +187,21 @@ def mlflow_test_metrics(summary: dict[str, Any]) -> dict[str, float | int]:
     Every metric gets its ``mean`` and ``median`` (over finite values); every HD95 column also gets
     ``n_inf`` (misses: exactly one of prediction / truth empty), ``n_finite`` and ``n_nan`` (both
     empty, undefined), so an HD95 mean is never logged without the number of misses behind it.
+    ``dice_truth_present`` (e.g. ``test_dice_truth_present_tumour_mean``) also gets ``n``, the
+    cases whose truth has the class. The pooled lesion values are not per-case statistics and
+    have no ``<stat>``: ``test_<name>_<class>`` for every name in :data:`LESION_SUMMARY`, e.g.
+    ``test_lesion_sensitivity_tumour`` and ``test_fp_components_per_case_tumour``.
     """
     flat: dict[str, float | int] = {}
     for class_name, metrics in summary["classes"].items():
         for metric, stats in metrics.items():
             names = ("mean", "median") + (HD95_COUNTS if metric in HD95_METRICS else ())
+            names += ("n",) if metric == TRUTH_PRESENT_DICE else ()
             for stat in names:
                 flat[f"test_{metric}_{class_name}_{stat}"] = stats[stat]
+    for class_name, lesions in summary.get("lesions", {}).items():
+        for name in LESION_SUMMARY:
+            flat[f"test_{name}_{class_name}"] = lesions[name]
     return flat
 
 
@@ -173,6 +218,14 @@ def summarise_model(metrics_per_case: pd.DataFrame, model_card: dict[str, Any]) 
                 "finite case(s), %s miss(es)", model_card["architecture"],
                 dice_stats.get("mean", float("nan")), dice_stats.get("median", float("nan")), dice_stats.get("n"),
                 hd95_stats.get("median", float("nan")), hd95_stats.get("n_finite"), hd95_stats.get("n_inf"))
+    present = summary["classes"].get(LESION_CLASS, {}).get(TRUTH_PRESENT_DICE, {})
+    lesions = summary["lesions"].get(LESION_CLASS, {})
+    logger.info("[%s] test %s Dice over the %s case(s) with a %s: mean %.4f; lesion sensitivity %.3f "
+                "(%s of %s lesions found), %.2f false-positive component(s) per case over %s case(s)",
+                model_card["architecture"], LESION_CLASS, present.get("n"), LESION_CLASS,
+                present.get("mean", float("nan")), lesions.get("lesion_sensitivity", float("nan")),
+                lesions.get("lesions_found"), lesions.get("lesions_true"),
+                lesions.get("fp_components_per_case", float("nan")), lesions.get("n_cases"))
     return summary
 
 
@@ -181,6 +234,10 @@ def comparison_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
 
     HD95 columns (:data:`HD95_METRICS`) also carry the median and the counts ``n_finite``
     (the cases the mean/median/std are over), ``n_inf`` (misses) and ``n_nan`` (both empty).
+    ``dice_truth_present_{mean,std,n}`` is the Dice over the ``n`` cases whose truth has the
+    class. The lesion columns (:data:`LESION_SUMMARY`: ``lesion_sensitivity``,
+    ``fp_components_per_case``, ``lesions_true``, ...) are filled on the :data:`LESION_CLASS` rows
+    and NaN on the others (also for a summary written before lesions were counted).
     """
     rows = []
     for summary in summaries:
@@ -193,8 +250,16 @@ def comparison_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
                     row[f"{metric}_median"] = stats["median"]
                     for count in HD95_COUNTS:
                         row[f"{metric}_{count}"] = int(stats[count])
+                if metric == TRUTH_PRESENT_DICE:
+                    row[f"{metric}_n"] = int(stats["n"])
+            lesions = summary.get("lesions", {}).get(class_name, {})
+            row.update({name: lesions.get(name, np.nan) for name in LESION_SUMMARY})
             rows.append(row)
-    return pd.DataFrame(rows).sort_values(["class", "dice_mean"], ascending=[True, False])
+    table = pd.DataFrame(rows)
+    for column in (f"{TRUTH_PRESENT_DICE}_{s}" for s in ("mean", "std", "n")):
+        if column not in table:   # only summaries from before dice_truth_present existed
+            table[column] = np.nan
+    return table.sort_values(["class", "dice_mean"], ascending=[True, False])
 
 
 HD95_NOTE = (
@@ -206,6 +271,17 @@ HD95_NOTE = (
     "excluded; their number is given as \"both empty\". For the tumour class, absent from many "
     "truths, a tumour predicted in a case without one is a miss, and a correct \"no tumour\" is a "
     "both-empty case."
+)
+LESION_NOTE = (
+    "**Dice (cases with tumour)** is the tumour Dice over the test cases whose ground truth has a tumour "
+    "(their number n in brackets); the Dice column also counts a tumour predicted in a tumour-free case "
+    "(Dice 0) and leaves out correct \"no tumour\" cases (NaN). A **lesion** is a connected tumour "
+    "component (26-connectivity, in 3D on the original grid). **Lesion sensitivity** is found / true "
+    "pooled over the test cases: a true lesion is found if at least one predicted tumour voxel lies in "
+    "it (n/a when no test case has a tumour). **FP components / case** is the number of predicted "
+    "tumour components that overlap no true tumour voxel, divided by the number of test cases (all of "
+    "them, with or without a tumour; total and cases in brackets). Lesion metrics are taken on the raw "
+    "prediction (no largest-component step) and only for the tumour class (– on pancreas rows)."
 )
 
 
@@ -221,19 +297,56 @@ def _hd95_cell(row: pd.Series, metric: str) -> str:
     return f"{mean:.1f} ± {0 if pd.isna(std) else std:.1f} (median {median:.1f}; {'; '.join(counts)})"
 
 
+def _count(value: Any) -> str:
+    """An integer count from a table cell (float when the column also holds NaN)."""
+    return str(int(value))
+
+
+def _lesion_cells(row: pd.Series) -> tuple[str, str, str]:
+    """Markdown cells "Dice (cases with tumour)", "lesion sensitivity", "FP components / case".
+
+    "–" on rows of other classes, "n/a" on a tumour row without the values (an old summary).
+    """
+    if row["class"] != LESION_CLASS:
+        return "–", "–", "–"
+    mean, std, n = (row[f"{TRUTH_PRESENT_DICE}_{s}"] for s in ("mean", "std", "n"))
+    if pd.isna(n):
+        dice_cell = "n/a"
+    elif pd.isna(mean):
+        dice_cell = f"n/a (n={_count(n)})"
+    else:
+        dice_cell = f"{mean:.3f} ± {0 if pd.isna(std) else std:.3f} (n={_count(n)})"
+    if pd.isna(row["lesions_true"]):
+        return dice_cell, "n/a", "n/a"
+    found, true = _count(row["lesions_found"]), _count(row["lesions_true"])
+    sensitivity = row["lesion_sensitivity"]
+    sensitivity_cell = f"{'n/a' if pd.isna(sensitivity) else f'{sensitivity:.3f}'} ({found}/{true})"
+    fp_total = int(row["fp_components"])
+    fp_cell = (f"{row['fp_components_per_case']:.2f} ({fp_total} in {row['n_cases']} "
+               f"{'case' if row['n_cases'] == 1 else 'cases'})")
+    return dice_cell, sensitivity_cell, fp_cell
+
+
 def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-markdown version of the comparison table (mean ± std; HD95 with its miss counts)."""
-    header = ("| architecture | class | n | Dice | HD95 (mm) | NSD | slice Dice | Dice (LCC) | HD95 (mm, LCC) |\n"
-              "|---|---|---|---|---|---|---|---|---|\n")
+    """A GitHub-markdown version of the comparison table (mean ± std; HD95 with its miss counts).
+
+    The last three columns are for the tumour class only ("–" on pancreas rows): tumour Dice over
+    the cases with a tumour, pooled lesion sensitivity (found/true) and false-positive components
+    per case; :data:`HD95_NOTE` and :data:`LESION_NOTE` below the table define them.
+    """
+    header = ("| architecture | class | n | Dice | HD95 (mm) | NSD | slice Dice | Dice (LCC) | HD95 (mm, LCC) "
+              "| Dice (cases with tumour) | lesion sensitivity (found/true) | FP components / case |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
     def fmt(row: pd.Series, metric: str) -> str:
         mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
         return "n/a" if pd.isna(mean) else f"{mean:.3f} ± {0 if pd.isna(std) else std:.3f}"
 
     lines = [f"| {r['architecture']} | {r['class']} | {r['n_cases']} | {fmt(r, 'dice')} | {_hd95_cell(r, 'hd95_mm')} "
-             f"| {fmt(r, 'nsd')} | {fmt(r, 'slice_dice')} | {fmt(r, 'dice_lcc')} | {_hd95_cell(r, 'hd95_mm_lcc')} |"
+             f"| {fmt(r, 'nsd')} | {fmt(r, 'slice_dice')} | {fmt(r, 'dice_lcc')} | {_hd95_cell(r, 'hd95_mm_lcc')} "
+             f"| {' | '.join(_lesion_cells(r))} |"
              for _, r in table.iterrows()]
-    return header + "\n".join(lines) + "\n\n" + HD95_NOTE + "\n"
+    return header + "\n".join(lines) + "\n\n" + HD95_NOTE + "\n\n" + LESION_NOTE + "\n"
 
 
 def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str, Any]:
@@ -244,7 +357,8 @@ def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str
     """
     n = len(inputs) // 2
     frames, summaries = list(inputs[:n]), list(inputs[n:])
-    metrics = pd.concat(frames, ignore_index=True)[METRIC_COLUMNS]
+    # reindex, not [METRIC_COLUMNS]: a per-case CSV kept from before a column existed gets NaN there
+    metrics = pd.concat(frames, ignore_index=True).reindex(columns=METRIC_COLUMNS)
     table = comparison_table(summaries)
     markdown = markdown_table(table)
     figure = plot_dice_boxplots(metrics)
