@@ -113,6 +113,9 @@ def test_mlflow_parent_and_nested_runs(configured_learning_rates: dict[str, floa
         assert "final_val_dice_tumour" in metrics, arch
         assert 0.0 <= metrics["test_dice_pancreas_mean"] <= 1.0, arch
         assert "test_nsd_pancreas_mean" in metrics, arch
+        # lesion counts are always defined (sensitivity only when a test case has a tumour)
+        assert metrics["test_lesions_true_tumour"] >= metrics["test_lesions_found_tumour"] >= 0, arch
+        assert metrics["test_fp_components_per_case_tumour"] >= 0, arch
         # artifacts, stored inside the project copy (sqlite store + local ./mlruns artifact root)
         artifacts = _artifact_paths(client, run_id)
         for expected in (f"keras/{arch}.keras", "plots/training_curves.png", "model_card.json",
@@ -154,12 +157,23 @@ def test_evaluation_reports(smoke_project: Path) -> None:
     assert len(per_case) == len(ARCHITECTURES) * 2 * len(test_ids)
     dice = per_case["dice"].dropna()
     assert ((dice >= 0) & (dice <= 1)).all()
+    # truth_present agrees with the manifest's tumour voxel counts; lesion columns on tumour rows only
+    tumour = per_case[per_case["class"] == "tumour"]
+    has_tumour = manifest.set_index("case_id")["voxels_tumour"].gt(0)
+    assert (tumour["truth_present"] == tumour["case_id"].map(has_tumour)).all()
+    assert (tumour["truth_present"] == (tumour["lesions_true"] > 0)).all()
+    assert (tumour["lesions_found"] <= tumour["lesions_true"]).all() and (tumour["fp_components"] >= 0).all()
+    lesion_columns = ["lesions_true", "lesions_found", "lesions_predicted", "fp_components", "lesion_sensitivity"]
+    assert per_case.loc[per_case["class"] == "pancreas", lesion_columns].isna().all().all()
 
     comparison = pd.read_csv(reporting / "evaluation" / "model_comparison.csv")
     assert set(comparison["architecture"]) == set(ARCHITECTURES)
     assert {"dice_mean", "hd95_mm_mean", "nsd_mean"} <= set(comparison.columns)
+    assert {"dice_truth_present_mean", "lesion_sensitivity", "fp_components_per_case"} <= set(comparison.columns)
+    assert comparison.loc[comparison["class"] == "tumour", "fp_components_per_case"].notna().all()
     markdown = (reporting / "evaluation" / "model_comparison.md").read_text()
     assert markdown.startswith("| architecture |")
+    assert "| lesion sensitivity (found/true) | FP components / case |" in markdown.splitlines()[0]
     assert all(f"| {arch} |" in markdown for arch in ARCHITECTURES)
 
     for name in ("dice_boxplots.png", "test_overlays.png"):
