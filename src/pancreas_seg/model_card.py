@@ -130,3 +130,40 @@ def check_weights(card: Mapping[str, Any], weights_sha256: str) -> None:
                                  f"(weights SHA-256 {weights_sha256[:12]}..., card says "
                                  f"{str(card.get('weights_sha256'))[:12]}...). Model and card must "
                                  "come from the same version folder; retrain or restore the pair.")
+
+
+def check_stage1(stage1_card: Mapping[str, Any], dataset: str, cases: Mapping[str, Iterable[str]],
+                 test_case_ids: Iterable[str], preprocessing: Mapping[str, Any],
+                 intensity_stats: Mapping[str, Any] | None) -> None:
+    """Refuse a cascade stage 1 that is not bound to the data and settings stage 2 is trained on.
+
+    Stage 1 must localise the pancreas (label mode ``multiclass`` or ``pancreas``), come from this
+    dataset and preprocessing, and be trained on exactly the current ``cases`` (train and
+    validation ids): its localisation errors are measured on the validation cases, which it must
+    not have seen, and it must not have seen any test case.
+    """
+    if stage1_card.get("label_mode") == "tumour":
+        raise ModelMismatchError(f"{describe(stage1_card)} predicts only the tumour; a cascade's stage 1 "
+                                 "must localise the pancreas (label mode multiclass or pancreas)")
+    check_dataset(stage1_card, dataset)
+    check_preprocessing(stage1_card, preprocessing, intensity_stats)
+    check_disjoint(stage1_card, test_case_ids, "holds out as test cases")
+    trained = {split: sorted(stage1_card.get("cases", {}).get(split, [])) for split in ("train", "validation")}
+    current = {split: sorted(str(c) for c in cases.get(split, [])) for split in ("train", "validation")}
+    if trained != current:
+        changed = sorted(set(trained["train"]) ^ set(current["train"])
+                         | set(trained["validation"]) ^ set(current["validation"]))
+        raise ModelMismatchError(f"{describe(stage1_card)} was trained on another train/validation split than "
+                                 f"the cascade uses (cases that moved: {', '.join(changed)}); retrain stage 1 "
+                                 "on the current split first.")
+
+
+def check_cascade_weights(card: Mapping[str, Any], stage1_sha256: str, stage2_sha256: str) -> None:
+    """Refuse a cascade card that does not belong to these two models (see :func:`check_weights`)."""
+    check_weights(card, stage2_sha256)
+    stage1 = card.get("cascade", {}).get("stage1", {})
+    if stage1.get("weights_sha256") != stage1_sha256:
+        raise ModelMismatchError(f"{describe(card)}: its stage-1 model is not the one the card was saved with "
+                                 f"(weights SHA-256 {stage1_sha256[:12]}..., card says "
+                                 f"{str(stage1.get('weights_sha256'))[:12]}...). Both stages and the card must "
+                                 "come from the same version folder; retrain or restore them.")

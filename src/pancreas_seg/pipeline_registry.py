@@ -1,7 +1,7 @@
 """Project pipelines.
 
-Every architecture in :data:`pancreas_seg.models.names.ARCHITECTURE_NAMES` is a namespace of the
-``training`` and ``evaluation`` pipelines. Run a subset with a named pipeline
+Every architecture in :data:`pancreas_seg.models.names.ARCHITECTURE_NAMES` and the ``cascade``
+are namespaces of the ``training`` and ``evaluation`` pipelines. Run a subset with a named pipeline
 (``kedro run --pipelines=train_unet``) or, for data already prepared, with
 ``kedro run --pipelines=training --namespaces=unet``.
 """
@@ -10,22 +10,25 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from pancreas_seg.models.names import ARCHITECTURE_NAMES
+from pancreas_seg.models.names import ARCHITECTURE_NAMES, CASCADE_NAME, CASCADE_STAGE1
 from pancreas_seg.pipelines import evaluation, inference, ingestion, preprocessing, training
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     """Register the project's pipelines.
 
-    ``train`` (the default) = ingestion -> preprocessing -> training of every architecture ->
-    held-out evaluation and comparison. ``train_<architecture>`` does the same for one model.
+    ``train`` (the default) = ingestion -> preprocessing -> training of every architecture and the
+    cascade -> held-out evaluation and comparison. ``train_<architecture>`` does the same for one
+    model; ``train_cascade`` also trains its stage 1 (``train_unet``'s model).
     """
     data = ingestion.create_pipeline() + preprocessing.create_pipeline()
     train = data + training.create_pipeline() + evaluation.create_pipeline()
-    per_architecture = {
+    per_model = {
         f"train_{name}": data + training.create_pipeline([name]) + evaluation.create_pipeline([name])
         for name in ARCHITECTURE_NAMES
     }
+    per_model[f"train_{CASCADE_NAME}"] = (data + training.create_pipeline([CASCADE_STAGE1, CASCADE_NAME])
+                                          + evaluation.create_pipeline([CASCADE_NAME]))
     return {
         "ingestion": ingestion.create_pipeline(),
         "preprocessing": preprocessing.create_pipeline(),
@@ -34,6 +37,6 @@ def register_pipelines() -> dict[str, Pipeline]:
         "evaluation": evaluation.create_pipeline(),
         "inference": inference.create_pipeline(),
         "train": train,
-        **per_architecture,
+        **per_model,
         "__default__": train,
     }

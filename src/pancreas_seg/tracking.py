@@ -86,14 +86,14 @@ def log_json(run_id: str, data: Any, artifact_file: str) -> None:
     mlflow.MlflowClient().log_dict(run_id, data, artifact_file)
 
 
-def log_keras_model(run_id: str, model: Any) -> None:
-    """Log the ``.keras`` file as artifact ``keras/<model name>.keras`` (loadable on any backend).
+def log_keras_model(run_id: str, model: Any, artifact_name: str | None = None) -> None:
+    """Log the ``.keras`` file as artifact ``keras/<artifact_name or model name>.keras`` (any backend).
 
     The MLflow Keras flavour is not used: it infers pip requirements (~15 s per model) and the
     project's inference reads the plain ``.keras`` artifact plus ``model_card.json`` instead.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{model.name}.keras"
+        path = Path(tmp) / f"{artifact_name or model.name}.keras"
         model.save(path)
         log_artifact_file(run_id, path, "keras")
 

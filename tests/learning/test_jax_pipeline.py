@@ -31,7 +31,7 @@ import numpy as np
 from pancreas_seg.learning.loader import SliceLoader
 from pancreas_seg.learning.training import FitConfig, fit_with_resume
 from pancreas_seg.models.registry import build_model
-from pancreas_seg.pipelines.training.nodes import _compile
+from pancreas_seg.pipelines.training.nodes import compile_model
 
 data_dir, checkpoint_dir = Path(sys.argv[1]), Path(sys.argv[2])
 
@@ -52,7 +52,7 @@ validation = SliceLoader(cases("val"), 4, "multiclass", training=False)
 def build():
     model = build_model("unet", (32, 32, 1), "multiclass", base_filters=4, depth=2, dropout=0.0,
                         l2_weight=0.0)
-    return _compile(model, {"learning_rate": 1e-3, "loss": "dice_ce", "dice_smooth": 1.0}, "multiclass")
+    return compile_model(model, {"learning_rate": 1e-3, "loss": "dice_ce", "dice_smooth": 1.0}, "multiclass")
 
 
 result = fit_with_resume(build, train, validation,

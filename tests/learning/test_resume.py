@@ -25,7 +25,7 @@ from pancreas_seg.learning.training import committed_checkpoint, read_checkpoint
 # Runs fit_with_resume once per entry of the JSON list in argv[2] ({checkpoint_dir, fingerprint,
 # epochs, optional kill_after_epoch and FitConfig settings}) and prints one "RESULT {json}" line
 # per call. It imports what the training node
-# imports (the node's _compile imports losses/metrics lazily, inside build()).
+# imports (the node's compile_model imports losses/metrics lazily, inside build()).
 FIT_SCRIPT = r'''
 import json, logging, os, signal, sys, traceback
 from pathlib import Path
@@ -37,7 +37,7 @@ from pancreas_seg.learning.loader import SliceLoader
 from pancreas_seg.learning.training import FitConfig, committed_checkpoint, fit_with_resume, read_checkpoint_state
 from pancreas_seg.models.io import load_model
 from pancreas_seg.models.registry import build_model
-from pancreas_seg.pipelines.training.nodes import _compile
+from pancreas_seg.pipelines.training.nodes import compile_model
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
 data_dir, calls = Path(sys.argv[1]), json.loads(sys.argv[2])
@@ -89,7 +89,7 @@ def fit(call):
     def build():
         model = build_model("unet_small", (32, 32, 1), "multiclass", base_filters=4, depth=2,
                             dropout=0.0, l2_weight=0.0)
-        return _compile(model, settings, "multiclass", total_steps=3 * STEPS)
+        return compile_model(model, settings, "multiclass", total_steps=3 * STEPS)
 
     train = SliceLoader(cases("train"), 4, "multiclass", training=True, foreground_fraction=0.5,
                         seed=config.seed, steps_per_epoch=config.steps_per_epoch)

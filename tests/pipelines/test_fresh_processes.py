@@ -181,7 +181,7 @@ with KedroSession.create(project_path=project, env="smoke") as session:
     from pancreas_seg.models.names import ARCHITECTURE_NAMES
     result = {}
     for arch in ARCHITECTURE_NAMES:
-        model = catalog.load(f"{arch}.model")
+        model = catalog.load(f"model_{arch}")
         shape = tuple(model.input_shape[1:])
         output = model.predict(np.zeros((1, *shape), dtype="float32"), verbose=0)
         result[arch] = {"weights_sha256": weights_sha256(model), "input_shape": list(shape),

@@ -1,7 +1,7 @@
 """``KerasModelDataset``: a Keras 3 ``.keras`` file via ``keras.saving`` (any backend, no TensorFlow).
 
 Loading goes through :func:`pancreas_seg.models.io.load_model`, the project's one model loader, so
-``catalog.load("unet.model")`` works in a fresh process.
+``catalog.load("model_unet")`` works in a fresh process.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ from pancreas_seg.labels import (
 
 __all__ = ["AIR_HU", "PreprocessedCase", "PreprocessingConfig", "ScanGeometry", "axial_view",
            "context_stack", "intensity_stats_from_dict", "plan_case_geometry", "plan_scan_geometry",
-           "preprocess_case", "preprocess_image", "preprocess_label", "restore_label_volume"]
+           "preprocess_case", "preprocess_crop_image", "preprocess_image", "preprocess_label",
+           "restore_label_volume"]
 
 AIR_HU = -1024.0  # fill value for padding outside the scanned field of view, HU
 
@@ -218,6 +219,17 @@ def preprocess_case(image_path: str, label_path: str | None, config: Preprocessi
     if label_path is not None:
         label = preprocess_label(load_nifti(label_path).array, geometry, config.label_mode)
     return PreprocessedCase(image=image, label=label, geometry=geometry)
+
+
+def preprocess_crop_image(hu: np.ndarray, crop: Any, config: PreprocessingConfig,
+                          stats: ForegroundIntensityStats | None = None) -> np.ndarray:
+    """HU volume (X, Y, Z) -> stage-2 model input (Z_crop, H, W) of a cascade crop, float32.
+
+    ``crop`` is a :class:`pancreas_seg.cascade.crops.CropGeometry` of this volume; the intensity
+    normalisation is the one of :func:`preprocess_image` (same settings and statistics).
+    """
+    slices = crop.image_to_crop(hu, fill_value=AIR_HU)
+    return normalise_hu(slices, config.intensity_mode, config.window_hu, stats).astype(np.float32, copy=False)
 
 
 def intensity_stats_from_dict(data: dict[str, Any] | None) -> ForegroundIntensityStats | None:

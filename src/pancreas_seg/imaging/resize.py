@@ -36,6 +36,19 @@ class InPlaneGrid:
     def from_dict(cls, data: dict[str, Any]) -> InPlaneGrid:
         return cls(**{k: tuple(int(x) for x in v) for k, v in data.items()})
 
+    def output_box_to_source(self, box_hw: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """A box ``(h0, h1, w0, w1)`` (half-open, model-grid px) -> the source px box covering it.
+
+        Pixel edges map linearly (the resize aligns pixel centres, ``grid_mode``), so the source box
+        is rounded outwards and clipped to the source slice.
+        """
+        out = []
+        for (start, stop), offset, n_source, n_resampled in zip(
+                (box_hw[:2], box_hw[2:]), self.offset_hw, self.source_hw, self.resampled_hw, strict=True):
+            scale = n_source / n_resampled
+            out += [max(0, math.floor((start - offset) * scale)), min(n_source, math.ceil((stop - offset) * scale))]
+        return out[0], out[1], out[2], out[3]
+
 
 def body_bounding_box(slices_hu: np.ndarray, threshold_hu: float) -> tuple[int, int, int, int] | None:
     """In-plane bounding box ``(h0, h1, w0, w1)`` (half-open, px) of the patient's body.

@@ -3,7 +3,7 @@
 Every path that reads a model (the catalog's :class:`~pancreas_seg.datasets.KerasModelDataset`,
 training resume, inference, benchmarks, tests) calls :func:`load_model`, which registers the
 project's custom layers, losses and metrics before Keras deserialises anything. A fresh process
-(``kedro run --pipelines=evaluation``, a notebook's ``catalog.load("unet.model")``) therefore loads
+(``kedro run --pipelines=evaluation``, a notebook's ``catalog.load("model_unet")``) therefore loads
 a model without having built or trained one first.
 """
 

@@ -10,12 +10,13 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Node, Pipeline
 
-from pancreas_seg.models.names import ARCHITECTURE_NAMES
+from pancreas_seg.models.names import CASCADE_NAME, MODEL_NAMES
 from pancreas_seg.pipelines.evaluation import nodes
 
 SHARED_INPUTS = {"model_input_slices", "slice_geometry", "case_manifest", "intensity_stats"}
 SHARED_PARAMETERS = {"params:evaluation", "params:preprocessing"}
 PUBLISHED_OUTPUTS = ("test_predictions", "metrics_per_case", "evaluation_summary")
+MODEL_INPUTS = ("model", "model_card")   # published by the training pipeline as model_<name>, ...
 
 
 def template() -> Pipeline:
@@ -36,10 +37,15 @@ def template() -> Pipeline:
     ])
 
 
-def create_pipeline(architectures: Iterable[str] = ARCHITECTURE_NAMES) -> Pipeline:
-    archs = list(architectures)
+def create_pipeline(models: Iterable[str] = MODEL_NAMES) -> Pipeline:
+    """Evaluation of ``models`` (architecture names and/or ``cascade``), then their comparison."""
+    from pancreas_seg.pipelines.cascade.pipeline import create_evaluation_pipeline  # noqa: PLC0415
+
+    archs = list(models)
     per_model = sum(
-        (Pipeline(template(), namespace=arch, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS,
+        (create_evaluation_pipeline() if arch == CASCADE_NAME else
+         Pipeline(template(), namespace=arch, parameters=SHARED_PARAMETERS,
+                  inputs={name: name for name in SHARED_INPUTS} | {name: f"{name}_{arch}" for name in MODEL_INPUTS},
                   outputs={name: f"{name}_{arch}" for name in PUBLISHED_OUTPUTS})
          for arch in archs),
         Pipeline([]),

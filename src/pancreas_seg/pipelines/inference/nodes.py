@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,6 @@ import numpy as np
 
 from pancreas_seg.atomic import atomic_write_bytes
 from pancreas_seg.evaluation.plots import pick_representative_slices, plot_overlays
-from pancreas_seg.imaging.intensity import ForegroundIntensityStats
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti, save_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
@@ -19,8 +19,13 @@ from pancreas_seg.imaging.preprocess import (
     intensity_stats_from_dict,
 )
 from pancreas_seg.labels import PANCREAS, TUMOUR
-from pancreas_seg.model_card import check_card_consistent, check_disjoint, check_weights
-from pancreas_seg.model_store import resolve_model
+from pancreas_seg.model_card import (
+    check_card_consistent,
+    check_cascade_weights,
+    check_disjoint,
+    check_weights,
+)
+from pancreas_seg.model_store import TrainedModel, resolve_model
 from pancreas_seg.prediction import segment_volume, use_xla
 from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
 from pancreas_seg.task07.validation import validate_case
@@ -54,17 +59,16 @@ def save_overlay(ct: NiftiVolume, labels: np.ndarray, path: Path,
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def segment_case(model: Any, path: Path, output_dir: Path, config: PreprocessingConfig,
-                 stats: ForegroundIntensityStats | None, inference: dict[str, Any],
-                 architecture: str) -> dict[str, Any]:
+def segment_case(segment: Callable[[np.ndarray, np.ndarray, str], np.ndarray], path: Path, output_dir: Path,
+                 inference: dict[str, Any], architecture: str) -> dict[str, Any]:
     """Segment one validated CT file: write ``<case>.nii.gz`` in its geometry and ``<case>_overlay.png``.
 
+    ``segment(hu, affine, case_id)`` returns uint8 labels of the input's shape (one model or the cascade).
     Returns the case's report row (paths, shape, predicted voxel counts).
     """
     case_id = case_id_from_path(path)
     ct = load_nifti(path)
-    labels = segment_volume(model, ct.array, ct.affine, config, stats, int(inference["batch_size"]),
-                            bool(inference["flip_tta"]), bool(inference["keep_largest_component"]))
+    labels = segment(ct.array, ct.affine, case_id)
     mask_path = output_dir / f"{case_id}.nii.gz"
     save_nifti(mask_path, labels, ct.affine, ct.header)
     overlay_path = output_dir / f"{case_id}_overlay.png"
@@ -73,6 +77,34 @@ def segment_case(model: Any, path: Path, output_dir: Path, config: Preprocessing
             "overlay": str(overlay_path), "shape": list(labels.shape),
             "voxels_pancreas": int(np.count_nonzero(labels == PANCREAS)),
             "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
+
+
+def load_segmenter(trained: TrainedModel,
+                   inference: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray, str], np.ndarray]:
+    """Load a trained model (or both stages of the cascade), check them against the card, and return
+    ``segment(hu, affine, case_id) -> labels`` with the inference settings applied."""
+    from pancreas_seg.models.io import load_model, weights_sha256  # noqa: PLC0415 - lazy: Keras
+
+    card = trained.card
+    batch_size, flip_tta = int(inference["batch_size"]), bool(inference["flip_tta"])
+    keep_lcc = bool(inference["keep_largest_component"])
+    model = load_model(trained.model_file, compile=False)
+    use_xla(model, bool(inference.get("xla", True)))
+    if "cascade" in card:
+        if trained.stage1_file is None:
+            raise FileNotFoundError(f"{trained.model_file}: a cascade card without its stage-1 model file")
+        from pancreas_seg.cascade.predict import cascade_from_card, segment_volume_cascade  # noqa: PLC0415
+
+        stage1 = load_model(trained.stage1_file, compile=False)
+        check_cascade_weights(card, weights_sha256(stage1), weights_sha256(model))
+        use_xla(stage1, bool(inference.get("xla", True)))
+        cascade = cascade_from_card(card, stage1, model)
+        return lambda hu, affine, name: segment_volume_cascade(cascade, hu, affine, batch_size, flip_tta,
+                                                               keep_lcc, name)[0]
+    check_weights(card, weights_sha256(model))
+    config = PreprocessingConfig.from_params(card["preprocessing"])
+    stats = intensity_stats_from_dict(card.get("intensity_stats"))
+    return lambda hu, affine, name: segment_volume(model, hu, affine, config, stats, batch_size, flip_tta, keep_lcc)
 
 
 def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
@@ -90,8 +122,6 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
     if not inference.get("allow_training_cases", False):
         check_disjoint(card, [case_id_from_path(p) for p in inputs],
                        "was asked to segment (set inference.allow_training_cases: true to allow it)")
-    config = PreprocessingConfig.from_params(card["preprocessing"])
-    stats = intensity_stats_from_dict(card.get("intensity_stats"))
     output_dir = Path(inference["output_dir"])
     findings, valid = [], []
     for path in inputs:
@@ -105,16 +135,12 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
         listing = "\n".join(f"  - {f}" for f in findings)
         raise ValueError(f"{len(findings)} invalid inference input(s):\n{listing}\n"
                          "Fix them or set inference.on_invalid: skip")
-    from pancreas_seg.models.io import load_model, weights_sha256  # noqa: PLC0415 - lazy: Keras
-
-    model = load_model(model_file, compile=False)
-    check_weights(card, weights_sha256(model))
-    use_xla(model, bool(inference.get("xla", True)))
+    segment = load_segmenter(trained, inference)
     logger.info("Inference with %s (%s) on %d scan(s) -> %s", card["architecture"], model_file, len(valid), output_dir)
     outputs = []
     for index, path in enumerate(valid, start=1):
         logger.info("Segmenting %d/%d: %s", index, len(valid), path.name)
-        outputs.append(segment_case(model, path, output_dir, config, stats, inference, card["architecture"]))
+        outputs.append(segment_case(segment, path, output_dir, inference, card["architecture"]))
     return {"model": str(inference["model"]), "model_file": str(model_file),
             "architecture": card["architecture"], "trained_on": card.get("data_source"),
             "outputs": outputs, "skipped": [{"file": f.file, "reason": f.message} for f in findings]}

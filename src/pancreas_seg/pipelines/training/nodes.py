@@ -76,7 +76,7 @@ def make_loaders(model_input_slices, case_manifest, settings: dict[str, Any],
     return train, validation
 
 
-def _compile(model, settings: dict[str, Any], label_mode: str, total_steps: int = 1):
+def compile_model(model, settings: dict[str, Any], label_mode: str, total_steps: int = 1):
     import keras  # noqa: PLC0415
 
     from pancreas_seg.learning.losses import make_loss  # noqa: PLC0415
@@ -135,7 +135,7 @@ def build_model_card(name: str, run_id: str, input_shape: tuple[int, int, int], 
     }
 
 
-def _log_run_setup(name: str, settings: dict[str, Any], preprocessing: dict[str, Any], source: str,
+def log_run_setup(name: str, settings: dict[str, Any], preprocessing: dict[str, Any], source: str,
                    label_mode: str) -> None:
     import keras  # noqa: PLC0415
     import mlflow  # noqa: PLC0415
@@ -146,7 +146,7 @@ def _log_run_setup(name: str, settings: dict[str, Any], preprocessing: dict[str,
                                         "preprocessing": preprocessing}))
 
 
-def _log_training_result(run_id: str, name: str, result: Any, source: str) -> Any:
+def log_training_result(run_id: str, name: str, result: Any, source: str) -> Any:
     """Complete the epoch curves after a resume; log the training-curve figure and history."""
     from pancreas_seg.evaluation.plots import plot_training_curves  # noqa: PLC0415
 
@@ -195,19 +195,19 @@ def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
 
     def build():
         model = build_model(name, input_shape, config.label_mode, **settings["model"])
-        return _compile(model, settings, config.label_mode, total_steps=fit_config.epochs * len(train_loader))
+        return compile_model(model, settings, config.label_mode, total_steps=fit_config.epochs * len(train_loader))
 
     policy = "mixed_float16" if settings.get("mixed_precision") else None
     with tracking.architecture_run(name) as run, dtype_policy(policy):
         run_id = run.info.run_id
-        _log_run_setup(name, settings, preprocessing, source, config.label_mode)
+        log_run_setup(name, settings, preprocessing, source, config.label_mode)
         epoch_logger = keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: tracking.log_epoch_metrics(run_id, logs, epoch + 1))
         with retained_heap(bool(settings["retain_heap"])):
             result = fit_with_resume(build, train_loader, val_loader, fit_config,
                                      Path(settings["checkpoint_root"]) / name, fingerprint, label=name,
                                      callbacks=[epoch_logger])
-        figure = _log_training_result(run_id, name, result, source)
+        figure = log_training_result(run_id, name, result, source)
     card = build_model_card(name, run_id, input_shape, config, preprocessing, intensity_stats, case_manifest,
                             result, fit_config.monitor, weights_sha256(result.model))
     return result.model, result.history, figure, card

@@ -1,14 +1,20 @@
-"""Training wiring: the same template pipeline under one namespace per architecture."""
+"""Training wiring: the same template pipeline under one namespace per architecture, and the cascade.
+
+Each model and its card are published under plain names (``model_unet``, ``model_card_unet``):
+the evaluation pipeline and the cascade's stage 1 read them from other namespaces, and Kedro keeps
+dotted names for a node's own namespace.
+"""
 
 from collections.abc import Iterable
 
 from kedro.pipeline import Node, Pipeline
 
-from pancreas_seg.models.names import ARCHITECTURE_NAMES
+from pancreas_seg.models.names import CASCADE_NAME, MODEL_NAMES
 from pancreas_seg.pipelines.training import nodes
 
 SHARED_INPUTS = {"model_input_slices", "case_manifest", "intensity_stats"}
 SHARED_PARAMETERS = {"params:preprocessing", "params:training"}
+PUBLISHED_OUTPUTS = ("model", "model_card")
 
 
 def template() -> Pipeline:
@@ -25,9 +31,14 @@ def template() -> Pipeline:
     ])
 
 
-def create_pipeline(architectures: Iterable[str] = ARCHITECTURE_NAMES) -> Pipeline:
-    return sum(
-        (Pipeline(template(), namespace=arch, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS)
-         for arch in architectures),
-        Pipeline([]),
-    )
+def create_pipeline(models: Iterable[str] = MODEL_NAMES) -> Pipeline:
+    """Training of ``models`` (architecture names and/or ``cascade``)."""
+    from pancreas_seg.pipelines.cascade.pipeline import create_training_pipeline  # noqa: PLC0415
+
+    pipelines = [
+        create_training_pipeline() if name == CASCADE_NAME else
+        Pipeline(template(), namespace=name, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS,
+                 outputs={output: f"{output}_{name}" for output in PUBLISHED_OUTPUTS})
+        for name in models
+    ]
+    return sum(pipelines, Pipeline([]))

@@ -1,0 +1,140 @@
+"""The cascade on one scan: HU volume (X, Y, Z) in any axis order -> labels on the same grid.
+
+1. Stage 1 segments the body-framed whole slices (the project's one preprocessing path).
+2. Its pancreas (main 3D components) gives a box on the source slices; an empty stage 1 ends here
+   with an empty mask and a warning.
+3. Stage 2 runs only on the slices of that box (plus ``z_margin_mm``) and only on the in-plane box
+   (plus ``margin_mm``), resampled to ``crop.spacing_mm``; a region wider than the stage-2 input is
+   covered by overlapping tiles whose probabilities are averaged.
+4. The crop geometry's inverse puts stage 2's labels back onto the file's voxel grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pancreas_seg.cascade.crops import CropConfig, CropGeometry, locate_pancreas, tile_starts
+from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
+from pancreas_seg.imaging.intensity import ForegroundIntensityStats
+from pancreas_seg.imaging.preprocess import (
+    PreprocessingConfig,
+    intensity_stats_from_dict,
+    preprocess_crop_image,
+    preprocess_image,
+    restore_label_volume,
+)
+from pancreas_seg.labels import (
+    PANCREAS,
+    PANCREAS_REGION,
+    TUMOUR,
+    output_channels,
+    probabilities_to_labels,
+)
+from pancreas_seg.prediction import predict_slices
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """Two loaded Keras models and the settings that tie them together.
+
+    Attributes:
+        stage1: whole-slice model (input ``preprocessing.image_size_px``), localises the pancreas.
+        stage2: crop model (input ``crop.size_px``), segments background / pancreas / tumour.
+        preprocessing: the preprocessing both stages were trained with (intensity, 2.5D context).
+        stage1_label_mode: stage 1's label mode (``multiclass`` or ``pancreas``).
+        stage2_label_mode: stage 2's label mode (``multiclass``, ``pancreas`` or ``tumour``).
+        crop: the crop settings stage 2 was trained with.
+        stats: training-foreground intensity statistics (z-score mode), else None.
+    """
+
+    stage1: Any
+    stage2: Any
+    preprocessing: PreprocessingConfig
+    stage1_label_mode: str
+    stage2_label_mode: str
+    crop: CropConfig
+    stats: ForegroundIntensityStats | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage1_label_mode == "tumour":
+            raise ValueError("a cascade's stage 1 must localise the pancreas: its label mode must be "
+                             "multiclass or pancreas, not tumour")
+
+
+def background_probabilities(label_mode: str) -> np.ndarray:
+    """The (C,) model output that means certain background in ``label_mode``."""
+    fill = np.zeros(output_channels(label_mode), dtype=np.float32)
+    if label_mode == "multiclass":
+        fill[0] = 1.0
+    return fill
+
+
+def predict_tiled(model: Any, crop_image: np.ndarray, tile_hw: tuple[int, int], overlap: float,
+                  context_slices: int, batch_size: int = 16, flip_tta: bool = False) -> np.ndarray:
+    """Stage-2 probabilities (Z, H, W, C) float32 of a crop (Z, H, W) >= one tile in H and W.
+
+    Tiles of ``tile_hw`` (the model input) cover the crop with about ``overlap``; where they overlap
+    the probabilities are averaged.
+    """
+    _, height, width = crop_image.shape
+    if height < tile_hw[0] or width < tile_hw[1]:
+        raise ValueError(f"crop {crop_image.shape[1:]} is smaller than the stage-2 input {tile_hw}")
+    total = None
+    counts = np.zeros((height, width), dtype=np.float32)
+    for top in tile_starts(height, tile_hw[0], overlap):
+        for left in tile_starts(width, tile_hw[1], overlap):
+            tile = crop_image[:, top:top + tile_hw[0], left:left + tile_hw[1]]
+            probabilities = predict_slices(model, tile, context_slices, batch_size, flip_tta)
+            if total is None:
+                total = np.zeros((*crop_image.shape, probabilities.shape[-1]), dtype=np.float32)
+            total[:, top:top + tile_hw[0], left:left + tile_hw[1]] += probabilities
+            counts[top:top + tile_hw[0], left:left + tile_hw[1]] += 1
+    return total / counts[None, :, :, None]
+
+
+def segment_volume_cascade(cascade: Cascade, hu: np.ndarray, affine: np.ndarray, batch_size: int = 16,
+                           flip_tta: bool = False, keep_largest_component: bool = False,
+                           name: str = "scan") -> tuple[np.ndarray, dict[str, Any]]:
+    """Raw CT (X, Y, Z) HU, any axis order -> uint8 labels of exactly the input's shape, and a report.
+
+    The labels belong with ``affine``. The report says whether stage 1 found the pancreas, its box
+    (canonical source voxels), the slices and tiles stage 2 ran on.
+    """
+    config = cascade.preprocessing
+    image, geometry = preprocess_image(hu, affine, config, cascade.stats)
+    stage1_probabilities = predict_slices(cascade.stage1, image, config.context_slices, batch_size, flip_tta)
+    stage1_labels = probabilities_to_labels(stage1_probabilities, cascade.stage1_label_mode)
+    box = locate_pancreas(stage1_labels, geometry, cascade.crop.min_component_fraction)
+    if box is None:
+        logger.warning("%s: stage 1 found no pancreas; the cascade returns an empty mask", name)
+        return np.zeros(hu.shape, dtype=np.uint8), {"stage1_found": False, "stage2_slices": 0}
+    crop = CropGeometry.plan(hu.shape, affine, box, cascade.crop)
+    crop_image = preprocess_crop_image(hu, crop, config, cascade.stats)
+    probabilities = predict_tiled(cascade.stage2, crop_image, cascade.crop.size_px, cascade.crop.tile_overlap,
+                                  config.context_slices, batch_size, flip_tta)
+    full = crop.full_model_grid(probabilities, background_probabilities(cascade.stage2_label_mode))
+    labels = restore_label_volume(full, crop.scan, cascade.stage2_label_mode)
+    if cascade.stage2_label_mode == "tumour":  # stage 2 adds the tumour to stage 1's pancreas
+        pancreas = np.isin(restore_label_volume(stage1_probabilities, geometry, cascade.stage1_label_mode),
+                           PANCREAS_REGION)
+        labels = np.where(labels == TUMOUR, TUMOUR, np.where(pancreas, PANCREAS, 0)).astype(np.uint8)
+    if keep_largest_component:
+        labels = keep_largest_foreground(labels)
+    n_tiles = (len(tile_starts(crop.region_hw[0], cascade.crop.size_px[0], cascade.crop.tile_overlap))
+               * len(tile_starts(crop.region_hw[1], cascade.crop.size_px[1], cascade.crop.tile_overlap)))
+    return labels, {"stage1_found": True, "stage1_box": box.to_list(), "stage2_slices": crop.crop_shape[0],
+                    "stage2_region_hw": list(crop.region_hw), "stage2_tiles": n_tiles}
+
+
+def cascade_from_card(card: dict[str, Any], stage1: Any, stage2: Any) -> Cascade:
+    """The :class:`Cascade` a cascade model card describes, with its two loaded models."""
+    spec = card["cascade"]
+    return Cascade(stage1=stage1, stage2=stage2, preprocessing=PreprocessingConfig.from_params(card["preprocessing"]),
+                   stage1_label_mode=spec["stage1"]["label_mode"], stage2_label_mode=spec["stage2"]["label_mode"],
+                   crop=CropConfig.from_params(spec["crop"]), stats=intensity_stats_from_dict(card.get("intensity_stats")))

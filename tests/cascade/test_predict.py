@@ -1,0 +1,110 @@
+"""The cascade on one scan, with real (tiny, hand-set) Keras models and real geometry.
+
+Both stages are 1x1 convolutions with set weights that call a pixel pancreas when its windowed
+intensity is above the middle of the window (70 HU): an intensity oracle on a volume whose
+pancreas is the only tissue above 70 HU. The cascade must then return exactly the true pancreas on
+the file's own grid, whatever the axis order, while stage 2 sees only the crop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import keras
+import numpy as np
+import pytest
+from nibabel import orientations as ornt_lib
+
+from pancreas_seg.cascade.crops import CropConfig
+from pancreas_seg.cascade.predict import Cascade, background_probabilities, predict_tiled, segment_volume_cascade
+from pancreas_seg.imaging.preprocess import PreprocessingConfig
+from pancreas_seg.labels import PANCREAS
+from pancreas_seg.prediction import predict_slices
+
+PREPROCESSING = PreprocessingConfig(image_size_px=(32, 32), window_hu=(-100.0, 240.0))
+
+
+def _threshold_model(channels: int = 3, always_background: bool = False) -> keras.Model:
+    """(B, H, W, 1) in [0, 1] -> softmax over (background, pancreas, tumour): pancreas iff x > 0.5."""
+    model = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Conv2D(channels, 1, activation="softmax")])
+    slope = 0.0 if always_background else 40.0
+    kernel = np.array([[[[-slope, slope, 0.0]]]], dtype=np.float32)
+    bias = np.array([slope / 2, -slope / 2, -50.0], dtype=np.float32)
+    if always_background:
+        bias = np.array([10.0, -10.0, -10.0], dtype=np.float32)
+    model.layers[-1].set_weights([kernel, bias])
+    return model
+
+
+def _scan(perm=(0, 1, 2), flips=(1, 1, 1)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    hu = rng.normal(20.0, 5.0, size=(64, 56, 20)).astype(np.float32)
+    x, y, z = np.meshgrid(*(np.arange(n) for n in hu.shape), indexing="ij")
+    pancreas = ((x - 34) / 16) ** 2 + ((y - 30) / 7) ** 2 + ((z - 9) / 4) ** 2 <= 1
+    hu[pancreas] = 120.0
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    ornt = np.array([[perm.index(axis), flips[axis]] for axis in range(3)], dtype=float)
+    stored = [np.ascontiguousarray(ornt_lib.apply_orientation(a, ornt)) for a in (hu, pancreas)]
+    return stored[0], stored[1], affine @ ornt_lib.inv_ornt_aff(ornt, hu.shape)
+
+
+def _cascade(stage1: keras.Model, crop: CropConfig | None = None) -> Cascade:
+    return Cascade(stage1=stage1, stage2=_threshold_model(), preprocessing=PREPROCESSING,
+                   stage1_label_mode="multiclass", stage2_label_mode="multiclass",
+                   crop=crop or CropConfig(spacing_mm=0.8, size_px=(16, 24), margin_mm=4.0, z_margin_mm=5.0))
+
+
+ORDERS = list(itertools.product(itertools.permutations(range(3)), [(1, 1, 1), (-1, 1, -1)]))
+
+
+@pytest.mark.parametrize(("perm", "flips"), ORDERS, ids=lambda v: "".join(map(str, v)))
+def test_cascade_returns_the_pancreas_on_the_file_grid_in_any_axis_order(perm, flips) -> None:
+    hu, pancreas, affine = _scan(perm, flips)
+    labels, report = segment_volume_cascade(_cascade(_threshold_model()), hu, affine, batch_size=4)
+    assert labels.shape == hu.shape and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.where(pancreas, PANCREAS, 0))
+    assert report["stage1_found"] and report["stage2_slices"] < hu.shape[int(np.argmax(np.abs(affine[2, :3])))]
+    assert report["stage2_tiles"] > 1   # the 26 x 41 px region needs several 16 x 24 tiles
+
+
+def test_stage2_only_sees_the_crop() -> None:
+    hu, pancreas, affine = _scan()
+    hu[2:6, 2:6, 8:10] = 200.0   # bright, far from the pancreas: a small component for stage 1
+    cascade = _cascade(_threshold_model())
+    labels, _ = segment_volume_cascade(cascade, hu, affine, batch_size=4)
+    np.testing.assert_array_equal(labels, np.where(pancreas, PANCREAS, 0))   # outside every crop
+    everything = Cascade(**{**cascade.__dict__, "crop": CropConfig(spacing_mm=0.8, size_px=(16, 24),
+                                                                   min_component_fraction=0.0)})
+    stretched, _ = segment_volume_cascade(everything, hu, affine, batch_size=4)
+    assert stretched[2:6, 2:6, 8:10].all()   # kept as a component, the box (and stage 2) reaches it
+
+
+def test_an_empty_stage1_gives_an_empty_mask_and_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    hu, _, affine = _scan()
+    with caplog.at_level(logging.WARNING, logger="pancreas_seg.cascade.predict"):
+        labels, report = segment_volume_cascade(_cascade(_threshold_model(always_background=True)), hu, affine,
+                                                name="case_x")
+    assert labels.shape == hu.shape and not labels.any() and report["stage1_found"] is False
+    assert any("case_x" in r.getMessage() and "no pancreas" in r.getMessage() for r in caplog.records)
+
+
+def test_tiled_prediction_equals_whole_crop_prediction_for_a_pointwise_model() -> None:
+    image = np.random.default_rng(2).random((5, 40, 70), dtype=np.float32)
+    model = _threshold_model()
+    whole = predict_slices(model, image, 1, batch_size=2)
+    tiled = predict_tiled(model, image, (16, 24), overlap=0.25, context_slices=1, batch_size=2)
+    np.testing.assert_allclose(tiled, whole, atol=1e-6)
+    with pytest.raises(ValueError, match="smaller than the stage-2 input"):
+        predict_tiled(model, image[:, :10], (16, 24), 0.25, 1)
+
+
+def test_a_tumour_only_stage1_is_refused() -> None:
+    with pytest.raises(ValueError, match="localise the pancreas"):
+        Cascade(stage1=None, stage2=None, preprocessing=PREPROCESSING, stage1_label_mode="tumour",
+                stage2_label_mode="multiclass", crop=CropConfig())
+
+
+def test_background_probabilities_per_label_mode() -> None:
+    np.testing.assert_array_equal(background_probabilities("multiclass"), [1, 0, 0])
+    np.testing.assert_array_equal(background_probabilities("tumour"), [0])
