@@ -10,10 +10,12 @@ import pytest
 
 from pancreas_seg.model_card import (
     ModelMismatchError,
+    check_cascade_weights,
     check_card_consistent,
     check_dataset,
     check_disjoint,
     check_preprocessing,
+    check_stage1,
     check_weights,
     preprocessing_fingerprint,
 )
@@ -149,3 +151,40 @@ def test_check_dataset() -> None:
         check_dataset(_card(), "Task07_Pancreas_smoke")
     with pytest.raises(ModelMismatchError, match="trained on dataset None"):
         check_dataset({k: v for k, v in _card().items() if k != "dataset"}, "Task07_Pancreas")
+
+
+# --------------------------------------------------------------------------- cascade
+SPLIT = {"train": ["pancreas_001", "pancreas_004", "pancreas_007"], "validation": ["pancreas_010"]}
+
+
+def _check_stage1(card: dict, **changes) -> None:
+    arguments = {"dataset": "Task07_Pancreas", "cases": SPLIT, "test_case_ids": ["pancreas_020"],
+                 "preprocessing": PREPROCESSING, "intensity_stats": WINDOW_STATS} | changes
+    check_stage1(card, **arguments)
+
+
+def test_stage1_bound_to_the_current_split_and_settings_is_accepted() -> None:
+    _check_stage1(_card())
+    _check_stage1(_card(label_mode="pancreas"))
+
+
+@pytest.mark.parametrize(("card_changes", "call_changes", "message"), [
+    ({"label_mode": "tumour"}, {}, "localise the pancreas"),
+    ({}, {"dataset": "Task07_Pancreas_smoke"}, "trained on dataset"),
+    ({}, {"test_case_ids": ["pancreas_010"]}, "pancreas_010"),
+    ({}, {"cases": {"train": SPLIT["train"][:2], "validation": ["pancreas_010", "pancreas_007"]}},
+     "cases that moved: pancreas_007"),
+    ({}, {"preprocessing": {**PREPROCESSING, "image_size_px": 64}}, "image_size_px"),
+])
+def test_stage1_of_another_split_dataset_or_preprocessing_is_refused(card_changes, call_changes, message) -> None:
+    with pytest.raises(ModelMismatchError, match=message):
+        _check_stage1(_card(**card_changes), **call_changes)
+
+
+def test_cascade_card_must_belong_to_both_stages() -> None:
+    card = _card(architecture="cascade", cascade={"stage1": {"weights_sha256": "b" * 64}})
+    check_cascade_weights(card, "b" * 64, WEIGHTS)
+    with pytest.raises(ModelMismatchError, match="stage-1 model"):
+        check_cascade_weights(card, "c" * 64, WEIGHTS)
+    with pytest.raises(ModelMismatchError, match="does not belong"):
+        check_cascade_weights(card, "b" * 64, "c" * 64)

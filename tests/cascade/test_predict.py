@@ -108,3 +108,19 @@ def test_a_tumour_only_stage1_is_refused() -> None:
 def test_background_probabilities_per_label_mode() -> None:
     np.testing.assert_array_equal(background_probabilities("multiclass"), [1, 0, 0])
     np.testing.assert_array_equal(background_probabilities("tumour"), [0])
+
+
+def test_small_predicted_tumours_become_pancreas() -> None:
+    hu, pancreas, affine = _scan()
+    tumour_model = _threshold_model()
+    # stage 2 calls everything above 70 HU tumour: the pancreas becomes one big "tumour"
+    tumour_model.layers[-1].set_weights([np.array([[[[-40.0, 0.0, 40.0]]]], np.float32),
+                                         np.array([20.0, -50.0, -20.0], np.float32)])
+    hu[20, 30, 18] = 200.0   # plus a lone bright voxel inside the crop's slices: a 1.6 mm³ "tumour"
+    cascade = Cascade(stage1=_threshold_model(), stage2=tumour_model, preprocessing=PREPROCESSING,
+                      stage1_label_mode="multiclass", stage2_label_mode="multiclass",
+                      crop=CropConfig(spacing_mm=0.8, size_px=(16, 24), margin_mm=4.0, z_margin_mm=50.0),
+                      min_tumour_volume_mm3=50.0)
+    labels, report = segment_volume_cascade(cascade, hu, affine, batch_size=4)
+    assert report["small_tumour_components_removed"] == 1
+    assert (labels[pancreas] == 2).all() and labels[20, 30, 18] == PANCREAS

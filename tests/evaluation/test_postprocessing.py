@@ -58,3 +58,20 @@ def test_keep_largest_foreground_counts_tumour_as_pancreas() -> None:
     labels[6:11, 6:11, 1:5] = 2  # 100 voxels of tumour only, the largest 1 ∪ 2 component
     out = keep_largest_foreground(labels)
     assert (out == 2).sum() == 100 and (out == 1).sum() == 0
+
+
+def test_remove_small_components_relabels_only_components_below_the_volume() -> None:
+    from pancreas_seg.evaluation.postprocessing import remove_small_components
+
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[1:9, 1:9, 1:9] = 1
+    labels[2:5, 2:5, 2:5] = 2        # 27 voxels
+    labels[7, 7, 7] = 2              # 1 voxel
+    labels[6, 2, 6] = labels[7, 3, 7] = 2   # 2 voxels, diagonal neighbours (one 26-connected component)
+    filtered, removed = remove_small_components(labels, 2, min_volume_mm3=4.0, voxel_volume_mm3=2.0, replacement=1)
+    assert removed == 1
+    assert (filtered[2:5, 2:5, 2:5] == 2).all()            # 54 mm³ kept
+    assert filtered[7, 7, 7] == 1 and filtered[6, 2, 6] == 2  # 2 mm³ removed; the 4 mm³ pair is kept (>=)
+    assert labels[7, 7, 7] == 2                              # the input is not modified
+    unchanged, none = remove_small_components(labels, 2, 0.0, 2.0, 1)
+    assert none == 0 and unchanged is labels

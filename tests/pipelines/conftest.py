@@ -235,8 +235,8 @@ def subprocess_env() -> Callable[..., dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def configured_learning_rates() -> dict[str, float]:
-    """Each architecture's learning rate as the project's config resolves it for the smoke env
-    (base + smoke, per-architecture overrides merged over ``training``)."""
+    """Each model's learning rate as the project's config resolves it for the smoke env
+    (base + smoke, per-architecture overrides merged over ``training``; the cascade's stage 2)."""
     env = "smoke"
     from kedro.config import OmegaConfigLoader
 
@@ -246,5 +246,7 @@ def configured_learning_rates() -> dict[str, float]:
     loader = OmegaConfigLoader(str(REPO_ROOT / "conf"), base_env="base", default_run_env=env,
                                merge_strategy={"parameters": "soft"})
     params = loader["parameters"]
-    return {arch: float(merge_settings(params["training"], params[arch]["architecture"].get("overrides"))
-                        ["learning_rate"]) for arch in ARCHITECTURE_NAMES}
+    overrides = {arch: params[arch]["architecture"].get("overrides") for arch in ARCHITECTURE_NAMES}
+    overrides["cascade"] = params["cascade"]["stage2"].get("overrides")   # stage 2 is the cascade's trained model
+    return {name: float(merge_settings(params["training"], extra)["learning_rate"])
+            for name, extra in overrides.items()}

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pancreas_seg.models.names import ARCHITECTURE_NAMES
+from pancreas_seg.models.names import ARCHITECTURE_NAMES, CASCADE_NAME, CASCADE_STAGE1, MODEL_NAMES
 
 pytestmark = pytest.mark.slow
 
@@ -61,18 +61,22 @@ def test_train_persisted_the_split_and_versioned_cards(trained_project: Path, mo
     assert set(manifest["dataset"]) == {DATASET}
     for name in ("train", "validation", "test"):
         assert sorted(manifest.loc[manifest["split"] == name, "case_id"]) == record[name], name
-    for arch in ARCHITECTURE_NAMES:
+    for arch in MODEL_NAMES:
         card = model_card_reader(trained_project, arch)
         assert card["dataset"] == DATASET
         assert card["cases"] == {"train": record["train"], "validation": record["validation"]}
         assert len(card["weights_sha256"]) == 64 and card["preprocessing_fingerprint"]
+    # the cascade is bound to the stage-1 model it was trained on (the newest model_unet)
+    cascade, stage1 = model_card_reader(trained_project, CASCADE_NAME), model_card_reader(trained_project, CASCADE_STAGE1)
+    assert cascade["cascade"]["stage1"]["weights_sha256"] == stage1["weights_sha256"]
+    assert cascade["preprocessing_fingerprint"] == stage1["preprocessing_fingerprint"]
 
 
 def test_evaluation_in_a_fresh_process(trained_project: Path, kedro_cli_runner, model_card_reader) -> None:
     evaluation = trained_project / "data" / "08_reporting" / "evaluation"
     predictions = trained_project / "data" / "07_model_output"
     shutil.rmtree(evaluation)  # written by the train run: this process must write them again
-    for arch in ARCHITECTURE_NAMES:
+    for arch in MODEL_NAMES:
         shutil.rmtree(predictions / arch)
 
     kedro_cli_runner(trained_project, "--pipelines=evaluation")
@@ -82,14 +86,14 @@ def test_evaluation_in_a_fresh_process(trained_project: Path, kedro_cli_runner, 
     test_ids = sorted(test_cases["case_id"])
     assert test_ids
     per_case = pd.read_csv(evaluation / "metrics_per_case.csv")
-    assert len(per_case) == len(ARCHITECTURE_NAMES) * 2 * len(test_ids)
-    assert set(per_case["architecture"]) == set(ARCHITECTURE_NAMES)
+    assert len(per_case) == len(MODEL_NAMES) * 2 * len(test_ids)
+    assert set(per_case["architecture"]) == set(MODEL_NAMES)
     assert sorted(set(per_case["case_id"])) == test_ids
     dice = per_case["dice"].dropna()
     assert ((dice >= 0) & (dice <= 1)).all()
     comparison = pd.read_csv(evaluation / "model_comparison.csv")
-    assert set(comparison["architecture"]) == set(ARCHITECTURE_NAMES)
-    for arch in ARCHITECTURE_NAMES:
+    assert set(comparison["architecture"]) == set(MODEL_NAMES)
+    for arch in MODEL_NAMES:
         card = model_card_reader(trained_project, arch)
         check = json.loads((evaluation / arch / "model_check.json").read_text())
         assert check["architecture"] == arch and check["dataset"] == DATASET
@@ -122,6 +126,25 @@ def test_inference_in_a_fresh_process(trained_project: Path, kedro_cli_runner, t
         assert np.array_equal(mask.affine, ct.affine), case_id
         assert set(np.unique(np.asanyarray(mask.dataobj)).tolist()) <= {0, 1, 2}
         assert (output_dir / f"{case_id}_overlay.png").is_file()
+
+
+def test_cascade_inference_in_a_fresh_process(trained_project: Path, kedro_cli_runner, model_card_reader,
+                                              tmp_path: Path) -> None:
+    inputs = trained_project / "data" / "01_raw" / DATASET / "imagesTs"
+    output_dir = tmp_path / "cascade_masks"
+    kedro_cli_runner(trained_project, "--pipelines=inference",
+                     f"--params=inference.input_path={inputs},inference.output_dir={output_dir},"
+                     f"inference.model={CASCADE_NAME}")
+
+    report = json.loads((trained_project / "data" / "08_reporting" / "inference_report.json").read_text())
+    files = sorted(inputs.glob("*.nii.gz"))
+    assert files and report["architecture"] == CASCADE_NAME and len(report["outputs"]) == len(files)
+    assert Path(report["model_file"]).parent.parent.parent.name == CASCADE_NAME
+    for path in files:
+        case_id = path.name.removesuffix(".nii.gz")
+        ct, mask = nib.load(path), nib.load(output_dir / f"{case_id}.nii.gz")
+        assert mask.shape == ct.shape and np.array_equal(mask.affine, ct.affine), case_id
+        assert set(np.unique(np.asanyarray(mask.dataobj)).tolist()) <= {0, 1, 2}
 
 
 def test_inference_refuses_a_training_case_in_a_fresh_process(trained_project: Path, kedro_cli_runner,
@@ -160,7 +183,7 @@ def test_notebook_in_a_fresh_kernel(trained_project: Path, subprocess_env) -> No
     assert not [o for o in outputs if o.output_type == "error"]
     text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
                      + str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
-    assert all(arch in text for arch in ARCHITECTURE_NAMES), "comparison table not shown"
+    assert all(arch in text for arch in MODEL_NAMES), "comparison table not shown"
     assert "dice_mean" in text and "val_dice_pancreas" in text
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 3
 
@@ -180,8 +203,8 @@ with KedroSession.create(project_path=project, env="smoke") as session:
     from pancreas_seg.models.io import weights_sha256
     from pancreas_seg.models.names import ARCHITECTURE_NAMES
     result = {}
-    for arch in ARCHITECTURE_NAMES:
-        model = catalog.load(f"model_{arch}")
+    for arch in ARCHITECTURE_NAMES + ("cascade", "cascade.stage1_model"):
+        model = catalog.load(arch if "." in arch else f"model_{arch}")
         shape = tuple(model.input_shape[1:])
         output = model.predict(np.zeros((1, *shape), dtype="float32"), verbose=0)
         result[arch] = {"weights_sha256": weights_sha256(model), "input_shape": list(shape),
@@ -197,7 +220,11 @@ def test_catalog_loads_every_model_in_a_fresh_interpreter(trained_project: Path,
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     [line] = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     loaded = json.loads(line.removeprefix("RESULT "))
-    assert sorted(loaded) == sorted(ARCHITECTURE_NAMES)
+    assert sorted(loaded) == sorted((*MODEL_NAMES, "cascade.stage1_model"))
+    stage1 = loaded.pop("cascade.stage1_model")   # saved with the cascade, bound by its card
+    cascade_card = model_card_reader(trained_project, CASCADE_NAME)
+    assert stage1["weights_sha256"] == cascade_card["cascade"]["stage1"]["weights_sha256"]
+    assert stage1["input_shape"] == cascade_card["cascade"]["stage1"]["input_shape"]
     for arch, info in loaded.items():
         card = model_card_reader(trained_project, arch)
         assert info["weights_sha256"] == card["weights_sha256"], arch  # the newest version, card's model

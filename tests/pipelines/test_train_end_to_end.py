@@ -21,9 +21,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pancreas_seg.models.names import MODEL_NAMES
+
 pytestmark = pytest.mark.slow
 
-ARCHITECTURES = ("unet", "unet_small", "fcn", "vnet2d")
+ARCHITECTURES = MODEL_NAMES   # the four architectures and the cascade
 EXPERIMENT = "pancreas_seg_smoke"
 EPOCH_METRICS = ("loss", "val_loss", "dice_pancreas", "val_dice_pancreas", "val_dice_tumour")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,7 +120,8 @@ def test_mlflow_parent_and_nested_runs(configured_learning_rates: dict[str, floa
         assert metrics["test_fp_components_per_case_tumour"] >= 0, arch
         # artifacts, stored inside the project copy (sqlite store + local ./mlruns artifact root)
         artifacts = _artifact_paths(client, run_id)
-        for expected in (f"keras/{arch}.keras", "plots/training_curves.png", "model_card.json",
+        keras_files = ("keras/stage1.keras", "keras/stage2.keras") if arch == "cascade" else (f"keras/{arch}.keras",)
+        for expected in (*keras_files, "plots/training_curves.png", "model_card.json",
                          "training_history.json", "evaluation/summary.json"):
             assert expected in artifacts, (arch, expected, sorted(artifacts))
         assert run.info.artifact_uri.startswith(str(smoke_project)), run.info.artifact_uri

@@ -7,6 +7,8 @@
    (plus ``margin_mm``), resampled to ``crop.spacing_mm``; a region wider than the stage-2 input is
    covered by overlapping tiles whose probabilities are averaged.
 4. The crop geometry's inverse puts stage 2's labels back onto the file's voxel grid.
+5. Predicted tumour components smaller than ``min_tumour_volume_mm3`` become pancreas (a lesion too
+   small to report; chosen on validation cases, see ``conf/base/parameters_cascade.yml``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pancreas_seg.cascade.crops import CropConfig, CropGeometry, locate_pancreas, tile_starts
-from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
+from pancreas_seg.evaluation.postprocessing import keep_largest_foreground, remove_small_components
 from pancreas_seg.imaging.intensity import ForegroundIntensityStats
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
@@ -51,6 +53,7 @@ class Cascade:
         stage2_label_mode: stage 2's label mode (``multiclass``, ``pancreas`` or ``tumour``).
         crop: the crop settings stage 2 was trained with.
         stats: training-foreground intensity statistics (z-score mode), else None.
+        min_tumour_volume_mm3: smaller predicted tumour components are relabelled pancreas, mm³.
     """
 
     stage1: Any
@@ -60,6 +63,7 @@ class Cascade:
     stage2_label_mode: str
     crop: CropConfig
     stats: ForegroundIntensityStats | None = None
+    min_tumour_volume_mm3: float = 0.0
 
     def __post_init__(self) -> None:
         if self.stage1_label_mode == "tumour":
@@ -124,12 +128,15 @@ def segment_volume_cascade(cascade: Cascade, hu: np.ndarray, affine: np.ndarray,
         pancreas = np.isin(restore_label_volume(stage1_probabilities, geometry, cascade.stage1_label_mode),
                            PANCREAS_REGION)
         labels = np.where(labels == TUMOUR, TUMOUR, np.where(pancreas, PANCREAS, 0)).astype(np.uint8)
+    labels, removed = remove_small_components(labels, TUMOUR, cascade.min_tumour_volume_mm3,
+                                              abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))), PANCREAS)
     if keep_largest_component:
         labels = keep_largest_foreground(labels)
     n_tiles = (len(tile_starts(crop.region_hw[0], cascade.crop.size_px[0], cascade.crop.tile_overlap))
                * len(tile_starts(crop.region_hw[1], cascade.crop.size_px[1], cascade.crop.tile_overlap)))
     return labels, {"stage1_found": True, "stage1_box": box.to_list(), "stage2_slices": crop.crop_shape[0],
-                    "stage2_region_hw": list(crop.region_hw), "stage2_tiles": n_tiles}
+                    "stage2_region_hw": list(crop.region_hw), "stage2_tiles": n_tiles,
+                    "small_tumour_components_removed": removed}
 
 
 def cascade_from_card(card: dict[str, Any], stage1: Any, stage2: Any) -> Cascade:
@@ -137,4 +144,5 @@ def cascade_from_card(card: dict[str, Any], stage1: Any, stage2: Any) -> Cascade
     spec = card["cascade"]
     return Cascade(stage1=stage1, stage2=stage2, preprocessing=PreprocessingConfig.from_params(card["preprocessing"]),
                    stage1_label_mode=spec["stage1"]["label_mode"], stage2_label_mode=spec["stage2"]["label_mode"],
-                   crop=CropConfig.from_params(spec["crop"]), stats=intensity_stats_from_dict(card.get("intensity_stats")))
+                   crop=CropConfig.from_params(spec["crop"]), stats=intensity_stats_from_dict(card.get("intensity_stats")),
+                   min_tumour_volume_mm3=float(spec.get("min_tumour_volume_mm3", 0.0)))

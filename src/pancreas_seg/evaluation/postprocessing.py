@@ -48,3 +48,35 @@ def keep_largest_foreground(labels: np.ndarray, connectivity: int = 3) -> np.nda
     labels = np.asarray(labels)
     keep = keep_largest_component(np.isin(labels, PANCREAS_REGION), connectivity=connectivity)
     return np.where(keep, labels, np.zeros((), dtype=labels.dtype)).astype(labels.dtype, copy=False)
+
+
+def remove_small_components(labels: np.ndarray, value: int, min_volume_mm3: float, voxel_volume_mm3: float,
+                            replacement: int, connectivity: int = 3) -> tuple[np.ndarray, int]:
+    """Relabel the connected components of ``value`` smaller than ``min_volume_mm3`` as ``replacement``.
+
+    Args:
+        labels: integer label map (X, Y, Z).
+        value: the label whose components are filtered (e.g. 2, tumour).
+        min_volume_mm3: components of at least this volume are kept, mm³ (0 keeps everything).
+        voxel_volume_mm3: the volume of one voxel, mm³ (``|det|`` of the affine's 3x3 part).
+        replacement: the label the removed voxels get (e.g. 1: a tumour too small to report stays
+            pancreas).
+        connectivity: as in :func:`keep_largest_component` (default 26-connectivity in 3D).
+
+    Returns:
+        The filtered label map (same shape and dtype) and the number of components removed.
+    """
+    labels = np.asarray(labels)
+    if min_volume_mm3 <= 0:
+        return labels, 0
+    structure = ndimage.generate_binary_structure(labels.ndim, connectivity)
+    components, count = ndimage.label(labels == value, structure=structure)
+    if count == 0:
+        return labels, 0
+    volumes = np.bincount(components.ravel(), minlength=count + 1)[1:] * float(voxel_volume_mm3)
+    small = np.flatnonzero(volumes < min_volume_mm3) + 1
+    if small.size == 0:
+        return labels, 0
+    out = labels.copy()
+    out[np.isin(components, small)] = replacement
+    return out, int(small.size)

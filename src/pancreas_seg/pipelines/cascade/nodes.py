@@ -255,6 +255,7 @@ def train_stage2(crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index
         "crop": crop_config.to_dict(), "jitter_std_mm": list(jitter),
         "stage1_localisation": stage1_localisation["summary"],
         "tumour_fraction": float(settings["tumour_fraction"]),
+        "min_tumour_volume_mm3": float(stage2.get("min_tumour_volume_mm3", 0.0)),
     }
     return result.model, stage1_model, result.history, figure, card
 

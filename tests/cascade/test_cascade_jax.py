@@ -1,0 +1,97 @@
+"""The cascade under KERAS_BACKEND=jax (the GPU machines have JAX, not TensorFlow): stage-2
+training through the CropLoader and fit_with_resume, then the cascade on a scan in any axis order."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+NO_JAX = 77
+
+SCRIPT = r'''
+import json, sys
+from pathlib import Path
+
+try:
+    import jax  # noqa: F401
+except ImportError as error:
+    print(f"NOJAX {error}", flush=True)
+    sys.exit(77)
+
+import keras
+import numpy as np
+
+from pancreas_seg.cascade.crops import CropConfig
+from pancreas_seg.cascade.predict import Cascade, segment_volume_cascade
+from pancreas_seg.cascade.sampler import CropLoader
+from pancreas_seg.imaging.preprocess import PreprocessingConfig
+from pancreas_seg.learning.training import FitConfig, fit_with_resume
+from pancreas_seg.models.io import load_model, save_model
+from pancreas_seg.models.registry import build_model
+from pancreas_seg.pipelines.training.nodes import compile_model
+
+workdir = Path(sys.argv[1])
+rng = np.random.default_rng(0)
+cases = {}
+for case_id in ("a", "b", "c"):
+    label = np.zeros((4, 24, 40), np.uint8)
+    label[:, 8:16, 8:32] = 1
+    label[1:3, 10:14, 24:28] = 2
+    cases[case_id] = ((rng.normal(0, 0.2, label.shape) + label / 2).astype(np.float32), label)
+train = CropLoader({k: cases[k] for k in ("a", "b")}, (16, 32), batch_size=4, label_mode="multiclass",
+                   training=True, jitter_std_px=(2.0, 2.0), tumour_fraction=0.5, steps_per_epoch=3)
+validation = CropLoader({"c": cases["c"]}, (16, 32), batch_size=4, label_mode="multiclass", training=False)
+batch = train[0][1]
+tumour_windows = int((batch[..., 2].reshape(len(batch), -1).max(axis=1) > 0).sum())
+
+def build():
+    model = build_model("unet", (16, 32, 1), "multiclass", base_filters=4, depth=2, dropout=0.0, l2_weight=0.0)
+    return compile_model(model, {"learning_rate": 1e-3, "loss": "dice_ce", "dice_smooth": 1.0}, "multiclass")
+
+result = fit_with_resume(build, train, validation, FitConfig(epochs=1, monitor="val_dice_tumour"),
+                         workdir / "checkpoints", fingerprint="jax-cascade", label="cascade")
+save_model(result.model, workdir / "stage2.keras")
+stage2 = load_model(workdir / "stage2.keras", compile=False)
+
+# stage 1: a 1x1 convolution calling pancreas above mid-window (an intensity oracle)
+stage1 = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Conv2D(3, 1, activation="softmax")])
+stage1.layers[-1].set_weights([np.array([[[[-40.0, 40.0, 0.0]]]], np.float32), np.array([20.0, -20.0, -50.0], np.float32)])
+hu = rng.normal(20.0, 5.0, size=(20, 64, 56)).astype(np.float32)   # stored S, A, R: the cyclic order
+hu[7:12, 20:40, 10:45] = 120.0
+affine = np.array([[0, 0, 0.8, 0], [0, 0.8, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]], float)
+cascade = Cascade(stage1=stage1, stage2=stage2, preprocessing=PreprocessingConfig(image_size_px=(32, 32)),
+                  stage1_label_mode="multiclass", stage2_label_mode="multiclass",
+                  crop=CropConfig(spacing_mm=0.8, size_px=(16, 32), margin_mm=4.0, z_margin_mm=2.5))
+labels, report = segment_volume_cascade(cascade, hu, affine, batch_size=4)
+print("RESULT " + json.dumps({
+    "backend": keras.backend.backend(), "tumour_windows": tumour_windows,
+    "loss": result.history["loss"], "val_dice_tumour": result.history["val_dice_tumour"],
+    "labels_shape": list(labels.shape), "labels_values": sorted(np.unique(labels).tolist()),
+    "report": report}), flush=True)
+'''
+
+
+def test_cascade_trains_and_segments_under_jax(tmp_path: Path) -> None:
+    script = tmp_path / "cascade_jax.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()}
+    process = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True,
+                             text=True, timeout=300, check=False)
+    if process.returncode == NO_JAX:
+        pytest.skip(f"`import jax` fails in this environment: {process.stdout.strip()}")
+    assert process.returncode == 0, process.stderr[-4000:]
+    (line,) = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(line[len("RESULT "):])
+    assert result["backend"] == "jax"
+    assert result["tumour_windows"] >= 2
+    assert np.isfinite(result["loss"][0]) and 0.0 <= result["val_dice_tumour"][0] <= 1.0
+    assert result["labels_shape"] == [20, 64, 56] and set(result["labels_values"]) <= {0, 1, 2}
+    assert result["report"]["stage1_found"] and result["report"]["stage2_slices"] == 7   # 5 + 1 a side
+    assert (tmp_path / "checkpoints" / "best.keras").is_file()
