@@ -17,7 +17,12 @@ import pytest
 from nibabel import orientations as ornt_lib
 
 from pancreas_seg.cascade.crops import CropConfig
-from pancreas_seg.cascade.predict import Cascade, background_probabilities, predict_tiled, segment_volume_cascade
+from pancreas_seg.cascade.predict import (
+    Cascade,
+    background_probabilities,
+    predict_tiled,
+    segment_volume_cascade,
+)
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
 from pancreas_seg.labels import PANCREAS
 from pancreas_seg.prediction import predict_slices

@@ -72,7 +72,7 @@ def summarise_localisation(errors: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     return {"n_cases": len(errors), "n_missed": len(errors) - len(found),
             "centre_rms_mm": rms(centre), "extent_rms_mm": rms(extent),
-            "centre_max_abs_mm": np.abs(centre).max(axis=0).tolist() if len(found) else [math.nan] * 3,
+            "centre_max_abs_mm": np.abs(centre).max(axis=0).tolist() if found else [math.nan] * 3,
             "coverage_min": float(coverage.min()) if len(coverage) else math.nan,
             "coverage_mean": float(coverage.mean()) if len(coverage) else math.nan}
 

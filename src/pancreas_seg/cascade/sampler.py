@@ -17,80 +17,46 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-import keras
 import numpy as np
 
 from pancreas_seg.cascade.crops import extract_window
 from pancreas_seg.imaging.preprocess import context_stack
 from pancreas_seg.labels import TUMOUR, to_training_target
-from pancreas_seg.learning.augmentation import AugmentationConfig, augment_batch
-from pancreas_seg.learning.loader import encode_targets
+from pancreas_seg.learning.loader import CaseSliceDataset, encode_targets
 
 
-class CropLoader(keras.utils.PyDataset):
+class CropLoader(CaseSliceDataset):
     """Batches of (B, *window_hw, k) stage-2 inputs and their targets.
 
-    Args:
-        cases: per case, image (Z, H, W) float (normalised) and label (Z, H, W) uint8 MSD labels
-            (0/1/2) of its crop; H, W at least ``window_hw`` (memmaps welcome).
+    Args (besides those of :class:`~pancreas_seg.learning.loader.CaseSliceDataset`, whose
+    ``cases`` are here each case's crop, its labels the MSD values 0/1/2, H and W at least
+    ``window_hw``):
         window_hw: stage-2 input (H, W), px.
-        batch_size: windows per batch.
-        label_mode: the stage-2 label mode (target encoding).
-        training: True = sampled, jittered, augmented; False = every slice, centred, plain.
         slack_px: per case, the (H, W) half-width in px over which a window may slide because the
             pancreas plus margin is wider than the window (0 when it fits).
         jitter_std_px: (H, W) standard deviation of the window position jitter, px.
         tumour_fraction: minimum share of each training batch whose window shows tumour.
-        context_slices: k neighbouring slices as channels (odd).
-        augmentation: applied to training batches only.
         fill_value: model-input value outside the stored crop (normalised air).
-        seed: base seed of every random choice.
-        steps_per_epoch: training batches per epoch (default: every crop slice once).
     """
 
     def __init__(self, cases: Mapping[str, tuple[np.ndarray, np.ndarray]], window_hw: tuple[int, int],
-                 batch_size: int, label_mode: str, training: bool,
+                 batch_size: int, label_mode: str, training: bool, *,
                  slack_px: Mapping[str, tuple[int, int]] | None = None,
                  jitter_std_px: tuple[float, float] = (0.0, 0.0), tumour_fraction: float = 0.5,
-                 context_slices: int = 1, augmentation: AugmentationConfig | None = None,
-                 fill_value: float = 0.0, seed: int = 0, steps_per_epoch: int | None = None,
-                 **kwargs) -> None:
-        super().__init__(**kwargs)
-        if not cases:
-            raise ValueError("CropLoader needs at least one case")
+                 fill_value: float = 0.0, **kwargs) -> None:
+        super().__init__(cases, batch_size, label_mode, training, **kwargs)
         if not 0.0 <= tumour_fraction <= 1.0:
             raise ValueError(f"tumour_fraction must be in [0, 1], got {tumour_fraction}")
-        self.case_ids = sorted(cases)
-        self._images = [cases[c][0] for c in self.case_ids]
-        self._labels = [cases[c][1] for c in self.case_ids]
         self.window_hw = (int(window_hw[0]), int(window_hw[1]))
-        for case_id, image, label in zip(self.case_ids, self._images, self._labels, strict=True):
-            if image.shape != label.shape:
-                raise ValueError(f"{case_id}: crop image {image.shape} != crop label {label.shape}")
+        for case_id, image in zip(self.case_ids, self._images, strict=True):
             if image.shape[1] < self.window_hw[0] or image.shape[2] < self.window_hw[1]:
                 raise ValueError(f"{case_id}: crop {image.shape[1:]} is smaller than the window {self.window_hw}")
         slack = slack_px or {}
         self._slack = [tuple(int(v) for v in slack.get(c, (0, 0))) for c in self.case_ids]
-        self.batch_size = int(batch_size)
-        self.label_mode = label_mode
-        self.training = training
         self.jitter_std_px = (float(jitter_std_px[0]), float(jitter_std_px[1]))
         self.tumour_fraction = float(tumour_fraction)
-        self.context_slices = int(context_slices)
-        self.augmentation = augmentation or AugmentationConfig(enabled=False)
         self.fill_value = float(fill_value)
-        self.seed = int(seed)
-        self.epoch = 0
-        self._case_of = np.concatenate([np.full(len(lab), i) for i, lab in enumerate(self._labels)])
-        self._z_of = np.concatenate([np.arange(len(lab)) for lab in self._labels])
-        has_tumour = [np.asarray(lab).reshape(len(lab), -1).max(axis=1) == TUMOUR for lab in self._labels]
-        self.tumour_slices = np.flatnonzero(np.concatenate(has_tumour))
-        self.n_slices = len(self._case_of)
-        self._steps = (int(steps_per_epoch) if training and steps_per_epoch
-                       else math.ceil(self.n_slices / self.batch_size))
-
-    def __len__(self) -> int:
-        return self._steps
+        self.tumour_slices = self.slices_whose_label(lambda maxima: maxima == TUMOUR)
 
     @property
     def n_tumour_per_batch(self) -> int:
@@ -132,8 +98,7 @@ class CropLoader(keras.utils.PyDataset):
         return slices, corners
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if index >= len(self):
-            raise IndexError(f"batch {index} out of range ({len(self)} batches)")
+        self._check_index(index)
         slices, corners = self.window_positions(index)
         images, labels = [], []
         for s, (top, left) in zip(slices, corners, strict=True):
@@ -144,10 +109,5 @@ class CropLoader(keras.utils.PyDataset):
             labels.append(extract_window(label, int(top), int(left), self.window_hw, 0)[0])
         batch_images = np.stack(images).astype(np.float32, copy=False)
         batch_labels = to_training_target(np.stack(labels), self.label_mode)
-        if self.training:
-            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-            batch_images, batch_labels = augment_batch(batch_images, batch_labels, self.augmentation, rng)
+        batch_images, batch_labels = self._augment(batch_images, batch_labels, index)
         return batch_images, encode_targets(batch_labels, self.label_mode)
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1

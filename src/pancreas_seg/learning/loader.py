@@ -27,30 +27,31 @@ def encode_targets(labels: np.ndarray, label_mode: str) -> np.ndarray:
     return (labels > 0).astype(np.float32)[..., None]
 
 
-class SliceLoader(keras.utils.PyDataset):
-    """Batches of 2D (or 2.5D) slices and targets from ``{case_id: (image, label)}`` arrays.
+class CaseSliceDataset(keras.utils.PyDataset):
+    """Base of the project's loaders: the slices of per-case ``(image, label)`` arrays, indexed globally.
+
+    Holds the cases (sorted by id), the case and slice of every global slice index, the number of
+    batches per epoch and the epoch counter that keys every random choice; subclasses choose the
+    slices (and windows) of a batch. See :class:`SliceLoader` and
+    :class:`pancreas_seg.cascade.sampler.CropLoader`.
 
     Args:
         cases: per case, image (Z, H, W) float and label (Z, H, W) uint8 arrays (memmaps welcome).
         batch_size: slices per batch.
         label_mode: ``multiclass`` | ``pancreas`` | ``tumour`` (target encoding).
-        training: True = shuffled, oversampled, augmented; False = sequential, complete, plain.
-        foreground_fraction: minimum share of each training batch that contains foreground.
+        training: True = sampled, augmented, ``steps_per_epoch`` batches; False = every slice once.
         context_slices: k neighbouring slices stacked as channels (odd).
         augmentation: applied to training batches only.
         seed: base seed of every random choice.
         steps_per_epoch: training batches per epoch (default: enough to see every slice once).
     """
 
-    def __init__(self, cases: Mapping[str, tuple[np.ndarray, np.ndarray]], batch_size: int,
-                 label_mode: str, training: bool, foreground_fraction: float = 1 / 3,
-                 context_slices: int = 1, augmentation: AugmentationConfig | None = None,
+    def __init__(self, cases: Mapping[str, tuple[np.ndarray, np.ndarray]], batch_size: int, label_mode: str,
+                 training: bool, *, context_slices: int = 1, augmentation: AugmentationConfig | None = None,
                  seed: int = 0, steps_per_epoch: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if not cases:
-            raise ValueError("SliceLoader needs at least one case")
-        if not 0.0 <= foreground_fraction <= 1.0:
-            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+            raise ValueError(f"{type(self).__name__} needs at least one case")
         self.case_ids = sorted(cases)
         self._images = [cases[c][0] for c in self.case_ids]
         self._labels = [cases[c][1] for c in self.case_ids]
@@ -60,21 +61,52 @@ class SliceLoader(keras.utils.PyDataset):
         self.batch_size = int(batch_size)
         self.label_mode = label_mode
         self.training = training
-        self.foreground_fraction = float(foreground_fraction)
         self.context_slices = int(context_slices)
         self.augmentation = augmentation or AugmentationConfig(enabled=False)
         self.seed = int(seed)
         self.epoch = 0
         self._case_of = np.concatenate([np.full(len(lab), i) for i, lab in enumerate(self._labels)])
         self._z_of = np.concatenate([np.arange(len(lab)) for lab in self._labels])
-        has_fg = [np.asarray(lab).reshape(len(lab), -1).max(axis=1) > 0 for lab in self._labels]
-        self.foreground_slices = np.flatnonzero(np.concatenate(has_fg))
         self.n_slices = len(self._case_of)
         self._steps = (int(steps_per_epoch) if training and steps_per_epoch
                        else math.ceil(self.n_slices / self.batch_size))
 
     def __len__(self) -> int:
         return self._steps
+
+    def slices_whose_label(self, test) -> np.ndarray:
+        """Global indices of the slices for which ``test(label_slice_max)`` holds (e.g. ``> 0``)."""
+        maxima = [np.asarray(lab).reshape(len(lab), -1).max(axis=1) for lab in self._labels]
+        return np.flatnonzero(test(np.concatenate(maxima)))
+
+    def _check_index(self, index: int) -> None:
+        if index >= len(self):
+            raise IndexError(f"batch {index} out of range ({len(self)} batches)")
+
+    def _augment(self, images: np.ndarray, labels: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training batches: the configured augmentation, keyed on (seed, epoch, batch)."""
+        if not self.training:
+            return images, labels
+        return augment_batch(images, labels, self.augmentation, np.random.default_rng([self.seed, self.epoch, index, 1]))
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+
+class SliceLoader(CaseSliceDataset):
+    """Batches of 2D (or 2.5D) slices and targets from ``{case_id: (image, label)}`` arrays.
+
+    Args (besides those of :class:`CaseSliceDataset`):
+        foreground_fraction: minimum share of each training batch that contains foreground.
+    """
+
+    def __init__(self, cases: Mapping[str, tuple[np.ndarray, np.ndarray]], batch_size: int,
+                 label_mode: str, training: bool, foreground_fraction: float = 1 / 3, **kwargs) -> None:
+        super().__init__(cases, batch_size, label_mode, training, **kwargs)
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+        self.foreground_fraction = float(foreground_fraction)
+        self.foreground_slices = self.slices_whose_label(lambda maxima: maxima > 0)
 
     @property
     def n_foreground_per_batch(self) -> int:
@@ -96,16 +128,10 @@ class SliceLoader(keras.utils.PyDataset):
         return chosen
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if index >= len(self):
-            raise IndexError(f"batch {index} out of range ({len(self)} batches)")
+        self._check_index(index)
         slices = self.batch_indices(index)
         images = np.stack([context_stack(self._images[self._case_of[s]], np.array([self._z_of[s]]),
                                          self.context_slices)[0] for s in slices])
         labels = np.stack([np.asarray(self._labels[self._case_of[s]][self._z_of[s]]) for s in slices])
-        if self.training:
-            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-            images, labels = augment_batch(images, labels, self.augmentation, rng)
+        images, labels = self._augment(images, labels, index)
         return images, encode_targets(labels, self.label_mode)
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1

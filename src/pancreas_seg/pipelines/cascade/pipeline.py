@@ -12,7 +12,7 @@ from kedro.pipeline import Node, Pipeline
 
 from pancreas_seg.models.names import CASCADE_NAME, CASCADE_STAGE1
 from pancreas_seg.pipelines.cascade import nodes
-from pancreas_seg.pipelines.evaluation import nodes as evaluation_nodes
+from pancreas_seg.pipelines.evaluation import pipeline as evaluation_pipeline
 
 SHARED_INPUTS = {"model_input_slices", "slice_geometry", "case_manifest", "intensity_stats"}
 SHARED_PARAMETERS = {"params:preprocessing", "params:training", "params:evaluation"}
@@ -45,19 +45,11 @@ def training_template() -> Pipeline:
 
 
 def evaluation_template() -> Pipeline:
-    return Pipeline([
-        Node(evaluation_nodes.check_model_binding,
-             ["model_card", "case_manifest", "intensity_stats", "params:preprocessing"],
-             "model_check", name="check_model_binding"),
+    """The evaluation pipeline's template with a prediction node that runs both stages."""
+    return evaluation_pipeline.template(
         Node(nodes.predict_test_cases_cascade,
              ["model", "stage1_model", "model_check", "case_manifest", "model_card", "params:evaluation"],
-             "test_predictions", name="predict_test_cases"),
-        Node(evaluation_nodes.score_test_cases,
-             ["test_predictions", "case_manifest", "slice_geometry", "model_card", "params:evaluation"],
-             "metrics_per_case", name="score_test_cases"),
-        Node(evaluation_nodes.summarise_model, ["metrics_per_case", "model_card"], "evaluation_summary",
-             name="summarise_model"),
-    ])
+             "test_predictions", name="predict_test_cases"))
 
 
 def create_training_pipeline(stage1: str = CASCADE_STAGE1) -> Pipeline:

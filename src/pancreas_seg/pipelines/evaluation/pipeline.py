@@ -19,16 +19,21 @@ PUBLISHED_OUTPUTS = ("test_predictions", "metrics_per_case", "evaluation_summary
 MODEL_INPUTS = ("model", "model_card")   # published by the training pipeline as model_<name>, ...
 
 
-def template() -> Pipeline:
-    """Predict and score the held-out test cases with one architecture's model."""
+def template(predict: Node | None = None) -> Pipeline:
+    """Check the model's binding, predict the held-out test cases, score and summarise them.
+
+    ``predict`` replaces the single-model prediction node (the cascade passes its own, which runs
+    both stages); it must turn ``model_check`` into ``test_predictions``.
+    """
+    predict = predict or Node(nodes.predict_test_cases,
+                              ["model", "model_check", "model_input_slices", "slice_geometry", "case_manifest",
+                               "model_card", "params:evaluation"],
+                              "test_predictions", name="predict_test_cases")
     return Pipeline([
         Node(nodes.check_model_binding,
              ["model_card", "case_manifest", "intensity_stats", "params:preprocessing"],
              "model_check", name="check_model_binding"),
-        Node(nodes.predict_test_cases,
-             ["model", "model_check", "model_input_slices", "slice_geometry", "case_manifest",
-              "model_card", "params:evaluation"],
-             "test_predictions", name="predict_test_cases"),
+        predict,
         Node(nodes.score_test_cases,
              ["test_predictions", "case_manifest", "slice_geometry", "model_card", "params:evaluation"],
              "metrics_per_case", name="score_test_cases"),
