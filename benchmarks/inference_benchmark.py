@@ -55,12 +55,14 @@ inside the same calls by wrapping the module-level functions the node, ``segment
 Targets: single-stage U-Net at 256 x 256 <= 30 s per volume on 2 cores; the cascade with a
 study-width stage 2 <= 10 s per volume. Both are checked on the end-to-end median (file in, files
 out). The machines are noisy, so the run also reports the ratio cascade / ``unet`` (study width,
-256 px) of the medians measured in the same run: run ``--archs unet cascade`` for it.
+256 px) of the medians measured in the same run: run ``--archs unet cascade`` for it, best with
+``--rounds 2`` or more, which runs the variants' subprocesses in turn (unet, cascade, unet, ...) so
+that a change of load in the middle of the run hits both, and takes medians over all rounds.
 
 How to run (from the repository root)
 -------------------------------------
     .venv/bin/python benchmarks/inference_benchmark.py                       # all 6, 3 repeats
-    .venv/bin/python benchmarks/inference_benchmark.py --archs unet cascade --repeats 3   # the ratio
+    .venv/bin/python benchmarks/inference_benchmark.py --archs unet cascade --repeats 3 --rounds 2  # the ratio
     .venv/bin/python benchmarks/inference_benchmark.py --archs cascade --models-dir /other/data/06_models
     .venv/bin/python benchmarks/inference_benchmark.py --archs unet unet_b16 --repeats 5
     .venv/bin/python benchmarks/inference_benchmark.py --archs unet --batch-size 16   # padding cost
@@ -382,6 +384,19 @@ def _stage1_available(models_dir: Path) -> bool:
     return True
 
 
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's results of several fresh subprocesses: medians over all their timed cases."""
+    if len(rounds) == 1:
+        return rounds[0]
+    runs = [run for r in rounds for run in r["runs"]]
+    median = {k: _common.median([run[k] for run in runs]) for k in runs[0]}
+    return {**rounds[-1], "runs": runs, "median": median, "seconds_per_volume": median["total_s"],
+            "slices_per_s": rounds[-1]["slices"] / median["total_s"],
+            "warmup_s": _common.median([r["warmup_s"] for r in rounds]),
+            "load_model_s": _common.median([r["load_model_s"] for r in rounds]),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rounds), "rounds": len(rounds)}
+
+
 def parent(args: argparse.Namespace) -> None:
     archs = list(args.archs) if args.archs else list(VARIANTS)
     if CASCADE in archs:
@@ -396,19 +411,22 @@ def parent(args: argparse.Namespace) -> None:
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow")}
     settings = inference_settings(args.batch_size, args.xla)
     t_start = time.perf_counter()
-    results = []
-    for arch in archs:
-        r = _common.run_variant(script, ["--variant", arch, "--repeats", str(args.repeats),
-                                         "--case-index", str(args.case_index),
-                                         "--batch-size", str(settings["batch_size"]),
-                                         "--models-dir", str(args.models_dir),
-                                         *([] if args.xla else ["--no-xla"]),
-                                         *(["--retain-heap"] if args.retain_heap else [])], env=env, timeout=3600)
-        results.append(r)
-        print(f"  {arch:<10}: {r['seconds_per_volume']:7.2f} s/volume end to end ({r['slices_per_s']:.2f} slices/s), "
-              f"runs {[round(x['total_s'], 1) for x in r['runs']]}, XLA {r['xla']}, warm-up "
-              f"{r['warmup_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB",
-              flush=True)
+    per_arch: dict[str, list[dict[str, Any]]] = {arch: [] for arch in archs}
+    for round_index in range(args.rounds):   # interleaved: a load change hits every variant alike
+        for arch in archs:
+            r = _common.run_variant(script, ["--variant", arch, "--repeats", str(args.repeats),
+                                             "--case-index", str(args.case_index),
+                                             "--batch-size", str(settings["batch_size"]),
+                                             "--models-dir", str(args.models_dir),
+                                             *([] if args.xla else ["--no-xla"]),
+                                             *(["--retain-heap"] if args.retain_heap else [])],
+                                    env=env, timeout=3600)
+            per_arch[arch].append(r)
+            print(f"  {arch:<10}: {r['seconds_per_volume']:7.2f} s/volume end to end "
+                  f"({r['slices_per_s']:.2f} slices/s), runs {[round(x['total_s'], 1) for x in r['runs']]}, "
+                  f"XLA {r['xla']}, warm-up {r['warmup_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+                  + (f"  [round {round_index + 1}/{args.rounds}]" if args.rounds > 1 else ""), flush=True)
+    results = [merge_rounds(per_arch[arch]) for arch in archs]
     single = [r for r in results if r["arch"] != CASCADE]
     if single:
         rows = []
@@ -458,7 +476,7 @@ def parent(args: argparse.Namespace) -> None:
                   f"({cascade['seconds_per_volume']:.1f} s / {unet['seconds_per_volume']:.1f} s); "
                   f"10 s is {CASCADE_TARGET_S / unet['seconds_per_volume']:.2f} of this run's unet")
     path = _common.write_report("inference_benchmark", {
-        "settings": {"archs": archs, "repeats": args.repeats, "image_size_px": SIZE, "inference": settings,
+        "settings": {"archs": archs, "repeats": args.repeats, "rounds": args.rounds, "image_size_px": SIZE, "inference": settings,
                      "retain_heap": args.retain_heap, "crop_to_body": True, "case_index": args.case_index,
                      "models_dir": str(args.models_dir)},
         "results": results, "checks": checks, "total_wall_s": time.perf_counter() - t_start})
@@ -471,7 +489,10 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, default=None, help="child mode: one model")
     parser.add_argument("--archs", nargs="+", choices=VARIANTS, default=None,
                         help=f"models to time (default: all; {CASCADE} only when a trained stage 1 exists)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed cases per subprocess")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh subprocesses per variant, interleaved (unet, cascade, unet, ...); "
+                             "medians over all rounds' cases")
     parser.add_argument("--case-index", type=int, default=0, help="which cached phantom (0 = pancreas_001)")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR,
                         help="where the cascade's trained stage 1 is looked up (<dir>/unet/model.keras/<version>/); "
