@@ -144,18 +144,26 @@ def cascade_crop_settings() -> dict[str, Any]:
     return _deep_merge(base, _conf("msd", "parameters.yml").get("cascade", {}).get("crop", {}))
 
 
-def find_stage1(models_dir: Path) -> Any:
-    """The newest trained cascade stage 1 with its card, or SystemExit naming path and command."""
+def find_stage1(models_dir: Path, version: str | None = None) -> Any:
+    """The newest trained cascade stage 1 with its card, or SystemExit naming path and command.
+
+    ``version``: the one the parent found; a newer one appearing during the run (a training job
+    finishing) would change what stage 2 runs on, so the child refuses it.
+    """
     from pancreas_seg.model_store import latest_trained_model  # noqa: PLC0415 - no Keras
     from pancreas_seg.models.names import CASCADE_STAGE1  # noqa: PLC0415
 
     try:
-        return latest_trained_model(models_dir, CASCADE_STAGE1)
+        stage1 = latest_trained_model(models_dir, CASCADE_STAGE1)
     except FileNotFoundError as error:
         raise SystemExit(
             f"The cascade variant needs a TRAINED stage 1 (an untrained one finds no pancreas or all of "
             f"it, so the timing would mean nothing): {error} (conf/base), or point --models-dir at a "
             "data/06_models folder that has one.") from None
+    if version is not None and stage1.card["version"] != version:
+        raise SystemExit(f"the newest stage 1 under {models_dir} changed during the run ({version} -> "
+                         f"{stage1.card['version']}): rerun the benchmark")
+    return stage1
 
 
 def _save_untrained(name: str, input_shape: tuple[int, int, int], settings: dict[str, Any],
@@ -192,14 +200,14 @@ def single_stage_model(arch: str, folder: Path) -> tuple[Any, dict[str, Any]]:
                                       "image_size_px": list(SIZE)}
 
 
-def cascade_model(models_dir: Path, folder: Path) -> tuple[Any, dict[str, Any]]:
+def cascade_model(models_dir: Path, folder: Path, stage1_version: str | None) -> tuple[Any, dict[str, Any]]:
     """The cascade ``TrainedModel``: the trained stage 1 + an untrained study-width stage 2 + card."""
     from pancreas_seg.cascade.crops import CropConfig  # noqa: PLC0415
     from pancreas_seg.imaging.preprocess import PreprocessingConfig  # noqa: PLC0415
     from pancreas_seg.model_store import TrainedModel  # noqa: PLC0415
     from pancreas_seg.models.names import CASCADE_NAME  # noqa: PLC0415
 
-    stage1 = find_stage1(models_dir)
+    stage1 = find_stage1(models_dir, stage1_version)
     card1 = stage1.card
     crop = CropConfig.from_params(cascade_crop_settings())
     config = PreprocessingConfig.from_params(card1["preprocessing"])
@@ -300,7 +308,7 @@ class StageTimers:
 
 
 def child(variant: str, repeats: int, case_index: int, settings: dict, models_dir: Path,
-          retain_heap: bool = False) -> None:
+          retain_heap: bool = False, stage1_version: str | None = None) -> None:
     import keras  # noqa: PLC0415
 
     from pancreas_seg import prediction  # noqa: PLC0415
@@ -321,7 +329,7 @@ def child(variant: str, repeats: int, case_index: int, settings: dict, models_di
     stage_times = timers.seconds
 
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
-        trained, info = (cascade_model(models_dir, Path(tmp)) if cascade
+        trained, info = (cascade_model(models_dir, Path(tmp), stage1_version) if cascade
                          else single_stage_model(variant, Path(tmp)))
         check_card_consistent(trained.card)   # as run_inference does
         keras.backend.clear_session()
@@ -376,14 +384,6 @@ def child(variant: str, repeats: int, case_index: int, settings: dict, models_di
     _common.emit_result(result)
 
 
-def _stage1_available(models_dir: Path) -> bool:
-    try:
-        find_stage1(models_dir)
-    except SystemExit:
-        return False
-    return True
-
-
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One variant's results of several fresh subprocesses: medians over all their timed cases."""
     if len(rounds) == 1:
@@ -399,10 +399,13 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def parent(args: argparse.Namespace) -> None:
     archs = list(args.archs) if args.archs else list(VARIANTS)
+    stage1_version = None
     if CASCADE in archs:
-        if args.archs:
-            find_stage1(args.models_dir)   # asked for: fail now, before minutes of other variants
-        elif not _stage1_available(args.models_dir):
+        try:   # asked for: fail now, before minutes of other variants
+            stage1_version = find_stage1(args.models_dir).card["version"]
+        except SystemExit:
+            if args.archs:
+                raise
             archs.remove(CASCADE)
             print(f"note: no trained stage 1 under {args.models_dir}; the cascade variant is skipped "
                   "(train it with `kedro run --pipelines=train_unet`)", flush=True)
@@ -418,6 +421,7 @@ def parent(args: argparse.Namespace) -> None:
                                              "--case-index", str(args.case_index),
                                              "--batch-size", str(settings["batch_size"]),
                                              "--models-dir", str(args.models_dir),
+                                             *(["--stage1-version", stage1_version] if stage1_version else []),
                                              *([] if args.xla else ["--no-xla"]),
                                              *(["--retain-heap"] if args.retain_heap else [])],
                                     env=env, timeout=3600)
@@ -497,17 +501,20 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR,
                         help="where the cascade's trained stage 1 is looked up (<dir>/unet/model.keras/<version>/); "
                              "default: this repository's data/06_models")
+    parser.add_argument("--stage1-version", default=None, help=argparse.SUPPRESS)  # parent -> child
     parser.add_argument("--batch-size", type=int, default=None,
                         help="slices per forward pass (default: inference.batch_size of conf/base)")
     parser.add_argument("--no-xla", dest="xla", action="store_false", help="predict without XLA (inference.xla: false)")
     parser.add_argument("--retain-heap", action="store_true",
                         help="run each case inside pancreas_seg.runtime.retained_heap (not what inference does)")
     args = parser.parse_args()
+    if min(args.repeats, args.rounds) < 1:
+        parser.error("--repeats and --rounds must be >= 1")
     if args.variant is None:
         parent(args)
     else:
         child(args.variant, args.repeats, args.case_index, inference_settings(args.batch_size, args.xla),
-              args.models_dir, args.retain_heap)
+              args.models_dir, args.retain_heap, args.stage1_version)
 
 
 if __name__ == "__main__":
