@@ -470,14 +470,14 @@ def parent(args: argparse.Namespace) -> None:
               f"its crop as foreground ({m['voxels_pancreas'] + m['voxels_tumour']:.0f} voxels), so restore "
               "and the written mask are a worst case.")
         checks["cascade_le_10s_per_volume"] = cascade["seconds_per_volume"] <= CASCADE_TARGET_S
-        print(f"\nCascade (study-width stage 2): {cascade['seconds_per_volume']:.1f} s per volume, read to files "
+        print(f"\nCascade (study-width stage 2): {cascade['seconds_per_volume']:.2f} s per volume, read to files "
               f"-> {'PASS' if checks['cascade_le_10s_per_volume'] else 'FAIL'} (target <= 10 s)")
         unet = next((r for r in results if r["arch"] == "unet"), None)
         if unet is not None:
             ratio = cascade["seconds_per_volume"] / unet["seconds_per_volume"]
             checks["cascade_over_unet"] = ratio
             print(f"Ratio cascade / unet (study width, 256 px), medians of this run: {ratio:.2f} "
-                  f"({cascade['seconds_per_volume']:.1f} s / {unet['seconds_per_volume']:.1f} s); "
+                  f"({cascade['seconds_per_volume']:.2f} s / {unet['seconds_per_volume']:.2f} s); "
                   f"10 s is {CASCADE_TARGET_S / unet['seconds_per_volume']:.2f} of this run's unet")
     path = _common.write_report("inference_benchmark", {
         "settings": {"archs": archs, "repeats": args.repeats, "rounds": args.rounds, "image_size_px": SIZE, "inference": settings,
