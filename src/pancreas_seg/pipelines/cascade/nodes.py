@@ -56,9 +56,9 @@ def _labelled(case_manifest: pd.DataFrame, splits: tuple[str, ...]) -> pd.DataFr
     return case_manifest[case_manifest["split"].isin(splits)].sort_values("case_id")
 
 
-def _truth_slices(label_path: str, geometry: ScanGeometry) -> np.ndarray:
-    """The true pancreas (labels 1 and 2) of a case on its canonical slices, boolean (Z, H, W)."""
-    return np.isin(geometry.to_slices(load_nifti(label_path).array), PANCREAS_REGION)
+def _truth_slices(labels: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
+    """The true pancreas (labels 1 and 2) of a label volume (X, Y, Z) on its canonical slices, (Z, H, W)."""
+    return np.isin(geometry.to_slices(labels), PANCREAS_REGION)
 
 
 def prepare_training_crops(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any],
@@ -91,13 +91,13 @@ def prepare_training_crops(case_manifest: pd.DataFrame, intensity_stats: dict[st
     index_entries: dict[str, Any] = {}
     partitions: dict[str, Callable[[], np.ndarray]] = {}
     for index, row in enumerate(cases.itertuples(), start=1):
-        header = load_nifti(row.label_path)
-        canonical = ScanGeometry.plan(header.array.shape, header.affine, (1, 1))
-        box = mask_box(_truth_slices(row.label_path, canonical))
+        label = load_nifti(row.label_path)   # the box needs the voxels; the crop is cut lazily later
+        canonical = ScanGeometry.plan(label.array.shape, label.affine, (1, 1))
+        box = mask_box(_truth_slices(label.array, canonical))
         if box is None:
             logger.warning("[%s] %s has no pancreas in its label; no stage-2 crop", CASCADE_NAME, row.case_id)
             continue
-        geometry = CropGeometry.plan(header.array.shape, header.affine, box, crop_config, context_px=context)
+        geometry = CropGeometry.plan(label.array.shape, label.affine, box, crop_config, context_px=context)
         slack = [max(0, (r - 2 * context - s) // 2) for r, s in zip(geometry.region_hw, crop_config.size_px,
                                                                       strict=True)]
         index_entries[row.case_id] = {"crop": geometry.to_dict(), "slack_px": slack}
@@ -117,12 +117,11 @@ def measure_stage1_localisation(stage1_model: Any, stage1_model_card: dict[str, 
     Also checks that stage 1 is bound to the current dataset, split and preprocessing. Returns
     per-case errors and their summary (``stage1_localisation.json``, logged with the cascade).
     """
-    from pancreas_seg.prediction import predict_slices, use_xla  # noqa: PLC0415 - lazy: Keras
+    from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415 - lazy: Keras
+    from pancreas_seg.prediction import predict_slices, use_xla  # noqa: PLC0415
 
     check_stage1(stage1_model_card, manifest_dataset(case_manifest), split_case_ids(case_manifest),
                  test_case_ids(case_manifest), preprocessing, intensity_stats)
-    from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415
-
     check_weights(stage1_model_card, weights_sha256(stage1_model))
     config = PreprocessingConfig.from_params(preprocessing)
     crop_config = CropConfig.from_params(crop)
@@ -135,7 +134,7 @@ def measure_stage1_localisation(stage1_model: Any, stage1_model_card: dict[str, 
                                        config.context_slices, int(evaluation["batch_size"]))
         labels = probabilities_to_labels(probabilities, stage1_model_card["label_mode"])
         predicted = locate_pancreas(labels, geometry, crop_config.min_component_fraction)
-        truth_mask = _truth_slices(row.label_path, geometry)
+        truth_mask = _truth_slices(load_nifti(row.label_path).array, geometry)
         truth = mask_box(truth_mask)
         if truth is None:
             continue
