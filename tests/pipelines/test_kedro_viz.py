@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 ARCHITECTURES = ("unet", "unet_small", "fcn", "vnet2d")
 PIPELINES = {"train", "data", "ingestion", "preprocessing", "training", "evaluation", "inference", "__default__"}
-PIPELINES |= {f"train_{arch}" for arch in ARCHITECTURES}  # one named pipeline per architecture
+PIPELINES |= {f"train_{arch}" for arch in (*ARCHITECTURES, "cascade")}  # one named pipeline per model
+CASCADE_STEPS = {"prepare_training_crops", "measure_stage1_localisation", "train_stage2", "validate_stage2",
+                 "check_model_binding", "predict_test_cases", "score_test_cases", "summarise_model"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_viz_build_lists_pipelines_and_model_namespaces(viz_build: Path) -> None
     assert {p["id"] for p in main["pipelines"]} >= PIPELINES
     assert main["selected_pipeline"] == "__default__"
 
-    # the four model namespaces are modular pipelines, each with its own task nodes
+    # the four architecture namespaces are modular pipelines, each with its own task nodes
     modular = main["modular_pipelines"]
     assert set(ARCHITECTURES) <= set(modular)
     tasks = [n for n in main["nodes"] if n["type"] == "task"]
@@ -52,6 +54,10 @@ def test_viz_build_lists_pipelines_and_model_namespaces(viz_build: Path) -> None
         assert names == {f"{arch}.{step}" for step in ("train_model", "validate_model", "check_model_binding",
                                                       "predict_test_cases", "score_test_cases",
                                                       "summarise_model")}, (arch, names)
+    # the cascade is a namespace too, with its own training steps and the evaluation's
+    assert {"id": "cascade", "type": "modularPipeline"} in modular["__root__"]["children"]
+    cascade = {n["full_name"] for n in tasks if n["modular_pipelines"] == ["cascade"]}
+    assert cascade == {f"cascade.{step}" for step in CASCADE_STEPS}, cascade
     training = next(n for n in tasks if n["full_name"] == "unet.train_model")
     assert {"train", "training", "__default__"} <= set(training["pipelines"])
 

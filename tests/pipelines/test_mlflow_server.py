@@ -1,7 +1,7 @@
 """A real ``mlflow server`` on the smoke run's sqlite store, queried through its REST API.
 
 This is what a researcher opens after ``kedro run``: the tracking server must see the train
-parent run, one nested run per architecture and their per-epoch, validation and test metrics.
+parent run, one nested run per model (the four architectures and the cascade) and their per-epoch, validation and test metrics.
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from pancreas_seg.models.names import MODEL_NAMES
+
 pytestmark = pytest.mark.slow
 
-ARCHITECTURES = ("unet", "unet_small", "fcn", "vnet2d")
+ARCHITECTURES = MODEL_NAMES
+#: The ``.keras`` artifacts of each model's run: the cascade logs both of its stages.
+KERAS_ARTIFACTS = {name: [f"keras/{name}.keras"] for name in MODEL_NAMES} | {
+    "cascade": ["keras/stage1.keras", "keras/stage2.keras"]}
 EXPERIMENT = "pancreas_seg_smoke"
 STARTUP_TIMEOUT_S = 90
 
@@ -126,4 +131,4 @@ def test_rest_api_lists_runs_and_metrics(configured_learning_rates: dict[str, fl
             list(range(1, len(history) + 1)) and history, (arch, history)
         assert history[-1]["value"] == pytest.approx(metrics["val_dice_pancreas"])
         listed = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="keras")
-        assert [f["path"] for f in listed.get("files", [])] == [f"keras/{arch}.keras"], listed
+        assert sorted(f["path"] for f in listed.get("files", [])) == KERAS_ARTIFACTS[arch], listed

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "model_comparison.ipynb"
-ARCHITECTURES = ("unet", "unet_small", "fcn", "vnet2d")
+ARCHITECTURES = ("unet", "unet_small", "fcn", "vnet2d", "cascade")
 
 
 def test_committed_notebook_has_no_outputs() -> None:
