@@ -60,7 +60,12 @@ def main() -> None:
     parser.add_argument("--tumour-probability", type=float, default=1.0)
     args = parser.parse_args()
 
-    from pancreas_seg.evaluation.metrics import case_metrics, lesion_detection, summarise, summarise_lesions  # noqa: PLC0415
+    from pancreas_seg.evaluation.metrics import (  # noqa: PLC0415
+        case_metrics,
+        lesion_detection,
+        summarise,
+        summarise_lesions,
+    )
     from pancreas_seg.model_store import resolve_model  # noqa: PLC0415
     from pancreas_seg.phantoms import case_seed, make_phantom  # noqa: PLC0415
     from pancreas_seg.pipelines.inference.nodes import load_segmenter  # noqa: PLC0415

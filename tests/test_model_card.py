@@ -10,8 +10,8 @@ import pytest
 
 from pancreas_seg.model_card import (
     ModelMismatchError,
-    check_cascade_weights,
     check_card_consistent,
+    check_cascade_weights,
     check_dataset,
     check_disjoint,
     check_preprocessing,

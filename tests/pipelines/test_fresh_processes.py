@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pancreas_seg.models.names import ARCHITECTURE_NAMES, CASCADE_NAME, CASCADE_STAGE1, MODEL_NAMES
+from pancreas_seg.models.names import CASCADE_NAME, CASCADE_STAGE1, MODEL_NAMES
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,6 @@ SIZE, SLICES = 32, 6
 @pytest.fixture
 def node_inputs(tmp_path: Path) -> dict:
     import mlflow  # noqa: PLC0415
-
     from mlflow.tracking import fluent  # noqa: PLC0415
 
     previous_uri, previous_experiment = mlflow.get_tracking_uri(), fluent._active_experiment_id
