@@ -34,7 +34,7 @@ from pancreas_seg.imaging.preprocess import PreprocessingConfig
 from pancreas_seg.learning.training import FitConfig, fit_with_resume
 from pancreas_seg.models.io import load_model, save_model
 from pancreas_seg.models.registry import build_model
-from pancreas_seg.pipelines.training.nodes import compile_model
+from pancreas_seg.learning.setup import compile_model
 
 workdir = Path(sys.argv[1])
 rng = np.random.default_rng(0)

@@ -31,7 +31,7 @@ import numpy as np
 from pancreas_seg.learning.loader import SliceLoader
 from pancreas_seg.learning.training import FitConfig, fit_with_resume
 from pancreas_seg.models.registry import build_model
-from pancreas_seg.pipelines.training.nodes import compile_model
+from pancreas_seg.learning.setup import compile_model
 
 data_dir, checkpoint_dir = Path(sys.argv[1]), Path(sys.argv[2])
 

@@ -14,7 +14,7 @@ from pancreas_seg.imaging.preprocess import PreprocessingConfig
 from pancreas_seg.labels import to_training_target
 from pancreas_seg.learning.augmentation import AugmentationConfig
 from pancreas_seg.learning.loader import SliceLoader
-from pancreas_seg.pipelines.training.nodes import make_loaders, split_cases
+from pancreas_seg.learning.setup import make_loaders, split_cases
 
 SIZE = 16
 SLICES_PER_CASE = 40

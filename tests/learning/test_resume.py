@@ -37,7 +37,7 @@ from pancreas_seg.learning.loader import SliceLoader
 from pancreas_seg.learning.training import FitConfig, committed_checkpoint, fit_with_resume, read_checkpoint_state
 from pancreas_seg.models.io import load_model
 from pancreas_seg.models.registry import build_model
-from pancreas_seg.pipelines.training.nodes import compile_model
+from pancreas_seg.learning.setup import compile_model
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
 data_dir, calls = Path(sys.argv[1]), json.loads(sys.argv[2])

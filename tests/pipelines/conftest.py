@@ -241,7 +241,7 @@ def configured_learning_rates() -> dict[str, float]:
     from kedro.config import OmegaConfigLoader
 
     from pancreas_seg.models.names import ARCHITECTURE_NAMES
-    from pancreas_seg.pipelines.training.nodes import merge_settings
+    from pancreas_seg.learning.setup import merge_settings
 
     loader = OmegaConfigLoader(str(REPO_ROOT / "conf"), base_env="base", default_run_env=env,
                                merge_strategy={"parameters": "soft"})

@@ -8,7 +8,7 @@ import pytest
 from kedro.config import OmegaConfigLoader
 
 from pancreas_seg.models.names import ARCHITECTURE_NAMES
-from pancreas_seg.pipelines.training.nodes import merge_settings
+from pancreas_seg.learning.setup import merge_settings
 from pancreas_seg.settings import CONFIG_LOADER_ARGS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -64,7 +64,7 @@ def test_every_architecture_gets_a_valid_fit_config(env: str) -> None:
 def test_resume_fingerprint_ignores_speed_only_settings() -> None:
     """Toggling retain_heap resumes the same checkpoint; changing what is computed does not."""
     from pancreas_seg.learning.training import FitConfig  # noqa: PLC0415
-    from pancreas_seg.pipelines.training.nodes import resume_fingerprint  # noqa: PLC0415
+    from pancreas_seg.learning.setup import resume_fingerprint  # noqa: PLC0415
 
     settings = _effective(_parameters("base"), "unet")
     parts = ({"image_size_px": 96}, {"mean": 1.0}, ["pancreas_001"])

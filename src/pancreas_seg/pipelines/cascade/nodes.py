@@ -37,13 +37,11 @@ from pancreas_seg.labels import PANCREAS_REGION, probabilities_to_labels
 from pancreas_seg.model_card import check_cascade_weights, check_stage1, check_weights
 from pancreas_seg.models.names import CASCADE_NAME
 from pancreas_seg.pipelines.evaluation.nodes import test_case_ids
+from pancreas_seg.learning.setup import architecture_settings, compile_model, resume_fingerprint
 from pancreas_seg.pipelines.training.nodes import (
-    architecture_settings,
     build_model_card,
-    compile_model,
     log_run_setup,
     log_training_result,
-    resume_fingerprint,
     split_case_ids,
 )
 from pancreas_seg.runtime import dtype_policy, retained_heap
