@@ -253,7 +253,7 @@ def test_summary_has_dice_over_truth_present_cases_and_pooled_lesions(summaries:
     assert steady["lesions"]["tumour"]["fp_components_per_case"] == 0.0
     assert set(missy["lesions"]) == {"tumour"}
     # the existing per-class statistics are unchanged
-    assert set(tumour) == {"dice", "hd95_mm", "nsd", "slice_dice", "dice_lcc", "hd95_mm_lcc", "nsd_lcc",
+    assert set(tumour) == {"dice", "hd95_mm", "nsd", "hd95_surfel_mm", "nsd_surfel", "slice_dice", "dice_lcc", "hd95_mm_lcc", "nsd_lcc",
                            "dice_truth_present"}
 
 

@@ -29,6 +29,7 @@ from pancreas_seg.evaluation.metrics import (
     slice_dice,
     summarise,
     surface_distances_mm,
+    surfel_surface_metrics,
     surface_voxels,
 )
 
@@ -249,7 +250,7 @@ def test_case_metrics_union_semantics() -> None:
     pred = (truth > 0).astype(np.uint8)  # whole organ right, tumour called pancreas
     rows = case_metrics(pred, truth, ANISO, tolerance_mm=1.0)
     assert [r["class"] for r in rows] == list(CLASS_LABELS) == ["pancreas", "tumour"]
-    assert set(rows[0]) == {"class", "dice", "hd95_mm", "nsd"}
+    assert set(rows[0]) == {"class", "dice", "hd95_mm", "nsd", "hd95_surfel_mm", "nsd_surfel"}
     pancreas, tumour = rows
     assert pancreas["dice"] == 1.0 and pancreas["hd95_mm"] == 0.0 and pancreas["nsd"] == 1.0
     assert tumour["dice"] == 0.0 and tumour["hd95_mm"] == np.inf and tumour["nsd"] == 0.0
@@ -317,3 +318,50 @@ def test_summarise_counts_nan_and_inf() -> None:
     nothing = summarise([np.nan, np.inf])
     assert np.isnan(nothing["mean"]) and np.isnan(nothing["std"]) and nothing["n_finite"] == 0
     assert np.isnan(summarise([4.0])["std"])
+
+
+# --------------------------------------------------------------------------- surfel-weighted variant
+def test_surfel_metrics_are_deepmind_surface_distance_on_the_same_masks() -> None:
+    from surface_distance import metrics as deepmind  # noqa: PLC0415
+
+    rng = np.random.default_rng(3)
+    truth = np.zeros((40, 36, 16), bool)
+    truth[8:30, 6:28, 3:12] = True
+    pred = np.roll(truth, 2, axis=0) | (rng.random(truth.shape) > 0.995)   # shifted + speckles
+    hd95_surfel, nsd_surfel = surfel_surface_metrics(pred, truth, ANISO, 2.0)
+    distances = deepmind.compute_surface_distances(truth, pred, ANISO)
+    assert hd95_surfel == pytest.approx(deepmind.compute_robust_hausdorff(distances, 95))
+    assert nsd_surfel == pytest.approx(deepmind.compute_surface_dice_at_tolerance(distances, 2.0))
+    row = case_metrics(pred.astype(np.uint8), truth.astype(np.uint8), ANISO, 2.0)[0]
+    assert (row["hd95_surfel_mm"], row["nsd_surfel"]) == (hd95_surfel, nsd_surfel)
+    # the speckles make the two definitions disagree: they are different columns for a reason
+    assert row["hd95_surfel_mm"] != pytest.approx(row["hd95_mm"], abs=1e-6)
+
+
+def test_surfel_metrics_follow_the_empty_mask_conventions() -> None:
+    box = np.zeros((10, 10, 6), bool)
+    box[2:7, 3:8, 1:5] = True
+    empty = np.zeros_like(box)
+    assert surfel_surface_metrics(box, box, ANISO, 1.0) == (0.0, 1.0)
+    assert surfel_surface_metrics(box, empty, ANISO, 1.0) == (float("inf"), 0.0)
+    assert surfel_surface_metrics(empty, box, ANISO, 1.0) == (float("inf"), 0.0)
+    assert all(np.isnan(v) for v in surfel_surface_metrics(empty, empty, ANISO, 1.0))
+    with pytest.raises(ValueError, match="tolerance_mm"):
+        surfel_surface_metrics(box, box, ANISO, -1.0)
+    with pytest.raises(ValueError, match="3D"):
+        surfel_surface_metrics(box[..., 0], box[..., 0], (1.0, 1.0), 1.0)
+
+
+def test_surfel_nsd_weights_surface_by_area_unlike_voxel_count() -> None:
+    """A thin slab: its two large faces lie in thick-slice planes (5 mm spacing across them). Moving
+    the prediction by one slice puts every large-face element 5 mm off; with a 2 mm tolerance the
+    area-weighted NSD counts only the thin side walls, the voxel count sees most voxels unchanged."""
+    spacing = (1.0, 1.0, 5.0)
+    truth = np.zeros((30, 30, 6), bool)
+    truth[2:28, 2:28, 2:4] = True
+    pred = np.roll(truth, 1, axis=2)
+    _, nsd_surfel = surfel_surface_metrics(pred, truth, spacing, 2.0)
+    # side walls: 4 walls x 26 px x 1 slice overlap (of 2) area-weighted vs the 2 large faces
+    large_faces, side_walls = 2 * 26 * 26 * 1.0, 4 * 26 * 2 * 5.0
+    assert nsd_surfel < (side_walls + large_faces * 0.5) / (side_walls + large_faces)
+    assert nsd(pred, truth, spacing, 2.0) > nsd_surfel

@@ -193,7 +193,7 @@ def test_a_dropped_case_is_removed_and_no_other_case_moves() -> None:
 
 
 @pytest.mark.parametrize(("setting", "value"), [
-    ("seed", 7), ("test_fraction", 0.25), ("validation_fraction", 0.2), ("n_folds", 5)])
+    ("seed", 7), ("test_fraction", 0.25), ("validation_fraction", 0.2)])
 def test_changed_split_settings_raise_naming_the_setting(setting: str, value: float) -> None:
     record = make_split(_cases(20), SETTINGS, DATASET)
     with pytest.raises(SplitMismatchError) as excinfo:
@@ -246,3 +246,33 @@ def test_manifest_dataset_names_the_one_dataset_or_says_how_to_rebuild() -> None
         manifest_dataset(pd.DataFrame({"case_id": ["a"]}))
     with pytest.raises(ValueError, match="mixes datasets"):
         manifest_dataset(pd.DataFrame({"case_id": ["a", "b"], "dataset": ["x", "y"]}))
+
+
+def test_changing_n_folds_redeals_folds_without_moving_a_case() -> None:
+    record = make_split(_cases(20), SETTINGS, DATASET)
+    assert record["folds"] == {}
+    updated, dropped = reconcile_split(record, _patients(20), {**SETTINGS, "n_folds": 3}, DATASET)
+    assert dropped == [] and _membership(updated) == _membership(record)
+    development = set(record["train"]) | set(record["validation"])
+    assert set(updated["folds"]) == development
+    sizes = pd.Series(updated["folds"]).value_counts()
+    assert set(sizes.index) == {0, 1, 2} and sizes.max() - sizes.min() <= 1
+    assert updated["settings"]["n_folds"] == 3 and record["settings"]["n_folds"] == 0
+    # the same folds as a split made with n_folds=3 from the start (same patients, same seed)
+    fresh = make_split(_cases(20), {**SETTINGS, "n_folds": 3}, DATASET)
+    assert updated["folds"] == fresh["folds"]
+    # reused as it is on the next run; back to 0 folds clears them
+    again, _ = reconcile_split(updated, _patients(20), {**SETTINGS, "n_folds": 3}, DATASET)
+    assert again["folds"] == updated["folds"]
+    cleared, _ = reconcile_split(updated, _patients(20), SETTINGS, DATASET)
+    assert cleared["folds"] == {} and _membership(cleared) == _membership(record)
+
+
+def test_redealt_folds_keep_a_patients_scans_together() -> None:
+    record = make_split(_cases(20), SETTINGS, DATASET)
+    patient_of = {c: f"patient{i // 2}" for i, c in enumerate(sorted(_patients(20)))}
+    updated, _ = reconcile_split(record, _patients(20), {**SETTINGS, "n_folds": 2}, DATASET, patient_of)
+    by_patient: dict[str, set[int]] = {}
+    for case, fold in updated["folds"].items():
+        by_patient.setdefault(patient_of[case], set()).add(fold)
+    assert all(len(folds) == 1 for folds in by_patient.values())

@@ -53,19 +53,34 @@ def assign_splits(patient_ids: pd.Series, test_fraction: float, validation_fract
     split_of = {p: "test" for p in shuffled[:n_test]}
     split_of.update({p: "validation" for p in shuffled[n_test:n_test + n_val]})
     split_of.update({p: "train" for p in shuffled[n_test + n_val:]})
-    fold_of = {p: -1 for p in patients}
-    if n_folds >= 2:
-        development = shuffled[n_test:]
-        for i, patient in enumerate(development):
-            fold_of[patient] = i % n_folds
+    fold_of = dict.fromkeys(patients, -1) | assign_folds(shuffled[n_test:], n_folds, seed)
     ids = patient_ids.astype(str)
     return pd.DataFrame({"split": ids.map(split_of), "fold": ids.map(fold_of).astype(int)},
                         index=patient_ids.index)
 
 
+def assign_folds(development_patients: Iterable[str], n_folds: int, seed: int) -> dict[str, int]:
+    """Cross-validation folds ``{patient: 0..n_folds-1}`` of the non-test patients (empty if n_folds < 2).
+
+    Depends only on the set of patients, ``n_folds`` and ``seed``: the sorted patients are shuffled
+    with ``seed`` and dealt round-robin, so fold sizes differ by at most one. Folds never change
+    which patients are train, validation or test.
+    """
+    if n_folds < 2:
+        return {}
+    patients = sorted({str(p) for p in development_patients})
+    if len(patients) < n_folds:
+        raise ValueError(f"split.n_folds={n_folds} needs at least {n_folds} non-test patients, "
+                         f"there are {len(patients)}")
+    order = np.random.default_rng([seed, n_folds]).permutation(len(patients))
+    return {patients[index]: position % n_folds for position, index in enumerate(order)}
+
+
 # --------------------------------------------------------------------------- persisted split
 #: Split settings that define a split; changing one of them needs ``split.recompute: true``.
-SPLIT_SETTINGS = ("seed", "test_fraction", "validation_fraction", "n_folds")
+#: ``n_folds`` is not one of them: folds are re-dealt over the same non-test patients
+#: (:func:`assign_folds`) without moving any case between train, validation and test.
+SPLIT_SETTINGS = ("seed", "test_fraction", "validation_fraction")
 
 
 class SplitMismatchError(ValueError):
@@ -105,12 +120,14 @@ def make_split(cases: pd.DataFrame, split: Mapping[str, Any], dataset: str) -> d
 
 
 def reconcile_split(record: Mapping[str, Any], case_ids: Iterable[str], split: Mapping[str, Any],
-                    dataset: str) -> tuple[dict[str, Any], list[str]]:
+                    dataset: str, patient_of: Mapping[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Reuse a persisted split for the current labelled ``case_ids``.
 
     Cases of the split that are no longer valid (``on_invalid: skip`` dropped them, or they were
-    removed) are taken out of it, and nothing else moves. Returns the updated record and the
-    dropped case ids.
+    removed) are taken out of it, and nothing else moves. When ``split.n_folds`` differs from the
+    persisted one, the folds are dealt anew over the split's non-test patients (``patient_of``:
+    case id -> patient id; default: every case is its own patient); train, validation and test stay
+    as they are. Returns the updated record and the dropped case ids.
 
     Raises:
         SplitMismatchError: the record is of another dataset, the split settings changed, or there
@@ -137,6 +154,12 @@ def reconcile_split(record: Mapping[str, Any], case_ids: Iterable[str], split: M
     dropped = sorted(known - current)
     updated = {**record, **{name: [c for c in record[name] if c in current] for name in SPLITS}}
     updated["folds"] = {c: f for c, f in record.get("folds", {}).items() if c in current}
+    if int(persisted.get("n_folds", 0) or 0) != wanted["n_folds"]:
+        development = [c for name in ("train", "validation") for c in updated[name]]
+        patient = {c: str((patient_of or {}).get(c, c)) for c in development}
+        fold_of = assign_folds(patient.values(), wanted["n_folds"], wanted["seed"])
+        updated["folds"] = {c: fold_of[patient[c]] for c in development if patient[c] in fold_of}
+        updated["settings"] = {**persisted, "n_folds": wanted["n_folds"]}
     now = datetime.now(UTC).isoformat(timespec="seconds")
     updated["dropped"] = [*record.get("dropped", []), *({"case_id": c, "dropped_at": now} for c in dropped)]
     if not updated["train"]:

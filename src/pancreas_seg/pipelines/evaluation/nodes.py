@@ -45,8 +45,11 @@ from pancreas_seg.prediction import labels_from_probabilities, predict_slices, u
 from pancreas_seg.task07.splits import manifest_dataset
 
 logger = logging.getLogger(__name__)
-SCORE_METRICS = ("dice", "hd95_mm", "nsd", "slice_dice", "dice_lcc", "hd95_mm_lcc", "nsd_lcc")
-"""Per-case scores that :func:`build_summary` summarises per class (mean, median, std, counts)."""
+SCORE_METRICS = ("dice", "hd95_mm", "nsd", "hd95_surfel_mm", "nsd_surfel", "slice_dice", "dice_lcc",
+                 "hd95_mm_lcc", "nsd_lcc")
+"""Per-case scores that :func:`build_summary` summarises per class (mean, median, std, counts).
+``hd95_mm``/``nsd`` count surface voxels; ``hd95_surfel_mm``/``nsd_surfel`` weight surface elements
+by area as DeepMind's surface-distance (and the MSD challenge) do: see :mod:`pancreas_seg.evaluation.metrics`."""
 LESION_CLASS = "tumour"
 """The class whose connected components are counted as lesions (lesion columns, ``lesions`` block)."""
 METRIC_COLUMNS = ["case_id", "architecture", "class", *SCORE_METRICS, "truth_present", *LESION_KEYS]
@@ -108,23 +111,21 @@ def predict_test_cases(model: Any, model_check: dict[str, Any],
     return {case_id: functools.partial(predict, i, case_id) for i, case_id in enumerate(cases, start=1)}
 
 
-def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], case_manifest: pd.DataFrame,
-                     slice_geometry: dict[str, Any], model_card: dict[str, Any],
-                     evaluation: dict[str, Any]) -> pd.DataFrame:
-    """Per case and class: Dice, HD95 (mm), NSD and slice Dice, without and with largest-component.
+def score_cases(predictions: Mapping[str, Callable[[], NiftiVolume]], cases: list[str], case_manifest: pd.DataFrame,
+                slice_geometry: dict[str, Any], name: str, tolerance_mm: float) -> pd.DataFrame:
+    """Score ``cases`` (predictions on the original grid) against their labels: rows of :data:`METRIC_COLUMNS`.
 
-    Slice Dice is taken along each scan's axial axis, from its geometry in ``slice_geometry``.
-    Every row also says whether the truth has the class (``truth_present``); the tumour rows carry
-    the lesion counts and sensitivity of the raw (not post-processed) prediction, the other rows NaN
-    there. Columns: :data:`METRIC_COLUMNS`.
+    Per case and class: Dice, HD95 (mm) and NSD (voxel-count and surfel-weighted) and slice Dice,
+    without and with largest-component post-processing. Slice Dice is taken along each scan's
+    axial axis, from its geometry in ``slice_geometry``. Every row also says whether the truth has
+    the class (``truth_present``); the tumour rows carry the lesion counts and sensitivity of the
+    raw (not post-processed) prediction, the other rows NaN there. ``name`` fills ``architecture``.
     """
-    name = model_card["architecture"]
     manifest = case_manifest.set_index("case_id")
     rows = []
-    cases = test_case_ids(case_manifest)
     for index, case_id in enumerate(cases, start=1):
-        logger.info("[%s] scoring test case %d/%d: %s", name, index, len(cases), case_id)
-        prediction = test_predictions[case_id]()
+        logger.info("[%s] scoring case %d/%d: %s", name, index, len(cases), case_id)
+        prediction = predictions[case_id]()
         truth = load_nifti(manifest.loc[case_id, "label_path"])
         if prediction.array.shape != truth.array.shape or not np.allclose(prediction.affine, truth.affine, atol=1e-3):
             raise ValueError(f"prediction for {case_id} is not on the label's grid "
@@ -132,14 +133,13 @@ def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], 
         spacing = truth.spacing_mm
         # the scan geometry's axial axis: array axis 2 only for files stored in an axial-last order
         axial = ScanGeometry.from_dict(slice_geometry[case_id]).axial_axis
-        tolerance = float(evaluation["nsd_tolerance_mm"])
-        raw = case_metrics(prediction.array, truth.array, spacing, tolerance)
-        lcc = case_metrics(keep_largest_foreground(prediction.array), truth.array, spacing, tolerance)
+        raw = case_metrics(prediction.array, truth.array, spacing, tolerance_mm)
+        lcc = case_metrics(keep_largest_foreground(prediction.array), truth.array, spacing, tolerance_mm)
         lesions = lesion_detection(prediction.array, truth.array, LESION_CLASS)
         for plain, post in zip(raw, lcc, strict=True):
             class_name = plain["class"]
             rows.append({"case_id": case_id, "architecture": name, "class": class_name,
-                         "dice": plain["dice"], "hd95_mm": plain["hd95_mm"], "nsd": plain["nsd"],
+                         **{key: plain[key] for key in ("dice", "hd95_mm", "nsd", "hd95_surfel_mm", "nsd_surfel")},
                          "slice_dice": slice_dice(prediction.array, truth.array, class_name, axis=axial),
                          "dice_lcc": post["dice"], "hd95_mm_lcc": post["hd95_mm"], "nsd_lcc": post["nsd"],
                          "truth_present": bool(class_mask(truth.array, class_name).any()),
@@ -147,7 +147,15 @@ def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], 
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
-HD95_METRICS = ("hd95_mm", "hd95_mm_lcc")
+def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], case_manifest: pd.DataFrame,
+                     slice_geometry: dict[str, Any], model_card: dict[str, Any],
+                     evaluation: dict[str, Any]) -> pd.DataFrame:
+    """Score the held-out test cases with :func:`score_cases` (columns :data:`METRIC_COLUMNS`)."""
+    return score_cases(test_predictions, test_case_ids(case_manifest), case_manifest, slice_geometry,
+                       model_card["architecture"], float(evaluation["nsd_tolerance_mm"]))
+
+
+HD95_METRICS = ("hd95_mm", "hd95_surfel_mm", "hd95_mm_lcc")
 """Columns whose mean/median never stand alone: misses (``inf``) and undefined cases (NaN) are
 counted next to them wherever they are reported (CSV, markdown, MLflow, plots)."""
 HD95_COUNTS = ("n_finite", "n_inf", "n_nan")
@@ -263,6 +271,8 @@ def comparison_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 HD95_NOTE = (
+    "HD95 and NSD count surface voxels; the *surfel* columns weight surface elements by their area, as "
+    "DeepMind's surface-distance package and the MSD challenge do: compare those with published numbers. "
     "HD95 (mm) is mean ± std over the cases with a finite HD95 (median in brackets). A **miss** is a case "
     "where exactly one of prediction and truth has the structure (the model missed it, or predicted it "
     "where the truth has none): its HD95 is infinite, it is not averaged in and is counted as "
@@ -334,16 +344,17 @@ def markdown_table(table: pd.DataFrame) -> str:
     the cases with a tumour, pooled lesion sensitivity (found/true) and false-positive components
     per case; :data:`HD95_NOTE` and :data:`LESION_NOTE` below the table define them.
     """
-    header = ("| architecture | class | n | Dice | HD95 (mm) | NSD | slice Dice | Dice (LCC) | HD95 (mm, LCC) "
-              "| Dice (cases with tumour) | lesion sensitivity (found/true) | FP components / case |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    header = ("| architecture | class | n | Dice | HD95 (mm) | NSD | HD95 (mm, surfel) | NSD (surfel) | slice Dice "
+              "| Dice (LCC) | HD95 (mm, LCC) | Dice (cases with tumour) | lesion sensitivity (found/true) "
+              "| FP components / case |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
     def fmt(row: pd.Series, metric: str) -> str:
         mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
         return "n/a" if pd.isna(mean) else f"{mean:.3f} ± {0 if pd.isna(std) else std:.3f}"
 
     lines = [f"| {r['architecture']} | {r['class']} | {r['n_cases']} | {fmt(r, 'dice')} | {_hd95_cell(r, 'hd95_mm')} "
-             f"| {fmt(r, 'nsd')} | {fmt(r, 'slice_dice')} | {fmt(r, 'dice_lcc')} | {_hd95_cell(r, 'hd95_mm_lcc')} "
+             f"| {fmt(r, 'nsd')} | {_hd95_cell(r, 'hd95_surfel_mm')} | {fmt(r, 'nsd_surfel')} | {fmt(r, 'slice_dice')} | {fmt(r, 'dice_lcc')} | {_hd95_cell(r, 'hd95_mm_lcc')} "
              f"| {' | '.join(_lesion_cells(r))} |"
              for _, r in table.iterrows()]
     return header + "\n".join(lines) + "\n\n" + HD95_NOTE + "\n\n" + LESION_NOTE + "\n"

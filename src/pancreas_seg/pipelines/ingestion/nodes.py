@@ -112,7 +112,14 @@ def plan_split(valid_cases: pd.DataFrame, raw_root: str, persisted_splits: Mappi
     name = dataset_name(raw_root)
     labelled = _labelled(valid_cases)
     if name in persisted_splits and not split.get("recompute", False):
-        record, dropped = reconcile_split(persisted_splits[name](), labelled["case_id"], split, name)
+        persisted = persisted_splits[name]()
+        patient_of = (dict(zip(labelled["case_id"].astype(str), labelled["patient_id"].astype(str), strict=True))
+                      if "patient_id" in labelled else None)
+        record, dropped = reconcile_split(persisted, labelled["case_id"], split, name, patient_of)
+        if record["settings"].get("n_folds") != persisted["settings"].get("n_folds"):
+            logger.warning("split.n_folds changed (%s -> %s): cross-validation folds re-dealt over the same "
+                           "train and validation patients; no case moved between train, validation and test",
+                           persisted["settings"].get("n_folds", 0), record["settings"]["n_folds"])
         if dropped:
             logger.warning("Removed %d case(s) that are no longer valid from the persisted split of %s: %s",
                            len(dropped), name, ", ".join(dropped))
