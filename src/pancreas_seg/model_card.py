@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -167,3 +167,33 @@ def check_cascade_weights(card: Mapping[str, Any], stage1_sha256: str, stage2_sh
                                  f"(weights SHA-256 {stage1_sha256[:12]}..., card says "
                                  f"{str(stage1.get('weights_sha256'))[:12]}...). Both stages and the card must "
                                  "come from the same version folder; retrain or restore them.")
+
+
+def check_fold_ensemble(cards: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse fold models that do not form one cross-validation ensemble.
+
+    The cards must be of one architecture, dataset, label mode and preprocessing (fingerprint);
+    carry folds ``0..n_folds-1`` exactly once; and have pairwise disjoint validation cases (each
+    fold validated on its own patients). Otherwise :class:`ModelMismatchError` names the difference.
+    """
+    if not cards:
+        raise ModelMismatchError("an ensemble needs at least one fold model")
+    first = cards[0]
+    for key in ("architecture", "dataset", "label_mode", "preprocessing_fingerprint", "n_folds"):
+        values = sorted({str(card.get(key)) for card in cards})
+        if len(values) != 1:
+            raise ModelMismatchError(f"the fold models of {describe(first)} differ in {key}: {values}; "
+                                     "they come from different cross-validation runs. Rerun the cv pipeline.")
+    folds = sorted(int(card["fold"]) for card in cards if card.get("fold") is not None)
+    n_folds = int(first.get("n_folds") or 0)
+    if folds != list(range(n_folds)) or len(cards) != n_folds:
+        raise ModelMismatchError(f"the fold models of {describe(first)} have folds {folds}, expected "
+                                 f"0..{n_folds - 1} once each. Rerun the cv pipeline.")
+    seen: dict[str, int] = {}
+    for card in cards:
+        for case in card["cases"]["validation"]:
+            if case in seen:
+                raise ModelMismatchError(f"case {case} is a validation case of fold {seen[case]} and of fold "
+                                         f"{card['fold']}: the fold models come from different splits. "
+                                         "Rerun the cv pipeline.")
+            seen[case] = int(card["fold"])

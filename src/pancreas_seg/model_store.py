@@ -1,15 +1,21 @@
-"""Find a trained model and the model card of the same version: by architecture name or MLflow URI.
+"""Find a trained model (or a fold ensemble) and the model card of each member.
 
 The training pipeline saves ``<models_dir>/<arch>/model.keras/<version>/model.keras`` and
 ``<models_dir>/<arch>/model_card.json/<version>/model_card.json`` from one node, so both carry the
 same Kedro version string. A model is only ever paired with the card of its own version. The
 cascade also saves its stage 1 there (``cascade/stage1_model.keras/<version>/``).
+
+The cross-validation pipeline saves one model per fold: ``<models_dir>/<arch>/folds/models/fold<k>.keras``
+with ``<models_dir>/<arch>/folds/cards/fold<k>.json``; ``<arch>.ensemble`` names them together.
+A *bundle* folder (how the registered ``champion`` is stored in MLflow) holds ``bundle.json``
+listing its members' ``.keras`` and card files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,62 @@ def _versions(folder: Path, filename: str) -> dict[str, Path]:
     return {p.parent.name: p for p in folder.glob(f"*/{filename}") if p.is_file()}
 
 
+ENSEMBLE_SUFFIX = ".ensemble"
+BUNDLE_FILE = "bundle.json"
+
+
+@dataclass(frozen=True)
+class TrainedEnsemble:
+    """Models whose softmax outputs are averaged: the folds of one cross-validation (``name``)."""
+
+    name: str
+    members: tuple[TrainedModel, ...]
+
+    @property
+    def cards(self) -> list[dict[str, Any]]:
+        return [member.card for member in self.members]
+
+
+def members(trained: TrainedModel | TrainedEnsemble) -> tuple[TrainedModel, ...]:
+    """The single model as a one-tuple, or the ensemble's members."""
+    return trained.members if isinstance(trained, TrainedEnsemble) else (trained,)
+
+
+def fold_models(models_dir: str | Path, architecture: str) -> TrainedEnsemble:
+    """The fold models of ``architecture``'s last cross-validation (``<arch>/folds/``) as an ensemble."""
+    root = Path(models_dir) / architecture / "folds"
+    model_files = sorted((root / "models").glob("fold*.keras"))
+    if not model_files:
+        raise FileNotFoundError(f"no cross-validation fold models of '{architecture}' under {root / 'models'}; "
+                                f"run `kedro run --pipelines=cv_{architecture}` first")
+    trained = []
+    for model_file in model_files:
+        card_file = root / "cards" / f"{model_file.stem}.json"
+        if not card_file.is_file():
+            raise FileNotFoundError(f"{model_file}: its model card {card_file} is missing; rerun the cv pipeline")
+        card = {**json.loads(card_file.read_text()), "version": f"{architecture}{ENSEMBLE_SUFFIX}/{model_file.stem}"}
+        trained.append(TrainedModel(model_file, card))
+    return TrainedEnsemble(f"{architecture}{ENSEMBLE_SUFFIX}", tuple(trained))
+
+
+def read_bundle(folder: str | Path, reference: str) -> TrainedModel | TrainedEnsemble:
+    """A model or ensemble stored as a bundle folder (``bundle.json`` + its members' files)."""
+    folder = Path(folder)
+    index_file = folder / BUNDLE_FILE
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{reference}: no {BUNDLE_FILE} in {folder} (not a pancreas_seg model bundle)")
+    index = json.loads(index_file.read_text())
+    trained = []
+    for member in index["members"]:
+        model_file, card_file = folder / member["model"], folder / member["card"]
+        if not (model_file.is_file() and card_file.is_file()):
+            raise FileNotFoundError(f"{reference}: bundle member {member} is missing from {folder}")
+        trained.append(TrainedModel(model_file, {**json.loads(card_file.read_text()), "version": reference}))
+    if index["kind"] == "ensemble":
+        return TrainedEnsemble(str(index["name"]), tuple(trained))
+    return trained[0]
+
+
 def latest_trained_model(models_dir: str | Path, architecture: str) -> TrainedModel:
     """The newest model version of ``architecture`` in ``models_dir`` with the card of that version."""
     root = Path(models_dir) / architecture
@@ -60,14 +122,29 @@ def latest_trained_model(models_dir: str | Path, architecture: str) -> TrainedMo
     return TrainedModel(models[version], {**card, "version": version}, stage1_file)
 
 
-def resolve_model(reference: str, models_dir: str | Path) -> TrainedModel:
-    """Return a local ``.keras`` file and its model card for an architecture name or MLflow URI.
+def resolve_model(reference: str | Sequence[str], models_dir: str | Path) -> TrainedModel | TrainedEnsemble:
+    """Return local ``.keras`` file(s) and model card(s) for a model reference.
 
     Args:
         reference: ``unet`` / ``unet_small`` / ``fcn`` / ``vnet2d`` / ``cascade`` (the newest model
-            version in ``models_dir``) or ``runs:/<run_id>`` of a model's nested MLflow run.
+            version in ``models_dir``); ``<architecture>.ensemble`` (the fold models of its last
+            cross-validation); ``runs:/<run_id>`` of a model's nested MLflow run;
+            ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (the MLflow model registry,
+            e.g. ``models:/pancreas_seg@champion``); or a list of single-model references, whose
+            softmax outputs are averaged.
         models_dir: the project's ``data/06_models``.
     """
+    if not isinstance(reference, str):
+        parts = [resolve_model(str(r), models_dir) for r in reference]
+        if not parts or any(isinstance(p, TrainedEnsemble) for p in parts):
+            raise ValueError(f"inference.model {list(reference)!r}: a list must name one or more single models")
+        return TrainedEnsemble("+".join(str(r) for r in reference), tuple(parts))
+    if reference.endswith(ENSEMBLE_SUFFIX) and reference[:-len(ENSEMBLE_SUFFIX)] in MODEL_NAMES:
+        return fold_models(models_dir, reference[:-len(ENSEMBLE_SUFFIX)])
+    if reference.startswith("models:/"):
+        import mlflow  # noqa: PLC0415
+
+        return read_bundle(mlflow.artifacts.download_artifacts(artifact_uri=reference), reference)
     if reference in MODEL_NAMES:
         return latest_trained_model(models_dir, reference)
     if reference.startswith("runs:/"):
@@ -87,5 +164,6 @@ def resolve_model(reference: str, models_dir: str | Path) -> TrainedModel:
         if not models:
             raise FileNotFoundError(f"{reference}: expected the artifact keras/<architecture>.keras")
         return TrainedModel(models[0], card)
-    raise ValueError(f"inference.model {reference!r}: use a model name "
-                     f"{list(MODEL_NAMES)} or an MLflow URI runs:/<run_id>")
+    raise ValueError(f"inference.model {reference!r}: use a model name {list(MODEL_NAMES)}, "
+                     f"<architecture>{ENSEMBLE_SUFFIX}, an MLflow URI runs:/<run_id> or models:/<name>@<alias>, "
+                     "or a list of them")

@@ -8,6 +8,7 @@ files); both go through :func:`pancreas_seg.imaging.preprocess.preprocess_image`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,23 @@ def predict_slices(model: Any, image_slices: np.ndarray, context_slices: int, ba
     return np.concatenate(outputs, axis=0)
 
 
+def average_probabilities(models: Sequence[Any], image_slices: np.ndarray, context_slices: int,
+                          batch_size: int = 16, flip_tta: bool = False) -> np.ndarray:
+    """The mean of :func:`predict_slices` over ``models`` (a fold ensemble): float32 (Z, H, W, C).
+
+    The models must share one input shape and label mode (see ``model_card.check_fold_ensemble``).
+    Probabilities are summed in place, so memory holds two (Z, H, W, C) arrays whatever the
+    number of models.
+    """
+    if not models:
+        raise ValueError("average_probabilities needs at least one model")
+    total = predict_slices(models[0], image_slices, context_slices, batch_size, flip_tta)
+    for model in models[1:]:
+        total += predict_slices(model, image_slices, context_slices, batch_size, flip_tta)
+    total /= len(models)
+    return total
+
+
 def labels_from_probabilities(probabilities: np.ndarray, geometry: ScanGeometry, label_mode: str,
                               keep_largest_component: bool = False) -> np.ndarray:
     """(Z, H, W, C) probabilities -> uint8 MSD labels {0,1,2} of exactly ``geometry.shape`` (X, Y, Z).
@@ -79,14 +97,16 @@ def labels_from_probabilities(probabilities: np.ndarray, geometry: ScanGeometry,
     return keep_largest_foreground(labels) if keep_largest_component else labels
 
 
-def segment_volume(model: Any, hu: np.ndarray, affine: np.ndarray, config: PreprocessingConfig,
+def segment_volume(model: Any | Sequence[Any], hu: np.ndarray, affine: np.ndarray, config: PreprocessingConfig,
                    stats: ForegroundIntensityStats | None = None, batch_size: int = 16,
                    flip_tta: bool = False, keep_largest_component: bool = False) -> np.ndarray:
     """Raw CT (X, Y, Z) HU in file order, any axis order -> uint8 labels of exactly the input's shape.
 
-    The scan's geometry is planned once from ``hu.shape``/``affine`` (and the body when
+    ``model`` is one Keras model or a sequence of them (a fold ensemble: softmax averaged). The
+    scan's geometry is planned once from ``hu.shape``/``affine`` (and the body when
     ``config.crop_to_body``); the labels belong with ``affine``.
     """
     image, geometry = preprocess_image(hu, affine, config, stats)
-    probabilities = predict_slices(model, image, config.context_slices, batch_size, flip_tta)
+    models = list(model) if isinstance(model, Sequence) else [model]
+    probabilities = average_probabilities(models, image, config.context_slices, batch_size, flip_tta)
     return labels_from_probabilities(probabilities, geometry, config.label_mode, keep_largest_component)

@@ -189,3 +189,36 @@ def manifest_dataset(case_manifest: pd.DataFrame) -> str:
     if len(names) != 1:
         raise ValueError(f"the case manifest mixes datasets {names}; run `kedro run --pipelines=data` again")
     return names[0]
+
+
+def manifest_folds(case_manifest: pd.DataFrame) -> int:
+    """The number of cross-validation folds in a case manifest (its ``fold`` column).
+
+    Raises:
+        ValueError: the manifest has fewer than 2 folds; the message says how to set them.
+    """
+    folds = sorted(int(f) for f in set(case_manifest["fold"]) if int(f) >= 0)
+    if len(folds) < 2:
+        raise ValueError("cross-validation needs split.n_folds >= 2, but data/03_primary/case_manifest.csv has "
+                         f"{len(folds)} fold(s). Set split.n_folds (for example `--params split.n_folds=3`) "
+                         "and run the data pipeline (same --env): the folds are dealt over the same train "
+                         "and validation patients, no case moves")
+    if folds != list(range(len(folds))):
+        raise ValueError(f"the case manifest's folds {folds} are not 0..{len(folds) - 1}; run the data pipeline again")
+    return len(folds)
+
+
+def fold_manifest(case_manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """The manifest as fold ``fold`` of cross-validation sees it.
+
+    Every non-test labelled case (``train`` or ``validation`` in the split) becomes ``validation``
+    if it is in ``fold`` and ``train`` otherwise; test and unlabelled cases keep their split, so the
+    held-out test cases are never trained or validated on. Returns a new frame.
+    """
+    n_folds = manifest_folds(case_manifest)
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"fold {fold} does not exist: the manifest has folds 0..{n_folds - 1}")
+    manifest = case_manifest.copy()
+    development = manifest["split"].isin(["train", "validation"])
+    manifest.loc[development, "split"] = np.where(manifest.loc[development, "fold"] == fold, "validation", "train")
+    return manifest

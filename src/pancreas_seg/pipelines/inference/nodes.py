@@ -20,12 +20,14 @@ from pancreas_seg.imaging.preprocess import (
 )
 from pancreas_seg.labels import PANCREAS, TUMOUR
 from pancreas_seg.model_card import (
+    ModelMismatchError,
     check_card_consistent,
     check_cascade_weights,
     check_disjoint,
+    check_fold_ensemble,
     check_weights,
 )
-from pancreas_seg.model_store import TrainedModel, resolve_model
+from pancreas_seg.model_store import TrainedEnsemble, TrainedModel, members, resolve_model
 from pancreas_seg.prediction import segment_volume, use_xla
 from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
 from pancreas_seg.task07.validation import validate_case
@@ -79,15 +81,33 @@ def segment_case(segment: Callable[[np.ndarray, np.ndarray, str], np.ndarray], p
             "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
 
 
-def load_segmenter(trained: TrainedModel,
+def load_segmenter(trained: TrainedModel | TrainedEnsemble,
                    inference: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray, str], np.ndarray]:
-    """Load a trained model (or both stages of the cascade), check them against the card, and return
-    ``segment(hu, affine, case_id) -> labels`` with the inference settings applied."""
+    """Load a trained model (both stages of the cascade, or every model of an ensemble), check them
+    against their cards, and return ``segment(hu, affine, case_id) -> labels`` with the inference
+    settings applied. An ensemble averages its members' softmax outputs."""
     from pancreas_seg.models.io import load_model, weights_sha256  # noqa: PLC0415 - lazy: Keras
 
-    card = trained.card
     batch_size, flip_tta = int(inference["batch_size"]), bool(inference["flip_tta"])
     keep_lcc = bool(inference["keep_largest_component"])
+    if isinstance(trained, TrainedEnsemble):
+        cards = trained.cards
+        if any("cascade" in card for card in cards):
+            raise ValueError(f"inference.model {trained.name}: the cascade cannot be part of an ensemble")
+        if len({card["preprocessing_fingerprint"] for card in cards}) != 1 or len({card["label_mode"] for card in cards}) != 1:
+            raise ModelMismatchError(f"inference.model {trained.name}: its models differ in preprocessing or "
+                                     "label mode, so their outputs cannot be averaged")
+        models = []
+        for member in trained.members:
+            model = load_model(member.model_file, compile=False)
+            check_weights(member.card, weights_sha256(model))
+            use_xla(model, bool(inference.get("xla", True)))
+            models.append(model)
+        config = PreprocessingConfig.from_params(cards[0]["preprocessing"])
+        stats = intensity_stats_from_dict(cards[0].get("intensity_stats"))
+        return lambda hu, affine, name: segment_volume(models, hu, affine, config, stats, batch_size, flip_tta,
+                                                       keep_lcc)
+    card = trained.card
     model = load_model(trained.model_file, compile=False)
     use_xla(model, bool(inference.get("xla", True)))
     if "cascade" in card:
@@ -116,12 +136,18 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
     Returns a report of what was written.
     """
     inputs = collect_inputs(inference["input_path"])
-    trained = resolve_model(str(inference["model"]), inference["models_dir"])
-    model_file, card = trained.model_file, trained.card
-    check_card_consistent(card)
-    if not inference.get("allow_training_cases", False):
-        check_disjoint(card, [case_id_from_path(p) for p in inputs],
-                       "was asked to segment (set inference.allow_training_cases: true to allow it)")
+    reference = inference["model"]
+    reference = reference if isinstance(reference, str) else [str(r) for r in reference]
+    trained = resolve_model(reference, inference["models_dir"])
+    for member in members(trained):
+        check_card_consistent(member.card)
+        if not inference.get("allow_training_cases", False):
+            check_disjoint(member.card, [case_id_from_path(p) for p in inputs],
+                           "was asked to segment (set inference.allow_training_cases: true to allow it)")
+    if isinstance(trained, TrainedEnsemble) and all(m.card.get("fold") is not None for m in trained.members):
+        check_fold_ensemble(trained.cards)
+    name = trained.name if isinstance(trained, TrainedEnsemble) else trained.card["architecture"]
+    model_files = [str(m.model_file) for m in members(trained)]
     output_dir = Path(inference["output_dir"])
     findings, valid = [], []
     for path in inputs:
@@ -136,11 +162,11 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{len(findings)} invalid inference input(s):\n{listing}\n"
                          "Fix them or set inference.on_invalid: skip")
     segment = load_segmenter(trained, inference)
-    logger.info("Inference with %s (%s) on %d scan(s) -> %s", card["architecture"], model_file, len(valid), output_dir)
+    logger.info("Inference with %s (%s) on %d scan(s) -> %s", name, ", ".join(model_files), len(valid), output_dir)
     outputs = []
     for index, path in enumerate(valid, start=1):
         logger.info("Segmenting %d/%d: %s", index, len(valid), path.name)
-        outputs.append(segment_case(segment, path, output_dir, inference, card["architecture"]))
-    return {"model": str(inference["model"]), "model_file": str(model_file),
-            "architecture": card["architecture"], "trained_on": card.get("data_source"),
+        outputs.append(segment_case(segment, path, output_dir, inference, name))
+    return {"model": str(inference["model"]), "model_file": model_files[0] if len(model_files) == 1 else model_files,
+            "architecture": name, "trained_on": members(trained)[0].card.get("data_source"),
             "outputs": outputs, "skipped": [{"file": f.file, "reason": f.message} for f in findings]}

@@ -102,6 +102,8 @@ def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
     from pancreas_seg.models.registry import build_model  # noqa: PLC0415
 
     name = architecture["name"]
+    fold = architecture.get("fold")   # set by the cross-validation pipeline: one model per fold
+    run_name = name if fold is None else f"{name}.fold{fold}"
     settings = architecture_settings(training, architecture)
     config = PreprocessingConfig.from_params(preprocessing)
     fit_config = FitConfig.from_settings(settings)
@@ -110,7 +112,7 @@ def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
     data_key = sorted(train_loader.case_ids) + sorted(val_loader.case_ids)
     fingerprint = resume_fingerprint(fit_config, name, settings, preprocessing, intensity_stats, data_key)
     source = str(case_manifest["source"].iloc[0])
-    logger.info("[%s] training on %d slices (%d cases), validating on %d slices (%d cases)%s", name,
+    logger.info("[%s] training on %d slices (%d cases), validating on %d slices (%d cases)%s", run_name,
                 train_loader.n_slices, len(train_loader.case_ids), val_loader.n_slices,
                 len(val_loader.case_ids), " - SYNTHETIC phantoms" if source == "synthetic" else "")
 
@@ -119,18 +121,24 @@ def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
         return compile_model(model, settings, config.label_mode, total_steps=fit_config.epochs * len(train_loader))
 
     policy = "mixed_float16" if settings.get("mixed_precision") else None
-    with tracking.architecture_run(name) as run, dtype_policy(policy):
+    checkpoint_dir = Path(settings["checkpoint_root"]) / name / ("" if fold is None else f"fold{fold}")
+    with tracking.architecture_run(run_name) as run, dtype_policy(policy):
         run_id = run.info.run_id
         log_run_setup(name, settings, preprocessing, source, config.label_mode)
+        if fold is not None:
+            import mlflow  # noqa: PLC0415
+
+            mlflow.set_tags({"fold": fold, "n_folds": architecture["n_folds"]})
         epoch_logger = keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: tracking.log_epoch_metrics(run_id, logs, epoch + 1))
         with retained_heap(bool(settings["retain_heap"])):
-            result = fit_with_resume(build, train_loader, val_loader, fit_config,
-                                     Path(settings["checkpoint_root"]) / name, fingerprint, label=name,
-                                     callbacks=[epoch_logger])
-        figure = log_training_result(run_id, name, result, source)
+            result = fit_with_resume(build, train_loader, val_loader, fit_config, checkpoint_dir, fingerprint,
+                                     label=run_name, callbacks=[epoch_logger])
+        figure = log_training_result(run_id, run_name, result, source)
     card = build_model_card(name, run_id, input_shape, config, preprocessing, intensity_stats, case_manifest,
                             result, fit_config.monitor, weights_sha256(result.model))
+    if fold is not None:
+        card |= {"fold": int(fold), "n_folds": int(architecture["n_folds"])}
     return result.model, result.history, figure, card
 
 
