@@ -11,7 +11,7 @@ from __future__ import annotations
 from kedro.pipeline import Pipeline
 
 from pancreas_seg.models.names import ARCHITECTURE_NAMES, CASCADE_NAME, CASCADE_STAGE1
-from pancreas_seg.pipelines import evaluation, inference, ingestion, preprocessing, training
+from pancreas_seg.pipelines import cv, evaluation, inference, ingestion, preprocessing, training
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -19,7 +19,10 @@ def register_pipelines() -> dict[str, Pipeline]:
 
     ``train`` (the default) = ingestion -> preprocessing -> training of every architecture and the
     cascade -> held-out evaluation and comparison. ``train_<architecture>`` does the same for one
-    model; ``train_cascade`` also trains its stage 1 (``train_unet``'s model).
+    model; ``train_cascade`` also trains its stage 1 (``train_unet``'s model). ``cv`` (and
+    ``cv_<architecture>``) = the data pipelines -> k-fold cross-validation of every architecture ->
+    comparison, paired statistics and selection of the best fold ensemble. Neither ``cv`` nor
+    ``tune`` is part of the default.
     """
     data = ingestion.create_pipeline() + preprocessing.create_pipeline()
     train = data + training.create_pipeline() + evaluation.create_pipeline()
@@ -29,6 +32,7 @@ def register_pipelines() -> dict[str, Pipeline]:
     }
     per_model[f"train_{CASCADE_NAME}"] = (data + training.create_pipeline([CASCADE_STAGE1, CASCADE_NAME])
                                           + evaluation.create_pipeline([CASCADE_NAME]))
+    cross_validation = {f"cv_{name}": data + cv.create_pipeline([name]) for name in ARCHITECTURE_NAMES}
     return {
         "ingestion": ingestion.create_pipeline(),
         "preprocessing": preprocessing.create_pipeline(),
@@ -38,5 +42,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "inference": inference.create_pipeline(),
         "train": train,
         **per_model,
+        "cv": data + cv.create_pipeline(),
+        **cross_validation,
         "__default__": train,
     }

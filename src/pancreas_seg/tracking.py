@@ -100,3 +100,26 @@ def log_keras_model(run_id: str, model: Any, artifact_name: str | None = None) -
 
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
     mlflow.MlflowClient().log_text(run_id, text, artifact_file)
+
+
+def register_artifact_folder(run_id: str, artifact_path: str, name: str, tags: Mapping[str, str]) -> str:
+    """Register the artifact folder ``artifact_path`` of ``run_id`` as a new version of model ``name``.
+
+    Creates the registered model when needed; returns the version. The folder is a pancreas_seg
+    model bundle (see :mod:`pancreas_seg.model_store`), not an MLflow flavour: load it with
+    ``inference.model=models:/<name>@<alias>``.
+    """
+    client = mlflow.MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description="pancreas_seg segmentation models (model bundles: "
+                                       "bundle.json, .keras files and model cards)")
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags))
+    return str(version.version)
+
+
+def set_registered_alias(name: str, alias: str, version: str) -> None:
+    """Point ``alias`` (e.g. ``champion``) of registered model ``name`` at ``version``."""
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version)

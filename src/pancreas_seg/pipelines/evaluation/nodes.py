@@ -380,6 +380,41 @@ def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str
     return metrics, table, markdown, figure
 
 
+def compare_statistically(metrics_per_case: pd.DataFrame,
+                          statistics: dict[str, Any]) -> tuple[pd.DataFrame, str, Any]:
+    """Paired tests of every two models on the same cases, for each configured (metric, class).
+
+    For each entry of ``statistics.comparisons``: per-case paired differences with bootstrap CIs
+    and a Wilcoxon signed-rank test, Holm-corrected across the pairs
+    (:func:`pancreas_seg.evaluation.statistics.compare_pairs`). Returns the table, its markdown and a
+    forest plot of the first comparison; all three are also logged to the active MLflow run.
+    """
+    from pancreas_seg.evaluation.plots import plot_paired_differences  # noqa: PLC0415
+    from pancreas_seg.evaluation.statistics import comparison_markdown, compare_pairs  # noqa: PLC0415
+
+    tables, sections = [], []
+    for entry in statistics["comparisons"]:
+        table = compare_pairs(metrics_per_case, metric=entry["metric"], class_name=entry["class"],
+                              model_column="architecture", higher_is_better=bool(entry.get("higher_is_better", True)),
+                              n_bootstrap=int(statistics["n_bootstrap"]), confidence=float(statistics["confidence"]),
+                              alpha=float(statistics["alpha"]), seed=int(statistics["seed"]))
+        tables.append(table)
+        sections.append(f"### {entry['metric']}, {entry['class']}\n\n{comparison_markdown(table)}")
+    combined = pd.concat(tables, ignore_index=True)
+    markdown = "\n\n".join(sections) + "\n"
+    first = statistics["comparisons"][0]
+    figure = plot_paired_differences(tables[0], f"paired differences: {first['metric']}, {first['class']}")
+    import mlflow  # noqa: PLC0415
+
+    if mlflow.active_run() is not None:
+        run_id = mlflow.active_run().info.run_id
+        tracking.log_text(run_id, markdown, "statistics/paired_comparison.md")
+        tracking.log_figure(run_id, figure, "statistics/paired_comparison.png")
+        tracking.log_json(run_id, combined.to_dict(orient="records"), "statistics/paired_comparison.json")
+    logger.info("Paired comparison:\n%s", markdown)
+    return combined, markdown, figure
+
+
 def plot_test_overlays(case_manifest: pd.DataFrame, evaluation: dict[str, Any], *inputs: Any) -> Any:
     """Overlays of CT (HU window), ground truth and every model on representative test slices.
 

@@ -64,5 +64,8 @@ def create_pipeline(models: Iterable[str] = MODEL_NAMES) -> Pipeline:
              ["case_manifest", "params:evaluation"] + [f"evaluation_summary_{a}" for a in archs]
              + [f"test_predictions_{a}" for a in archs],
              "test_overlays", name="plot_test_overlays"),
+        Node(nodes.compare_statistically, ["metrics_per_case", "params:statistics"],
+             ["paired_comparison", "paired_comparison_markdown", "paired_comparison_plot"],
+             name="compare_statistically"),
     ])
     return per_model + comparison

@@ -1,0 +1,392 @@
+"""Cross-validation nodes: one model per fold, out-of-fold scores, fold ensembles, comparison, selection.
+
+Thin wrappers: training is the training pipeline's :func:`train_model` on a fold manifest
+(:func:`pancreas_seg.task07.splits.fold_manifest`), scoring is the evaluation pipeline's
+:func:`score_cases`, and ensembles average softmax outputs with
+:func:`pancreas_seg.prediction.average_probabilities`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pancreas_seg import tracking
+from pancreas_seg.imaging.geometry import ScanGeometry
+from pancreas_seg.imaging.nifti_io import NiftiVolume
+from pancreas_seg.imaging.preprocess import PreprocessingConfig
+from pancreas_seg.model_card import (
+    ModelMismatchError,
+    check_dataset,
+    check_disjoint,
+    check_fold_ensemble,
+    check_preprocessing,
+    check_weights,
+    describe,
+)
+from pancreas_seg.model_store import BUNDLE_FILE, ENSEMBLE_SUFFIX
+from pancreas_seg.pipelines.evaluation.nodes import (
+    build_summary,
+    mlflow_test_metrics,
+    score_cases,
+    test_case_ids,
+)
+from pancreas_seg.pipelines.training.nodes import train_model
+from pancreas_seg.prediction import average_probabilities, labels_from_probabilities, use_xla
+from pancreas_seg.task07.splits import fold_manifest, manifest_dataset, manifest_folds
+
+logger = logging.getLogger(__name__)
+
+FOLD_KEY = "fold{}"
+"""Partition names of the fold models and cards (``fold0``, ``fold1`` ...)."""
+ENSEMBLE_ARTIFACT = "ensemble"
+"""The artifact folder of a cross-validation run that holds the fold ensemble as a model bundle."""
+
+
+def _loaded(value: Any) -> Any:
+    """A partition's value: PartitionedDataset loads give callables, a node's own output the value."""
+    return value() if callable(value) and not hasattr(value, "predict_on_batch") else value
+
+
+def _fold_items(partitions: Mapping[str, Any]) -> list[tuple[int, Any]]:
+    """``[(fold, loaded value)]`` sorted by fold from ``{"fold0": ..., "fold1": ...}``."""
+    return sorted((int(key.removeprefix("fold")), _loaded(value)) for key, value in partitions.items())
+
+
+def development_case_ids(case_manifest: pd.DataFrame) -> list[str]:
+    """The sorted non-test labelled cases (train + validation): those cross-validation scores out of fold."""
+    return sorted(case_manifest.loc[case_manifest["split"].isin(["train", "validation"]), "case_id"].astype(str))
+
+
+# --------------------------------------------------------------------------- training
+def train_fold_models(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case_manifest: pd.DataFrame,
+                      intensity_stats: dict[str, Any], preprocessing: dict[str, Any], training: dict[str, Any],
+                      architecture: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Train one model per fold of the persisted split, each validated on its own fold.
+
+    All folds run under one MLflow run ``<architecture>.cv`` with a nested run per fold
+    (``unet.fold0`` ...), each resumable from its own checkpoint folder. The fold ensemble is also
+    logged to the cv run as a model bundle (artifact ``ensemble/``), ready for the registry.
+
+    Returns ``({"fold<k>": model}, {"fold<k>": model card})``; every card records ``fold``,
+    ``n_folds`` and ``cv_run_id``.
+    """
+    name = architecture["name"]
+    n_folds = manifest_folds(case_manifest)
+    models, cards = {}, {}
+    with tracking.architecture_run(f"{name}.cv") as cv_run:
+        import mlflow  # noqa: PLC0415
+
+        mlflow.set_tags({"architecture": name, "n_folds": n_folds, "kind": "cross_validation"})
+        for fold in range(n_folds):
+            logger.info("[%s] cross-validation fold %d/%d", name, fold + 1, n_folds)
+            model, _, figure, card = train_model(model_input_slices, fold_manifest(case_manifest, fold),
+                                                 intensity_stats, preprocessing, training,
+                                                 {**architecture, "fold": fold, "n_folds": n_folds})
+            _close(figure)
+            card["cv_run_id"] = cv_run.info.run_id
+            tracking.log_json(card["mlflow_run_id"], card, "model_card.json")
+            tracking.log_keras_model(card["mlflow_run_id"], model, name)
+            models[FOLD_KEY.format(fold)], cards[FOLD_KEY.format(fold)] = model, card
+        log_ensemble_bundle(cv_run.info.run_id, f"{name}{ENSEMBLE_SUFFIX}", models, cards)
+    return models, cards
+
+
+def _close(figure: Any) -> None:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    plt.close(figure)
+
+
+def log_ensemble_bundle(run_id: str, name: str, models: Mapping[str, Any], cards: Mapping[str, dict[str, Any]]) -> None:
+    """Log the fold models and cards with a ``bundle.json`` index as artifact folder ``ensemble/``."""
+    from pancreas_seg.models.io import save_model  # noqa: PLC0415 - lazy: Keras
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / ENSEMBLE_ARTIFACT
+        folder.mkdir()
+        members = []
+        for key in sorted(models):
+            save_model(models[key], folder / f"{key}.keras")
+            (folder / f"{key}.json").write_text(json.dumps(cards[key], indent=2))
+            members.append({"model": f"{key}.keras", "card": f"{key}.json"})
+        (folder / BUNDLE_FILE).write_text(json.dumps({"kind": "ensemble", "name": name, "members": members}, indent=2))
+        import mlflow  # noqa: PLC0415
+
+        mlflow.MlflowClient().log_artifacts(run_id, str(folder), ENSEMBLE_ARTIFACT)
+
+
+# --------------------------------------------------------------------------- checks
+def check_fold_models(models: list[tuple[int, Any]], cards: list[tuple[int, dict[str, Any]]],
+                      case_manifest: pd.DataFrame, preprocessing: dict[str, Any] | None = None,
+                      intensity_stats: dict[str, Any] | None = None) -> None:
+    """Refuse fold models that are not this split's cross-validation of one architecture.
+
+    Checks the cards form one ensemble, belong to this dataset and preprocessing, that fold k was
+    validated on exactly the manifest's fold-k cases and trained on none of them, and that each
+    model file is the one its card describes (weights hash).
+    """
+    from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415 - lazy: Keras
+
+    card_list = [card for _, card in cards]
+    check_fold_ensemble(card_list)
+    if [k for k, _ in models] != [k for k, _ in cards]:
+        raise ModelMismatchError(f"fold models {[k for k, _ in models]} and cards {[k for k, _ in cards]} differ")
+    n_folds = manifest_folds(case_manifest)
+    if len(card_list) != n_folds:
+        raise ModelMismatchError(f"{describe(card_list[0])}: {len(card_list)} fold models for a split with "
+                                 f"{n_folds} folds; rerun the cv pipeline")
+    dataset = manifest_dataset(case_manifest)
+    for (fold, model), (_, card) in zip(models, cards, strict=True):
+        check_dataset(card, dataset)
+        if preprocessing is not None:
+            check_preprocessing(card, preprocessing, intensity_stats)
+        in_fold = set(case_manifest.loc[case_manifest["fold"] == fold, "case_id"].astype(str))
+        if set(card["cases"]["validation"]) != in_fold or in_fold & set(card["cases"]["train"]):
+            raise ModelMismatchError(f"{describe(card)} (fold {fold}) was not validated on exactly the "
+                                     f"split's fold-{fold} cases: the folds changed since it was trained. "
+                                     "Rerun the cv pipeline.")
+        check_weights(card, weights_sha256(model))
+
+
+def _prediction_config(card: dict[str, Any]) -> PreprocessingConfig:
+    return PreprocessingConfig.from_params(card["preprocessing"])
+
+
+# --------------------------------------------------------------------------- out of fold
+def predict_out_of_fold(fold_models: Mapping[str, Any], fold_cards: Mapping[str, Any],
+                        model_input_slices: Mapping[str, Callable[[], np.ndarray]], slice_geometry: dict[str, Any],
+                        case_manifest: pd.DataFrame, intensity_stats: dict[str, Any], preprocessing: dict[str, Any],
+                        evaluation: dict[str, Any]) -> dict[str, Callable[[], NiftiVolume]]:
+    """Predict every development case with the model of the fold that held it out (lazily, per case).
+
+    Returns ``{case_id: fn}`` on each case's original grid (saved one case at a time).
+    """
+    models, cards = _fold_items(fold_models), _fold_items(fold_cards)
+    check_fold_models(models, cards, case_manifest, preprocessing, intensity_stats)
+    config = _prediction_config(cards[0][1])
+    batch_size, flip_tta = int(evaluation["batch_size"]), bool(evaluation["flip_tta"])
+    fold_of = dict(zip(case_manifest["case_id"].astype(str), case_manifest["fold"].astype(int), strict=True))
+    by_fold = dict(models)
+    for model in by_fold.values():
+        use_xla(model, bool(evaluation.get("xla", True)))
+    cases = development_case_ids(case_manifest)
+    name = cards[0][1]["architecture"]
+
+    def predict(index: int, case_id: str) -> NiftiVolume:
+        fold = fold_of[case_id]
+        logger.info("[%s] out-of-fold prediction %d/%d: %s (fold %d)", name, index, len(cases), case_id, fold)
+        geometry = ScanGeometry.from_dict(slice_geometry[case_id])
+        probabilities = average_probabilities([by_fold[fold]], model_input_slices[f"{case_id}/image"](),
+                                              config.context_slices, batch_size, flip_tta)
+        return NiftiVolume(labels_from_probabilities(probabilities, geometry, config.label_mode), geometry.affine)
+
+    return {case_id: functools.partial(predict, i, case_id) for i, case_id in enumerate(cases, start=1)}
+
+
+def score_out_of_fold(oof_predictions: Mapping[str, Callable[[], NiftiVolume]], case_manifest: pd.DataFrame,
+                      slice_geometry: dict[str, Any], fold_cards: Mapping[str, Any],
+                      evaluation: dict[str, Any]) -> pd.DataFrame:
+    """Score the out-of-fold predictions: the evaluation's per-case columns plus ``fold``."""
+    cards = _fold_items(fold_cards)
+    name = cards[0][1]["architecture"]
+    cases = development_case_ids(case_manifest)
+    metrics = score_cases(oof_predictions, cases, case_manifest, slice_geometry, name,
+                          float(evaluation["nsd_tolerance_mm"]))
+    fold_of = dict(zip(case_manifest["case_id"].astype(str), case_manifest["fold"].astype(int), strict=True))
+    metrics.insert(metrics.columns.get_loc("class"), "fold", metrics["case_id"].map(fold_of).astype(int))
+    return metrics
+
+
+# --------------------------------------------------------------------------- test: folds and ensemble
+def evaluate_fold_ensemble(fold_models: Mapping[str, Any], fold_cards: Mapping[str, Any],
+                           model_input_slices: Mapping[str, Callable[[], np.ndarray]], slice_geometry: dict[str, Any],
+                           case_manifest: pd.DataFrame, intensity_stats: dict[str, Any],
+                           preprocessing: dict[str, Any], evaluation: dict[str, Any],
+                           cv: dict[str, Any]) -> tuple[dict[str, Callable[[], NiftiVolume]], pd.DataFrame]:
+    """Score every fold model and the fold ensemble (mean softmax) on the held-out test cases.
+
+    Each test case is predicted once per fold; the fold models' labels and the ensemble's are
+    scored from those probabilities (``cv.ensemble_flip_tta`` adds mirrored test-time
+    augmentation to all of them). The ``architecture`` column says ``<arch>.fold<k>`` or
+    ``<arch>.ensemble``. Returns the ensemble's test predictions (lazy, recomputed per case when
+    saved) and the per-case metrics.
+    """
+    models, cards = _fold_items(fold_models), _fold_items(fold_cards)
+    check_fold_models(models, cards, case_manifest, preprocessing, intensity_stats)
+    cases = test_case_ids(case_manifest)
+    if not cases:
+        raise ValueError("the manifest has no test split; set split.test_fraction > 0")
+    for _, card in cards:
+        check_disjoint(card, cases, "scores as test cases")
+    config = _prediction_config(cards[0][1])
+    batch_size, flip_tta = int(evaluation["batch_size"]), bool(cv["ensemble_flip_tta"])
+    tolerance = float(evaluation["nsd_tolerance_mm"])
+    for _, model in models:
+        use_xla(model, bool(evaluation.get("xla", True)))
+    name = cards[0][1]["architecture"]
+    ensemble_name = f"{name}{ENSEMBLE_SUFFIX}"
+
+    def fold_probabilities(case_id: str) -> list[np.ndarray]:
+        image = model_input_slices[f"{case_id}/image"]()
+        return [average_probabilities([model], image, config.context_slices, batch_size, flip_tta)
+                for _, model in models]
+
+    def volume(probabilities: np.ndarray, case_id: str) -> NiftiVolume:
+        geometry = ScanGeometry.from_dict(slice_geometry[case_id])
+        return NiftiVolume(labels_from_probabilities(probabilities, geometry, config.label_mode), geometry.affine)
+
+    frames = []
+    for index, case_id in enumerate(cases, start=1):
+        logger.info("[%s] test case %d/%d: %s (%d fold models and their ensemble)", ensemble_name, index,
+                    len(cases), case_id, len(models))
+        per_fold = fold_probabilities(case_id)
+        scored = {f"{name}.fold{fold}": volume(p, case_id) for (fold, _), p in zip(models, per_fold, strict=True)}
+        scored[ensemble_name] = volume(np.mean(per_fold, axis=0), case_id)
+        for model_name, prediction in scored.items():
+            frames.append(score_cases({case_id: lambda v=prediction: v}, [case_id], case_manifest, slice_geometry,
+                                      model_name, tolerance))
+
+    def predict_ensemble(case_id: str) -> NiftiVolume:
+        return volume(np.mean(fold_probabilities(case_id), axis=0), case_id)
+
+    predictions = {case_id: functools.partial(predict_ensemble, case_id) for case_id in cases}
+    return predictions, pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- summaries
+CV_CLASSES = ("pancreas", "tumour")
+
+
+def summarise_cross_validation(oof_metrics: pd.DataFrame, test_metrics: pd.DataFrame,
+                               fold_cards: Mapping[str, Any]) -> dict[str, Any]:
+    """One architecture's cross-validation: out-of-fold, per-fold and test (folds vs ensemble) Dice.
+
+    ``cv`` is :func:`build_summary` of the out-of-fold cases; ``folds`` the out-of-fold mean Dice
+    of each fold; ``test`` the test summary of every fold model and of the ensemble, and
+    ``ensemble_vs_folds`` per class: the ensemble's test Dice, the mean of the fold models' test
+    Dice and whether the ensemble is at least that mean. Logged to the ``<arch>.cv`` MLflow run.
+    """
+    cards = [card for _, card in _fold_items(fold_cards)]
+    first = cards[0]
+    name = first["architecture"]
+    stub = {"architecture": name, "mlflow_run_id": first["cv_run_id"], "data_source": first["data_source"]}
+    summary: dict[str, Any] = {"architecture": name, "n_folds": len(cards), "mlflow_run_id": first["cv_run_id"],
+                               "cv": build_summary(oof_metrics, stub), "folds": {}, "test": {},
+                               "ensemble_vs_folds": {}}
+    for fold, frame in oof_metrics.groupby("fold"):
+        summary["folds"][f"fold{fold}"] = {c: float(frame.loc[frame["class"] == c, "dice"].mean())
+                                           for c in CV_CLASSES}
+    for model_name, frame in test_metrics.groupby("architecture"):
+        summary["test"][model_name] = build_summary(frame, {**stub, "architecture": model_name})
+    ensemble_name = f"{name}{ENSEMBLE_SUFFIX}"
+    for class_name in CV_CLASSES:
+        fold_means = [summary["test"][f"{name}.fold{c['fold']}"]["classes"][class_name]["dice"]["mean"] for c in cards]
+        ensemble = summary["test"][ensemble_name]["classes"][class_name]["dice"]["mean"]
+        fold_mean = float(np.nanmean(fold_means)) if np.isfinite(fold_means).any() else float("nan")
+        summary["ensemble_vs_folds"][class_name] = {
+            "ensemble_dice": ensemble, "fold_mean_dice": fold_mean, "fold_dice": fold_means,
+            "ensemble_at_least_fold_mean": bool(ensemble >= fold_mean) if np.isfinite([ensemble, fold_mean]).all() else None}
+    metrics = {f"cv_{k.removeprefix('test_')}": v for k, v in mlflow_test_metrics(summary["cv"]).items()}
+    metrics |= {f"test_ensemble_dice_{c}_mean": v["ensemble_dice"] for c, v in summary["ensemble_vs_folds"].items()}
+    metrics |= {f"test_fold_mean_dice_{c}_mean": v["fold_mean_dice"] for c, v in summary["ensemble_vs_folds"].items()}
+    tracking.log_final_metrics(first["cv_run_id"], metrics)
+    tracking.log_json(first["cv_run_id"], summary, "cv/summary.json")
+    pancreas = summary["ensemble_vs_folds"]["pancreas"]
+    logger.info("[%s] cross-validation: out-of-fold pancreas Dice %.4f over %d cases; test pancreas Dice: "
+                "ensemble %.4f, fold models %s (mean %.4f)", name,
+                summary["cv"]["classes"]["pancreas"]["dice"]["mean"], summary["cv"]["n_cases"],
+                pancreas["ensemble_dice"], ", ".join(f"{d:.4f}" for d in pancreas["fold_dice"]),
+                pancreas["fold_mean_dice"])
+    return summary
+
+
+def compare_cross_validation(*summaries: dict[str, Any]) -> tuple[pd.DataFrame, str]:
+    """One row per architecture: out-of-fold Dice (mean ± std, n), per-fold Dice, test Dice of the
+    fold models' mean and of the ensemble, per class. Returns the table and its markdown."""
+    rows = []
+    for summary in summaries:
+        for class_name in CV_CLASSES:
+            cv_dice = summary["cv"]["classes"][class_name]["dice"]
+            versus = summary["ensemble_vs_folds"][class_name]
+            rows.append({
+                "architecture": summary["architecture"], "class": class_name, "n_folds": summary["n_folds"],
+                "cv_n_cases": cv_dice["n"], "cv_dice_mean": cv_dice["mean"], "cv_dice_std": cv_dice["std"],
+                **{f"{fold}_dice": values[class_name] for fold, values in summary["folds"].items()},
+                "test_fold_mean_dice": versus["fold_mean_dice"], "test_ensemble_dice": versus["ensemble_dice"],
+                "ensemble_at_least_fold_mean": versus["ensemble_at_least_fold_mean"],
+                "mlflow_run_id": summary["mlflow_run_id"]})
+    table = pd.DataFrame(rows).sort_values(["class", "cv_dice_mean"], ascending=[True, False])
+    lines = ["| architecture | class | out-of-fold Dice (n) | per-fold Dice | test Dice, fold models' mean "
+             "| test Dice, fold ensemble |", "|---|---|---|---|---|---|"]
+
+    def number(value: float) -> str:
+        return "n/a" if pd.isna(value) else f"{value:.3f}"
+
+    for _, row in table.iterrows():
+        folds = ", ".join(number(row[c]) for c in table.columns if c.startswith("fold") and c.endswith("_dice")
+                          and not pd.isna(row[c]))
+        lines.append(f"| {row['architecture']} | {row['class']} | {number(row['cv_dice_mean'])} ± "
+                     f"{number(row['cv_dice_std'])} (n={int(row['cv_n_cases'])}) | {folds} "
+                     f"| {number(row['test_fold_mean_dice'])} | {number(row['test_ensemble_dice'])} |")
+    markdown = "\n".join(lines) + (
+        "\n\nOut-of-fold Dice: every non-test case scored once, by the fold model that did not see it. "
+        "Test Dice: the held-out test cases, scored by each fold model (their mean) and by the fold "
+        "ensemble (softmax averaged).\n")
+    logger.info("Cross-validation comparison:\n%s", markdown)
+    return table, markdown
+
+
+# --------------------------------------------------------------------------- selection + registry
+def select_best_configuration(cv_comparison: pd.DataFrame, cv: dict[str, Any]) -> dict[str, Any]:
+    """Choose the fold ensemble with the best out-of-fold Dice and register it as ``champion``.
+
+    The score of a configuration is the mean over ``selection.classes`` of its out-of-fold mean
+    ``dice`` (NaN classes ignored), like nnU-Net's ``find_best_configuration``. With
+    ``selection.register`` every candidate's ensemble bundle (artifact ``ensemble/`` of its cv
+    run) becomes a version of the registered model ``selection.registered_model`` with tags
+    (architecture, score), and the best one gets the alias ``selection.alias``.
+    """
+    selection = cv["selection"]
+    classes = list(selection["classes"])
+    scores = (cv_comparison[cv_comparison["class"].isin(classes)]
+              .groupby("architecture")["cv_dice_mean"].apply(lambda s: float(np.nanmean(s)) if s.notna().any() else np.nan))
+    if scores.isna().all():
+        raise ValueError(f"no configuration has an out-of-fold Dice for {classes}")
+    ranking = scores.sort_values(ascending=False, na_position="last")
+    best = str(ranking.index[0])
+    run_of = dict(zip(cv_comparison["architecture"], cv_comparison["mlflow_run_id"], strict=False))
+    result: dict[str, Any] = {
+        "selected": f"{best}{ENSEMBLE_SUFFIX}", "architecture": best, "score": float(ranking.iloc[0]),
+        "criterion": f"mean out-of-fold dice over {classes}",
+        "ranking": [{"configuration": f"{a}{ENSEMBLE_SUFFIX}", "score": None if pd.isna(s) else float(s)}
+                    for a, s in ranking.items()],
+        "cv_run_id": run_of[best], "registered_model": None, "version": None, "alias": None}
+    logger.info("Best configuration by %s: %s (%.4f); ranking: %s", result["criterion"], result["selected"],
+                result["score"], ", ".join(f"{r['configuration']} {r['score']}" for r in result["ranking"]))
+    if selection.get("register", True):
+        name, alias = str(selection["registered_model"]), str(selection["alias"])
+        versions = {a: tracking.register_artifact_folder(run_of[a], ENSEMBLE_ARTIFACT, name,
+                                                         {"architecture": a, "configuration": f"{a}{ENSEMBLE_SUFFIX}",
+                                                          "score": "" if pd.isna(s) else f"{s:.4f}",
+                                                          "criterion": result["criterion"]})
+                    for a, s in ranking.items()}
+        tracking.set_registered_alias(name, alias, versions[best])
+        result |= {"registered_model": name, "version": versions[best], "alias": alias,
+                   "uri": f"models:/{name}@{alias}"}
+        logger.info("Registered %s as %s version %s with alias %s (models:/%s@%s)", result["selected"], name,
+                    versions[best], alias, name, alias)
+    return result
+
+
+def combine_out_of_fold(*frames: pd.DataFrame) -> pd.DataFrame:
+    """Every architecture's out-of-fold per-case metrics in one frame (the paired comparison's input)."""
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,67 @@
+"""Cross-validation wiring: one namespace per architecture, then a comparison across them.
+
+In namespace ``<arch>``: train a model per fold of the persisted split, predict and score every
+non-test case out of fold, score the fold models and their ensemble on the held-out test cases,
+and summarise. Results read across namespaces are published under plain names
+(``cv_summary_unet``, ``cv_metrics_per_case_unet``, ``cv_test_metrics_unet``). The comparison
+ranks the architectures by out-of-fold Dice, tests every pair on the same cases, and registers the
+best fold ensemble as ``champion``.
+"""
+
+from collections.abc import Iterable
+
+from kedro.pipeline import Node, Pipeline
+
+from pancreas_seg.models.names import ARCHITECTURE_NAMES
+from pancreas_seg.pipelines.cv import nodes
+from pancreas_seg.pipelines.evaluation import nodes as evaluation_nodes
+
+SHARED_INPUTS = {"model_input_slices", "slice_geometry", "case_manifest", "intensity_stats"}
+SHARED_PARAMETERS = {"params:preprocessing", "params:training", "params:evaluation", "params:cv"}
+PUBLISHED_OUTPUTS = ("cv_summary", "cv_metrics_per_case", "cv_test_metrics")
+
+
+def template() -> Pipeline:
+    return Pipeline([
+        Node(nodes.train_fold_models,
+             ["model_input_slices", "case_manifest", "intensity_stats", "params:preprocessing", "params:training",
+              "params:architecture"],
+             ["fold_models", "fold_cards"], name="train_fold_models"),
+        Node(nodes.predict_out_of_fold,
+             ["fold_models", "fold_cards", "model_input_slices", "slice_geometry", "case_manifest",
+              "intensity_stats", "params:preprocessing", "params:evaluation"],
+             "oof_predictions", name="predict_out_of_fold"),
+        Node(nodes.score_out_of_fold,
+             ["oof_predictions", "case_manifest", "slice_geometry", "fold_cards", "params:evaluation"],
+             "cv_metrics_per_case", name="score_out_of_fold"),
+        Node(nodes.evaluate_fold_ensemble,
+             ["fold_models", "fold_cards", "model_input_slices", "slice_geometry", "case_manifest",
+              "intensity_stats", "params:preprocessing", "params:evaluation", "params:cv"],
+             ["ensemble_test_predictions", "cv_test_metrics"], name="evaluate_fold_ensemble"),
+        Node(nodes.summarise_cross_validation, ["cv_metrics_per_case", "cv_test_metrics", "fold_cards"],
+             "cv_summary", name="summarise_cross_validation"),
+    ])
+
+
+def create_pipeline(models: Iterable[str] = ARCHITECTURE_NAMES) -> Pipeline:
+    """Cross-validation of ``models`` (architecture names; the cascade is not cross-validated)."""
+    archs = list(models)
+    unknown = sorted(set(archs) - set(ARCHITECTURE_NAMES))
+    if unknown:
+        raise ValueError(f"cross-validation covers the architectures {list(ARCHITECTURE_NAMES)}, not {unknown}")
+    per_model = sum((Pipeline(template(), namespace=arch, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS,
+                              outputs={name: f"{name}_{arch}" for name in PUBLISHED_OUTPUTS})
+                     for arch in archs), Pipeline([]))
+    comparison = Pipeline([
+        Node(nodes.compare_cross_validation, [f"cv_summary_{a}" for a in archs],
+             ["cv_comparison", "cv_comparison_markdown"], name="compare_cross_validation"),
+        Node(evaluation_nodes.compare_statistically,
+             ["cv_metrics_per_case", "params:statistics"],
+             ["cv_paired_comparison", "cv_paired_comparison_markdown", "cv_paired_comparison_plot"],
+             name="compare_cross_validation_statistically"),
+        Node(nodes.combine_out_of_fold, [f"cv_metrics_per_case_{a}" for a in archs], "cv_metrics_per_case",
+             name="combine_out_of_fold"),
+        Node(nodes.select_best_configuration, ["cv_comparison", "params:cv"], "cv_selection",
+             name="select_best_configuration"),
+    ])
+    return per_model + comparison
