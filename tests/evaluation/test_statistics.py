@@ -1,12 +1,17 @@
-"""Tests of the paired model comparison: Wilcoxon vs SciPy, bootstrap by hand, Holm, pairing."""
+"""Tests of the paired model comparison: Wilcoxon vs SciPy, bootstrap by hand, Holm, pairing, plots."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.container import ErrorbarContainer
+from matplotlib.figure import Figure
 from scipy import stats
 
+from pancreas_seg.evaluation.plots import plot_paired_differences
 from pancreas_seg.evaluation.statistics import (
     COLUMNS,
     NOT_DIFFERENT,
@@ -214,3 +219,31 @@ def test_markdown_lists_every_pair_with_legend() -> None:
     assert "no difference can reach significance" in text
     assert "No pair" in comparison_markdown(compare_pairs(_long({"unet": [0.5]})))
 
+
+def test_forest_plot_one_errorbar_per_pair(tmp_path: Path) -> None:
+    metrics = pd.concat([_three_models(), _long({"cascade": [0.7, 0.75, 0.6]})], ignore_index=True)
+    table = compare_pairs(metrics, n_bootstrap=200)
+    fig = plot_paired_differences(table, "pancreas Dice")
+    try:
+        assert isinstance(fig, Figure) and len(fig.axes) == 1
+        ax = fig.axes[0]
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert len(bars) == len(table) == 6
+        tops = [bar.lines[0].get_ydata()[0] for bar in bars]
+        assert tops == list(range(5, -1, -1))  # first pair on top
+        for bar, row in zip(bars, table.itertuples(index=False), strict=True):
+            assert bar.lines[0].get_xdata()[0] == pytest.approx(row.mean_difference, nan_ok=True)
+        assert any(line.get_xdata()[0] == 0 for line in ax.lines if len(line.get_xdata()) == 2)
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert labels[0] == "unet − fcn" and labels[-1] == "vnet2d − cascade †"
+        texts = [t.get_text() for t in ax.texts]
+        assert len(texts) == 6 and all("Holm p=" in t for t in texts)
+        assert "(significant)" in texts[0] and "n.s." in texts[-1]
+        assert "no difference can reach significance" in ax.get_title(loc="left")
+        fig.savefig(tmp_path / "forest.png", dpi=60)
+        assert (tmp_path / "forest.png").stat().st_size > 1000
+    finally:
+        fig.clear()
+    empty = plot_paired_differences(compare_pairs(_long({"unet": [0.5]})), "none")
+    assert len(empty.axes) == 1 and not empty.axes[0].containers
+    empty.clear()
