@@ -10,7 +10,8 @@ Conventions
 Pairing
     A pair of models is compared on the cases where BOTH have a finite value of the metric for the
     class; cases present for one model only, NaN and ``inf`` are left out: ``n_excluded`` counts
-    the cases of the class (a row for any model) not used by the pair. Excluding ``inf`` flatters a model that misses, so the pair's warning says so.
+    the cases of the class (a row for any model) not used by the pair. Excluding ``inf`` flatters
+    a model that misses, so the pair's warning says so.
 Difference
     ``a - b`` per case, in the metric's unit (Dice: unitless, HD95: mm); ``mean_difference`` is
     its mean. Pairs are the unordered model pairs in first-seen order of the model column
