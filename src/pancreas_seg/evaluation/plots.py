@@ -7,6 +7,7 @@ Kedro ``matplotlib.MatplotlibDataset``).
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -316,3 +317,72 @@ def pick_representative_slices(truth_labels: np.ndarray, n: int, axis: int = 2) 
             nearest = int(np.argmin([abs(p - best_tumour) for p in picks]))
             picks[nearest] = best_tumour
     return sorted(set(picks))
+
+
+# --------------------------------------------------------------------------- paired comparisons
+def _warning_lines(table: pd.DataFrame, width: int = 110) -> list[str]:
+    """One wrapped ``"† pair, pair: warning"`` line per distinct warning of a comparison table."""
+    pairs_by_warning: dict[str, list[str]] = {}
+    for row in table.itertuples(index=False):
+        if row.warning:
+            pairs_by_warning.setdefault(row.warning, []).append(f"{row.model_a} − {row.model_b}")
+    return [textwrap.fill(f"† {', '.join(pairs)}: {warning}", width=width, subsequent_indent="   ")
+            for warning, pairs in pairs_by_warning.items()]
+
+
+def plot_paired_differences(table: pd.DataFrame, title: str) -> Figure:
+    """Forest plot of a paired model comparison (:func:`~.statistics.compare_pairs` table).
+
+    Args:
+        table: one row per pair with at least ``model_a, model_b, metric, class, n_cases,
+            mean_difference, ci_low, ci_high, p_holm, significant, warning`` (and
+            ``higher_is_better``, ``confidence`` when present).
+        title: figure title (e.g. ``"pancreas Dice, fold 0"``).
+
+    Returns:
+        A Figure with one axes: row ``i`` from the top is pair ``i``, a marker at the mean
+        difference ``a - b`` (metric unit) with its bootstrap CI as a horizontal error bar (one
+        ``ax.containers`` entry per pair, filled red when Holm-significant, open grey otherwise),
+        a dashed line at 0, and on the right ``n`` and the Holm p. Pairs with a warning are marked
+        "†" in their label and the warnings are listed under the title
+        (``ax.get_title(loc="left")``), each distinct warning once with the pairs it applies to.
+    """
+    n_pairs = len(table)
+    notes = _warning_lines(table) if n_pairs else []
+    fig = Figure(figsize=(9.0, 1.6 + 0.45 * max(n_pairs, 1) + 0.17 * sum(n.count("\n") + 1 for n in notes)),
+                 layout="constrained")
+    ax = fig.subplots()
+    ax.axvline(0.0, color="0.3", linestyle="--", linewidth=1)
+    fig.suptitle(title)
+    if n_pairs == 0:
+        ax.text(0.5, 0.5, "no pair of models to compare", ha="center", va="center",
+                transform=ax.transAxes)
+        return fig
+    labels = []
+    for i, row in enumerate(table.itertuples(index=False)):
+        y = n_pairs - 1 - i
+        mean, low, high = float(row.mean_difference), float(row.ci_low), float(row.ci_high)
+        xerr = np.array([[mean - low], [high - mean]]) if np.isfinite(low) else None
+        significant = bool(row.significant)
+        colour = "C3" if significant else "0.45"
+        ax.errorbar([mean], [y], xerr=xerr, fmt="o", color=colour, ecolor=colour, capsize=4,
+                    markerfacecolor=colour if significant else "white", markersize=6)
+        labels.append(f"{row.model_a} − {row.model_b}{' †' if row.warning else ''}")
+        p_text = "n/a" if not np.isfinite(row.p_holm) else f"{row.p_holm:.3g}"
+        ax.annotate(f"n={row.n_cases}, Holm p={p_text} ({'significant' if significant else 'n.s.'})",
+                    xy=(1.0, y), xycoords=ax.get_yaxis_transform(), xytext=(6, 0),
+                    textcoords="offset points", va="center", ha="left", fontsize="small",
+                    color=colour if significant else "black")
+    ax.set_yticks(np.arange(n_pairs)[::-1])
+    ax.set_yticklabels(labels)
+    ax.set_ylim(-0.7, n_pairs - 0.3)
+    ax.grid(axis="x", alpha=0.3)
+    first = table.iloc[0]
+    confidence = float(first["confidence"]) if "confidence" in table else 0.95
+    xlabel = f"mean difference a − b of {first['metric']} ({first['class']}), {confidence:.0%} bootstrap CI"
+    if "higher_is_better" in table:
+        xlabel += f"\n→ right of 0 favours {'a' if bool(first['higher_is_better']) else 'b'}"
+    ax.set_xlabel(xlabel)
+    ax.set_title("\n".join(notes) if notes else "no warnings", fontsize="small", loc="left",
+                 color="C1" if notes else "0.3")
+    return fig
