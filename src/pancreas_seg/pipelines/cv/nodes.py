@@ -76,7 +76,7 @@ def train_fold_models(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
     (``unet.fold0`` ...), each resumable from its own checkpoint folder. The fold ensemble is also
     logged to the cv run as a model bundle (artifact ``ensemble/``), ready for the registry.
 
-    Returns ``({"fold<k>": model}, {"fold<k>": model card})``; every card records ``fold``,
+    Returns ``({"fold<k>": fn -> model}, {"fold<k>": model card})``; every card records ``fold``,
     ``n_folds`` and ``cv_run_id``.
     """
     name = architecture["name"]
@@ -97,7 +97,12 @@ def train_fold_models(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
             tracking.log_keras_model(card["mlflow_run_id"], model, name)
             models[FOLD_KEY.format(fold)], cards[FOLD_KEY.format(fold)] = model, card
         log_ensemble_bundle(cv_run.info.run_id, f"{name}{ENSEMBLE_SUFFIX}", models, cards)
-    return models, cards
+    # PartitionedDataset calls callable partitions to get their data, and a Keras model is callable
+    return {key: functools.partial(_identity, model) for key, model in models.items()}, cards
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 def _close(figure: Any) -> None:

@@ -1,0 +1,140 @@
+"""Cross-validation end to end (``--env smoke``, 2 folds), each pipeline a NEW process after the others:
+``cv_unet`` after ``train``, then ``evaluation``, then inference with the fold ensemble and with the
+registry's ``champion``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cv_project(smoke_project: Path, tmp_path_factory: pytest.TempPathFactory, kedro_cli_runner) -> Path:
+    project = tmp_path_factory.mktemp("cv") / "pancreas_seg"
+    shutil.copytree(smoke_project, project, ignore=shutil.ignore_patterns("mlruns", "notebooks"))
+    kedro_cli_runner(project, "--pipelines=cv_unet")
+    return project
+
+
+def _development(manifest: pd.DataFrame) -> set[str]:
+    return set(manifest.loc[manifest["split"].isin(["train", "validation"]), "case_id"])
+
+
+def test_fold_models_partition_the_development_cases(cv_project: Path, smoke_project: Path) -> None:
+    manifest = pd.read_csv(cv_project / "data" / "03_primary" / "case_manifest.csv")
+    before = pd.read_csv(smoke_project / "data" / "03_primary" / "case_manifest.csv")
+    assert manifest.set_index("case_id")["split"].equals(before.set_index("case_id")["split"])   # nothing moved
+    development, test = _development(manifest), set(manifest.loc[manifest["split"] == "test", "case_id"])
+    assert sorted(set(manifest.loc[manifest["case_id"].isin(development), "fold"])) == [0, 1]
+    cards_dir = cv_project / "data" / "06_models" / "unet" / "folds" / "cards"
+    cards = [json.loads((cards_dir / f"fold{k}.json").read_text()) for k in (0, 1)]
+    assert [c["fold"] for c in cards] == [0, 1] and {c["n_folds"] for c in cards} == {2}
+    validation = [set(c["cases"]["validation"]) for c in cards]
+    assert not validation[0] & validation[1] and validation[0] | validation[1] == development
+    for card, held_out in zip(cards, validation, strict=True):
+        assert set(card["cases"]["train"]) == development - held_out
+        assert not (set(card["cases"]["train"]) | held_out) & test
+        fold_cases = set(manifest.loc[manifest["fold"] == card["fold"], "case_id"])
+        assert held_out == fold_cases
+    assert (cv_project / "data" / "06_models" / "unet" / "folds" / "models" / "fold1.keras").is_file()
+
+
+def test_out_of_fold_and_test_scores(cv_project: Path) -> None:
+    manifest = pd.read_csv(cv_project / "data" / "03_primary" / "case_manifest.csv")
+    report = cv_project / "data" / "08_reporting" / "cv"
+    oof = pd.read_csv(report / "unet" / "metrics_per_case.csv")
+    for class_name, frame in oof.groupby("class"):
+        assert sorted(frame["case_id"]) == sorted(_development(manifest)), class_name   # each case once
+    fold_of = manifest.set_index("case_id")["fold"]
+    assert (oof["fold"] == oof["case_id"].map(fold_of)).all()
+    assert {"hd95_surfel_mm", "nsd_surfel"} <= set(oof.columns)
+    assert len(list((cv_project / "data" / "07_model_output" / "cv" / "unet" / "out_of_fold").glob("*.nii.gz"))) \
+        == len(_development(manifest))
+
+    test = pd.read_csv(report / "unet" / "test_metrics_per_case.csv")
+    test_cases = sorted(manifest.loc[manifest["split"] == "test", "case_id"])
+    assert set(test["architecture"]) == {"unet.fold0", "unet.fold1", "unet.ensemble"}
+    for _, frame in test.groupby("architecture"):
+        assert sorted(frame.loc[frame["class"] == "pancreas", "case_id"]) == test_cases
+
+    summary = json.loads((report / "unet" / "summary.json").read_text())
+    pancreas = test[test["class"] == "pancreas"].groupby("architecture")["dice"].mean()
+    versus = summary["ensemble_vs_folds"]["pancreas"]
+    assert versus["ensemble_dice"] == pytest.approx(pancreas["unet.ensemble"])
+    assert versus["fold_mean_dice"] == pytest.approx((pancreas["unet.fold0"] + pancreas["unet.fold1"]) / 2)
+    assert versus["ensemble_at_least_fold_mean"] == bool(versus["ensemble_dice"] >= versus["fold_mean_dice"])
+    oof_pancreas = oof[oof["class"] == "pancreas"]
+    assert summary["cv"]["classes"]["pancreas"]["dice"]["mean"] == pytest.approx(oof_pancreas["dice"].mean())
+    assert summary["cv"]["n_cases"] == len(_development(manifest))
+    comparison = pd.read_csv(report / "cv_comparison.csv")
+    assert set(comparison["architecture"]) == {"unet"} and (report / "paired_comparison.md").is_file()
+
+
+def test_mlflow_has_nested_fold_runs_and_the_registered_champion(cv_project: Path) -> None:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cv_project / 'mlflow.db'}",
+                                 registry_uri=f"sqlite:///{cv_project / 'mlflow.db'}")
+    selection = json.loads((cv_project / "data" / "08_reporting" / "cv" / "selection.json").read_text())
+    assert selection["selected"] == "unet.ensemble" and selection["alias"] == "champion"
+    cv_run = client.get_run(selection["cv_run_id"])
+    assert cv_run.info.run_name == "unet.cv" and cv_run.data.tags["n_folds"] == "2"
+    assert "cv_dice_pancreas_mean" in cv_run.data.metrics and "test_ensemble_dice_pancreas_mean" in cv_run.data.metrics
+    children = client.search_runs([cv_run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{cv_run.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["unet.fold0", "unet.fold1"]
+    for child in children:
+        assert child.data.tags["fold"] in {"0", "1"} and "val_dice_pancreas" in child.data.metrics
+    version = client.get_model_version_by_alias("pancreas_seg", "champion")
+    assert version.run_id == cv_run.info.run_id and version.tags["architecture"] == "unet"
+    assert str(version.version) == selection["version"]
+
+
+def test_evaluation_then_ensemble_and_champion_inference_in_new_processes(cv_project: Path, kedro_cli_runner) -> None:
+    kedro_cli_runner(cv_project, "--pipelines=evaluation")           # the trained models still bind
+    outputs = {}
+    for name, reference in (("ensemble", "unet.ensemble"), ("champion", "models:/pancreas_seg@champion")):
+        out = cv_project / "data" / "07_model_output" / f"inference_{name}"
+        kedro_cli_runner(cv_project, "--pipelines=inference", "--params",
+                         f"inference.model={reference},inference.output_dir={out.relative_to(cv_project)}")
+        outputs[name] = out
+        report = json.loads((cv_project / "data" / "08_reporting" / "inference_report.json").read_text())
+        assert report["architecture"] == "unet.ensemble" and len(report["model_file"]) == 2
+    masks = sorted(outputs["ensemble"].glob("*.nii.gz"))
+    assert masks
+    for mask in masks:
+        ensemble, champion = nib.load(mask), nib.load(outputs["champion"] / mask.name)
+        assert np.array_equal(np.asarray(ensemble.dataobj), np.asarray(champion.dataobj))
+        assert np.allclose(ensemble.affine, champion.affine)
+    _check_ensemble_is_mean_softmax(cv_project, outputs["ensemble"])
+
+
+def _check_ensemble_is_mean_softmax(cv_project: Path, output_dir: Path) -> None:
+    """Recompute one scan's ensemble from the two fold models and compare with inference's output."""
+    from pancreas_seg.imaging.nifti_io import load_nifti  # noqa: PLC0415
+    from pancreas_seg.imaging.preprocess import (  # noqa: PLC0415
+        PreprocessingConfig,
+        intensity_stats_from_dict,
+        preprocess_image,
+    )
+    from pancreas_seg.models.io import load_model  # noqa: PLC0415
+    from pancreas_seg.prediction import labels_from_probabilities, predict_slices  # noqa: PLC0415
+
+    folds = cv_project / "data" / "06_models" / "unet" / "folds"
+    card = json.loads((folds / "cards" / "fold0.json").read_text())
+    config = PreprocessingConfig.from_params(card["preprocessing"])
+    scan = sorted((cv_project / "data" / "01_raw" / "Task07_Pancreas_smoke" / "imagesTs").glob("*.nii.gz"))[0]
+    ct = load_nifti(scan)
+    image, geometry = preprocess_image(ct.array, ct.affine, config, intensity_stats_from_dict(card["intensity_stats"]))
+    probabilities = [predict_slices(load_model(folds / "models" / f"fold{k}.keras", compile=False), image,
+                                    config.context_slices, batch_size=4) for k in (0, 1)]
+    expected = labels_from_probabilities((probabilities[0] + probabilities[1]) / 2, geometry, config.label_mode)
+    inferred = output_dir / scan.name
+    assert np.array_equal(np.asarray(nib.load(inferred).dataobj), expected)
