@@ -14,6 +14,7 @@ from pancreas_seg.model_card import (
     check_cascade_weights,
     check_dataset,
     check_disjoint,
+    check_fold_ensemble,
     check_preprocessing,
     check_stage1,
     check_weights,
@@ -188,3 +189,29 @@ def test_cascade_card_must_belong_to_both_stages() -> None:
         check_cascade_weights(card, "c" * 64, WEIGHTS)
     with pytest.raises(ModelMismatchError, match="does not belong"):
         check_cascade_weights(card, "b" * 64, "c" * 64)
+
+
+# --------------------------------------------------------------------------- fold ensembles
+def _fold_cards() -> list[dict]:
+    cases = ["pancreas_001", "pancreas_004", "pancreas_007", "pancreas_010"]
+    return [_card(fold=k, n_folds=2, cases={"train": [c for i, c in enumerate(cases) if i % 2 != k],
+                                            "validation": [c for i, c in enumerate(cases) if i % 2 == k]})
+            for k in (0, 1)]
+
+
+def test_fold_cards_of_one_cross_validation_form_an_ensemble() -> None:
+    check_fold_ensemble(_fold_cards())
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda cards: cards[1].update(architecture="fcn"), "differ in architecture"),
+    (lambda cards: cards[1].update(preprocessing_fingerprint="x"), "differ in preprocessing_fingerprint"),
+    (lambda cards: cards[1].update(fold=0), "expected 0..1 once each"),
+    (lambda cards: cards.pop(), "expected 0..1 once each"),
+    (lambda cards: cards[1]["cases"]["validation"].append("pancreas_001"), "validation case of fold 0 and of fold 1"),
+])
+def test_fold_cards_that_do_not_belong_together_are_refused(change, message: str) -> None:
+    cards = _fold_cards()
+    change(cards)
+    with pytest.raises(ModelMismatchError, match=message):
+        check_fold_ensemble(cards)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from pancreas_seg.prediction import predict_slices, use_xla
+from pancreas_seg.prediction import average_probabilities, predict_slices, use_xla
 
 
 class ShapeRecorder(keras.Model):
@@ -56,3 +56,19 @@ def test_use_xla_keeps_predictions() -> None:
     assert use_xla(model) is True and model.jit_compile
     np.testing.assert_allclose(predict_slices(model, slices, context_slices=1, batch_size=4), eager, atol=1e-5)
     assert use_xla(model, enabled=False) is False
+
+
+def test_average_probabilities_is_the_mean_of_each_models_softmax() -> None:
+    rng = np.random.default_rng(1)
+    slices = rng.random((5, 16, 16), dtype=np.float32)
+    first, second = ShapeRecorder(), ShapeRecorder()
+    first(slices[..., None]), second(slices[..., None])          # build both
+    second.conv.kernel.assign(np.asarray(second.conv.kernel) * -2.0)   # a different model
+    expected = (np.asarray(first(slices[..., None])) + np.asarray(second(slices[..., None]))) / 2
+    mean = average_probabilities([first, second], slices, context_slices=1, batch_size=2)
+    np.testing.assert_allclose(mean, expected, atol=1e-5)
+    np.testing.assert_allclose(mean.sum(axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(average_probabilities([first], slices, 1, 2),
+                               predict_slices(first, slices, 1, 2), atol=0)
+    with pytest.raises(ValueError, match="at least one model"):
+        average_probabilities([], slices, 1, 2)

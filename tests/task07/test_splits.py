@@ -10,7 +10,9 @@ from pancreas_seg.task07.splits import (
     SPLITS,
     SplitMismatchError,
     assign_splits,
+    fold_manifest,
     make_split,
+    manifest_folds,
     reconcile_split,
     split_assignment,
 )
@@ -276,3 +278,22 @@ def test_redealt_folds_keep_a_patients_scans_together() -> None:
     for case, fold in updated["folds"].items():
         by_patient.setdefault(patient_of[case], set()).add(fold)
     assert all(len(folds) == 1 for folds in by_patient.values())
+
+
+def test_fold_manifest_validates_on_one_fold_and_never_touches_test_cases() -> None:
+    record = make_split(_cases(20), {**SETTINGS, "n_folds": 3}, DATASET)
+    manifest = split_assignment(record, _patients(20)).rename_axis("case_id").reset_index()
+    manifest.loc[len(manifest)] = {"case_id": "unlabelled_1", "split": "unlabelled", "fold": -1}
+    assert manifest_folds(manifest) == 3
+    development = set(record["train"]) | set(record["validation"])
+    for fold in range(3):
+        view = fold_manifest(manifest, fold)
+        assert set(view.loc[view["split"] == "validation", "case_id"]) == {c for c, f in record["folds"].items() if f == fold}
+        assert set(view.loc[view["split"] == "train", "case_id"]) == development - set(view.loc[view["split"] == "validation", "case_id"])
+        assert set(view.loc[view["split"] == "test", "case_id"]) == set(record["test"])
+        assert view.loc[view["case_id"] == "unlabelled_1", "split"].item() == "unlabelled"
+    assert set(manifest["split"]) == {"train", "validation", "test", "unlabelled"}   # input unchanged
+    with pytest.raises(ValueError, match="fold 3 does not exist"):
+        fold_manifest(manifest, 3)
+    with pytest.raises(ValueError, match="split.n_folds >= 2"):
+        manifest_folds(manifest.assign(fold=-1))
