@@ -60,7 +60,9 @@ def test_notebook_executes_against_smoke_run(smoke_project: Path, monkeypatch: p
     assert "| unet_small |" in text  # the markdown table, rendered through IPython.display.Markdown
     assert "dice_mean" in text  # the model_comparison DataFrame
     assert "val_dice_pancreas" in text  # unet.training_history
+    assert "Paired comparison of `dice` (pancreas" in text   # paired_comparison_markdown
+    assert "No cross-validation yet" in text                 # the smoke project ran `train` only
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 3  # Dice box plots, test overlays, training curves
+    assert len(images) >= 4  # Dice box plots, test overlays, paired differences, training curves
     # the notebook ran from the project root: kedro-mlflow's relative sqlite store is the project's
     assert not (workdir / "mlflow.db").exists()
