@@ -1,6 +1,6 @@
 """Cross-validation end to end (``--env smoke``, 2 folds), each pipeline a NEW process after the others:
-``cv_unet`` after ``train``, then ``evaluation``, then inference with the fold ensemble and with the
-registry's ``champion``."""
+``cv`` (all four architectures) after ``train``, then ``evaluation``, then inference with a fold
+ensemble and with the registry's ``champion``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def cv_project(smoke_project: Path, tmp_path_factory: pytest.TempPathFactory, kedro_cli_runner) -> Path:
     project = tmp_path_factory.mktemp("cv") / "pancreas_seg"
     shutil.copytree(smoke_project, project, ignore=shutil.ignore_patterns("mlruns", "notebooks"))
-    kedro_cli_runner(project, "--pipelines=cv_unet")
+    kedro_cli_runner(project, "--pipelines=cv")
     return project
 
 
@@ -76,15 +76,24 @@ def test_out_of_fold_and_test_scores(cv_project: Path) -> None:
     assert summary["cv"]["classes"]["pancreas"]["dice"]["mean"] == pytest.approx(oof_pancreas["dice"].mean())
     assert summary["cv"]["n_cases"] == len(_development(manifest))
     comparison = pd.read_csv(report / "cv_comparison.csv")
-    assert set(comparison["architecture"]) == {"unet"} and (report / "paired_comparison.md").is_file()
+    assert set(comparison["architecture"]) == {"unet", "unet_small", "fcn", "vnet2d"}
+    paired = pd.read_csv(report / "paired_comparison.csv")
+    pancreas_pairs = paired[(paired["metric"] == "dice") & (paired["class"] == "pancreas")]
+    assert len(pancreas_pairs) == 6 and (pancreas_pairs["n_cases"] == len(_development(manifest))).all()
+    assert (report / "paired_comparison.png").is_file()
 
 
 def test_mlflow_has_nested_fold_runs_and_the_registered_champion(cv_project: Path) -> None:
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cv_project / 'mlflow.db'}",
                                  registry_uri=f"sqlite:///{cv_project / 'mlflow.db'}")
     selection = json.loads((cv_project / "data" / "08_reporting" / "cv" / "selection.json").read_text())
-    assert selection["selected"] == "unet.ensemble" and selection["alias"] == "champion"
-    cv_run = client.get_run(selection["cv_run_id"])
+    comparison = pd.read_csv(cv_project / "data" / "08_reporting" / "cv" / "cv_comparison.csv")
+    scores = comparison.groupby("architecture")["cv_dice_mean"].mean().sort_index()   # over pancreas, tumour
+    assert selection["architecture"] == scores.idxmax() and selection["score"] == pytest.approx(scores.max())
+    assert selection["selected"] == f"{scores.idxmax()}.ensemble" and selection["alias"] == "champion"
+    assert [r["configuration"] for r in selection["ranking"]] == [f"{a}.ensemble" for a in scores.sort_values(ascending=False, kind="stable").index]
+    unet_run = comparison.loc[comparison["architecture"] == "unet", "mlflow_run_id"].iloc[0]
+    cv_run = client.get_run(unet_run)
     assert cv_run.info.run_name == "unet.cv" and cv_run.data.tags["n_folds"] == "2"
     assert "cv_dice_pancreas_mean" in cv_run.data.metrics and "test_ensemble_dice_pancreas_mean" in cv_run.data.metrics
     children = client.search_runs([cv_run.info.experiment_id],
@@ -93,30 +102,33 @@ def test_mlflow_has_nested_fold_runs_and_the_registered_champion(cv_project: Pat
     for child in children:
         assert child.data.tags["fold"] in {"0", "1"} and "val_dice_pancreas" in child.data.metrics
     version = client.get_model_version_by_alias("pancreas_seg", "champion")
-    assert version.run_id == cv_run.info.run_id and version.tags["architecture"] == "unet"
+    assert version.run_id == selection["cv_run_id"] and version.tags["architecture"] == selection["architecture"]
     assert str(version.version) == selection["version"]
+    versions = client.search_model_versions("name = 'pancreas_seg'")
+    assert sorted(v.tags["architecture"] for v in versions) == ["fcn", "unet", "unet_small", "vnet2d"]
 
 
 def test_evaluation_then_ensemble_and_champion_inference_in_new_processes(cv_project: Path, kedro_cli_runner) -> None:
     kedro_cli_runner(cv_project, "--pipelines=evaluation")           # the trained models still bind
+    selected = json.loads((cv_project / "data" / "08_reporting" / "cv" / "selection.json").read_text())["selected"]
     outputs = {}
-    for name, reference in (("ensemble", "unet.ensemble"), ("champion", "models:/pancreas_seg@champion")):
+    for name, reference in (("ensemble", selected), ("champion", "models:/pancreas_seg@champion")):
         out = cv_project / "data" / "07_model_output" / f"inference_{name}"
         kedro_cli_runner(cv_project, "--pipelines=inference", "--params",
                          f"inference.model={reference},inference.output_dir={out.relative_to(cv_project)}")
         outputs[name] = out
         report = json.loads((cv_project / "data" / "08_reporting" / "inference_report.json").read_text())
-        assert report["architecture"] == "unet.ensemble" and len(report["model_file"]) == 2
+        assert report["architecture"] == selected and len(report["model_file"]) == 2
     masks = sorted(outputs["ensemble"].glob("*.nii.gz"))
     assert masks
     for mask in masks:
         ensemble, champion = nib.load(mask), nib.load(outputs["champion"] / mask.name)
         assert np.array_equal(np.asarray(ensemble.dataobj), np.asarray(champion.dataobj))
         assert np.allclose(ensemble.affine, champion.affine)
-    _check_ensemble_is_mean_softmax(cv_project, outputs["ensemble"])
+    _check_ensemble_is_mean_softmax(cv_project, outputs["ensemble"], selected.removesuffix(".ensemble"))
 
 
-def _check_ensemble_is_mean_softmax(cv_project: Path, output_dir: Path) -> None:
+def _check_ensemble_is_mean_softmax(cv_project: Path, output_dir: Path, architecture: str) -> None:
     """Recompute one scan's ensemble from the two fold models and compare with inference's output."""
     from pancreas_seg.imaging.nifti_io import load_nifti  # noqa: PLC0415
     from pancreas_seg.imaging.preprocess import (  # noqa: PLC0415
@@ -127,7 +139,7 @@ def _check_ensemble_is_mean_softmax(cv_project: Path, output_dir: Path) -> None:
     from pancreas_seg.models.io import load_model  # noqa: PLC0415
     from pancreas_seg.prediction import labels_from_probabilities, predict_slices  # noqa: PLC0415
 
-    folds = cv_project / "data" / "06_models" / "unet" / "folds"
+    folds = cv_project / "data" / "06_models" / architecture / "folds"
     card = json.loads((folds / "cards" / "fold0.json").read_text())
     config = PreprocessingConfig.from_params(card["preprocessing"])
     scan = sorted((cv_project / "data" / "01_raw" / "Task07_Pancreas_smoke" / "imagesTs").glob("*.nii.gz"))[0]

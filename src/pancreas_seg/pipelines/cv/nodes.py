@@ -366,7 +366,8 @@ def select_best_configuration(cv_comparison: pd.DataFrame, cv: dict[str, Any]) -
               .groupby("architecture")["cv_dice_mean"].apply(lambda s: float(np.nanmean(s)) if s.notna().any() else np.nan))
     if scores.isna().all():
         raise ValueError(f"no configuration has an out-of-fold Dice for {classes}")
-    ranking = scores.sort_values(ascending=False, na_position="last")
+    # ties go to the alphabetically first architecture: a stable sort of the name-sorted scores
+    ranking = scores.sort_index().sort_values(ascending=False, na_position="last", kind="stable")
     best = str(ranking.index[0])
     run_of = dict(zip(cv_comparison["architecture"], cv_comparison["mlflow_run_id"], strict=False))
     result: dict[str, Any] = {
