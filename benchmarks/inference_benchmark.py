@@ -258,13 +258,13 @@ class StageTimers:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
         return wrapper
 
-    def install(self, nodes, prediction, cascade_predict, crops, cascade: bool) -> None:
+    def install(self, nodes, segmenter, prediction, cascade_predict, crops, cascade: bool) -> None:
         def recorded_xla(*args, **kwargs):
             self.xla.append(use_xla(*args, **kwargs))
             return self.xla[-1]
 
-        use_xla = nodes.use_xla
-        nodes.use_xla = recorded_xla
+        use_xla = segmenter.use_xla
+        segmenter.use_xla = recorded_xla
         nodes.load_nifti = self.timed("read", nodes.load_nifti)
         nodes.save_nifti = self.timed("write_mask", nodes.save_nifti)
         nodes.save_overlay = self.timed("overlay_png", nodes.save_overlay)
@@ -315,6 +315,7 @@ def child(variant: str, repeats: int, case_index: int, settings: dict, models_di
     from pancreas_seg.cascade import crops  # noqa: PLC0415
     from pancreas_seg.cascade import predict as cascade_predict  # noqa: PLC0415
     from pancreas_seg.model_card import check_card_consistent  # noqa: PLC0415
+    from pancreas_seg import segmenter  # noqa: PLC0415
     from pancreas_seg.pipelines.inference import nodes  # noqa: PLC0415
     from pancreas_seg.runtime import retained_heap  # noqa: PLC0415
 
@@ -325,7 +326,7 @@ def child(variant: str, repeats: int, case_index: int, settings: dict, models_di
     cascade = variant == CASCADE
 
     timers = StageTimers()
-    timers.install(nodes, prediction, cascade_predict, crops, cascade)
+    timers.install(nodes, segmenter, prediction, cascade_predict, crops, cascade)
     stage_times = timers.seconds
 
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
@@ -334,7 +335,7 @@ def child(variant: str, repeats: int, case_index: int, settings: dict, models_di
         check_card_consistent(trained.card)   # as run_inference does
         keras.backend.clear_session()
         t0 = time.perf_counter()
-        segment = nodes.load_segmenter(trained, settings)   # the inference node's own loading
+        segment = segmenter.load_segmenter(trained, settings)   # the inference node's own loading
         load_s = time.perf_counter() - t0
     segment = timers.timed("segment", segment)
 

@@ -19,16 +19,8 @@ from pancreas_seg.imaging.preprocess import (
     intensity_stats_from_dict,
 )
 from pancreas_seg.labels import PANCREAS, TUMOUR
-from pancreas_seg.model_card import (
-    ModelMismatchError,
-    check_card_consistent,
-    check_cascade_weights,
-    check_disjoint,
-    check_fold_ensemble,
-    check_weights,
-)
-from pancreas_seg.model_store import TrainedEnsemble, TrainedModel, members, resolve_model
-from pancreas_seg.prediction import segment_volume, use_xla
+from pancreas_seg.model_store import members, resolve_model
+from pancreas_seg.segmenter import check_trained_model, load_segmenter, model_name
 from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
 from pancreas_seg.task07.validation import validate_case
 
@@ -81,52 +73,6 @@ def segment_case(segment: Callable[[np.ndarray, np.ndarray, str], np.ndarray], p
             "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
 
 
-def load_segmenter(trained: TrainedModel | TrainedEnsemble,
-                   inference: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray, str], np.ndarray]:
-    """Load a trained model (both stages of the cascade, or every model of an ensemble), check them
-    against their cards, and return ``segment(hu, affine, case_id) -> labels`` with the inference
-    settings applied. An ensemble averages its members' softmax outputs."""
-    from pancreas_seg.models.io import load_model, weights_sha256  # noqa: PLC0415 - lazy: Keras
-
-    batch_size, flip_tta = int(inference["batch_size"]), bool(inference["flip_tta"])
-    keep_lcc = bool(inference["keep_largest_component"])
-    if isinstance(trained, TrainedEnsemble):
-        cards = trained.cards
-        if any("cascade" in card for card in cards):
-            raise ValueError(f"inference.model {trained.name}: the cascade cannot be part of an ensemble")
-        if len({card["preprocessing_fingerprint"] for card in cards}) != 1 or len({card["label_mode"] for card in cards}) != 1:
-            raise ModelMismatchError(f"inference.model {trained.name}: its models differ in preprocessing or "
-                                     "label mode, so their outputs cannot be averaged")
-        models = []
-        for member in trained.members:
-            model = load_model(member.model_file, compile=False)
-            check_weights(member.card, weights_sha256(model))
-            use_xla(model, bool(inference.get("xla", True)))
-            models.append(model)
-        config = PreprocessingConfig.from_params(cards[0]["preprocessing"])
-        stats = intensity_stats_from_dict(cards[0].get("intensity_stats"))
-        return lambda hu, affine, name: segment_volume(models, hu, affine, config, stats, batch_size, flip_tta,
-                                                       keep_lcc)
-    card = trained.card
-    model = load_model(trained.model_file, compile=False)
-    use_xla(model, bool(inference.get("xla", True)))
-    if "cascade" in card:
-        if trained.stage1_file is None:
-            raise FileNotFoundError(f"{trained.model_file}: a cascade card without its stage-1 model file")
-        from pancreas_seg.cascade.predict import cascade_from_card, segment_volume_cascade  # noqa: PLC0415
-
-        stage1 = load_model(trained.stage1_file, compile=False)
-        check_cascade_weights(card, weights_sha256(stage1), weights_sha256(model))
-        use_xla(stage1, bool(inference.get("xla", True)))
-        cascade = cascade_from_card(card, stage1, model)
-        return lambda hu, affine, name: segment_volume_cascade(cascade, hu, affine, batch_size, flip_tta,
-                                                               keep_lcc, name)[0]
-    check_weights(card, weights_sha256(model))
-    config = PreprocessingConfig.from_params(card["preprocessing"])
-    stats = intensity_stats_from_dict(card.get("intensity_stats"))
-    return lambda hu, affine, name: segment_volume(model, hu, affine, config, stats, batch_size, flip_tta, keep_lcc)
-
-
 def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
     """Segment every input CT; write ``<case>.nii.gz`` (same shape, affine, orientation) + overlay PNG.
 
@@ -139,14 +85,9 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
     reference = inference["model"]
     reference = reference if isinstance(reference, str) else [str(r) for r in reference]
     trained = resolve_model(reference, inference["models_dir"])
-    for member in members(trained):
-        check_card_consistent(member.card)
-        if not inference.get("allow_training_cases", False):
-            check_disjoint(member.card, [case_id_from_path(p) for p in inputs],
-                           "was asked to segment (set inference.allow_training_cases: true to allow it)")
-    if isinstance(trained, TrainedEnsemble) and all(m.card.get("fold") is not None for m in trained.members):
-        check_fold_ensemble(trained.cards)
-    name = trained.name if isinstance(trained, TrainedEnsemble) else trained.card["architecture"]
+    check_trained_model(trained, None if inference.get("allow_training_cases", False)
+                        else [case_id_from_path(p) for p in inputs])
+    name = model_name(trained)
     model_files = [str(m.model_file) for m in members(trained)]
     output_dir = Path(inference["output_dir"])
     findings, valid = [], []
