@@ -44,6 +44,8 @@ def _versions(folder: Path, filename: str) -> dict[str, Path]:
 
 
 ENSEMBLE_SUFFIX = ".ensemble"
+SERVING_MODEL_NAME = "segmenter"
+"""The name of the pyfunc model logged to each training run (``pancreas_seg.serving.MODEL_NAME``)."""
 BUNDLE_FILE = "bundle.json"
 
 
@@ -81,9 +83,42 @@ def fold_models(models_dir: str | Path, architecture: str) -> TrainedEnsemble:
     return TrainedEnsemble(f"{architecture}{ENSEMBLE_SUFFIX}", tuple(trained))
 
 
-def read_bundle(folder: str | Path, reference: str) -> TrainedModel | TrainedEnsemble:
-    """A model or ensemble stored as a bundle folder (``bundle.json`` + its members' files)."""
+BUNDLE_IN_MLFLOW_MODEL = ("artifacts", "bundle")
+"""Where a bundle lies inside an MLflow pyfunc model folder (see :mod:`pancreas_seg.serving`)."""
+
+
+def write_bundle(folder: str | Path, name: str, trained: TrainedModel | TrainedEnsemble) -> Path:
+    """Copy a model (or the members of an ensemble) with their cards into ``folder`` as a bundle.
+
+    The bundle is ``bundle.json`` (kind, name, members) next to each member's ``.keras`` file,
+    card and, for the cascade, stage-1 file. Returns ``folder``.
+    """
+    import shutil  # noqa: PLC0415
+
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for index, member in enumerate(members(trained)):
+        stem = f"member{index}"
+        shutil.copyfile(member.model_file, folder / f"{stem}.keras")
+        card = {k: v for k, v in member.card.items() if k != "version"}
+        (folder / f"{stem}.json").write_text(json.dumps(card, indent=2))
+        entry = {"model": f"{stem}.keras", "card": f"{stem}.json"}
+        if member.stage1_file is not None:
+            shutil.copyfile(member.stage1_file, folder / f"{stem}_stage1.keras")
+            entry["stage1"] = f"{stem}_stage1.keras"
+        entries.append(entry)
+    kind = "ensemble" if isinstance(trained, TrainedEnsemble) else "single"
+    (folder / BUNDLE_FILE).write_text(json.dumps({"kind": kind, "name": name, "members": entries}, indent=2))
+    return folder
+
+
+def read_bundle(folder: str | Path, reference: str) -> TrainedModel | TrainedEnsemble:
+    """A model or ensemble stored as a bundle folder (``bundle.json`` + its members' files), or an
+    MLflow pyfunc model folder holding one (``artifacts/bundle/``)."""
+    folder = Path(folder)
+    if not (folder / BUNDLE_FILE).is_file() and (folder.joinpath(*BUNDLE_IN_MLFLOW_MODEL) / BUNDLE_FILE).is_file():
+        folder = folder.joinpath(*BUNDLE_IN_MLFLOW_MODEL)
     index_file = folder / BUNDLE_FILE
     if not index_file.is_file():
         raise FileNotFoundError(f"{reference}: no {BUNDLE_FILE} in {folder} (not a pancreas_seg model bundle)")
@@ -91,9 +126,11 @@ def read_bundle(folder: str | Path, reference: str) -> TrainedModel | TrainedEns
     trained = []
     for member in index["members"]:
         model_file, card_file = folder / member["model"], folder / member["card"]
-        if not (model_file.is_file() and card_file.is_file()):
+        stage1_file = folder / member["stage1"] if member.get("stage1") else None
+        if not (model_file.is_file() and card_file.is_file()) or (stage1_file and not stage1_file.is_file()):
             raise FileNotFoundError(f"{reference}: bundle member {member} is missing from {folder}")
-        trained.append(TrainedModel(model_file, {**json.loads(card_file.read_text()), "version": reference}))
+        trained.append(TrainedModel(model_file, {**json.loads(card_file.read_text()), "version": reference},
+                                    stage1_file))
     if index["kind"] == "ensemble":
         return TrainedEnsemble(str(index["name"]), tuple(trained))
     return trained[0]
@@ -122,6 +159,47 @@ def latest_trained_model(models_dir: str | Path, architecture: str) -> TrainedMo
     return TrainedModel(models[version], {**card, "version": version}, stage1_file)
 
 
+def run_model(reference: str) -> TrainedModel | TrainedEnsemble:
+    """The model of an MLflow run: ``runs:/<run_id>`` (its logged pyfunc model ``segmenter``) or
+    ``runs:/<run_id>/<logged model name>``. Runs logged before models were pyfunc models (plain
+    ``keras/*.keras`` + ``model_card.json`` artifacts) still resolve."""
+    import mlflow  # noqa: PLC0415
+
+    parts = reference.removeprefix("runs:/").strip("/").split("/", 1)
+    run_id, model_name = parts[0], parts[1] if len(parts) > 1 else SERVING_MODEL_NAME
+    try:
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{model_name}")
+        return read_bundle(folder, reference)
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        if len(parts) > 1:
+            raise FileNotFoundError(f"{reference}: no logged model {model_name!r} in that run ({exc})") from exc
+    return _legacy_run_model(reference, run_id)
+
+
+def _legacy_run_model(reference: str, run_id: str) -> TrainedModel:
+    """A run of an earlier version: ``keras/<architecture>.keras`` (or stage1/stage2) + ``model_card.json``."""
+    import mlflow  # noqa: PLC0415
+
+    try:
+        run_root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/"))
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        raise FileNotFoundError(f"{reference}: the run has no model ({exc})") from exc
+    card_file = run_root / "model_card.json"
+    if not card_file.is_file():
+        raise FileNotFoundError(f"{reference}: the run has no logged model '{SERVING_MODEL_NAME}' and no "
+                                "model_card.json artifact (is it a training run of this project?)")
+    card = {**json.loads(card_file.read_text()), "version": reference}
+    if card.get("architecture") == CASCADE_NAME:
+        stage1, stage2 = run_root / "keras" / "stage1.keras", run_root / "keras" / "stage2.keras"
+        if not (stage1.is_file() and stage2.is_file()):
+            raise FileNotFoundError(f"{reference}: expected artifacts keras/stage1.keras and keras/stage2.keras")
+        return TrainedModel(stage2, card, stage1)
+    models = sorted(run_root.glob("keras/*.keras"))
+    if not models:
+        raise FileNotFoundError(f"{reference}: expected the artifact keras/<architecture>.keras")
+    return TrainedModel(models[0], card)
+
+
 def resolve_model(reference: str | Sequence[str], models_dir: str | Path) -> TrainedModel | TrainedEnsemble:
     """Return local ``.keras`` file(s) and model card(s) for a model reference.
 
@@ -148,22 +226,7 @@ def resolve_model(reference: str | Sequence[str], models_dir: str | Path) -> Tra
     if reference in MODEL_NAMES:
         return latest_trained_model(models_dir, reference)
     if reference.startswith("runs:/"):
-        import mlflow  # noqa: PLC0415
-
-        run_root = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference.rstrip("/") + "/"))
-        card_file = run_root / "model_card.json"
-        if not card_file.is_file():
-            raise FileNotFoundError(f"{reference}: no model_card.json artifact (logged by the training pipeline)")
-        card = {**json.loads(card_file.read_text()), "version": reference}
-        if card.get("architecture") == CASCADE_NAME:
-            stage1, stage2 = run_root / "keras" / "stage1.keras", run_root / "keras" / "stage2.keras"
-            if not (stage1.is_file() and stage2.is_file()):
-                raise FileNotFoundError(f"{reference}: expected artifacts keras/stage1.keras and keras/stage2.keras")
-            return TrainedModel(stage2, card, stage1)
-        models = sorted(run_root.glob("keras/*.keras"))
-        if not models:
-            raise FileNotFoundError(f"{reference}: expected the artifact keras/<architecture>.keras")
-        return TrainedModel(models[0], card)
+        return run_model(reference)
     raise ValueError(f"inference.model {reference!r}: use a model name {list(MODEL_NAMES)}, "
                      f"<architecture>{ENSEMBLE_SUFFIX}, an MLflow URI runs:/<run_id> or models:/<name>@<alias>, "
                      "or a list of them")

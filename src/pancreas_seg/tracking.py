@@ -10,10 +10,8 @@ import logging
 import math
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -86,37 +84,20 @@ def log_json(run_id: str, data: Any, artifact_file: str) -> None:
     mlflow.MlflowClient().log_dict(run_id, data, artifact_file)
 
 
-def log_keras_model(run_id: str, model: Any, artifact_name: str | None = None) -> None:
-    """Log the ``.keras`` file as artifact ``keras/<artifact_name or model name>.keras`` (any backend).
-
-    The MLflow Keras flavour is not used: it infers pip requirements (~15 s per model) and the
-    project's inference reads the plain ``.keras`` artifact plus ``model_card.json`` instead.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{artifact_name or model.name}.keras"
-        model.save(path)
-        log_artifact_file(run_id, path, "keras")
-
-
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
     mlflow.MlflowClient().log_text(run_id, text, artifact_file)
 
 
-def register_artifact_folder(run_id: str, artifact_path: str, name: str, tags: Mapping[str, str]) -> str:
-    """Register the artifact folder ``artifact_path`` of ``run_id`` as a new version of model ``name``.
-
-    Creates the registered model when needed; returns the version. The folder is a pancreas_seg
-    model bundle (see :mod:`pancreas_seg.model_store`), not an MLflow flavour: load it with
-    ``inference.model=models:/<name>@<alias>``.
-    """
+def register_model(model_uri: str, name: str, tags: Mapping[str, str]) -> str:
+    """Register a logged model (``runs:/<run_id>/segmenter``, ``models:/m-...``) as a new version of
+    ``name`` with ``tags``; returns the version. Creates the registered model when needed."""
     client = mlflow.MlflowClient()
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description="pancreas_seg segmentation models (model bundles: "
-                                       "bundle.json, .keras files and model cards)")
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    version = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags))
+        client.create_registered_model(name, description="pancreas_seg segmentation models: MLflow pyfunc models "
+                                       "(CT NIfTI in, label map out); load with inference.model=models:/<name>@<alias>")
+    version = mlflow.register_model(model_uri, name, tags=dict(tags))
     return str(version.version)
 
 

@@ -45,6 +45,7 @@ from pancreas_seg.pipelines.training.nodes import (
     split_case_ids,
 )
 from pancreas_seg.runtime import dtype_policy, retained_heap
+from pancreas_seg.serving import log_model_objects
 from pancreas_seg.task07.splits import manifest_dataset
 
 logger = logging.getLogger(__name__)
@@ -276,8 +277,7 @@ def validate_stage2(model: Any, crop_slices: Mapping[str, Callable[[], np.ndarra
     run_id = model_card["mlflow_run_id"]
     tracking.log_final_metrics(run_id, metrics)
     tracking.log_json(run_id, model_card, "model_card.json")
-    tracking.log_keras_model(run_id, model, "stage2")
-    tracking.log_keras_model(run_id, stage1_model, "stage1")
+    log_model_objects(run_id, CASCADE_NAME, model, model_card, stage1_model)
     return metrics
 
 

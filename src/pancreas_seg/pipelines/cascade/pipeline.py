@@ -18,7 +18,8 @@ SHARED_INPUTS = {"model_input_slices", "slice_geometry", "case_manifest", "inten
 SHARED_PARAMETERS = {"params:preprocessing", "params:training", "params:evaluation"}
 EVALUATION_INPUTS = {"slice_geometry", "case_manifest", "intensity_stats"}
 EVALUATION_PARAMETERS = {"params:preprocessing", "params:evaluation"}
-PUBLISHED_OUTPUTS = ("model", "model_card")
+PUBLISHED_OUTPUTS = ("model", "model_card", "validation_metrics")
+MODEL_INPUTS = ("model", "model_card")   # what evaluation reads of the published outputs
 PUBLISHED_EVALUATION_OUTPUTS = ("test_predictions", "metrics_per_case", "evaluation_summary")
 
 
@@ -62,6 +63,6 @@ def create_training_pipeline(stage1: str = CASCADE_STAGE1) -> Pipeline:
 
 def create_evaluation_pipeline() -> Pipeline:
     """Predict (both stages) and score the held-out test cases with the newest cascade."""
-    inputs = {name: name for name in EVALUATION_INPUTS} | {name: f"{name}_{CASCADE_NAME}" for name in PUBLISHED_OUTPUTS}
+    inputs = {name: name for name in EVALUATION_INPUTS} | {name: f"{name}_{CASCADE_NAME}" for name in MODEL_INPUTS}
     return Pipeline(evaluation_template(), namespace=CASCADE_NAME, inputs=inputs, parameters=EVALUATION_PARAMETERS,
                     outputs={name: f"{name}_{CASCADE_NAME}" for name in PUBLISHED_EVALUATION_OUTPUTS})

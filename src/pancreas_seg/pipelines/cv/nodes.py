@@ -9,11 +9,8 @@ Thin wrappers: training is the training pipeline's :func:`train_model` on a fold
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import tempfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +29,7 @@ from pancreas_seg.model_card import (
     check_weights,
     describe,
 )
-from pancreas_seg.model_store import BUNDLE_FILE, ENSEMBLE_SUFFIX
+from pancreas_seg.model_store import ENSEMBLE_SUFFIX
 from pancreas_seg.pipelines.evaluation.nodes import (
     build_summary,
     mlflow_test_metrics,
@@ -41,14 +38,13 @@ from pancreas_seg.pipelines.evaluation.nodes import (
 )
 from pancreas_seg.pipelines.training.nodes import train_model
 from pancreas_seg.prediction import average_probabilities, labels_from_probabilities, use_xla
+from pancreas_seg.serving import MODEL_NAME, log_ensemble_objects, log_model_objects
 from pancreas_seg.task07.splits import fold_manifest, manifest_dataset, manifest_folds
 
 logger = logging.getLogger(__name__)
 
 FOLD_KEY = "fold{}"
 """Partition names of the fold models and cards (``fold0``, ``fold1`` ...)."""
-ENSEMBLE_ARTIFACT = "ensemble"
-"""The artifact folder of a cross-validation run that holds the fold ensemble as a model bundle."""
 
 
 def _loaded(value: Any) -> Any:
@@ -73,8 +69,8 @@ def train_fold_models(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
     """Train one model per fold of the persisted split, each validated on its own fold.
 
     All folds run under one MLflow run ``<architecture>.cv`` with a nested run per fold
-    (``unet.fold0`` ...), each resumable from its own checkpoint folder. The fold ensemble is also
-    logged to the cv run as a model bundle (artifact ``ensemble/``), ready for the registry.
+    (``unet.fold0`` ...), each resumable from its own checkpoint folder. Each fold model is logged
+    as a pyfunc model to its fold's run, and the fold ensemble to the cv run (ready for the registry).
 
     Returns ``({"fold<k>": fn -> model}, {"fold<k>": model card})``; every card records ``fold``,
     ``n_folds`` and ``cv_run_id``.
@@ -94,9 +90,9 @@ def train_fold_models(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
             _close(figure)
             card["cv_run_id"] = cv_run.info.run_id
             tracking.log_json(card["mlflow_run_id"], card, "model_card.json")
-            tracking.log_keras_model(card["mlflow_run_id"], model, name)
+            log_model_objects(card["mlflow_run_id"], f"{name}.fold{fold}", model, card)
             models[FOLD_KEY.format(fold)], cards[FOLD_KEY.format(fold)] = model, card
-        log_ensemble_bundle(cv_run.info.run_id, f"{name}{ENSEMBLE_SUFFIX}", models, cards)
+        log_ensemble_objects(cv_run.info.run_id, f"{name}{ENSEMBLE_SUFFIX}", models, cards)
     # PartitionedDataset calls callable partitions to get their data, and a Keras model is callable
     return {key: functools.partial(_identity, model) for key, model in models.items()}, cards
 
@@ -109,24 +105,6 @@ def _close(figure: Any) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     plt.close(figure)
-
-
-def log_ensemble_bundle(run_id: str, name: str, models: Mapping[str, Any], cards: Mapping[str, dict[str, Any]]) -> None:
-    """Log the fold models and cards with a ``bundle.json`` index as artifact folder ``ensemble/``."""
-    from pancreas_seg.models.io import save_model  # noqa: PLC0415 - lazy: Keras
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / ENSEMBLE_ARTIFACT
-        folder.mkdir()
-        members = []
-        for key in sorted(models):
-            save_model(models[key], folder / f"{key}.keras")
-            (folder / f"{key}.json").write_text(json.dumps(cards[key], indent=2))
-            members.append({"model": f"{key}.keras", "card": f"{key}.json"})
-        (folder / BUNDLE_FILE).write_text(json.dumps({"kind": "ensemble", "name": name, "members": members}, indent=2))
-        import mlflow  # noqa: PLC0415
-
-        mlflow.MlflowClient().log_artifacts(run_id, str(folder), ENSEMBLE_ARTIFACT)
 
 
 # --------------------------------------------------------------------------- checks
@@ -356,8 +334,8 @@ def select_best_configuration(cv_comparison: pd.DataFrame, cv: dict[str, Any]) -
 
     The score of a configuration is the mean over ``selection.classes`` of its out-of-fold mean
     ``dice`` (NaN classes ignored), like nnU-Net's ``find_best_configuration``. With
-    ``selection.register`` every candidate's ensemble bundle (artifact ``ensemble/`` of its cv
-    run) becomes a version of the registered model ``selection.registered_model`` with tags
+    ``selection.register`` every candidate's fold ensemble (the pyfunc model of its cv run)
+    becomes a version of the registered model ``selection.registered_model`` with tags
     (architecture, score), and the best one gets the alias ``selection.alias``.
     """
     selection = cv["selection"]
@@ -380,10 +358,10 @@ def select_best_configuration(cv_comparison: pd.DataFrame, cv: dict[str, Any]) -
                 result["score"], ", ".join(f"{r['configuration']} {r['score']}" for r in result["ranking"]))
     if selection.get("register", True):
         name, alias = str(selection["registered_model"]), str(selection["alias"])
-        versions = {a: tracking.register_artifact_folder(run_of[a], ENSEMBLE_ARTIFACT, name,
-                                                         {"architecture": a, "configuration": f"{a}{ENSEMBLE_SUFFIX}",
-                                                          "score": "" if pd.isna(s) else f"{s:.4f}",
-                                                          "criterion": result["criterion"]})
+        versions = {a: tracking.register_model(f"runs:/{run_of[a]}/{MODEL_NAME}", name,
+                                               {"architecture": a, "configuration": f"{a}{ENSEMBLE_SUFFIX}",
+                                                "score": "" if pd.isna(s) else f"{s:.4f}",
+                                                "criterion": result["criterion"], "source": "cv"})
                     for a, s in ranking.items()}
         tracking.set_registered_alias(name, alias, versions[best])
         result |= {"registered_model": name, "version": versions[best], "alias": alias,

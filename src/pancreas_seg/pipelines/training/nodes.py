@@ -24,6 +24,7 @@ from pancreas_seg.learning.setup import (
 )
 from pancreas_seg.model_card import preprocessing_fingerprint
 from pancreas_seg.runtime import dtype_policy, retained_heap
+from pancreas_seg.serving import log_model_objects
 from pancreas_seg.task07.splits import manifest_dataset
 
 logger = logging.getLogger(__name__)
@@ -156,5 +157,42 @@ def validate_model(model: Any, model_input_slices: Mapping[str, Callable[[], np.
                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     tracking.log_final_metrics(model_card["mlflow_run_id"], metrics)
     tracking.log_json(model_card["mlflow_run_id"], model_card, "model_card.json")
-    tracking.log_keras_model(model_card["mlflow_run_id"], model)
+    log_model_objects(model_card["mlflow_run_id"], model_card["architecture"], model, model_card)
     return metrics
+
+
+def register_trained_models(registry: dict[str, Any], *inputs: Any) -> dict[str, Any]:
+    """Register each trained model's pyfunc model; the best by validation pancreas Dice gets the alias.
+
+    Inputs after ``registry`` (the ``registry`` parameters): every model's card, then its
+    validation metrics (same order). Each model becomes a version of ``registry.registered_model``
+    tagged with its architecture, validation Dice and source run; ``registry.alias`` (``champion``)
+    points at the one with the highest ``registry.metric``. Note: the cascade's validation Dice is
+    measured on its stage-2 crops, not on whole scans.
+    Returns what was registered (also saved as ``data/08_reporting/training/model_registration.json``).
+    """
+    if not registry.get("register", True):
+        return {"registered": False, "reason": "registry.register is false"}
+    n = len(inputs) // 2
+    cards, metrics = inputs[:n], inputs[n:]
+    name, alias, metric = str(registry["registered_model"]), str(registry["alias"]), str(registry["metric"])
+    entries = []
+    for card, values in zip(cards, metrics, strict=True):
+        score = float(values.get(metric, float("nan")))
+        version = tracking.register_model(
+            f"runs:/{card['mlflow_run_id']}/segmenter", name,
+            {"architecture": card["architecture"], metric: f"{score:.4f}", "source": "train",
+             "data_source": str(card.get("data_source")), "dataset": str(card.get("dataset"))})
+        entries.append({"architecture": card["architecture"], "version": version, metric: score,
+                        "mlflow_run_id": card["mlflow_run_id"]})
+    ranked = sorted((e for e in entries if e[metric] == e[metric]), key=lambda e: (-e[metric], e["architecture"]))
+    report: dict[str, Any] = {"registered": True, "registered_model": name, "metric": metric, "models": entries,
+                              "alias": None, "champion": None}
+    if ranked:
+        best = ranked[0]
+        tracking.set_registered_alias(name, alias, best["version"])
+        report |= {"alias": alias, "champion": best["architecture"], "version": best["version"],
+                   "uri": f"models:/{name}@{alias}"}
+        logger.info("Registered %d model(s) as %s; %s = %s (version %s, %s %.4f)", len(entries), name, alias,
+                    best["architecture"], best["version"], metric, best[metric])
+    return report

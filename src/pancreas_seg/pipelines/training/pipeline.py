@@ -14,7 +14,7 @@ from pancreas_seg.pipelines.training import nodes
 
 SHARED_INPUTS = {"model_input_slices", "case_manifest", "intensity_stats"}
 SHARED_PARAMETERS = {"params:preprocessing", "params:training"}
-PUBLISHED_OUTPUTS = ("model", "model_card")
+PUBLISHED_OUTPUTS = ("model", "model_card", "validation_metrics")
 
 
 def template() -> Pipeline:
@@ -32,13 +32,19 @@ def template() -> Pipeline:
 
 
 def create_pipeline(models: Iterable[str] = MODEL_NAMES) -> Pipeline:
-    """Training of ``models`` (architecture names and/or ``cascade``)."""
+    """Training of ``models`` (architecture names and/or ``cascade``), then their registration."""
     from pancreas_seg.pipelines.cascade.pipeline import create_training_pipeline  # noqa: PLC0415
 
+    names = list(models)
     pipelines = [
         create_training_pipeline() if name == CASCADE_NAME else
         Pipeline(template(), namespace=name, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS,
                  outputs={output: f"{output}_{name}" for output in PUBLISHED_OUTPUTS})
-        for name in models
+        for name in names
     ]
-    return sum(pipelines, Pipeline([]))
+    registration = Pipeline([
+        Node(nodes.register_trained_models,
+             ["params:registry"] + [f"model_card_{n}" for n in names] + [f"validation_metrics_{n}" for n in names],
+             "model_registration", name="register_trained_models"),
+    ])
+    return sum(pipelines, Pipeline([])) + registration
