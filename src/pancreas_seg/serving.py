@@ -98,8 +98,8 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
         if not ({INPUT_BASE64, INPUT_PATH} & set(model_input.columns)):
-            raise _bad_request(f"the input needs a column '{INPUT_BASE64}' (base64 NIfTI bytes) or "
-                               f"'{INPUT_PATH}' (a local NIfTI file); got columns {list(model_input.columns)}")
+            raise _bad_request(f"the request has neither a '{INPUT_BASE64}' column (base64 NIfTI bytes) nor a "
+                               f"'{INPUT_PATH}' column (a local NIfTI file)")
         segment = self._segmenter(params or {})
         rows = []
         with tempfile.TemporaryDirectory(prefix="pancreas_seg_serving_") as tmp:

@@ -6,6 +6,10 @@ from pancreas_seg.warnings_filter import install as install_warning_filters
 
 install_warning_filters()  # known-harmless third-party warnings off, in one place
 
+from pancreas_seg.hooks import MlflowExperimentsHook  # noqa: E402
+
+HOOKS = (MlflowExperimentsHook(),)
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

@@ -51,7 +51,11 @@ def test_train_leaves_a_complete_bound_cascade(smoke_project: Path, model_card_r
     run = client.get_run(card["mlflow_run_id"])
     assert run.data.tags["stage1_architecture"] == "unet" and run.data.tags["stage2_architecture"] == "unet"
     assert run.data.params["cascade.crop.spacing_mm"] == "3.0"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"stage1_localisation.json", "keras"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"stage1_localisation.json", "model_card.json"}
+    logged = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/segmenter",
+                                                      tracking_uri=f"sqlite:///{smoke_project / 'mlflow.db'}"))
+    bundle = json.loads((logged / "artifacts" / "bundle" / "bundle.json").read_text())
+    assert bundle["kind"] == "single" and bundle["members"][0]["stage1"]          # both stages are in it
 
 
 def test_tumour_label_mode_end_to_end(smoke_project: Path, tmp_path: Path, kedro_cli_runner) -> None:

@@ -96,7 +96,7 @@ def test_inference_on_real_ct(smoke_project: Path, smoke_tracking_uri: str, tmp_
     report = _run_inference(kedro_session_runner, smoke_project, real_ct, mlflow_dir, uri,
                             MLFLOW_TRACKING_URI=smoke_tracking_uri)
     assert report["model"] == uri and report["architecture"] == "unet"
-    assert Path(report["model_file"]).name == "unet.keras"
+    assert Path(report["model_file"]).parent.name == "bundle"   # the run's pyfunc model "segmenter"
     same = _check_mask(mlflow_dir / f"{CASE_ID}.nii.gz", ct)
     assert np.array_equal(same, labels), "the MLflow artifact gives a different mask than data/06_models"
 

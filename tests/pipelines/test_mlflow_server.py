@@ -26,9 +26,6 @@ from pancreas_seg.models.names import MODEL_NAMES
 pytestmark = pytest.mark.slow
 
 ARCHITECTURES = MODEL_NAMES
-#: The ``.keras`` artifacts of each model's run: the cascade logs both of its stages.
-KERAS_ARTIFACTS = {name: [f"keras/{name}.keras"] for name in MODEL_NAMES} | {
-    "cascade": ["keras/stage1.keras", "keras/stage2.keras"]}
 EXPERIMENT = "pancreas_seg_smoke"
 STARTUP_TIMEOUT_S = 90
 
@@ -130,5 +127,12 @@ def test_rest_api_lists_runs_and_metrics(configured_learning_rates: dict[str, fl
         assert [m["step"] for m in sorted(history, key=lambda m: m["step"])] == \
             list(range(1, len(history) + 1)) and history, (arch, history)
         assert history[-1]["value"] == pytest.approx(metrics["val_dice_pancreas"])
-        listed = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="keras")
-        assert sorted(f["path"] for f in listed.get("files", [])) == KERAS_ARTIFACTS[arch], listed
+        # the run's model is an MLflow logged model (the UI's Models column): the pyfunc "segmenter"
+        outputs = run.get("outputs", {}).get("model_outputs", [])
+        assert len(outputs) == 1, (arch, run.get("outputs"))
+        logged = _get(base, f"/api/2.0/mlflow/logged-models/{outputs[0]['model_id']}")["model"]
+        assert logged["info"]["name"] == "segmenter" and logged["info"]["source_run_id"] == run_id, logged
+    # after train, every model is a registered version and the alias champion points at one of them
+    champion = _get(base, "/api/2.0/mlflow/registered-models/alias", name="pancreas_seg", alias="champion")
+    assert champion["model_version"]["tags"] and champion["model_version"]["run_id"] in {
+        r["info"]["run_id"] for r in nested.values()}

@@ -73,6 +73,18 @@ def segment_case(segment: Callable[[np.ndarray, np.ndarray, str], np.ndarray], p
             "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
 
 
+def log_inference_run(inference: dict[str, Any], name: str, n_segmented: int, n_invalid: int) -> None:
+    """Log the settings and counts to the active MLflow run (the inference experiment's), if any."""
+    import mlflow  # noqa: PLC0415
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    mlflow.set_tags({"model_reference": str(inference["model"]), "model": name})
+    mlflow.log_params({f"inference.{k}": str(v)[:500] for k, v in inference.items()})
+    mlflow.log_metrics({"scans_segmented": n_segmented, "inputs_invalid": n_invalid})
+
+
 def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
     """Segment every input CT; write ``<case>.nii.gz`` (same shape, affine, orientation) + overlay PNG.
 
@@ -108,6 +120,7 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
     for index, path in enumerate(valid, start=1):
         logger.info("Segmenting %d/%d: %s", index, len(valid), path.name)
         outputs.append(segment_case(segment, path, output_dir, inference, name))
+    log_inference_run(inference, name, len(outputs), len(findings))
     return {"model": str(inference["model"]), "model_file": model_files[0] if len(model_files) == 1 else model_files,
             "architecture": name, "trained_on": members(trained)[0].card.get("data_source"),
             "outputs": outputs, "skipped": [{"file": f.file, "reason": f.message} for f in findings]}

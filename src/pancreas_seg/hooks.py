@@ -1,0 +1,83 @@
+"""Project hooks: keep MLflow's training comparison clean and its UI on the training view.
+
+* Every experiment the project writes to is tagged ``mlflow.experimentKind:
+  custom_model_development``: MLflow 3.17's UI otherwise opens it in its GenAI view (traces).
+* ``kedro run --pipelines=evaluation`` and ``--pipelines=inference`` log to their own experiments,
+  ``<experiment>_evaluation`` and ``<experiment>_inference`` (``pancreas_seg_inference`` ...), not
+  next to the training runs. ``conf/base/mlflow.yml`` turns kedro-mlflow's parent run off for those
+  pipelines (``disable_tracking.pipelines``); this hook opens one there instead, and marks it FAILED
+  when the pipeline fails. Evaluation still adds its test metrics to each model's training run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+USE_PIPELINES = ("evaluation", "inference")
+"""Pipelines whose runs go to ``<experiment>_<pipeline>`` instead of the training experiment."""
+
+
+def tag_experiment_kind(experiment_id: str) -> None:
+    """Make MLflow's UI open ``experiment_id`` on its model-training view."""
+    import mlflow  # noqa: PLC0415
+
+    client = mlflow.MlflowClient()
+    if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+class MlflowExperimentsHook:
+    """See the module docstring."""
+
+    def __init__(self) -> None:
+        self._experiment: str | None = None
+        self._own_run = False
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        try:
+            self._experiment = str(context.config_loader["mlflow"]["tracking"]["experiment"]["name"])
+        except (KeyError, TypeError):   # no mlflow.yml: kedro-mlflow is not configured, nothing to do
+            self._experiment = None
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        import mlflow  # noqa: PLC0415
+
+        self._own_run = False
+        if self._experiment is None:
+            return
+        training = mlflow.get_experiment_by_name(self._experiment)
+        if training is not None:
+            tag_experiment_kind(training.experiment_id)
+        names = run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]
+        names = [names] if isinstance(names, str) else list(names)
+        if not names or not set(names) <= set(USE_PIPELINES) or mlflow.active_run() is not None:
+            return
+        experiment = mlflow.set_experiment(f"{self._experiment}_{names[0]}")
+        tag_experiment_kind(experiment.experiment_id)
+        mlflow.start_run(run_name="+".join(names), tags={"pipeline": "+".join(names)})
+        self._own_run = True
+        logger.info("MLflow: this %s run is logged to experiment %s", "+".join(names), experiment.name)
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        self._end("FINISHED")
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        self._end("FAILED")
+
+    def _end(self, status: str) -> None:
+        if self._own_run:
+            import mlflow  # noqa: PLC0415
+
+            mlflow.end_run(status)
+            self._own_run = False
