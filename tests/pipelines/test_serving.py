@@ -162,9 +162,9 @@ def test_evaluation_and_inference_runs_go_to_their_own_experiments(project: Path
     training_runs = client.search_runs([names[EXPERIMENT].experiment_id], max_results=1000)
     assert not [r for r in training_runs if r.info.run_name in ("evaluation", "inference")]
     inference_runs = client.search_runs([names[f"{EXPERIMENT}_inference"].experiment_id])
-    assert sorted(r.info.status for r in inference_runs) == ["FAILED", "FINISHED"]
-    finished = next(r for r in inference_runs if r.info.status == "FINISHED")
-    assert finished.data.params["inference.model"] == "unet" and finished.data.metrics["scans_segmented"] >= 1
+    assert [r.info.status for r in inference_runs].count("FAILED") == 1          # the missing input folder
+    finished = [r for r in inference_runs if r.info.status == "FINISHED" and r.data.params["inference.model"] == "unet"]
+    assert finished and finished[0].data.metrics["scans_segmented"] >= 1
     evaluation_runs = client.search_runs([names[f"{EXPERIMENT}_evaluation"].experiment_id])
     assert [r.info.status for r in evaluation_runs] == ["FINISHED"]
     assert "statistics/paired_comparison.md" in {a.path for a in client.list_artifacts(evaluation_runs[0].info.run_id, "statistics")}
