@@ -33,6 +33,21 @@ def tag_experiment_kind(experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
+def _forget_stale_kedro_mlflow_run() -> None:
+    """Clear kedro-mlflow's run id left from an earlier session in this process.
+
+    kedro-mlflow 2.0.3 keeps its hook object (one per process) and, for a pipeline whose tracking
+    is disabled, does not reset the run id of the previous session; its ``before_node_run`` would
+    then reopen that old run in the middle of this one (seen with two sessions in one process: a
+    notebook, or tests). A fresh process has nothing to clear.
+    """
+    try:
+        from kedro_mlflow.framework.hooks.mlflow_hook import mlflow_hook  # noqa: PLC0415
+    except ImportError:
+        return
+    mlflow_hook.run_id = None
+
+
 class MlflowExperimentsHook:
     """See the module docstring."""
 
@@ -61,6 +76,7 @@ class MlflowExperimentsHook:
         names = [names] if isinstance(names, str) else list(names)
         if not names or not set(names) <= set(USE_PIPELINES) or mlflow.active_run() is not None:
             return
+        _forget_stale_kedro_mlflow_run()
         experiment = mlflow.set_experiment(f"{self._experiment}_{names[0]}")
         tag_experiment_kind(experiment.experiment_id)
         mlflow.start_run(run_name="+".join(names), tags={"pipeline": "+".join(names)})

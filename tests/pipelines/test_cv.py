@@ -105,7 +105,9 @@ def test_mlflow_has_nested_fold_runs_and_the_registered_champion(cv_project: Pat
     assert version.run_id == selection["cv_run_id"] and version.tags["architecture"] == selection["architecture"]
     assert str(version.version) == selection["version"]
     versions = client.search_model_versions("name = 'pancreas_seg'")
-    assert sorted(v.tags["architecture"] for v in versions) == ["fcn", "unet", "unet_small", "vnet2d"]
+    from_cv = sorted(v.tags["architecture"] for v in versions if v.tags.get("source") == "cv")
+    assert from_cv == ["fcn", "unet", "unet_small", "vnet2d"]
+    assert {v.tags.get("source") for v in versions} == {"cv", "train"}      # train registered its models first
 
 
 def test_evaluation_then_ensemble_and_champion_inference_in_new_processes(cv_project: Path, kedro_cli_runner) -> None:

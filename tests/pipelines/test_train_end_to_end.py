@@ -128,8 +128,9 @@ def test_mlflow_parent_and_nested_runs(configured_learning_rates: dict[str, floa
         assert logged_card["architecture"] == arch and logged_card["mlflow_run_id"] == run_id
         # the run's MLflow model: the pyfunc "segmenter" with a bundle of this model and its card
         assert len(run.outputs.model_outputs) == 1, arch
-        logged = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/segmenter",
-                                                          tracking_uri=f"sqlite:///{smoke_project / 'mlflow.db'}"))
+        logged_model = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+        assert logged_model.name == "segmenter" and logged_model.source_run_id == run_id, arch
+        logged = Path(logged_model.artifact_location.removeprefix("file://"))
         bundle = json.loads((logged / "artifacts" / "bundle" / "bundle.json").read_text())
         member_card = json.loads((logged / "artifacts" / "bundle" / bundle["members"][0]["card"]).read_text())
         assert member_card["weights_sha256"] == logged_card["weights_sha256"] == card["weights_sha256"], arch
