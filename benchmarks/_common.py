@@ -5,6 +5,10 @@
 * :func:`run_variant` runs ``python <script> --variant ...`` in a fresh subprocess and returns the
   JSON the child prints on its last stdout line, plus the child's peak RSS, so variants never
   pollute each other's peak memory.
+* :func:`conf` / :func:`deep_merge` / :func:`inference_settings` / :func:`single_stage_preprocessing`:
+  the ``conf/base`` (and ``conf/msd``) settings as the pipelines get them.
+* :func:`untrained_single_stage_model`: an untrained model saved as ``.keras`` with a model card bound
+  to its weights, as a ``TrainedModel`` for ``load_segmenter`` (inference and serving benchmarks).
 * :func:`peak_rss_mib` / :func:`write_report` / :func:`print_table` / :func:`median`.
 
 Every benchmark script imports this module as ``_common`` (the scripts put their own folder on
@@ -52,6 +56,72 @@ def ensure_phantoms_512(progress: bool = True) -> Path:
 
     return write_synthetic_task07(PHANTOM_ROOT, n_train=N_PHANTOMS, n_test=0, config=phantom_config(),
                                   seed=PHANTOM_SEED, progress=report)
+
+
+def conf(env: str, name: str) -> dict[str, Any]:
+    """``conf/<env>/<name>`` as a dict (no Kedro: plain YAML)."""
+    import yaml  # noqa: PLC0415
+
+    return yaml.safe_load((REPO_ROOT / "conf" / env / name).read_text()) or {}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """What Kedro's ``soft`` merge of an environment over ``base`` gives for nested keys."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = (deep_merge(merged[key], value)
+                       if isinstance(value, dict) and isinstance(merged.get(key), dict) else value)
+    return merged
+
+
+def inference_settings(batch_size: int | None = None, xla: bool = True) -> dict[str, Any]:
+    """``conf/base/parameters_inference.yml``'s ``inference`` block, as the pipeline gets it."""
+    settings = dict(conf("base", "parameters_inference.yml")["inference"])
+    if batch_size is not None:
+        settings["batch_size"] = batch_size
+    settings["xla"] = bool(settings.get("xla", True)) and xla
+    return settings
+
+
+def single_stage_preprocessing(size_px: Sequence[int]) -> dict[str, Any]:
+    """``conf/base``'s ``preprocessing`` (``crop_to_body``, window) at the input size ``size_px``."""
+    return {**conf("base", "parameters_preprocessing.yml")["preprocessing"], "image_size_px": list(size_px)}
+
+
+def save_untrained(name: str, input_shape: tuple[int, int, int], settings: dict[str, Any],
+                   path: Path) -> tuple[int, str]:
+    """Build an untrained model, save it to ``path``; returns (parameter count, weights SHA-256)."""
+    import keras  # noqa: PLC0415
+
+    from pancreas_seg.models.io import save_model, weights_sha256  # noqa: PLC0415
+    from pancreas_seg.models.registry import build_model  # noqa: PLC0415
+
+    built = build_model(name, input_shape, "multiclass", **settings)
+    params, sha = int(built.count_params()), weights_sha256(built)
+    save_model(built, path)
+    del built
+    keras.backend.clear_session()
+    return params, sha
+
+
+def untrained_single_stage_model(architecture: str, model_settings: dict[str, Any], size_px: Sequence[int],
+                                 path: Path) -> tuple[Any, dict[str, Any]]:
+    """A ``TrainedModel`` of an UNTRAINED ``architecture`` (multiclass) saved to ``path`` with a model
+    card bound to its weights, preprocessing as :func:`single_stage_preprocessing` at ``size_px``;
+    and facts about it (parameters, settings, size)."""
+    from pancreas_seg.imaging.preprocess import PreprocessingConfig  # noqa: PLC0415
+    from pancreas_seg.model_card import preprocessing_fingerprint  # noqa: PLC0415
+    from pancreas_seg.model_store import TrainedModel  # noqa: PLC0415
+
+    preprocessing = single_stage_preprocessing(size_px)
+    input_shape = (*size_px, PreprocessingConfig.from_params(preprocessing).context_slices)
+    params, sha = save_untrained(architecture, input_shape, model_settings, path)
+    card = {"architecture": architecture, "label_mode": "multiclass",
+            "input_shape": list(input_shape), "preprocessing": preprocessing, "intensity_stats": None,
+            "preprocessing_fingerprint": preprocessing_fingerprint(preprocessing, None),
+            "weights_sha256": sha, "version": "benchmark (untrained)"}
+    return TrainedModel(path, card), {"params": params, "model_settings": model_settings,
+                                      "image_size_px": list(size_px)}
 
 
 def phantom_pairs(root: Path, n: int | None = None) -> list[tuple[str, str]]:

@@ -109,39 +109,20 @@ CASCADE_TARGET_S = 10.0
 UNET_TARGET_S = 30.0
 
 
-def _conf(env: str, name: str) -> dict[str, Any]:
-    import yaml  # noqa: PLC0415
-
-    return yaml.safe_load((_common.REPO_ROOT / "conf" / env / name).read_text()) or {}
-
-
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """What Kedro's ``soft`` merge of an environment over ``base`` gives for nested keys."""
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = (_deep_merge(merged[key], value)
-                       if isinstance(value, dict) and isinstance(merged.get(key), dict) else value)
-    return merged
-
-
 def inference_settings(batch_size: int | None, xla: bool) -> dict:
     """``conf/base/parameters_inference.yml``'s ``inference`` block, as the pipeline gets it."""
-    settings = dict(_conf("base", "parameters_inference.yml")["inference"])
-    if batch_size is not None:
-        settings["batch_size"] = batch_size
-    settings["xla"] = bool(settings.get("xla", True)) and xla
-    return settings
+    return _common.inference_settings(batch_size, xla)
 
 
 def single_stage_preprocessing() -> dict[str, Any]:
     """``conf/base``'s ``preprocessing`` (``crop_to_body``, window) at the 256 px input."""
-    return {**_conf("base", "parameters_preprocessing.yml")["preprocessing"], "image_size_px": list(SIZE)}
+    return _common.single_stage_preprocessing(SIZE)
 
 
 def cascade_crop_settings() -> dict[str, Any]:
     """``cascade.crop`` of conf/base overlaid with conf/msd (as ``--env msd`` gives it)."""
-    base = _conf("base", "parameters_cascade.yml")["cascade"]["crop"]
-    return _deep_merge(base, _conf("msd", "parameters.yml").get("cascade", {}).get("crop", {}))
+    base = _common.conf("base", "parameters_cascade.yml")["cascade"]["crop"]
+    return _common.deep_merge(base, _common.conf("msd", "parameters.yml").get("cascade", {}).get("crop", {}))
 
 
 def find_stage1(models_dir: Path, version: str | None = None) -> Any:
@@ -166,38 +147,10 @@ def find_stage1(models_dir: Path, version: str | None = None) -> Any:
     return stage1
 
 
-def _save_untrained(name: str, input_shape: tuple[int, int, int], settings: dict[str, Any],
-                    path: Path) -> tuple[int, str]:
-    """Build an untrained model, save it to ``path``; returns (parameter count, weights SHA-256)."""
-    import keras  # noqa: PLC0415
-
-    from pancreas_seg.models.io import save_model, weights_sha256  # noqa: PLC0415
-    from pancreas_seg.models.registry import build_model  # noqa: PLC0415
-
-    built = build_model(name, input_shape, "multiclass", **settings)
-    params, sha = int(built.count_params()), weights_sha256(built)
-    save_model(built, path)
-    del built
-    keras.backend.clear_session()
-    return params, sha
-
-
 def single_stage_model(arch: str, folder: Path) -> tuple[Any, dict[str, Any]]:
     """A ``TrainedModel`` of an untrained ``arch`` at 256 px with a card bound to its weights."""
-    from pancreas_seg.imaging.preprocess import PreprocessingConfig  # noqa: PLC0415
-    from pancreas_seg.model_card import preprocessing_fingerprint  # noqa: PLC0415
-    from pancreas_seg.model_store import TrainedModel  # noqa: PLC0415
-
-    preprocessing = single_stage_preprocessing()
-    input_shape = (*SIZE, PreprocessingConfig.from_params(preprocessing).context_slices)
-    path = folder / f"{arch}.keras"
-    params, sha = _save_untrained(arch.removesuffix("_b16"), input_shape, ARCHS[arch], path)
-    card = {"architecture": arch.removesuffix("_b16"), "label_mode": "multiclass",
-            "input_shape": list(input_shape), "preprocessing": preprocessing, "intensity_stats": None,
-            "preprocessing_fingerprint": preprocessing_fingerprint(preprocessing, None),
-            "weights_sha256": sha, "version": "benchmark (untrained)"}
-    return TrainedModel(path, card), {"params": params, "model_settings": ARCHS[arch],
-                                      "image_size_px": list(SIZE)}
+    return _common.untrained_single_stage_model(arch.removesuffix("_b16"), ARCHS[arch], SIZE,
+                                                folder / f"{arch}.keras")
 
 
 def cascade_model(models_dir: Path, folder: Path, stage1_version: str | None) -> tuple[Any, dict[str, Any]]:
@@ -214,7 +167,7 @@ def cascade_model(models_dir: Path, folder: Path, stage1_version: str | None) ->
     input_shape = (*crop.size_px, config.context_slices)
     name, settings = CASCADE_STAGE2
     path = folder / "stage2.keras"
-    params, sha = _save_untrained(name, input_shape, settings, path)
+    params, sha = _common.save_untrained(name, input_shape, settings, path)
     card = {"architecture": CASCADE_NAME, "label_mode": "multiclass", "input_shape": list(input_shape),
             "preprocessing": card1["preprocessing"], "intensity_stats": card1.get("intensity_stats"),
             "preprocessing_fingerprint": card1.get("preprocessing_fingerprint"),

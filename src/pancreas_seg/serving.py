@@ -38,7 +38,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from pancreas_seg.imaging.nifti_io import load_nifti, save_nifti
+from pancreas_seg.imaging.nifti_io import save_nifti
 from pancreas_seg.model_store import (
     SERVING_MODEL_NAME,
     TrainedEnsemble,
@@ -46,8 +46,8 @@ from pancreas_seg.model_store import (
     read_bundle,
     write_bundle,
 )
-from pancreas_seg.task07.layout import CaseFiles, case_id_from_path
-from pancreas_seg.task07.validation import validate_case
+from pancreas_seg.task07.layout import case_id_from_path
+from pancreas_seg.task07.validation import check_image
 
 INPUT_BASE64, INPUT_PATH = "nifti_base64", "path"
 OUTPUT_BASE64, OUTPUT_CASE = "mask_nifti_base64", "case_id"
@@ -106,11 +106,10 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
             for index, row in enumerate(model_input.to_dict(orient="records")):
                 path = self._input_file(row, index, Path(tmp))
                 case_id = case_id_from_path(path) if row.get(INPUT_PATH) else f"row{index}"
-                record, findings = validate_case(CaseFiles(case_id, path, None, "inference"))
-                if record is None or findings:
+                ct, findings = check_image(path, case_id)   # the inference node's input checks; read once
+                if ct is None or findings:
                     problems = "; ".join(f.message.replace(str(path), "the uploaded file") for f in findings)
                     raise _bad_request(f"row {index}: {problems}")
-                ct = load_nifti(path)
                 labels = segment(ct.array, ct.affine, case_id)
                 mask_path = Path(tmp) / f"mask{index}.nii.gz"
                 save_nifti(mask_path, labels, ct.affine, ct.header)

@@ -22,7 +22,14 @@ from pancreas_seg.pipelines.ingestion.nodes import (
     plan_split,
     validate_raw_dataset,
 )
-from pancreas_seg.task07.validation import Finding, InvalidDatasetError, validate_task07
+from pancreas_seg.task07.layout import CaseFiles
+from pancreas_seg.task07.validation import (
+    Finding,
+    InvalidDatasetError,
+    check_image,
+    validate_case,
+    validate_task07,
+)
 
 ALL_CASES = {"pancreas_001", "pancreas_002", "pancreas_003", "pancreas_004", "pancreas_005"}
 
@@ -210,6 +217,28 @@ def test_float_image_without_nan_is_valid(fresh_task07: Path) -> None:
     save_nifti(path, ct.array.astype(np.float32), ct.affine)
     result = _validate(fresh_task07)
     assert result.findings == []
+
+
+def test_check_image_reads_once_and_finds_what_validate_case_finds(fresh_task07: Path, tmp_path: Path) -> None:
+    """The MLflow pyfunc model checks an uploaded scan with ``check_image`` and segments the volume
+    it returns: same findings as ``validate_case`` on an unlabelled case, same voxels as a fresh read."""
+    good = _image(fresh_task07, 1)
+    volume, findings = check_image(good, "pancreas_001")
+    assert findings == [] and volume is not None
+    fresh = load_nifti(good)
+    assert np.array_equal(volume.array, fresh.array) and np.array_equal(volume.affine, fresh.affine)
+    ct = load_nifti(_image(fresh_task07, 2))
+    bad_files = {"nan": tmp_path / "nan.nii.gz", "4d": tmp_path / "4d.nii.gz", "garbage": tmp_path / "garbage.nii.gz"}
+    with_nan = ct.array.astype(np.float32)
+    with_nan[1, 2, 3] = np.nan
+    save_nifti(bad_files["nan"], with_nan, ct.affine)
+    save_nifti(bad_files["4d"], np.stack([ct.array, ct.array], axis=-1), ct.affine)
+    bad_files["garbage"].write_bytes(b"not a NIfTI file\n" * 20)
+    for name, path in bad_files.items():
+        volume, findings = check_image(path, name)
+        record, expected = validate_case(CaseFiles(name, path, None, "inference"))
+        assert volume is None and record is None, name
+        assert findings == expected and len(findings) == 1, (name, findings)
 
 
 def test_image_without_label_entry_is_reported_as_missing_label(fresh_task07: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pancreas_seg.imaging.nifti_io import InvalidNiftiError, load_nifti, orientation_code
+from pancreas_seg.imaging.nifti_io import InvalidNiftiError, NiftiVolume, load_nifti, orientation_code
 from pancreas_seg.labels import LABEL_VALUES, PANCREAS, TUMOUR
 from pancreas_seg.task07.layout import (
     CaseFiles,
@@ -145,6 +145,16 @@ def _check_volume(path: Path, case_id: str, kind: str, findings: list[Finding]):
                                     f"{kind} has {n_bad} non-finite voxels (NaN or inf)"))
             return None
     return volume
+
+
+def check_image(path: Path, case_id: str) -> tuple[NiftiVolume | None, list[Finding]]:
+    """The image checks of :func:`validate_case` (readable NIfTI, 3D, finite voxels) on one file.
+
+    Returns the volume it read (None when a check failed) and the findings, so that a caller that
+    segments the image next (the MLflow pyfunc model) reads it once.
+    """
+    findings: list[Finding] = []
+    return _check_volume(path, case_id, "image", findings), findings
 
 
 def validate_case(case: CaseFiles, affine_atol_mm: float = 1e-3) -> tuple[CaseRecord | None, list[Finding]]:
