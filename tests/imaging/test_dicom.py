@@ -39,10 +39,14 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, generate_uid
 from pancreas_seg import __version__
 from pancreas_seg.imaging.dicom_io import (
     DUPLICATE_POSITIONS,
+    GANTRY_TILT,
     LOCALIZER,
+    MISALIGNED_SLICES,
+    MISSING_ATTRIBUTE,
     MISSING_SLICES,
     MIXED_MATRIX,
     MIXED_ORIENTATION,
+    MIXED_PIXEL_SPACING,
     NO_DECODER,
     NON_UNIFORM_SPACING,
     NOT_CT,
@@ -371,6 +375,28 @@ def make_single_slice(paths: list[Path]) -> None:
         path.unlink()
 
 
+def make_gantry_tilt(paths: list[Path]) -> None:
+    # Each slice 0.5 mm further along y than the last: slices stacked at atan(0.5 / 3) = 9.46 degrees.
+    for k, path in enumerate(paths):
+        x, y, z = (float(v) for v in pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient)
+        edit(path, ImagePositionPatient=[x, y + 0.5 * k, z], GantryDetectorTilt=9.46)
+
+
+def make_misaligned(paths: list[Path]) -> None:
+    x, y, z = (float(v) for v in pydicom.dcmread(paths[4], stop_before_pixels=True).ImagePositionPatient)
+    edit(paths[4], ImagePositionPatient=[x + 1.0, y, z])
+
+
+def make_mixed_pixel_spacing(paths: list[Path]) -> None:
+    edit(paths[7], PixelSpacing=[3.0, 2.5])
+
+
+def make_missing_position(paths: list[Path]) -> None:
+    ds = pydicom.dcmread(paths[3])
+    del ds.ImagePositionPatient
+    ds.save_as(paths[3])
+
+
 def make_undecodable_syntax(paths: list[Path]) -> None:
     # Declared MPEG2 (a video transfer syntax pydicom cannot decode): found from the headers alone.
     for path in paths:
@@ -401,6 +427,14 @@ BAD_SERIES = {
     "duplicate_positions": (make_duplicate, DUPLICATE_POSITIONS, ["1 duplicate slice position(s)",
                                                                   "copy_of_slice_0002.dcm"], {}),
     "too_few_slices": (make_too_few, TOO_FEW_SLICES, ["2 slice position(s), fewer than the 3"], {}),
+    "gantry_tilt": (make_gantry_tilt, GANTRY_TILT, ["stacked at 9.46 degrees to the slice normal",
+                                                    "GantryDetectorTilt 9.46"], {}),
+    "misaligned": (make_misaligned, MISALIGNED_SLICES, ["not on one straight stack",
+                                                        "slice_0004.dcm is shifted 1.000 mm in-plane"], {}),
+    "mixed_pixel_spacing": (make_mixed_pixel_spacing, MIXED_PIXEL_SPACING, ["mixed PixelSpacing",
+                                                                            "(3, 2.5) mm (1 slice(s): slice_0007.dcm)"], {}),
+    "missing_position": (make_missing_position, MISSING_ATTRIBUTE, ["1 file(s) lack ImagePositionPatient: "
+                                                                    "slice_0003.dcm"], {}),
     "no_decoder": (make_undecodable_syntax, NO_DECODER, ["transfer syntax MPEG2 Main Profile / Main Level",
                                                          "1.2.840.10008.1.2.4.100", "no pixel data decoder"], {}),
 }
