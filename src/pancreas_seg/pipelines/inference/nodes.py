@@ -12,6 +12,8 @@ import numpy as np
 
 from pancreas_seg.atomic import atomic_write_bytes
 from pancreas_seg.evaluation.plots import pick_representative_slices, plot_overlays
+from pancreas_seg.imaging.dicom_io import DicomVolume, read_dicom_folder
+from pancreas_seg.imaging.dicom_seg import write_dicom_seg
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti, save_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
@@ -60,17 +62,33 @@ def segment_case(segment: Callable[[np.ndarray, np.ndarray, str], np.ndarray], p
     ``segment(hu, affine, case_id)`` returns uint8 labels of the input's shape (one model or the cascade).
     Returns the case's report row (paths, shape, predicted voxel counts).
     """
-    case_id = case_id_from_path(path)
-    ct = load_nifti(path)
+    return segment_volume_to_files(segment, case_id_from_path(path), str(path), load_nifti(path), output_dir,
+                                   inference, architecture)
+
+
+def segment_volume_to_files(segment: Callable[[np.ndarray, np.ndarray, str], np.ndarray], case_id: str, source: str,
+                            ct: NiftiVolume, output_dir: Path, inference: dict[str, Any],
+                            architecture: str) -> dict[str, Any]:
+    """Segment one validated CT volume (from a NIfTI file or a DICOM series) and write its outputs.
+
+    ``<case>.nii.gz`` (the volume's grid and affine) and ``<case>_overlay.png`` always; for a DICOM
+    series (a :class:`~pancreas_seg.imaging.dicom_io.DicomVolume`) with ``inference.output_format:
+    dicom_seg`` also ``<case>_seg.dcm``, a DICOM-SEG that references the source series.
+    """
     labels = segment(ct.array, ct.affine, case_id)
     mask_path = output_dir / f"{case_id}.nii.gz"
     save_nifti(mask_path, labels, ct.affine, ct.header)
     overlay_path = output_dir / f"{case_id}_overlay.png"
     save_overlay(ct, labels, overlay_path, tuple(inference["overlay_window_hu"]), architecture)
-    return {"case_id": case_id, "input": str(path), "mask": str(mask_path),
-            "overlay": str(overlay_path), "shape": list(labels.shape),
-            "voxels_pancreas": int(np.count_nonzero(labels == PANCREAS)),
-            "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
+    row = {"case_id": case_id, "input": source, "mask": str(mask_path),
+           "overlay": str(overlay_path), "shape": list(labels.shape),
+           "voxels_pancreas": int(np.count_nonzero(labels == PANCREAS)),
+           "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
+    if isinstance(ct, DicomVolume) and inference.get("output_format", "nifti") == "dicom_seg":
+        seg_path = output_dir / f"{case_id}_seg.dcm"
+        write_dicom_seg(labels, ct.datasets, seg_path, model=architecture)
+        row["dicom_seg"] = str(seg_path)
+    return row
 
 
 def log_inference_run(inference: dict[str, Any], name: str, n_segmented: int, n_invalid: int) -> None:
@@ -85,6 +103,51 @@ def log_inference_run(inference: dict[str, Any], name: str, n_segmented: int, n_
     mlflow.log_metrics({"scans_segmented": n_segmented, "inputs_invalid": n_invalid})
 
 
+OUTPUT_FORMATS = ("nifti", "dicom_seg")
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """A folder with no NIfTI file in it (DICOM series are looked for there, recursively)."""
+    return path.is_dir() and not list_nifti_files(path)
+
+
+def _resolve_checked(inference: dict[str, Any], case_ids: list[str]) -> tuple[Any, str, list[str]]:
+    reference = inference["model"]
+    reference = reference if isinstance(reference, str) else [str(r) for r in reference]
+    trained = resolve_model(reference, inference["models_dir"])
+    check_trained_model(trained, None if inference.get("allow_training_cases", False) else case_ids)
+    return trained, model_name(trained), [str(m.model_file) for m in members(trained)]
+
+
+def run_dicom_inference(inference: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Segment every valid CT series in ``folder`` (see :func:`run_inference`); case id = SeriesInstanceUID.
+
+    Series are read with :func:`~pancreas_seg.imaging.dicom_io.read_dicom_folder`: bad series
+    (non-CT, localizers, mixed matrix sizes, gaps, non-uniform spacing ...) fail with one error
+    naming each, or are skipped with ``inference.on_invalid: skip``.
+    """
+    series, problems = read_dicom_folder(folder, on_invalid=inference.get("on_invalid", "fail"))
+    for problem in problems:
+        logger.error("Invalid DICOM series %s", problem)
+    if not series:
+        raise ValueError(f"inference.input_path: {folder} holds no valid CT series")
+    trained, name, model_files = _resolve_checked(inference, [uid for uid, _ in series])
+    segment = load_segmenter(trained, inference)
+    output_dir = Path(inference["output_dir"])
+    logger.info("Inference with %s on %d DICOM series -> %s", name, len(series), output_dir)
+    outputs = []
+    for index, (uid, volume) in enumerate(series, start=1):
+        logger.info("Segmenting series %d/%d: %s (%s, %d slices)", index, len(series), uid, volume.description,
+                    volume.array.shape[2])
+        outputs.append(segment_volume_to_files(segment, uid, str(volume.folder), volume, output_dir, inference, name)
+                       | {"series_description": volume.description})
+    log_inference_run(inference, name, len(outputs), len(problems))
+    return {"model": str(inference["model"]), "model_file": model_files[0] if len(model_files) == 1 else model_files,
+            "architecture": name, "trained_on": members(trained)[0].card.get("data_source"), "input_kind": "dicom",
+            "outputs": outputs, "skipped": [{"file": str(p.folder), "series": p.series_uid, "reason": p.message}
+                                            for p in problems]}
+
+
 def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
     """Segment every input CT; write ``<case>.nii.gz`` (same shape, affine, orientation) + overlay PNG.
 
@@ -93,14 +156,17 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
     follow ``inference.on_invalid`` (``fail`` lists all of them, ``skip`` continues).
     Returns a report of what was written.
     """
-    inputs = collect_inputs(inference["input_path"])
-    reference = inference["model"]
-    reference = reference if isinstance(reference, str) else [str(r) for r in reference]
-    trained = resolve_model(reference, inference["models_dir"])
-    check_trained_model(trained, None if inference.get("allow_training_cases", False)
-                        else [case_id_from_path(p) for p in inputs])
-    name = model_name(trained)
-    model_files = [str(m.model_file) for m in members(trained)]
+    output_format = inference.get("output_format", "nifti")
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"inference.output_format {output_format!r}: use one of {list(OUTPUT_FORMATS)}")
+    input_path = Path(inference["input_path"]).expanduser()
+    if is_dicom_folder(input_path):
+        return run_dicom_inference(inference, input_path)
+    if output_format == "dicom_seg":
+        raise ValueError(f"inference.output_format dicom_seg needs DICOM input, but {input_path} holds NIfTI; "
+                         "use output_format: nifti or point input_path at a folder of DICOM series")
+    inputs = collect_inputs(input_path)
+    trained, name, model_files = _resolve_checked(inference, [case_id_from_path(p) for p in inputs])
     output_dir = Path(inference["output_dir"])
     findings, valid = [], []
     for path in inputs:
