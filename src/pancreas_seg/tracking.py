@@ -100,3 +100,13 @@ def log_keras_model(run_id: str, model: Any, artifact_name: str | None = None) -
 
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
     mlflow.MlflowClient().log_text(run_id, text, artifact_file)
+
+
+def absolute_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI (default: the current one) with a relative ``sqlite:///`` path made absolute,
+    so another process (a tuning worker) finds the same store whatever its working directory."""
+    uri = uri or mlflow.get_tracking_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
