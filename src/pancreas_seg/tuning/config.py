@@ -17,7 +17,7 @@ from pancreas_seg.learning.setup import merge_settings
 from pancreas_seg.tuning.search_space import SearchSpace, SearchSpaceError
 
 #: Keys of ``tuning`` (per architecture after the merge); anything else is a typo.
-KNOWN_KEYS = {"n_trials", "n_workers", "threads_per_worker", "storage_dir", "seed", "sampler", "pruner",
+KNOWN_KEYS = {"n_trials", "n_workers", "threads_per_worker", "pin_cores", "storage_dir", "seed", "sampler", "pruner",
               "heartbeat_interval_s", "grace_period_s", "max_retry", "trial", "search_space", "architectures"}
 SAMPLER_KEYS = {"n_startup_trials", "constant_liar", "multivariate"}
 PRUNER_KEYS = {"n_startup_trials", "n_warmup_steps", "interval_steps"}
@@ -59,6 +59,7 @@ class TuningConfig:
     n_trials: int = 8                        # COMPLETE + PRUNED trials the study reaches
     n_workers: int = 1                       # worker processes
     threads_per_worker: int | None = None    # None = available cores // n_workers
+    pin_cores: bool = True                   # several workers: each on its own cores (Linux affinity)
     storage_dir: str = "data/06_models/tuning"
     seed: int = 42
     sampler: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +92,9 @@ class TuningConfig:
         if grace <= heartbeat:
             raise SearchSpaceError(f"{where}.grace_period_s ({grace}) must be larger than "
                                    f"heartbeat_interval_s ({heartbeat})")
+        pin_cores = merged.get("pin_cores", True)
+        if not isinstance(pin_cores, bool):
+            raise SearchSpaceError(f"{where}.pin_cores: expected true or false, got {pin_cores!r}")
         trial = merged.get("trial") or {}
         if not isinstance(trial, Mapping):
             raise SearchSpaceError(f"{where}.trial: expected a mapping of training settings, got {trial!r}")
@@ -102,6 +106,7 @@ class TuningConfig:
             n_workers=n_workers,
             threads_per_worker=_positive_int(merged.get("threads_per_worker"), f"{where}.threads_per_worker",
                                              allow_none=True),
+            pin_cores=pin_cores,
             storage_dir=str(merged.get("storage_dir") or "data/06_models/tuning"),
             seed=_positive_int(merged.get("seed", 42), f"{where}.seed", minimum=0),
             sampler=_section(merged, "sampler", SAMPLER_KEYS, where),
@@ -121,6 +126,21 @@ class TuningConfig:
         if self.threads_per_worker is not None:
             return self.threads_per_worker
         return max(1, (cores or available_cores()) // self.n_workers)
+
+    def worker_cores(self, n_workers: int | None = None, threads: int | None = None,
+                     available: list[int] | None = None) -> list[tuple[int, ...] | None]:
+        """The cores each of ``n_workers`` workers is pinned to: disjoint sets of ``threads`` cores
+        when ``pin_cores`` is on, there are several workers and enough cores; else None (unpinned)."""
+        n_workers = n_workers or self.n_workers
+        threads = threads or self.threads()
+        if available is None:
+            try:
+                available = sorted(os.sched_getaffinity(0))
+            except AttributeError:  # pragma: no cover - not Linux
+                return [None] * n_workers
+        if not self.pin_cores or n_workers < 2 or n_workers * threads > len(available):
+            return [None] * n_workers
+        return [tuple(available[i * threads:(i + 1) * threads]) for i in range(n_workers)]
 
     def trial_settings(self, training: Mapping[str, Any], architecture: Mapping[str, Any]) -> dict[str, Any]:
         """The architecture's training settings with ``trial`` merged over them (before sampling)."""

@@ -25,22 +25,14 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg.learning.setup import merge_settings
+from pancreas_seg.tuning import mlflow_runs
 from pancreas_seg.tuning.search_space import SearchSpace
 
 logger = logging.getLogger(__name__)
 
 #: Trial user attributes written by the objective.
-MLFLOW_RUN_ATTR = "mlflow_run_id"
+MLFLOW_RUN_ATTR = mlflow_runs.MLFLOW_RUN_ATTR
 ERROR_ATTR = "error"
-
-
-@dataclass(frozen=True)
-class MlflowTarget:
-    """Where a worker logs its trials: the study's run (parent) in its experiment and store."""
-
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
 
 
 @dataclass(frozen=True)
@@ -58,7 +50,7 @@ class TrialContext:
     preprocessing: dict[str, Any]
     case_manifest: pd.DataFrame     # case_id and split of the training and validation cases
     shards: dict[str, str | np.ndarray]
-    mlflow: MlflowTarget | None = None
+    mlflow: mlflow_runs.MlflowTarget | None = None
 
     @property
     def monitor(self) -> str:
@@ -98,37 +90,6 @@ def retried_from(trial: Any) -> int | None:
     return None if frozen is None else frozen.system_attrs.get("failed_trial")
 
 
-def _start_mlflow_run(context: TrialContext, trial: Any, values: Mapping[str, Any],
-                      settings: Mapping[str, Any], retried: int | None) -> str | None:
-    if context.mlflow is None:
-        return None
-    import mlflow  # noqa: PLC0415
-
-    from pancreas_seg import tracking  # noqa: PLC0415
-
-    tags = {"architecture": context.architecture, "optuna_study": context.study_name,
-            "trial_number": str(trial.number), "trial_state": "RUNNING", "worker_pid": str(os.getpid())}
-    if retried is not None:
-        tags["retried_from_trial"] = str(retried)
-    run = mlflow.start_run(experiment_id=context.mlflow.experiment_id, parent_run_id=context.mlflow.parent_run_id,
-                           run_name=f"{context.architecture} trial {trial.number}", tags=tags)
-    mlflow.log_params({**{name: str(value) for name, value in values.items()},
-                       **tracking.flatten({"training": settings})})
-    return run.info.run_id
-
-
-def _end_mlflow_run(run_id: str | None, state: str, metrics: Mapping[str, float]) -> None:
-    if run_id is None:
-        return
-    import mlflow  # noqa: PLC0415
-
-    from pancreas_seg import tracking  # noqa: PLC0415
-
-    tracking.log_final_metrics(run_id, metrics)
-    mlflow.set_tag("trial_state", state)
-    mlflow.end_run(status="FAILED" if state == "FAIL" else "FINISHED")
-
-
 class KerasObjective:
     """``objective(trial) -> best monitored validation value`` of one architecture (see the module docstring)."""
 
@@ -158,7 +119,7 @@ class KerasObjective:
         logger.info("%s start%s: %s", prefix, f" (retry of trial {retried})" if retried is not None else "",
                     ", ".join(f"{k}={_short(v)}" for k, v in values.items()))
         trial.set_user_attr("worker_pid", os.getpid())
-        run_id = _start_mlflow_run(context, trial, values, settings, retried)
+        run_id = mlflow_runs.start_trial_run(context, trial, values, settings, retried)
         if run_id is not None:
             trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
         start = time.perf_counter()
@@ -166,7 +127,7 @@ class KerasObjective:
             history, pruned_at = self._fit(trial, settings, prefix, run_id)
         except Exception as exc:
             logger.error("%s failed: %s: %s", prefix, type(exc).__name__, exc)
-            _end_mlflow_run(run_id, "FAIL", {})
+            mlflow_runs.end_trial_run(run_id, "FAIL", {})
             raise
         monitored = [v for v in history.get(context.monitor, []) if math.isfinite(v)]
         best = max(monitored) if monitored else math.nan
@@ -176,13 +137,13 @@ class KerasObjective:
             trial.set_user_attr("pruned_at_epoch", pruned_at)
             logger.info("%s pruned after epoch %d (%s=%.4f, best %.4f) in %.0f s", prefix, pruned_at,
                         context.monitor, history[context.monitor][-1], best, metrics["trial_seconds"])
-            _end_mlflow_run(run_id, "PRUNED", metrics)
+            mlflow_runs.end_trial_run(run_id, "PRUNED", metrics)
             raise optuna.TrialPruned(f"{context.monitor} at epoch {pruned_at} below the median of earlier trials")
         if not monitored:
-            _end_mlflow_run(run_id, "FAIL", metrics)
+            mlflow_runs.end_trial_run(run_id, "FAIL", metrics)
             raise FloatingPointError(f"no finite {context.monitor} in any epoch")
         logger.info("%s complete: best %s=%.4f in %.0f s", prefix, context.monitor, best, metrics["trial_seconds"])
-        _end_mlflow_run(run_id, "COMPLETE", metrics)
+        mlflow_runs.end_trial_run(run_id, "COMPLETE", metrics)
         return best
 
     def _fit(self, trial: Any, settings: dict[str, Any], prefix: str,

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -49,6 +48,8 @@ def trials_table(study: Any) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return pd.DataFrame(columns=["number", "state", "value", "duration_s"])
+    for column in ("epochs_completed", "pruned_at_epoch", "retried_from_trial"):
+        table[column] = table[column].astype("Int64")   # integers with gaps, not floats
     param_columns = sorted(c for c in table.columns if c.startswith("params_"))
     first = ["number", "state", "value", "duration_s"]
     rest = [c for c in table.columns if c not in first and c not in param_columns]
@@ -164,8 +165,3 @@ def plot_study(study: Any, search_space: SearchSpace, monitor: str, title: str) 
     figure.tight_layout()
     return figure
 
-
-def study_params_for_logging(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The tuning settings worth logging as MLflow params of the study run."""
-    keep = ("n_trials", "n_workers", "threads_per_worker", "seed", "sampler", "pruner", "trial", "max_retry")
-    return {key: config[key] for key in keep if key in config}

@@ -6,9 +6,13 @@ fresh interpreter each, nothing inherited from the Kedro process but the argumen
 1. asks the kernel to kill it when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a ``kill -9``
    of ``kedro run`` leaves no orphan training on,
 2. limits its threads to ``threads`` (``cores // n_workers`` by default) *before* Keras imports its
-   backend: ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` / ``OMP_NUM_THREADS`` in its
-   environment, then ``tf.config.threading`` under TensorFlow; under JAX one thread means XLA's
-   ``--xla_cpu_multi_thread_eigen=false``, more than one is not limited,
+   backend: with several workers (``tuning.pin_cores``, the default) it is pinned to ``threads``
+   cores of its own (``os.sched_setaffinity``), so every thread pool TensorFlow or XLA sizes from
+   the visible CPUs fits them; and ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` /
+   ``OMP_NUM_THREADS`` in its environment, then ``tf.config.threading`` under TensorFlow; under
+   JAX one thread also means XLA's ``--xla_cpu_multi_thread_eigen=false``. (A Keras worker with
+   one TensorFlow thread still keeps about 1.5 cores busy unpinned: Python's fit loop, the
+   loader and augmentation run beside TensorFlow's compute thread.)
 3. opens the same journal storage, loads the study with its own TPE sampler (seeded from the
    study seed, its index and the trials so far) and the median pruner, and runs
    :func:`pancreas_seg.tuning.storage.optimize_until` with :class:`KerasObjective`.
@@ -32,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from pancreas_seg.tuning.config import TuningConfig
-from pancreas_seg.tuning.objective import MLFLOW_RUN_ATTR, TrialContext
+from pancreas_seg.tuning import mlflow_runs
+from pancreas_seg.tuning.objective import TrialContext
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,7 @@ class WorkerSpec:
     storage_path: str
     index: int = 0
     threads: int = 1
+    cores: tuple[int, ...] | None = None     # CPU affinity; None = not pinned
     parent_pid: int = 0
     log_level: int = logging.INFO
 
@@ -74,8 +80,10 @@ def worker_seed(config: TuningConfig, index: int, trials_so_far: int) -> int:
     return (config.seed * 1_000_003 + index * 7_919 + trials_so_far * 104_729) % (2**32)
 
 
-def configure_threads(threads: int) -> None:
-    """Limit this process's compute threads; call before Keras imports its backend."""
+def configure_threads(threads: int, cores: tuple[int, ...] | None = None) -> None:
+    """Limit this process's compute threads (and pin it to ``cores``); call before Keras imports its backend."""
+    if cores:
+        os.sched_setaffinity(0, cores)
     for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
@@ -103,21 +111,6 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(3)
 
 
-def _mark_mlflow_run_killed(trial: Any) -> None:
-    run_id = trial.user_attrs.get(MLFLOW_RUN_ATTR)
-    if not run_id:
-        return
-    try:
-        import mlflow  # noqa: PLC0415
-
-        client = mlflow.MlflowClient()
-        client.set_tag(run_id, "trial_state", "FAIL")
-        client.set_tag(run_id, "fail_reason", "interrupted (stale heartbeat); retried as a new trial")
-        client.set_terminated(run_id, status="KILLED")
-    except Exception as exc:  # noqa: BLE001 - the retry matters more than the MLflow status
-        logger.warning("could not mark MLflow run %s of trial %d as KILLED: %s", run_id, trial.number, exc)
-
-
 def stale_trial_callback(config: TuningConfig, mark_mlflow: bool) -> Any:
     """Mark a stale trial's MLflow run KILLED (if any), then queue the trial again."""
     from pancreas_seg.tuning.storage import retry_stale_trials  # noqa: PLC0415
@@ -126,7 +119,7 @@ def stale_trial_callback(config: TuningConfig, mark_mlflow: bool) -> Any:
 
     def callback(study: Any, trial: Any) -> None:
         if mark_mlflow:
-            _mark_mlflow_run_killed(trial)
+            mlflow_runs.mark_trial_run_killed(trial)
         retry(study, trial)
 
     return callback
@@ -148,7 +141,7 @@ def worker_main(spec: WorkerSpec) -> None:
     from pancreas_seg.warnings_filter import install  # noqa: PLC0415
 
     install()
-    configure_threads(spec.threads)
+    configure_threads(spec.threads, spec.cores)
     import optuna  # noqa: PLC0415
 
     optuna.logging.disable_default_handler()   # Optuna's records go through the handler above
@@ -165,7 +158,9 @@ def worker_main(spec: WorkerSpec) -> None:
     seed = worker_seed(spec.config, spec.index, len(study.get_trials(deepcopy=False)))
     study = optuna.load_study(study_name=spec.context.study_name, storage=storage,
                               sampler=make_sampler(spec.config, seed), pruner=make_pruner(spec.config))
-    logger.info("%s threads, pid %d, study %r in %s", spec.threads, os.getpid(), study.study_name, spec.storage_path)
+    logger.info("%d thread(s)%s, pid %d, study %r in %s", spec.threads,
+                f" on core(s) {list(spec.cores)}" if spec.cores else "", os.getpid(), study.study_name,
+                spec.storage_path)
     ran = optimize_until(study, KerasObjective(spec.context, spec.context.architecture), spec.config.n_trials,
                          spec.storage_path)
     logger.info("done: ran %d trial(s)", ran)
@@ -192,7 +187,8 @@ def _join(processes: list[Any]) -> None:
 
 
 def run_study(context: TrialContext, config: TuningConfig, storage_path: str | Path | None = None,
-              n_workers: int | None = None, threads: int | None = None) -> list[RoundResult]:
+              n_workers: int | None = None, threads: int | None = None,
+              pin_cores: bool | None = None) -> list[RoundResult]:
     """Run the study until COMPLETE + PRUNED trials reach ``config.n_trials``, in worker processes.
 
     The study must exist in the storage (:func:`pancreas_seg.tuning.storage.open_study`). Each
@@ -207,6 +203,8 @@ def run_study(context: TrialContext, config: TuningConfig, storage_path: str | P
     storage_path = str(storage_path or config.storage_path)
     n_workers = n_workers or config.n_workers
     threads = threads or replace(config, n_workers=n_workers).threads()
+    if pin_cores is not None:
+        config = replace(config, pin_cores=pin_cores)
     storage = open_config_storage(config, storage_path, context.mlflow is not None)
     study = optuna.load_study(study_name=context.study_name, storage=storage)
     spawn = multiprocessing.get_context("spawn")
@@ -224,11 +222,13 @@ def run_study(context: TrialContext, config: TuningConfig, storage_path: str | P
             continue
         done_before = counts["COMPLETE"] + counts["PRUNED"]
         workers = min(n_workers, needed)
+        cores = config.worker_cores(workers, threads)
         logger.info("[%s] %d of %d trials done (%d pruned, %d failed, %d queued); starting %d worker "
-                    "process(es) with %d thread(s) each", context.architecture, done_before, config.n_trials,
-                    counts["PRUNED"], counts["FAIL"], counts["WAITING"], workers, threads)
+                    "process(es) with %d thread(s) each%s", context.architecture, done_before, config.n_trials,
+                    counts["PRUNED"], counts["FAIL"], counts["WAITING"], workers, threads,
+                    f", pinned to cores {[list(c) for c in cores]}" if cores[0] else "")
         specs = [WorkerSpec(context=context, config=config, storage_path=storage_path, index=index,
-                            threads=threads, parent_pid=os.getpid()) for index in range(workers)]
+                            threads=threads, cores=cores[index], parent_pid=os.getpid()) for index in range(workers)]
         processes = [spawn.Process(target=worker_main, args=(spec,), name=f"tune-{context.architecture}-{spec.index}")
                      for spec in specs]
         start = time.perf_counter()

@@ -65,7 +65,8 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
     """
     import optuna  # noqa: PLC0415
 
-    from pancreas_seg.tuning.objective import MlflowTarget, TrialContext, shard_sources  # noqa: PLC0415
+    from pancreas_seg.tuning import mlflow_runs  # noqa: PLC0415
+    from pancreas_seg.tuning.objective import TrialContext, shard_sources  # noqa: PLC0415
     from pancreas_seg.tuning.report import best_trial_summary, plot_study, trials_table  # noqa: PLC0415
     from pancreas_seg.tuning.storage import open_study, recover_stale_trials, trial_counts  # noqa: PLC0415
     from pancreas_seg.tuning.workers import open_config_storage, run_study  # noqa: PLC0415
@@ -94,9 +95,9 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
         with tracking.architecture_run(f"{name} study") as run:
             import mlflow  # noqa: PLC0415
 
-            mlflow.set_tags({"architecture": name, "kind": "optuna_study", "optuna_study": name,
-                             "optuna_storage": str(storage_path), "data_source": source,
-                             "git_commit": tracking.git_commit()})
+            mlflow.set_tags({**mlflow_runs.study_run_tags(name), "optuna_storage": str(storage_path),
+                             "data_source": source, "git_commit": tracking.git_commit()})
+            mlflow_runs.close_interrupted_study_runs(run.info.experiment_id, name, run.info.run_id)
             mlflow.log_params(tracking.flatten({
                 "tuning": {"n_trials": config.n_trials, "n_workers": config.n_workers,
                            "threads_per_worker": config.threads(), "seed": config.seed, "sampler": config.sampler,
@@ -109,7 +110,8 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
                 architecture=name, study_name=name, settings=settings, search_space=config.search_space,
                 preprocessing=preprocessing, case_manifest=manifest,
                 shards=shard_sources(model_input_slices, manifest),
-                mlflow=MlflowTarget(tracking.absolute_tracking_uri(), run.info.experiment_id, run.info.run_id))
+                mlflow=mlflow_runs.MlflowTarget(tracking.absolute_tracking_uri(), run.info.experiment_id,
+                                                run.info.run_id))
             run_study(context, config, storage_path)
             study = optuna.load_study(study_name=name, storage=storage)
             counts = trial_counts(study)
