@@ -5,14 +5,15 @@ What it measures
 A small SYNTHETIC data set is built once per run in a temporary folder: ``--cases`` phantoms drawn
 with the ``conf/base`` phantom settings (256 px, 1.4-1.8 mm pixels, 2-5 mm slices; seed 4242, not
 the pipeline's seed) are preprocessed with ``conf/base/parameters_preprocessing.yml`` (96 px,
-``crop_to_body``) into ``<case>/image.npy`` / ``label.npy`` shards; the first three quarters of the
-cases are ``train``, the rest ``validation``.
+``crop_to_body``) into ``<case>/image.npy`` / ``label.npy`` shards; 70 % of the cases are ``train``,
+the rest ``validation`` (19 cases: 13 / 6, as the ``conf/base`` split of its 24 phantoms).
 
 Each *variant* is one fresh Optuna study (its own journal file) of ``--arch`` (default ``unet``,
 the ``conf/base`` settings) that runs the same fixed trials: ``--trials`` parameter sets are
 enqueued (``study.enqueue_trial``; same batch size 8 for all, so every trial costs the same; the
 learning rate, loss, Dice smooth, dropout and L2 differ), pruning is off, and every trial trains
-``--epochs`` epochs of ``--steps`` batches and validates after each epoch. The study is run by
+``--epochs`` epochs of ``--steps`` batches (default: ``tuning.trial`` of ``conf/base``, 4 x 30, the
+trials ``kedro run --pipelines=tune`` runs) and validates after each epoch. The study is run by
 ``pancreas_seg.tuning.workers.run_study``, the code ``kedro run --pipelines=tune`` runs, with
 
 * ``1x<cores>``: one worker process with every core's threads,
@@ -33,11 +34,11 @@ times and also given per round. Target: >= 1.7.
 
 How to run (from the repository root)
 -------------------------------------
-    .venv/bin/python benchmarks/tuning_benchmark.py                      # 4 trials x 2 epochs x 20 steps, 2 rounds
-    .venv/bin/python benchmarks/tuning_benchmark.py --rounds 3 --trials 4 --epochs 3 --steps 30 --diagnose
+    .venv/bin/python benchmarks/tuning_benchmark.py                      # 4 trials x 4 epochs x 30 steps, 3 rounds
+    .venv/bin/python benchmarks/tuning_benchmark.py --rounds 1 --epochs 2 --steps 20 --diagnose
 
 Results: ``data/08_reporting/benchmarks/tuning_benchmark.json`` and a table on stdout. On a
-2-core CPU one round takes about 4 minutes.
+2-core CPU one round of the defaults takes about 4 minutes (``--diagnose`` doubles it).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def build_data(folder: Path, params: dict[str, Any], n_cases: int) -> tuple[pd.D
         for kind, array in (("image", case.image), ("label", case.label)):
             np.save(case_dir / f"{kind}.npy", array)
             shards[f"{case_id}/{kind}"] = str(case_dir / f"{kind}.npy")
-        rows.append({"case_id": case_id, "split": "train" if i < round(0.75 * n_cases) else "validation"})
+        rows.append({"case_id": case_id, "split": "train" if i < round(0.7 * n_cases) else "validation"})
         n_slices += case.image.shape[0]
     return pd.DataFrame(rows), shards, n_slices
 
@@ -137,10 +138,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="unet")
     parser.add_argument("--trials", type=int, default=4, choices=range(1, len(TRIALS) + 1))
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per trial")
-    parser.add_argument("--steps", type=int, default=20, help="training batches per epoch")
-    parser.add_argument("--cases", type=int, default=12, help="phantom cases (3/4 train, 1/4 validation)")
-    parser.add_argument("--rounds", type=int, default=2, help="repetitions of the variants")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: conf/base tuning.trial)")
+    parser.add_argument("--steps", type=int, default=None, help="training batches per epoch (default: conf/base)")
+    parser.add_argument("--cases", type=int, default=19, help="phantom cases (70 %% train, 30 %% validation)")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions of the variants")
     parser.add_argument("--diagnose", action="store_true", help="also run 1 worker x 1 thread")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -150,6 +151,8 @@ def main() -> None:
 
     t_start = time.perf_counter()
     params = base_parameters()
+    args.epochs = args.epochs or int(params["tuning"]["trial"]["epochs"])
+    args.steps = args.steps or int(params["tuning"]["trial"]["steps_per_epoch"])
     cores = available_cores()
     folder = Path(tempfile.mkdtemp(prefix="tuning_benchmark_"))
     try:
