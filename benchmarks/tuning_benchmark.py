@@ -17,11 +17,12 @@ trials ``kedro run --pipelines=tune`` runs) and validates after each epoch. The 
 ``pancreas_seg.tuning.workers.run_study``, the code ``kedro run --pipelines=tune`` runs, with
 
 * ``1x<cores>``: one worker process with every core's threads,
-* ``2x<cores // 2>``: two worker processes with ``cores // 2`` threads each,
+* ``2x<cores // 2>``: two worker processes with ``cores // 2`` threads each (pinned to cores of
+  their own if ``tuning.pin_cores`` of ``conf/base`` says so; then the name ends in ``-pinned``),
 * optionally (``--diagnose``) ``1x1``: one worker with one thread, alone on the machine (its trial
   time against ``1x<cores>``: how much TensorFlow's extra threads help; against the 2-worker
-  trials: how much two workers slow each other down), and ``2x<cores // 2>-unpinned``: the two
-  workers without ``tuning.pin_cores`` (what pinning each worker to its own cores changes),
+  trials: how much two workers slow each other down), and the two workers with the other
+  ``pin_cores`` choice (what pinning each worker to its own cores changes),
 
 without MLflow logging. The wall time is measured from ``run_study``'s call to its return, so it
 includes spawning the workers, importing TensorFlow in each and tracing the model in every trial
@@ -113,7 +114,7 @@ def run_variant(workers: int, threads: int, pin: bool, folder: Path, context: An
     from pancreas_seg.tuning.storage import open_storage, open_study  # noqa: PLC0415
     from pancreas_seg.tuning.workers import run_study  # noqa: PLC0415
 
-    name = f"{workers}x{threads}" + ("" if pin or workers == 1 else "-unpinned")
+    name = f"{workers}x{threads}" + ("-pinned" if pin and workers > 1 else "")
     path = folder / f"study-{name}-{time.time_ns()}.optuna.log"
     study = open_study(open_storage(path), context.study_name, {"benchmark": workers})
     for params in TRIALS[:config.n_trials]:
@@ -170,7 +171,8 @@ def main() -> None:
               f"{args.trials} trials x {args.epochs} epochs x {args.steps} steps of batch 8, {cores} cores, "
               f"load average {os.getloadavg()}", flush=True)
         half = max(1, cores // 2)
-        variants = [(1, cores, True), (2, half, True)] + ([(1, 1, True), (2, half, False)] if args.diagnose else [])
+        pin = config.pin_cores
+        variants = [(1, cores, pin), (2, half, pin)] + ([(1, 1, pin), (2, half, not pin)] if args.diagnose else [])
         runs: list[dict[str, Any]] = []
         for round_index in range(args.rounds):
             for workers, threads, pin in variants if round_index % 2 == 0 else variants[::-1]:
@@ -185,11 +187,12 @@ def main() -> None:
     def of(name: str) -> list[dict[str, Any]]:
         return [r for r in runs if r["variant"] == name]
 
-    one_name, two_name = f"1x{cores}", f"2x{max(1, cores // 2)}"
+    one_name = f"1x{cores}"
+    two_name = f"2x{max(1, cores // 2)}" + ("-pinned" if config.pin_cores else "")
     one, two = _common.median([r["wall_s"] for r in of(one_name)]), _common.median([r["wall_s"] for r in of(two_name)])
     round_ratios = [next(r["wall_s"] for r in of(one_name) if r["round"] == i)
                     / next(r["wall_s"] for r in of(two_name) if r["round"] == i) for i in range(args.rounds)]
-    names = [f"{w}x{t}" + ("" if pin or w == 1 else "-unpinned") for w, t, pin in variants]
+    names = [f"{w}x{t}" + ("-pinned" if pinned and w > 1 else "") for w, t, pinned in variants]
     rows = [[f"{name} (workers x threads)", _common.median([r["wall_s"] for r in of(name)]),
              _common.median([r["median_trial_s"] for r in of(name)]),
              _common.median([max(r["worker_startup_s"]) for r in of(name)]),

@@ -59,7 +59,7 @@ class TuningConfig:
     n_trials: int = 8                        # COMPLETE + PRUNED trials the study reaches
     n_workers: int = 1                       # worker processes
     threads_per_worker: int | None = None    # None = available cores // n_workers
-    pin_cores: bool = True                   # several workers: each on its own cores (Linux affinity)
+    pin_cores: bool = False                  # several workers: each on its own cores (Linux affinity)
     storage_dir: str = "data/06_models/tuning"
     seed: int = 42
     sampler: dict[str, Any] = field(default_factory=dict)
@@ -92,7 +92,7 @@ class TuningConfig:
         if grace <= heartbeat:
             raise SearchSpaceError(f"{where}.grace_period_s ({grace}) must be larger than "
                                    f"heartbeat_interval_s ({heartbeat})")
-        pin_cores = merged.get("pin_cores", True)
+        pin_cores = merged.get("pin_cores", False)
         if not isinstance(pin_cores, bool):
             raise SearchSpaceError(f"{where}.pin_cores: expected true or false, got {pin_cores!r}")
         trial = merged.get("trial") or {}

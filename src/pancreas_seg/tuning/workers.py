@@ -6,13 +6,13 @@ fresh interpreter each, nothing inherited from the Kedro process but the argumen
 1. asks the kernel to kill it when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a ``kill -9``
    of ``kedro run`` leaves no orphan training on,
 2. limits its threads to ``threads`` (``cores // n_workers`` by default) *before* Keras imports its
-   backend: with several workers (``tuning.pin_cores``, the default) it is pinned to ``threads``
-   cores of its own (``os.sched_setaffinity``), so every thread pool TensorFlow or XLA sizes from
-   the visible CPUs fits them; and ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` /
+   backend: ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` /
    ``OMP_NUM_THREADS`` in its environment, then ``tf.config.threading`` under TensorFlow; under
-   JAX one thread also means XLA's ``--xla_cpu_multi_thread_eigen=false``. (A Keras worker with
-   one TensorFlow thread still keeps about 1.5 cores busy unpinned: Python's fit loop, the
-   loader and augmentation run beside TensorFlow's compute thread.)
+   JAX one thread also means XLA's ``--xla_cpu_multi_thread_eigen=false``; with
+   ``tuning.pin_cores`` (off by default) several workers are also pinned to ``threads`` cores
+   each (``os.sched_setaffinity``), so every thread pool sized from the visible CPUs fits them.
+   (A Keras worker with one TensorFlow thread still keeps about 1.5 cores busy: Python's fit
+   loop, the loader and augmentation run beside TensorFlow's compute thread.)
 3. opens the same journal storage, loads the study with its own TPE sampler (seeded from the
    study seed, its index and the trials so far) and the median pruner, and runs
    :func:`pancreas_seg.tuning.storage.optimize_until` with :class:`KerasObjective`.
