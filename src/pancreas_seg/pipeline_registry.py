@@ -3,7 +3,8 @@
 Every architecture in :data:`pancreas_seg.models.names.ARCHITECTURE_NAMES` and the ``cascade``
 are namespaces of the ``training`` and ``evaluation`` pipelines. Run a subset with a named pipeline
 (``kedro run --pipelines=train_unet``) or, for data already prepared, with
-``kedro run --pipelines=training --namespaces=unet``.
+``kedro run --pipelines=training --namespaces=unet``. Hyperparameter search is separate from
+``train``: ``kedro run --pipelines=tune`` (every architecture) or ``tune_<architecture>``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from kedro.pipeline import Pipeline
 
 from pancreas_seg.models.names import ARCHITECTURE_NAMES, CASCADE_NAME, CASCADE_STAGE1
-from pancreas_seg.pipelines import cv, evaluation, inference, ingestion, preprocessing, training
+from pancreas_seg.pipelines import cv, evaluation, inference, ingestion, preprocessing, training, tuning
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -21,8 +22,9 @@ def register_pipelines() -> dict[str, Pipeline]:
     cascade -> held-out evaluation and comparison. ``train_<architecture>`` does the same for one
     model; ``train_cascade`` also trains its stage 1 (``train_unet``'s model). ``cv`` (and
     ``cv_<architecture>``) = the data pipelines -> k-fold cross-validation of every architecture ->
-    comparison, paired statistics and selection of the best fold ensemble. Neither ``cv`` nor
-    ``tune`` is part of the default.
+    comparison, paired statistics and selection of the best fold ensemble. ``tune`` = the data
+    pipelines -> an Optuna study per architecture (``tune_<architecture>``: one; ``tuning``: the
+    studies on prepared data). Neither ``cv`` nor ``tune`` is part of the default ``train``.
     """
     data = ingestion.create_pipeline() + preprocessing.create_pipeline()
     train = data + training.create_pipeline() + evaluation.create_pipeline()
@@ -33,6 +35,7 @@ def register_pipelines() -> dict[str, Pipeline]:
     per_model[f"train_{CASCADE_NAME}"] = (data + training.create_pipeline([CASCADE_STAGE1, CASCADE_NAME])
                                           + evaluation.create_pipeline([CASCADE_NAME]))
     cross_validation = {f"cv_{name}": data + cv.create_pipeline([name]) for name in ARCHITECTURE_NAMES}
+    per_model.update({f"tune_{name}": data + tuning.create_pipeline([name]) for name in ARCHITECTURE_NAMES})
     return {
         "ingestion": ingestion.create_pipeline(),
         "preprocessing": preprocessing.create_pipeline(),
@@ -40,7 +43,9 @@ def register_pipelines() -> dict[str, Pipeline]:
         "training": training.create_pipeline(),
         "evaluation": evaluation.create_pipeline(),
         "inference": inference.create_pipeline(),
+        "tuning": tuning.create_pipeline(),
         "train": train,
+        "tune": data + tuning.create_pipeline(),
         **per_model,
         "cv": data + cv.create_pipeline(),
         **cross_validation,

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import subprocess
+from pathlib import Path
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -104,3 +105,13 @@ def register_model(model_uri: str, name: str, tags: Mapping[str, str]) -> str:
 def set_registered_alias(name: str, alias: str, version: str) -> None:
     """Point ``alias`` (e.g. ``champion``) of registered model ``name`` at ``version``."""
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def absolute_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI (default: the current one) with a relative ``sqlite:///`` path made absolute,
+    so another process (a tuning worker) finds the same store whatever its working directory."""
+    uri = uri or mlflow.get_tracking_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri

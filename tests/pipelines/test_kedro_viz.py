@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 ARCHITECTURES = ("unet", "unet_small", "fcn", "vnet2d")
 PIPELINES = {"train", "data", "ingestion", "preprocessing", "training", "evaluation", "inference", "__default__"}
 PIPELINES |= {f"train_{arch}" for arch in (*ARCHITECTURES, "cascade")}  # one named pipeline per model
+PIPELINES |= {"tune", "tuning"} | {f"tune_{arch}" for arch in ARCHITECTURES}    # Optuna studies, not in train
 CASCADE_STEPS = {"prepare_training_crops", "measure_stage1_localisation", "train_stage2", "validate_stage2",
                  "check_model_binding", "predict_test_cases", "score_test_cases", "summarise_model"}
 

@@ -1,0 +1,149 @@
+"""``TuningConfig``: the ``tuning`` parameters of one architecture, validated.
+
+``tuning`` holds the settings shared by every architecture; ``tuning.architectures.<name>`` is
+deep-merged over them for one architecture (e.g. the FCN's lower learning-rate range). Errors name
+the configuration key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pancreas_seg.learning.setup import merge_settings
+from pancreas_seg.tuning.search_space import SearchSpace, SearchSpaceError
+
+#: Keys of ``tuning`` (per architecture after the merge); anything else is a typo.
+KNOWN_KEYS = {"n_trials", "n_workers", "threads_per_worker", "pin_cores", "storage_dir", "seed", "sampler", "pruner",
+              "heartbeat_interval_s", "grace_period_s", "max_retry", "trial", "search_space", "architectures"}
+SAMPLER_KEYS = {"n_startup_trials", "constant_liar", "multivariate"}
+PRUNER_KEYS = {"n_startup_trials", "n_warmup_steps", "interval_steps"}
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _positive_int(value: Any, key: str, minimum: int = 1, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SearchSpaceError(f"{key}: expected an integer >= {minimum}{' or null' if allow_none else ''}, "
+                               f"got {value!r}")
+    return value
+
+
+def _section(config: Mapping[str, Any], name: str, known: set[str], key: str) -> dict[str, Any]:
+    section = config.get(name) or {}
+    if not isinstance(section, Mapping):
+        raise SearchSpaceError(f"{key}.{name}: expected a mapping, got {section!r}")
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise SearchSpaceError(f"{key}.{name}: unknown key(s) {unknown} (known: {sorted(known)})")
+    return dict(section)
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """What one architecture's study runs: trials, workers, storage, sampler, pruner, search space."""
+
+    architecture: str
+    search_space: SearchSpace
+    n_trials: int = 8                        # COMPLETE + PRUNED trials the study reaches
+    n_workers: int = 1                       # worker processes
+    threads_per_worker: int | None = None    # None = available cores // n_workers
+    pin_cores: bool = False                  # several workers: each on its own cores (Linux affinity)
+    storage_dir: str = "data/06_models/tuning"
+    seed: int = 42
+    sampler: dict[str, Any] = field(default_factory=dict)
+    pruner: dict[str, Any] = field(default_factory=dict)
+    heartbeat_interval_s: int = 10
+    grace_period_s: int = 60
+    max_retry: int | None = 2
+    trial: dict[str, Any] = field(default_factory=dict)   # training overrides for every trial
+
+    @classmethod
+    def from_params(cls, tuning: Mapping[str, Any], architecture: str, key: str = "tuning") -> TuningConfig:
+        """The shared ``tuning`` parameters with ``tuning.architectures.<architecture>`` merged over them."""
+        if not isinstance(tuning, Mapping):
+            raise SearchSpaceError(f"{key}: expected a mapping, got {tuning!r}")
+        unknown = sorted(set(tuning) - KNOWN_KEYS)
+        if unknown:
+            raise SearchSpaceError(f"{key}: unknown key(s) {unknown} (known: {sorted(KNOWN_KEYS)})")
+        per_architecture = tuning.get("architectures") or {}
+        if not isinstance(per_architecture, Mapping):
+            raise SearchSpaceError(f"{key}.architectures: expected a mapping of architecture names")
+        override = per_architecture.get(architecture) or {}
+        bad = sorted(set(override) - (KNOWN_KEYS - {"architectures"}))
+        if bad:
+            raise SearchSpaceError(f"{key}.architectures.{architecture}: unknown key(s) {bad}")
+        merged = merge_settings({k: v for k, v in tuning.items() if k != "architectures"}, override)
+        where = f"{key}.architectures.{architecture}" if override else key
+        n_workers = _positive_int(merged.get("n_workers", 1), f"{where}.n_workers")
+        heartbeat = _positive_int(merged.get("heartbeat_interval_s", 10), f"{where}.heartbeat_interval_s")
+        grace = _positive_int(merged.get("grace_period_s", 60), f"{where}.grace_period_s")
+        if grace <= heartbeat:
+            raise SearchSpaceError(f"{where}.grace_period_s ({grace}) must be larger than "
+                                   f"heartbeat_interval_s ({heartbeat})")
+        pin_cores = merged.get("pin_cores", False)
+        if not isinstance(pin_cores, bool):
+            raise SearchSpaceError(f"{where}.pin_cores: expected true or false, got {pin_cores!r}")
+        trial = merged.get("trial") or {}
+        if not isinstance(trial, Mapping):
+            raise SearchSpaceError(f"{where}.trial: expected a mapping of training settings, got {trial!r}")
+        search_space_key = f"{key}.search_space" if "search_space" not in override else f"{where}.search_space"
+        return cls(
+            architecture=architecture,
+            search_space=SearchSpace.from_config(merged.get("search_space"), search_space_key),
+            n_trials=_positive_int(merged.get("n_trials", 8), f"{where}.n_trials"),
+            n_workers=n_workers,
+            threads_per_worker=_positive_int(merged.get("threads_per_worker"), f"{where}.threads_per_worker",
+                                             allow_none=True),
+            pin_cores=pin_cores,
+            storage_dir=str(merged.get("storage_dir") or "data/06_models/tuning"),
+            seed=_positive_int(merged.get("seed", 42), f"{where}.seed", minimum=0),
+            sampler=_section(merged, "sampler", SAMPLER_KEYS, where),
+            pruner=_section(merged, "pruner", PRUNER_KEYS, where),
+            heartbeat_interval_s=heartbeat, grace_period_s=grace,
+            max_retry=_positive_int(merged.get("max_retry", 2), f"{where}.max_retry", minimum=0, allow_none=True),
+            trial=dict(trial),
+        )
+
+    @property
+    def storage_path(self) -> Path:
+        """The study's journal file: ``<storage_dir>/<architecture>.optuna.log``."""
+        return Path(self.storage_dir) / f"{self.architecture}.optuna.log"
+
+    def threads(self, cores: int | None = None) -> int:
+        """Threads per worker: the configured number, else ``cores // n_workers`` (at least 1)."""
+        if self.threads_per_worker is not None:
+            return self.threads_per_worker
+        return max(1, (cores or available_cores()) // self.n_workers)
+
+    def worker_cores(self, n_workers: int | None = None, threads: int | None = None,
+                     available: list[int] | None = None) -> list[tuple[int, ...] | None]:
+        """The cores each of ``n_workers`` workers is pinned to: disjoint sets of ``threads`` cores
+        when ``pin_cores`` is on, there are several workers and enough cores; else None (unpinned)."""
+        n_workers = n_workers or self.n_workers
+        threads = threads or self.threads()
+        if available is None:
+            try:
+                available = sorted(os.sched_getaffinity(0))
+            except AttributeError:  # pragma: no cover - not Linux
+                return [None] * n_workers
+        if not self.pin_cores or n_workers < 2 or n_workers * threads > len(available):
+            return [None] * n_workers
+        return [tuple(available[i * threads:(i + 1) * threads]) for i in range(n_workers)]
+
+    def trial_settings(self, training: Mapping[str, Any], architecture: Mapping[str, Any]) -> dict[str, Any]:
+        """The architecture's training settings with ``trial`` merged over them (before sampling)."""
+        from pancreas_seg.learning.setup import architecture_settings  # noqa: PLC0415
+
+        return merge_settings(architecture_settings(training, architecture), self.trial)

@@ -1,0 +1,33 @@
+"""The tuning pipelines are registered, one namespace per architecture, and kept out of ``train``."""
+
+from __future__ import annotations
+
+import pytest
+
+from pancreas_seg.models.names import ARCHITECTURE_NAMES, CASCADE_NAME
+from pancreas_seg.pipeline_registry import register_pipelines
+from pancreas_seg.pipelines import tuning
+
+
+def test_tune_pipelines_are_registered_and_not_part_of_train() -> None:
+    pipelines = register_pipelines()
+    assert {"tune", "tuning", *(f"tune_{arch}" for arch in ARCHITECTURE_NAMES)} <= set(pipelines)
+    tune_nodes = {node.name for node in pipelines["tune"].nodes}
+    assert {f"{arch}.tune" for arch in ARCHITECTURE_NAMES} <= tune_nodes
+    assert {node.name for node in pipelines["data"].nodes} <= tune_nodes          # ingestion + preprocessing
+    for name in ("train", "__default__", "training"):
+        assert not [node.name for node in pipelines[name].nodes if node.name.endswith(".tune")], name
+    only_unet = {node.name for node in pipelines["tune_unet"].nodes if node.name.endswith(".tune")}
+    assert only_unet == {"unet.tune"}
+
+
+def test_each_namespace_reads_its_architecture_and_publishes_its_reports() -> None:
+    [node] = tuning.create_pipeline(["fcn"]).nodes
+    assert node.inputs == ["model_input_slices", "case_manifest", "intensity_stats", "params:preprocessing",
+                           "params:training", "params:tuning", "params:fcn.architecture"]
+    assert node.outputs == ["fcn.tuning_best_trial", "fcn.tuning_trials", "fcn.tuning_plot"]
+
+
+def test_the_cascade_is_not_tuned() -> None:
+    with pytest.raises(ValueError, match="the cascade is not tuned"):
+        tuning.create_pipeline([CASCADE_NAME])
