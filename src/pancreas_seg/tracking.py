@@ -10,9 +10,9 @@ import logging
 import math
 import os
 import subprocess
-from pathlib import Path
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import mlflow
