@@ -149,22 +149,31 @@ def test_bad_requests_get_a_clear_error_and_the_server_keeps_serving(server: str
     assert len(body["predictions"]) == 1                      # still serving after the bad requests
 
 
+def _run_ids(client: mlflow.MlflowClient, experiment_name: str) -> set[str]:
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return set()
+    return {r.info.run_id for r in client.search_runs([experiment.experiment_id], max_results=1000)}
+
+
 def test_evaluation_and_inference_runs_go_to_their_own_experiments(project: Path, kedro_cli_runner) -> None:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    # the copied project may hold runs of earlier tests: only the runs made here are checked
+    before = {name: _run_ids(client, name) for name in (EXPERIMENT, f"{EXPERIMENT}_evaluation", f"{EXPERIMENT}_inference")}
     kedro_cli_runner(project, "--pipelines=evaluation")
     kedro_cli_runner(project, "--pipelines=inference")
     failed = kedro_cli_runner(project, "--pipelines=inference", "--params",
                               "inference.input_path=data/01_raw/no_such_folder", check=False)
     assert failed.returncode != 0
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     names = {e.name: e for e in client.search_experiments()}
-    for name in (EXPERIMENT, f"{EXPERIMENT}_evaluation", f"{EXPERIMENT}_inference"):
+    for name in before:
         assert names[name].tags.get("mlflow.experimentKind") == "custom_model_development", name
-    training_runs = client.search_runs([names[EXPERIMENT].experiment_id], max_results=1000)
-    assert not [r for r in training_runs if r.info.run_name in ("evaluation", "inference")]
-    inference_runs = client.search_runs([names[f"{EXPERIMENT}_inference"].experiment_id])
-    assert [r.info.status for r in inference_runs].count("FAILED") == 1          # the missing input folder
-    finished = [r for r in inference_runs if r.info.status == "FINISHED" and r.data.params["inference.model"] == "unet"]
-    assert finished and finished[0].data.metrics["scans_segmented"] >= 1
-    evaluation_runs = client.search_runs([names[f"{EXPERIMENT}_evaluation"].experiment_id])
-    assert [r.info.status for r in evaluation_runs] == ["FINISHED"]
-    assert "statistics/paired_comparison.md" in {a.path for a in client.list_artifacts(evaluation_runs[0].info.run_id, "statistics")}
+    new_training = _run_ids(client, EXPERIMENT) - before[EXPERIMENT]
+    assert not new_training, "evaluation or inference logged to the training experiment"
+    new_inference = [client.get_run(r) for r in _run_ids(client, f"{EXPERIMENT}_inference") - before[f"{EXPERIMENT}_inference"]]
+    assert sorted(r.info.status for r in new_inference) == ["FAILED", "FINISHED"]
+    finished = next(r for r in new_inference if r.info.status == "FINISHED")
+    assert finished.data.params["inference.model"] == "unet" and finished.data.metrics["scans_segmented"] >= 1
+    new_evaluation = [client.get_run(r) for r in _run_ids(client, f"{EXPERIMENT}_evaluation") - before[f"{EXPERIMENT}_evaluation"]]
+    assert [r.info.status for r in new_evaluation] == ["FINISHED"]
+    assert "statistics/paired_comparison.md" in {a.path for a in client.list_artifacts(new_evaluation[0].info.run_id, "statistics")}
