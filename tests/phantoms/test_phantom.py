@@ -64,6 +64,21 @@ def test_written_files_are_byte_identical_and_case_seeds_are_order_independent(
     assert np.array_equal(load_nifti(dataset / "imagesTr/pancreas_002.nii.gz").array, case.hu)
 
 
+def test_two_processes_write_the_same_files(dataset: Path, tmp_path: Path) -> None:
+    calls: list[tuple[int, int, str]] = []
+    other = write_synthetic_task07(tmp_path / "Task07_Pancreas", N_TRAIN, N_TEST, SMALL, seed=SEED,
+                                   progress=lambda i, n, cid: calls.append((i, n, cid)), processes=2)
+    assert (other / "dataset.json").read_text() == (dataset / "dataset.json").read_text()
+    files = sorted(p.relative_to(dataset) for p in dataset.rglob("*.nii.gz"))
+    assert files == sorted(p.relative_to(other) for p in other.rglob("*.nii.gz"))
+    assert len(files) == 2 * N_TRAIN + N_TEST
+    for rel in files:
+        assert (dataset / rel).read_bytes() == (other / rel).read_bytes(), rel
+    assert [c[0] for c in calls] == list(range(1, N_TRAIN + N_TEST + 1))
+    assert sorted(c[2] for c in calls) == [f"pancreas_{i:03d}" for i in range(1, N_TRAIN + N_TEST + 1)]
+    assert [p.name for p in tmp_path.iterdir()] == ["Task07_Pancreas"]  # no temp folders
+
+
 # --------------------------------------------------------------------------------------- validity
 def test_case_arrays_have_the_documented_types_and_plausible_hu() -> None:
     case = make_phantom(3, PhantomConfig(shape_xy_px=128, spacing_xy_mm=(2.5, 3.0),
@@ -224,13 +239,15 @@ def test_refuses_to_overwrite_a_different_dataset(dataset: Path, tmp_path: Path)
     assert (real / "dataset.json").read_text() == '{"name": "Task07_Pancreas"}'
 
 
-def test_interrupted_run_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_interrupted_run_leaves_nothing(tmp_path: Path, processes: int) -> None:
     def stop(i: int, n: int, case_id: str) -> None:
         if i == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_synthetic_task07(tmp_path / "Task07_Pancreas", 3, 0, SMALL, seed=0, progress=stop)
+        write_synthetic_task07(tmp_path / "Task07_Pancreas", 3 * processes, 0, SMALL, seed=0, progress=stop,
+                               processes=processes)
     assert list(tmp_path.iterdir()) == []
     root = write_synthetic_task07(tmp_path / "Task07_Pancreas", 1, 1, SMALL, seed=0)
     assert (root / "dataset.json").is_file()

@@ -787,40 +787,70 @@ def _reuse_existing(root: Path, fingerprint: str) -> bool:
         "overwrite existing data - remove the folder or choose another one")
 
 
-def _write_cases(folder: Path, n_train: int, n_test: int, config: PhantomConfig, *, seed: int,
-                 progress: Callable[[int, int, str], None] | None) -> dict[str, Any]:
-    """Write every case under ``folder``; return the dataset.json entries (file lists, cases)."""
+def _write_case(folder: Path, index: int, n_train: int, config: PhantomConfig, seed: int,
+                store_non_ras: bool) -> dict[str, Any]:
+    """Draw case ``index`` (0-based) and write its file(s) under ``folder``; return its entries."""
+    case_id, is_train = f"pancreas_{index + 1:03d}", index < n_train
+    case = make_phantom(case_seed(seed, index), config, store_non_ras=store_non_ras)
+    image_rel = f"./{'imagesTr' if is_train else 'imagesTs'}/{case_id}.nii.gz"
+    save_nifti(folder / image_rel, case.hu, case.affine)
+    entry = {"id": case_id, "split": "train" if is_train else "test",
+             "orientation": case.meta["orientation"], "spacing_mm": case.meta["spacing_mm"],
+             "shape": case.meta["shape"], "contrast_phase": case.meta["contrast_phase"]}
+    written: dict[str, Any] = {"case": entry}
+    if is_train:  # test cases keep their ground truth to themselves
+        label_rel = f"./labelsTr/{case_id}.nii.gz"
+        save_nifti(folder / label_rel, case.label, case.affine)
+        written["training"] = {"image": image_rel, "label": label_rel}
+        entry["tumour"] = bool(case.meta["tumour_voxels"] > 0)
+    else:
+        written["test"] = image_rel
+    return written
+
+
+def _write_cases(folder: Path, n_train: int, n_test: int, config: PhantomConfig, *, seed: int,  # noqa: PLR0917
+                 progress: Callable[[int, int, str], None] | None, processes: int = 1) -> dict[str, Any]:
+    """Write every case under ``folder``; return the dataset.json entries (file lists, cases).
+
+    With ``processes`` > 1 the cases are drawn and written by that many worker processes; the
+    files and entries are the same as with one (each case depends only on its own seed).
+    """
     n = n_train + n_test
     lps = non_ras_indices(n_train, n_test, config.non_ras_every)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (folder / sub).mkdir()
-    training: list[dict[str, str]] = []
-    test: list[str] = []
-    cases: list[dict[str, Any]] = []
-    for index in range(n):
-        case_id, is_train = f"pancreas_{index + 1:03d}", index < n_train
-        case = make_phantom(case_seed(seed, index), config, store_non_ras=index in lps)
-        image_rel = f"./{'imagesTr' if is_train else 'imagesTs'}/{case_id}.nii.gz"
-        save_nifti(folder / image_rel, case.hu, case.affine)
-        entry = {"id": case_id, "split": "train" if is_train else "test",
-                 "orientation": case.meta["orientation"], "spacing_mm": case.meta["spacing_mm"],
-                 "shape": case.meta["shape"], "contrast_phase": case.meta["contrast_phase"]}
-        if is_train:  # test cases keep their ground truth to themselves
-            label_rel = f"./labelsTr/{case_id}.nii.gz"
-            save_nifti(folder / label_rel, case.label, case.affine)
-            training.append({"image": image_rel, "label": label_rel})
-            entry["tumour"] = bool(case.meta["tumour_voxels"] > 0)
-        else:
-            test.append(image_rel)
-        cases.append(entry)
-        if progress is not None:
-            progress(index + 1, n, case_id)
-    return {"training": training, "test": test, "cases": cases}
+    results: list[dict[str, Any] | None] = [None] * n
+    if processes <= 1 or n == 1:
+        for index in range(n):
+            results[index] = _write_case(folder, index, n_train, config, seed, index in lps)
+            if progress is not None:
+                progress(index + 1, n, results[index]["case"]["id"])
+    else:
+        import multiprocessing  # noqa: PLC0415
+        from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: PLC0415
+
+        pool = ProcessPoolExecutor(max_workers=min(int(processes), n),
+                                   mp_context=multiprocessing.get_context("spawn"))
+        try:
+            futures = {pool.submit(_write_case, folder, index, n_train, config, seed, index in lps): index
+                       for index in range(n)}
+            for done, future in enumerate(as_completed(futures), start=1):
+                results[futures[future]] = future.result()
+                if progress is not None:
+                    progress(done, n, results[futures[future]]["case"]["id"])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # no worker writes into a removed folder
+            raise
+        pool.shutdown(wait=True)
+    return {"training": [r["training"] for r in results if "training" in r],
+            "test": [r["test"] for r in results if "test" in r],
+            "cases": [r["case"] for r in results]}
 
 
 def write_synthetic_task07(root: str | Path, n_train: int, n_test: int,  # noqa: PLR0917
                            config: PhantomConfig, seed: int,
-                           progress: Callable[[int, int, str], None] | None = None) -> Path:
+                           progress: Callable[[int, int, str], None] | None = None,
+                           processes: int = 1) -> Path:
     """Write (or reuse) a SYNTHETIC MSD Task07-style folder and return its path.
 
     Layout: ``root/dataset.json``, ``root/imagesTr/pancreas_NNN.nii.gz``,
@@ -835,7 +865,10 @@ def write_synthetic_task07(root: str | Path, n_train: int, n_test: int,  # noqa:
     ``root`` raises :class:`FileExistsError` (existing data is never overwritten).
 
     Args:
-        progress: called as ``progress(i, n, case_id)`` after each case is written, i in 1..n.
+        progress: called as ``progress(i, n, case_id)`` after each case is written, i in 1..n
+            (with several processes: the i-th case to finish, in any order).
+        processes: worker processes that draw and write the cases (1: in this process). The
+            files are the same whatever the number.
 
     Raises:
         FileExistsError: ``root`` exists and is not this exact synthetic data set.
@@ -855,7 +888,8 @@ def write_synthetic_task07(root: str | Path, n_train: int, n_test: int,  # noqa:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}{_PARTIAL_TAG}{os.getpid()}-",
                                 dir=root.parent))
     try:
-        written = _write_cases(tmp, n_train, n_test, config, seed=seed, progress=progress)
+        written = _write_cases(tmp, n_train, n_test, config, seed=seed, progress=progress,
+                               processes=processes)
         dataset = {
             "name": DATASET_NAME,
             "description": ("SYNTHETIC procedurally generated abdominal CT phantoms with pancreas "
