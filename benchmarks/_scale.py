@@ -1,0 +1,423 @@
+"""Shared helpers for the MSD-scale scripts (not a benchmark itself).
+
+Used by ``msd_scale_rehearsal.py`` and ``preprocessing_throughput.py``:
+
+* :func:`msd_scale_config` / :func:`ensure_phantoms`: SYNTHETIC phantoms at the scale of MSD
+  Task07 (512 x 512 in-plane, 0.6-0.98 mm pixels, 1.5-2.5 mm slices over 100-225 mm: 40-150
+  slices), one Task07 folder per case count. The largest set is generated once (both cores,
+  :func:`pancreas_seg.phantoms.write_synthetic_task07` with ``processes``); a smaller one is its
+  first ``n`` cases, hard-linked, with its own ``dataset.json``. Those are exactly the files the
+  generator writes for ``n`` cases (same seeds, same LPS cases), so it carries the generator's own
+  fingerprint for ``n``.
+* :func:`make_project`: a throwaway project copy (``conf/``, ``pyproject.toml``, an empty
+  ``src/``, the ``data/`` skeleton), as the end-to-end tests make one. The pipelines read the
+  phantoms in place as real data (``--env msd``, ``ingestion.msd_path``).
+* :func:`run_sampled`: runs a child process and samples the peak RSS of it and of every process
+  it starts (``VmHWM`` from ``/proc``, the kernel's own high-water mark, read every 0.1 s), so
+  the LocalCluster's worker processes are measured too.
+* :func:`child_session_run`: the child side, one ``KedroSession.run`` with a given runner, timed.
+* :func:`disk_by_layer`, :func:`shards_digest`, :func:`flatness`, :func:`throughput_summary`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+REPO_ROOT = _common.REPO_ROOT
+#: Where the phantoms go unless ``--data-root`` says otherwise (git-ignored; several GiB at 281).
+DEFAULT_DATA_ROOT = REPO_ROOT / "data" / "01_raw" / "benchmark_msd_scale"
+PHANTOM_SEED = 7007
+#: MSD Task07: 512 x 512 in-plane, 0.61-0.98 mm pixels, most slices 1.5-2.5 mm (nnU-Net's median
+#: 2.5 x 0.8 x 0.8 mm), tens to ~150 slices around the pancreas. 100-225 mm at 1.5-2.5 mm gives
+#: 40-150 slices (about 83 on average).
+MSD_SCALE_PHANTOM = {"shape_xy_px": 512, "spacing_xy_mm": (0.6, 0.98), "slice_thickness_mm": (1.5, 2.5),
+                     "z_extent_mm": (100.0, 225.0)}
+SLICE_RANGE = (40, 150)
+SIZES = (30, 100, 281)
+ENV = "msd"              # real-data settings: ingestion.source msd, preprocessing at 256 px
+IMAGE_SIZE_PX = 256
+DATA_LAYERS = ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input",
+               "06_models", "07_model_output", "08_reporting")
+KEDRO_ENV_VARS = {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1"}
+HELPER_PROCESS_MARKERS = ("resource_tracker", "semaphore_tracker")
+
+
+# ------------------------------------------------------------------------------------------------
+# Phantoms
+# ------------------------------------------------------------------------------------------------
+def msd_scale_config() -> Any:
+    """The generator's :class:`PhantomConfig` at MSD scale (other settings as the defaults)."""
+    from pancreas_seg.phantoms import PhantomConfig  # noqa: PLC0415
+
+    return PhantomConfig(**MSD_SCALE_PHANTOM)
+
+
+def dataset_folder(data_root: Path, n: int) -> Path:
+    return Path(data_root) / f"Task07_Pancreas_phantoms_{n:03d}"
+
+
+def _fingerprint_of(root: Path) -> str | None:
+    try:
+        return str(json.loads((root / "dataset.json").read_text())["synthetic"]["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def ensure_phantoms(data_root: Path, n: int, processes: int = 2, progress: bool = True) -> Path:
+    """The ``n``-case MSD-scale Task07 folder: reused if there, else taken from a larger set that
+    is there (hard links), else generated with ``processes`` processes."""
+    from pancreas_seg.phantoms import dataset_fingerprint, write_synthetic_task07  # noqa: PLC0415
+
+    config = msd_scale_config()
+    target = dataset_folder(data_root, n)
+    if _fingerprint_of(target) == dataset_fingerprint(n, 0, config, PHANTOM_SEED):
+        return target
+    larger = sorted((p for p in Path(data_root).glob("Task07_Pancreas_phantoms_*") if p.is_dir()
+                     and p.name.rsplit("_", 1)[-1].isdigit() and int(p.name.rsplit("_", 1)[-1]) > n
+                     and _fingerprint_of(p) == dataset_fingerprint(int(p.name.rsplit("_", 1)[-1]), 0, config,
+                                                                   PHANTOM_SEED)),
+                    key=lambda p: int(p.name.rsplit("_", 1)[-1]))
+    if larger:
+        return subset_dataset(larger[0], n, target)
+    start = time.perf_counter()
+
+    def report(i: int, total: int, case_id: str) -> None:
+        if progress:
+            elapsed = time.perf_counter() - start
+            print(f"\r  phantoms: {i}/{total} written ({case_id}), {elapsed:.0f} s, "
+                  f"about {elapsed / i * (total - i):.0f} s left   ", end="" if i < total else "\n",
+                  file=sys.stderr, flush=True)
+
+    return write_synthetic_task07(target, n_train=n, n_test=0, config=config, seed=PHANTOM_SEED,
+                                  progress=report, processes=processes)
+
+
+def subset_dataset(full: Path, n: int, target: Path) -> Path:
+    """``target``: the first ``n`` training cases of the synthetic set ``full`` (hard links) and
+    the ``dataset.json`` the generator would write for ``n`` cases."""
+    from pancreas_seg.phantoms import dataset_fingerprint, non_ras_indices  # noqa: PLC0415
+
+    meta = json.loads((full / "dataset.json").read_text())
+    synthetic = meta["synthetic"]
+    config = msd_scale_config()
+    if meta["numTest"] != 0 or synthetic["config"] != config.to_dict() or synthetic["seed"] != PHANTOM_SEED:
+        raise ValueError(f"{full} is not an MSD-scale phantom set of this script (seed {PHANTOM_SEED}, no test cases)")
+    n_full = int(meta["numTraining"])
+    every = config.non_ras_every
+    # the cases stored LPS must be the same in the subset as in the full set
+    if non_ras_indices(n, 0, every) != {i for i in non_ras_indices(n_full, 0, every) if i < n}:
+        raise ValueError(f"the first {n} cases of {full} are not the {n}-case data set (LPS cases differ)")
+    subset = {**meta, "numTraining": n, "training": meta["training"][:n],
+              "synthetic": {**synthetic, "fingerprint": dataset_fingerprint(n, 0, config, PHANTOM_SEED),
+                            "cases": synthetic["cases"][:n]}}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+            (tmp / sub).mkdir()
+        for entry in subset["training"]:
+            for rel in (entry["image"], entry["label"]):
+                os.link(full / rel, tmp / rel)
+        (tmp / "dataset.json").write_text(json.dumps(subset, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def slice_counts(root: Path) -> list[int]:
+    """Slices per training case, from the phantom set's ``dataset.json``."""
+    cases = json.loads((Path(root) / "dataset.json").read_text())["synthetic"]["cases"]
+    return [int(c["shape"][2]) for c in cases if c["split"] == "train"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Project copies and child processes
+# ------------------------------------------------------------------------------------------------
+def make_project(destination: Path) -> Path:
+    """A throwaway project: ``conf/`` (empty ``conf/local``), ``pyproject.toml``, an empty
+    ``src/`` (the package is imported from this checkout) and the ``data/`` skeleton."""
+    destination.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO_ROOT / "conf", destination / "conf",
+                    ignore=lambda folder, names: names if Path(folder).name == "local" else [])
+    (destination / "conf" / "local").mkdir(exist_ok=True)
+    for name in ("pyproject.toml", ".telemetry"):
+        if (REPO_ROOT / name).is_file():
+            shutil.copy2(REPO_ROOT / name, destination / name)
+    (destination / "src").mkdir(exist_ok=True)
+    for layer in DATA_LAYERS:
+        (destination / "data" / layer).mkdir(parents=True, exist_ok=True)
+    return destination.resolve()
+
+
+def child_env() -> dict[str, str]:
+    """This environment, no telemetry, this checkout's ``src/`` first on ``PYTHONPATH`` (the
+    LocalCluster's worker processes inherit it)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(KEDRO_ENV_VARS)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"),
+                                         *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    return env
+
+
+def runtime_params(raw_root: Path) -> dict[str, Any]:
+    """What ``--params ingestion.msd_path=<raw_root>,preprocessing.image_size_px=256`` gives."""
+    return {"ingestion": {"source": "msd", "msd_path": str(raw_root)},
+            "preprocessing": {"image_size_px": IMAGE_SIZE_PX}}
+
+
+def _vm_hwm_mib(pid: int) -> float | None:
+    """The kernel's peak RSS (``VmHWM``) of a live process, MiB."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+class TreeSampler(threading.Thread):
+    """Samples a process and all its descendants every ``interval`` s until :meth:`stop`.
+
+    Per process: its command line, the highest ``VmHWM`` seen (the kernel's peak RSS, so a short
+    spike between two samples still counts) and the highest sampled RSS.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval = pid, interval
+        self.processes: dict[int, dict[str, Any]] = {}
+        self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        import psutil  # noqa: PLC0415
+
+        try:
+            root = psutil.Process(self.root)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for proc in procs:
+            try:
+                info = self.processes.get(proc.pid)
+                if info is None:
+                    info = self.processes[proc.pid] = {
+                        "pid": proc.pid, "cmdline": " ".join(proc.cmdline())[:300],
+                        "parent": proc.ppid(), "peak_rss_mib": 0.0, "max_sampled_rss_mib": 0.0}
+                rss = proc.memory_info().rss / 2**20
+                hwm = _vm_hwm_mib(proc.pid) or rss
+                info["peak_rss_mib"] = max(info["peak_rss_mib"], hwm)
+                info["max_sampled_rss_mib"] = max(info["max_sampled_rss_mib"], rss)
+            except psutil.Error:
+                continue
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.sample()
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def roles(self) -> dict[str, list[dict[str, Any]]]:
+        """``driver`` (the child itself), ``workers`` (every other process it started, except
+        multiprocessing's resource tracker) and ``helpers``."""
+        driver = [p for p in self.processes.values() if p["pid"] == self.root]
+        others = [p for p in self.processes.values() if p["pid"] != self.root]
+        helpers = [p for p in others if any(m in p["cmdline"] for m in HELPER_PROCESS_MARKERS)]
+        workers = [p for p in others if p not in helpers]
+        return {"driver": driver, "workers": workers, "helpers": helpers}
+
+
+def run_sampled(args: Sequence[str], cwd: Path, log_path: Path, timeout: float = 7200.0,
+                interval: float = 0.1) -> dict[str, Any]:
+    """Run ``python *args`` in ``cwd`` (output to ``log_path``), sampling its process tree.
+
+    Returns the child's result (the ``_common.emit_result`` line) plus ``driver_peak_rss_mib``,
+    ``worker_peak_rss_mib`` (one per worker process), ``processes`` and ``process_wall_s``.
+    """
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
+                                stderr=log, text=True)
+        sampler = TreeSampler(proc.pid, interval)
+        sampler.start()
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            sampler.stop()
+        log.write(stdout)
+    wall = time.perf_counter() - start
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(_common.RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(args)} failed (exit {proc.returncode}); see {log_path}:\n"
+                           f"{log_path.read_text()[-5000:]}")
+    result = json.loads(lines[-1][len(_common.RESULT_PREFIX):])
+    roles = sampler.roles()
+    result.update({
+        "process_wall_s": wall,
+        # the child's own ru_maxrss covers the time after the last sample too
+        "driver_peak_rss_mib": max([result["peak_rss_mib"], *[p["peak_rss_mib"] for p in roles["driver"]]]),
+        "worker_peak_rss_mib": sorted((p["peak_rss_mib"] for p in roles["workers"]), reverse=True),
+        "processes": roles})
+    return result
+
+
+def make_runner(name: str, n_workers: int = 2, threads_per_worker: int = 1) -> Any:
+    """``sequential``: Kedro's SequentialRunner; ``dask``: the project's DaskRunner with its own
+    LocalCluster of ``n_workers`` processes."""
+    if name == "sequential":
+        from kedro.runner import SequentialRunner  # noqa: PLC0415
+
+        return SequentialRunner()
+    if name == "dask":
+        from pancreas_seg.runners import DaskRunner  # noqa: PLC0415
+
+        return DaskRunner(address=None, n_workers=n_workers, threads_per_worker=threads_per_worker)
+    raise ValueError(f"unknown runner {name!r}")
+
+
+def child_session_run(pipeline: str, runner_name: str, raw_root: Path, n_workers: int = 2,
+                      threads_per_worker: int = 1) -> dict[str, Any]:
+    """Child side: one ``KedroSession.run`` of ``pipeline`` (env ``msd``, the phantoms at
+    ``raw_root`` as ``ingestion.msd_path``) in the project that is the working directory.
+
+    ``session_run_s`` is ``session.run`` alone (for the Dask runner that includes starting and
+    closing its LocalCluster); ``ingestion_done_s`` is when ``case_manifest.csv`` (the last
+    ingestion output) was written, relative to the start of ``session.run``.
+    """
+    start_process = time.perf_counter()
+    from kedro.framework.session import KedroSession  # noqa: PLC0415
+    from kedro.framework.startup import bootstrap_project  # noqa: PLC0415
+
+    project = Path.cwd()
+    bootstrap_project(project)
+    runner = make_runner(runner_name, n_workers, threads_per_worker)
+    with KedroSession.create(project_path=project, env=ENV, runtime_params=runtime_params(raw_root)) as session:
+        wall_start = time.time()
+        start = time.perf_counter()
+        session.run(pipeline_names=[pipeline], runner=runner)
+        seconds = time.perf_counter() - start
+    manifest = project / "data" / "03_primary" / "case_manifest.csv"
+    ingestion_done = manifest.stat().st_mtime - wall_start if manifest.is_file() else None
+    return {"pipeline": pipeline, "runner": runner_name, "n_workers": n_workers if runner_name == "dask" else 1,
+            "threads_per_worker": threads_per_worker if runner_name == "dask" else 1,
+            "session_run_s": seconds, "ingestion_done_s": ingestion_done,
+            "before_run_s": start - start_process}
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurements of the outputs, and the summaries
+# ------------------------------------------------------------------------------------------------
+def disk_usage(path: Path) -> int:
+    """Bytes allocated on disk under ``path`` (``du``: blocks, hard links counted once, links not followed)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(folder, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def disk_by_layer(project: Path) -> dict[str, int]:
+    """Bytes under each ``data/<layer>`` of a project, and ``total``."""
+    usage = {layer: disk_usage(project / "data" / layer) for layer in DATA_LAYERS}
+    usage["total"] = sum(usage.values())
+    return usage
+
+
+def dataset_bytes(raw_root: Path) -> int:
+    """Bytes on disk of a Task07 folder's listed files (what a subset's hard links point at)."""
+    meta = json.loads((raw_root / "dataset.json").read_text())
+    files = [raw_root / rel for e in meta["training"] for rel in (e["image"], e["label"])]
+    files += [raw_root / rel for rel in meta.get("test", [])]
+    return sum(f.stat().st_blocks * 512 for f in files) + (raw_root / "dataset.json").stat().st_blocks * 512
+
+
+def shards_digest(project: Path) -> str:
+    """SHA-256 over every shard under ``data/05_model_input/slices`` (relative path + bytes)."""
+    digest = hashlib.sha256()
+    root = project / "data" / "05_model_input" / "slices"
+    for path in sorted(root.rglob("*.npy")):
+        digest.update(str(path.relative_to(root)).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def flatness(per_size: Mapping[int, Mapping[str, float]], limit: float = 1.15) -> dict[str, Any]:
+    """Cost per case and peak worker RSS of the largest case count over the smallest.
+
+    ``per_size``: ``{n_cases: {"wall_s": ..., "peak_worker_rss_mib": ...}}``. Both ratios must be
+    <= ``limit``.
+    """
+    lo, hi = min(per_size), max(per_size)
+    per_case = {n: per_size[n]["wall_s"] / n for n in per_size}
+    cost = per_case[hi] / per_case[lo]
+    memory = per_size[hi]["peak_worker_rss_mib"] / per_size[lo]["peak_worker_rss_mib"]
+    return {"smallest": lo, "largest": hi, "wall_per_case_s": per_case, "cost_per_case_ratio": cost,
+            "peak_worker_rss_ratio": memory, "limit": limit, "cost_pass": cost <= limit,
+            "memory_pass": memory <= limit, "pass": cost <= limit and memory <= limit}
+
+
+def throughput_summary(runs: Sequence[Mapping[str, Any]], n_cases: int, target_ratio: float = 1.7
+                       ) -> dict[str, Any]:
+    """Medians of interleaved ``sequential`` and ``dask`` runs and their ratios.
+
+    Each run: ``{"runner", "round", "session_run_s", "driver_peak_rss_mib", "worker_peak_rss_mib"}``.
+    Throughput is cases / ``session_run_s``; the speed-up is median(dask cases/s) / median(sequential
+    cases/s). The single process's peak is its driver's; the Dask side's is its largest worker.
+    """
+    seq = [r for r in runs if r["runner"] == "sequential"]
+    dask = [r for r in runs if r["runner"] == "dask"]
+    if not seq or not dask:
+        raise ValueError("need at least one sequential and one dask run")
+    seq_tp = _common.median([n_cases / r["session_run_s"] for r in seq])
+    dask_tp = _common.median([n_cases / r["session_run_s"] for r in dask])
+    single_peak = _common.median([r["driver_peak_rss_mib"] for r in seq])
+    worker_peak = _common.median([max(r["worker_peak_rss_mib"]) for r in dask])
+    rounds = sorted({r["round"] for r in runs})
+    per_round = [next(r["session_run_s"] for r in seq if r["round"] == k)
+                 / next(r["session_run_s"] for r in dask if r["round"] == k)
+                 for k in rounds if any(r["round"] == k for r in seq) and any(r["round"] == k for r in dask)]
+    ratio = dask_tp / seq_tp
+    return {"n_cases": n_cases, "median_cases_per_s_sequential": seq_tp, "median_cases_per_s_dask": dask_tp,
+            "median_s_sequential": _common.median([r["session_run_s"] for r in seq]),
+            "median_s_dask": _common.median([r["session_run_s"] for r in dask]),
+            "speedup": ratio, "round_speedups": per_round, "target_speedup": target_ratio,
+            "speedup_pass": ratio >= target_ratio,
+            "median_peak_rss_mib_single": single_peak, "median_peak_rss_mib_worker": worker_peak,
+            "median_peak_rss_mib_dask_driver": _common.median([r["driver_peak_rss_mib"] for r in dask]),
+            "memory_pass": worker_peak <= single_peak,
+            "pass": ratio >= target_ratio and worker_peak <= single_peak}
+
+
+def mib(n_bytes: float) -> float:
+    return n_bytes / 2**20

@@ -1,0 +1,166 @@
+"""Preprocessing throughput: one process (SequentialRunner) vs a 2-worker Dask LocalCluster
+(DaskRunner), measured in ONE run on 30 MSD-sized cases.
+
+What it measures
+----------------
+The first 30 cases of the MSD-scale SYNTHETIC phantoms (``_scale.MSD_SCALE_PHANTOM``: 512 x 512,
+40-150 slices; written once into ``--data-root`` and reused, shared with
+``msd_scale_rehearsal.py``) are ingested once into a throwaway project (``--env msd``,
+``ingestion.msd_path`` = the phantoms; SequentialRunner; not timed as preprocessing). Then the
+``preprocessing`` pipeline (intensity settings, each case's geometry planned from its header and
+body box, 256 px image and label shards) runs ``--rounds`` times with each runner, interleaved
+(sequential, dask, then dask, sequential, ...), so a change of load on the shared machine hits
+both. Before every run ``data/04_feature`` and ``data/05_model_input`` are emptied, so each one
+does the full work. Each run is a NEW PROCESS that starts one ``KedroSession`` and times its
+``session.run``:
+
+* ``sequential``: ``SequentialRunner()``, everything in that one process;
+* ``dask``: ``DaskRunner(address=None, n_workers=2, threads_per_worker=1)``: it starts its own
+  LocalCluster of 2 fresh worker processes (counted in the time) and closes it at the end.
+
+Throughput is 30 cases / ``session.run`` seconds; the speed-up is the ratio of the medians, and
+is also given per round. Peak memory is the kernel's ``VmHWM`` of every process in the child's
+tree, sampled every 0.1 s: the single process's peak against the largest worker's peak (the Dask
+driver's own peak is reported too). After every run the shards are hashed: both runners must write
+identical shards.
+
+Targets (issue "Beyond one machine"): speed-up >= 1.7 and worker peak <= the single process's
+peak.
+
+How to run (from the repository root)
+-------------------------------------
+    .venv/bin/python benchmarks/preprocessing_throughput.py --data-root /big/disk/msd_scale
+    .venv/bin/python benchmarks/preprocessing_throughput.py --rounds 5 --cases 30
+
+Results: ``data/08_reporting/benchmarks/preprocessing_throughput.json`` and a table on stdout.
+On 2 cores a round takes about 2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+import _scale  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+RUNNERS = ("sequential", "dask")
+
+
+def child(args: argparse.Namespace) -> None:
+    result = _scale.child_session_run(args.pipeline, args.runner, Path(args.raw_root), args.workers, args.threads)
+    _common.emit_result(result)
+
+
+def clear_preprocessing_outputs(project: Path) -> None:
+    """Empty ``data/04_feature`` and ``data/05_model_input`` (the folders stay)."""
+    for layer in ("04_feature", "05_model_input"):
+        folder = project / "data" / layer
+        shutil.rmtree(folder)
+        folder.mkdir()
+
+
+def run_child(project: Path, raw_root: Path, pipeline: str, runner: str, log: Path,
+              args: argparse.Namespace) -> dict[str, Any]:
+    return _scale.run_sampled([str(SCRIPT), "--child", "--pipeline", pipeline, "--runner", runner,
+                               "--raw-root", str(raw_root), "--workers", str(args.workers),
+                               "--threads", str(args.threads)], cwd=project, log_path=log, timeout=args.timeout)
+
+
+def parent(args: argparse.Namespace) -> None:
+    t_start = time.perf_counter()
+    raw_root = _scale.ensure_phantoms(Path(args.data_root).resolve(), args.cases, processes=args.processes)
+    counts = _scale.slice_counts(raw_root)
+    workdir = Path(tempfile.mkdtemp(prefix="preprocessing_throughput_", dir=args.workdir))
+    project = _scale.make_project(workdir / "project")
+    print(f"{args.cases} MSD-scale phantom cases ({sum(counts)} slices of 512 x 512, {min(counts)}-{max(counts)} "
+          f"per case) from {raw_root}; project {project}", flush=True)
+    runs: list[dict[str, Any]] = []
+    try:
+        ingestion = run_child(project, raw_root, "ingestion", "sequential", workdir / "ingestion.log", args)
+        print(f"ingestion (once, SequentialRunner): {ingestion['session_run_s']:.1f} s", flush=True)
+        for round_index in range(args.rounds):
+            for runner in RUNNERS if round_index % 2 == 0 else RUNNERS[::-1]:
+                clear_preprocessing_outputs(project)
+                result = run_child(project, raw_root, "preprocessing", runner,
+                                   workdir / f"preprocessing_{round_index}_{runner}.log", args)
+                shards = project / "data" / "05_model_input" / "slices"
+                n_written = sum(1 for p in shards.iterdir()) if shards.is_dir() else 0
+                if n_written != args.cases:
+                    raise RuntimeError(f"{runner}: {n_written} of {args.cases} cases written")
+                result.update({"round": round_index, "shards_sha256": _scale.shards_digest(project),
+                               "load_avg_after": list(os.getloadavg())})
+                runs.append(result)
+                print(f"  round {round_index + 1} {runner:<10}: {result['session_run_s']:6.1f} s "
+                      f"({args.cases / result['session_run_s']:.3f} cases/s), peak RSS: driver "
+                      f"{result['driver_peak_rss_mib']:.0f} MiB, workers "
+                      f"{', '.join(f'{w:.0f}' for w in result['worker_peak_rss_mib']) or '-'} MiB "
+                      f"(load {result['load_avg_after'][0]:.2f})", flush=True)
+                if runner == "dask" and len(result["worker_peak_rss_mib"]) != args.workers:
+                    print(f"  WARNING: {len(result['worker_peak_rss_mib'])} worker processes seen, "
+                          f"expected {args.workers}: {result['processes']['workers']}", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    summary = _scale.throughput_summary(runs, args.cases, args.target)
+    identical = len({r["shards_sha256"] for r in runs}) == 1
+    print()
+    rows = []
+    for runner in RUNNERS:
+        sel = [r for r in runs if r["runner"] == runner]
+        rows.append([runner, _common.median([r["session_run_s"] for r in sel]),
+                     _common.median([args.cases / r["session_run_s"] for r in sel]),
+                     _common.median([r["driver_peak_rss_mib"] for r in sel]),
+                     (_common.median([max(r["worker_peak_rss_mib"]) for r in sel]) if runner == "dask" else "-"),
+                     " ".join(f"{r['session_run_s']:.1f}" for r in sel)])
+    _common.print_table(["runner", "median s", "cases/s", "driver peak MiB", "worker peak MiB", "all s"], rows)
+    print(f"\nspeed-up, 2 workers vs 1 process: {summary['speedup']:.2f}x (median cases/s; per round "
+          f"{', '.join(f'{r:.2f}' for r in summary['round_speedups'])}); target >= {args.target}: "
+          f"{'PASS' if summary['speedup_pass'] else 'FAIL'}")
+    print(f"peak RSS, largest worker vs single process: {summary['median_peak_rss_mib_worker']:.0f} vs "
+          f"{summary['median_peak_rss_mib_single']:.0f} MiB: {'PASS' if summary['memory_pass'] else 'FAIL'}")
+    print(f"shards identical in every run: {'yes' if identical else 'NO'}")
+    path = _common.write_report("preprocessing_throughput", {
+        "settings": {"cases": args.cases, "rounds": args.rounds, "n_workers": args.workers,
+                     "threads_per_worker": args.threads, "env": _scale.ENV, "image_size_px": _scale.IMAGE_SIZE_PX,
+                     "phantom_root": str(raw_root), "slices": sum(counts), "slices_per_case": counts},
+        "ingestion": ingestion, "summary": summary, "shards_identical": identical, "runs": runs,
+        "total_wall_s": time.perf_counter() - t_start})
+    print(f"wrote {path}  (total {time.perf_counter() - t_start:.0f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one run of each runner)")
+    parser.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    parser.add_argument("--threads", type=int, default=1, help="threads per worker")
+    parser.add_argument("--target", type=float, default=1.7, help="speed-up required")
+    parser.add_argument("--data-root", default=str(_scale.DEFAULT_DATA_ROOT), help="where the phantoms are kept")
+    parser.add_argument("--workdir", default=None, help="where the throwaway project goes (default: system temp)")
+    parser.add_argument("--processes", type=int, default=2, help="processes that generate missing phantoms")
+    parser.add_argument("--keep", action="store_true", help="keep the project copy and logs")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", default="preprocessing", help=argparse.SUPPRESS)
+    parser.add_argument("--runner", choices=RUNNERS, default="sequential", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
