@@ -97,3 +97,20 @@ class MlflowExperimentsHook:
 
             mlflow.end_run(status)
             self._own_run = False
+
+
+class DaskConfigHook:
+    """Hand the ``dask`` configuration (``conf/base/dask.yml`` + ``conf/<env>/dask.yml``) to
+    :class:`pancreas_seg.runners.DaskRunner`, which Kedro builds before it knows the environment."""
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        from kedro.config import MissingConfigException  # noqa: PLC0415
+
+        from pancreas_seg.runners.cluster import use_project_config  # noqa: PLC0415
+
+        try:
+            config = context.config_loader["dask"]
+        except (KeyError, MissingConfigException):
+            config = {}
+        use_project_config((config or {}).get("dask"))

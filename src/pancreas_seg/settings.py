@@ -6,15 +6,15 @@ from pancreas_seg.warnings_filter import install as install_warning_filters
 
 install_warning_filters()  # known-harmless third-party warnings off, in one place
 
-from pancreas_seg.hooks import MlflowExperimentsHook  # noqa: E402
+from pancreas_seg.hooks import DaskConfigHook, MlflowExperimentsHook  # noqa: E402
 
-HOOKS = (MlflowExperimentsHook(),)
+HOOKS = (MlflowExperimentsHook(), DaskConfigHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
-    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"], "dask": ["dask*", "dask*/**"]},
     # Environments (smoke, msd, local) override single keys, not whole top-level sections.
-    "merge_strategy": {"parameters": "soft", "mlflow": "soft", "catalog": "soft"},
+    "merge_strategy": {"parameters": "soft", "mlflow": "soft", "catalog": "soft", "dask": "soft"},
 }

@@ -11,6 +11,7 @@ published under the same plain names as the other models' (``model_cascade``,
 from kedro.pipeline import Node, Pipeline
 
 from pancreas_seg.models.names import CASCADE_NAME, CASCADE_STAGE1
+from pancreas_seg.pipelines import MODEL_TRAINING_TAG
 from pancreas_seg.pipelines.cascade import nodes
 from pancreas_seg.pipelines.evaluation import pipeline as evaluation_pipeline
 
@@ -37,7 +38,7 @@ def training_template() -> Pipeline:
               "stage1_trained_model_card", "case_manifest", "intensity_stats", "params:preprocessing",
               "params:training", "params:crop", "params:stage2"],
              ["model", "stage1_model", "training_history", "training_curves", "model_card"],
-             name="train_stage2"),
+             name="train_stage2", tags=MODEL_TRAINING_TAG),
         Node(nodes.validate_stage2,
              ["model", "crop_slices", "crop_index", "case_manifest", "model_card", "stage1_model",
               "intensity_stats", "params:preprocessing", "params:training", "params:crop", "params:stage2"],

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from kedro.pipeline import Node, Pipeline
 
 from pancreas_seg.models.names import ARCHITECTURE_NAMES
+from pancreas_seg.pipelines import MODEL_TRAINING_TAG
 from pancreas_seg.pipelines.cv import nodes
 from pancreas_seg.pipelines.evaluation import nodes as evaluation_nodes
 
@@ -26,7 +27,7 @@ def template() -> Pipeline:
         Node(nodes.train_fold_models,
              ["model_input_slices", "case_manifest", "intensity_stats", "params:preprocessing", "params:training",
               "params:architecture"],
-             ["fold_models", "fold_cards"], name="train_fold_models"),
+             ["fold_models", "fold_cards"], name="train_fold_models", tags=MODEL_TRAINING_TAG),
         Node(nodes.predict_out_of_fold,
              ["fold_models", "fold_cards", "model_input_slices", "slice_geometry", "case_manifest",
               "intensity_stats", "params:preprocessing", "params:evaluation"],

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pancreas_seg.imaging.intensity import fit_foreground_stats, sample_foreground_hu
+from pancreas_seg.imaging.geometry import ScanGeometry
+from pancreas_seg.imaging.intensity import ForegroundIntensityStats, fit_foreground_stats, sample_foreground_hu
 from pancreas_seg.imaging.nifti_io import load_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
@@ -18,6 +19,7 @@ from pancreas_seg.imaging.preprocess import (
     plan_case_geometry,
     preprocess_case,
 )
+from pancreas_seg.parallel import map_over_cases
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +51,48 @@ def fit_intensity_stats(case_manifest: pd.DataFrame, preprocessing: dict[str, An
     return stats
 
 
+class CaseShards:
+    """One case's image and label shards, preprocessed once on first use and dropped once both were
+    taken (so a PartitionedDataset saving many cases holds one case in memory at a time).
+
+    Picklable: :class:`pancreas_seg.runners.DaskRunner` ships a case's two bound methods to a worker.
+    """
+
+    def __init__(self, case_id: str, image_path: str, label_path: str, config: PreprocessingConfig,
+                 stats: ForegroundIntensityStats | None, geometry: ScanGeometry, position: str) -> None:
+        self.case_id, self.image_path, self.label_path = case_id, image_path, label_path
+        self.config, self.stats, self.geometry, self.position = config, stats, geometry, position
+        self._shards: Any = None
+        self._taken: set[str] = set()
+
+    def image(self) -> np.ndarray:
+        """(Z, H, W) image shard, float32 or float16 (``preprocessing.image_dtype``)."""
+        return self._take("image")
+
+    def label(self) -> np.ndarray:
+        """(Z, H, W) uint8 label shard (targets of ``preprocessing.label_mode``)."""
+        return self._take("label")
+
+    def _take(self, part: str) -> np.ndarray:
+        if self._shards is None:
+            logger.info("Preprocessing case %s: %s", self.position, self.case_id)
+            self._shards = preprocess_case(self.image_path, self.label_path, self.config, self.stats,
+                                           self.geometry)
+            self._taken = set()
+        array = getattr(self._shards, part)
+        self._taken.add(part)
+        if self._taken == {"image", "label"}:
+            self._shards = None
+        return array
+
+
 def preprocess_cases(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any],
                      preprocessing: dict[str, Any]) -> tuple[dict[str, Callable[[], np.ndarray]], dict[str, Any]]:
     """Plan every labelled case's geometry once, now; preprocess its arrays lazily, one case at a time.
 
-    The shards of a case are made with exactly the :class:`ScanGeometry` recorded for it.
+    The shards of a case are made with exactly the :class:`ScanGeometry` recorded for it. Under
+    :class:`pancreas_seg.runners.DaskRunner` the planning is mapped over the cluster's workers and
+    each case's partitions are saved by a task of their own (``<case_id>/`` is the group).
 
     Returns:
         ``{"<case_id>/image": fn, "<case_id>/label": fn}`` for the PartitionedDataset (each fn
@@ -63,22 +102,14 @@ def preprocess_cases(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any
     config = PreprocessingConfig.from_params(preprocessing)
     stats = intensity_stats_from_dict(intensity_stats)
     cases = labelled_cases(case_manifest)
-    geometries = {}
-    for index, row in enumerate(cases.itertuples(), start=1):
-        if config.crop_to_body:
-            logger.info("Finding the body %d/%d: %s", index, len(cases), row.case_id)
-        geometries[row.case_id] = plan_case_geometry(row.image_path, config)
-
-    order = {case_id: i for i, case_id in enumerate(cases["case_id"], start=1)}
-
-    @functools.lru_cache(maxsize=1)  # image and label partitions of a case are saved back to back
-    def run_case(case_id: str, image_path: str, label_path: str):
-        logger.info("Preprocessing case %d/%d: %s", order[case_id], len(order), case_id)
-        return preprocess_case(image_path, label_path, config, stats, geometries[case_id])
+    plans = map_over_cases(functools.partial(plan_case_geometry, config=config), list(cases["image_path"]),
+                           what="Planning geometry", names=list(cases["case_id"]))
+    geometries = dict(zip(cases["case_id"], plans, strict=True))
 
     partitions: dict[str, Callable[[], np.ndarray]] = {}
-    for row in cases.itertuples():
-        key = (row.case_id, row.image_path, row.label_path)
-        partitions[f"{row.case_id}/image"] = functools.partial(lambda k: run_case(*k).image, key)
-        partitions[f"{row.case_id}/label"] = functools.partial(lambda k: run_case(*k).label, key)
+    for position, row in enumerate(cases.itertuples(), start=1):
+        case = CaseShards(row.case_id, row.image_path, row.label_path, config, stats,
+                          geometries[row.case_id], f"{position}/{len(cases)}")
+        partitions[f"{row.case_id}/image"] = case.image
+        partitions[f"{row.case_id}/label"] = case.label
     return partitions, {case_id: geometry.to_dict() for case_id, geometry in geometries.items()}

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from kedro.pipeline import Node, Pipeline
 
 from pancreas_seg.models.names import CASCADE_NAME, MODEL_NAMES
+from pancreas_seg.pipelines import MODEL_TRAINING_TAG
 from pancreas_seg.pipelines.training import nodes
 
 SHARED_INPUTS = {"model_input_slices", "case_manifest", "intensity_stats"}
@@ -23,7 +24,7 @@ def template() -> Pipeline:
         Node(nodes.train_model,
              ["model_input_slices", "case_manifest", "intensity_stats", "params:preprocessing",
               "params:training", "params:architecture"],
-             ["model", "training_history", "training_curves", "model_card"], name="train_model"),
+             ["model", "training_history", "training_curves", "model_card"], name="train_model", tags=MODEL_TRAINING_TAG),
         Node(nodes.validate_model,
              ["model", "model_input_slices", "case_manifest", "model_card", "params:preprocessing",
               "params:training", "params:architecture"],

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from kedro.pipeline import Node, Pipeline
 
 from pancreas_seg.models.names import ARCHITECTURE_NAMES
+from pancreas_seg.pipelines import MODEL_TRAINING_TAG
 from pancreas_seg.pipelines.tuning import nodes
 
 SHARED_INPUTS = {"model_input_slices", "case_manifest", "intensity_stats"}
@@ -23,7 +24,7 @@ def template() -> Pipeline:
         Node(nodes.tune_architecture,
              ["model_input_slices", "case_manifest", "intensity_stats", "params:preprocessing",
               "params:training", "params:tuning", "params:architecture"],
-             ["tuning_best_trial", "tuning_trials", "tuning_plot"], name="tune"),
+             ["tuning_best_trial", "tuning_trials", "tuning_plot"], name="tune", tags=MODEL_TRAINING_TAG),
     ])
 
 

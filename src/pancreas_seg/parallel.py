@@ -1,0 +1,69 @@
+"""Map per-case work over a Dask cluster when there is one, else run it here, in order.
+
+A Kedro node that loops over cases (planning geometries, reading headers) calls
+:func:`map_over_cases`. Run by :class:`pancreas_seg.runners.DaskRunner`, the node executes inside a
+Dask worker and the cases become tasks spread over the whole cluster; run by Kedro's
+``SequentialRunner`` (or outside Kedro) they run one after another in this process. The results
+and their order are the same either way, so the node does not care who runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+logger = logging.getLogger(__name__)
+
+
+def on_dask_worker() -> bool:
+    """True inside a task that a ``dask.distributed`` worker is executing."""
+    try:
+        from distributed import get_worker  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - distributed is a project dependency
+        return False
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+def map_over_cases(function: Callable[[T], R], items: Sequence[T], *, what: str,
+                   names: Sequence[str] | None = None) -> list[R]:
+    """``[function(item) for item in items]``, on the cluster's workers when called from a Dask task.
+
+    Args:
+        function: a picklable (module-level) function of one item.
+        items: the per-case arguments, e.g. ``(case_id, path)`` tuples.
+        what: what is being done, for the progress log ("Planning geometry").
+        names: a display name per item (case ids) for the progress log; default: the index.
+
+    Returns:
+        The results in the order of ``items``. The first failure is raised as it is (the project's
+        readers name the file in their errors) and the remaining tasks are cancelled.
+    """
+    labels = list(names) if names is not None else [str(i) for i in range(len(items))]
+    if not on_dask_worker() or len(items) < 2:
+        results = []
+        for index, (item, label) in enumerate(zip(items, labels, strict=True), start=1):
+            logger.info("%s %d/%d: %s", what, index, len(items), label)
+            results.append(function(item))
+        return results
+
+    from distributed import as_completed, worker_client  # noqa: PLC0415
+
+    with worker_client() as client:  # secedes: this task's thread does not hold a worker slot
+        futures = client.map(function, items, pure=False)
+        order = {future.key: index for index, future in enumerate(futures)}
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                future.result()  # raises the task's error here
+                logger.info("%s %d/%d done on the cluster: %s", what, done, len(items),
+                            labels[order[future.key]])
+            return client.gather(futures)
+        finally:
+            client.cancel([f for f in futures if not f.done()])

@@ -1,0 +1,131 @@
+"""Where the Dask cluster comes from: ``conf/<env>/dask.yml``, runner arguments, or a LocalCluster.
+
+The project hook :class:`pancreas_seg.hooks.DaskConfigHook` hands the ``dask`` section of the
+configuration (``conf/base/dask.yml`` merged with ``conf/<env>/dask.yml``) to
+:func:`use_project_config` when a session starts; :class:`~pancreas_seg.runners.DaskRunner`'s
+keyword arguments (``--runner-params``) override single keys of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_project_config: dict[str, Any] = {}
+
+
+def use_project_config(config: Mapping[str, Any] | None) -> None:
+    """Remember the session's ``dask`` configuration (called by the project hook)."""
+    global _project_config  # noqa: PLW0603 - one session's settings, replaced by the next session
+    _project_config = dict(config or {})
+
+
+def project_config() -> dict[str, Any]:
+    """The ``dask`` configuration of the current session (empty outside a Kedro session)."""
+    return dict(_project_config)
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """How to reach (or start) the cluster and what each node may ask of its workers.
+
+    Attributes:
+        scheduler_address: ``tcp://host:8786`` of a running scheduler (SLURM, Kubernetes ...);
+            None starts a ``LocalCluster`` with the ``local_*`` settings for this run only.
+        n_workers: LocalCluster worker processes.
+        threads_per_worker: task slots per LocalCluster worker.
+        memory_limit: per LocalCluster worker, e.g. ``"8GiB"``; ``"auto"`` shares the machine's
+            memory between the workers; ``0``/None: no limit.
+        worker_resources: abstract resources each LocalCluster worker offers, e.g.
+            ``{"accelerator": 1}``. Remote workers declare theirs with ``dask worker --resources``.
+        dashboard_address: LocalCluster dashboard (needs bokeh), e.g. ``127.0.0.1:8787``; None: off.
+        resources_by_tag: Kedro node tag -> resources a node with that tag holds while it runs;
+            ``{"model_training": {"accelerator": 1}}`` gives every training node a worker (or GPU)
+            of its own.
+    """
+
+    scheduler_address: str | None = None
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str | int | None = "auto"
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    dashboard_address: str | None = None
+    resources_by_tag: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> ClusterSettings:
+        """Settings from a ``dask.yml`` ``dask`` section, then non-None ``overrides``.
+
+        Raises:
+            ValueError: unknown keys (naming them), or invalid worker counts.
+        """
+        config = dict(config or {})
+        local = dict(config.pop("local_cluster", None) or {})
+        known_top = {"scheduler_address", "resources_by_tag"}
+        known_local = {"n_workers", "threads_per_worker", "memory_limit", "resources", "dashboard_address"}
+        unknown = sorted(set(config) - known_top) + sorted(f"local_cluster.{k}" for k in set(local) - known_local)
+        if unknown:
+            raise ValueError(f"dask.yml: unknown setting(s) {unknown}; known: {sorted(known_top)} and "
+                             f"local_cluster.{sorted(known_local)}")
+        settings = cls(
+            scheduler_address=config.get("scheduler_address") or None,
+            n_workers=int(local.get("n_workers", cls.n_workers)),
+            threads_per_worker=int(local.get("threads_per_worker", cls.threads_per_worker)),
+            memory_limit=local.get("memory_limit", cls.memory_limit),
+            worker_resources={str(k): float(v) for k, v in (local.get("resources") or {}).items()},
+            dashboard_address=local.get("dashboard_address") or None,
+            resources_by_tag={str(tag): {str(k): float(v) for k, v in (res or {}).items()}
+                              for tag, res in (config.get("resources_by_tag") or {}).items()},
+        )
+        settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        if settings.n_workers < 1 or settings.threads_per_worker < 1:
+            raise ValueError(f"dask.yml: local_cluster.n_workers ({settings.n_workers}) and "
+                             f"threads_per_worker ({settings.threads_per_worker}) must be >= 1")
+        return settings
+
+    def resources_for(self, tags: set[str] | frozenset[str]) -> dict[str, float] | None:
+        """The Dask resources a node with ``tags`` needs (summed over its tags); None if none."""
+        needed: dict[str, float] = {}
+        for tag in sorted(tags):
+            for name, amount in self.resources_by_tag.get(tag, {}).items():
+                needed[name] = needed.get(name, 0.0) + amount
+        return needed or None
+
+
+@contextmanager
+def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
+    """A ``distributed.Client`` on ``settings.scheduler_address``, or on a LocalCluster started (and
+    closed) here.
+
+    Raises:
+        ValueError: a node tag asks for resources that no LocalCluster worker offers.
+    """
+    from distributed import Client, LocalCluster  # noqa: PLC0415
+
+    # Dask sets its loggers to INFO when imported; keep its cluster start/stop chatter out of the run's
+    # log (conf/logging.yml does the same in the workers). Its warnings and errors still show.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    if settings.scheduler_address:
+        logger.info("Dask: connecting to the scheduler at %s", settings.scheduler_address)
+        with Client(settings.scheduler_address) as client:
+            yield client
+        return
+
+    offered = set(settings.worker_resources)
+    for tag, resources in settings.resources_by_tag.items():
+        missing = set(resources) - offered
+        if missing:
+            raise ValueError(f"dask.yml: resources_by_tag.{tag} needs {sorted(missing)}, which no "
+                             f"local_cluster worker offers (local_cluster.resources: {sorted(offered)})")
+    logger.info("Dask: starting a LocalCluster of %d worker process(es) x %d thread(s), resources %s",
+                settings.n_workers, settings.threads_per_worker, settings.worker_resources or "none")
+    with LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
+                      processes=True, memory_limit=settings.memory_limit or 0, host="127.0.0.1",
+                      dashboard_address=settings.dashboard_address,
+                      resources=settings.worker_resources or None) as cluster, Client(cluster) as client:
+        yield client

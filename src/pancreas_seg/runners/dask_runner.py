@@ -1,0 +1,318 @@
+"""``DaskRunner``: run a Kedro 1.x pipeline on a ``dask.distributed`` cluster.
+
+``kedro run --runner=pancreas_seg.runners.DaskRunner [--env E] [--runner-params address=tcp://...]``
+
+How it works:
+
+* The driver (the ``kedro run`` process) walks the pipeline graph and submits every node whose
+  inputs are ready as one Dask task, so independent nodes (the architecture namespaces' training,
+  their evaluations) run at the same time on different workers. A node whose tags appear under
+  ``resources_by_tag`` in ``dask.yml`` holds those Dask resources while it runs:
+  ``model_training: {accelerator: 1}`` pins each training node to a worker (or GPU) of its own.
+* A task gets a catalog of just its node's datasets. Persisted datasets are read and written by the
+  worker through their fsspec paths (local disk, NFS, ``s3://``...): nothing assumes the workers
+  share memory with the driver or with each other. MemoryDatasets between nodes travel as Dask
+  task results (over the network when the nodes run on different machines).
+* A node that returns lazy partitions (``{key: callable}``) for a ``PartitionedDataset`` has them
+  saved by one task per partition group on the cluster, the group being the key's first path
+  component (``<case_id>/image`` and ``<case_id>/label`` are computed together). Per-case loops
+  inside a node use :func:`pancreas_seg.parallel.map_over_cases` and are mapped the same way.
+* MLflow: each task re-opens the driver's active run (kedro-mlflow's parent run) in its worker, so
+  nested runs and metrics land where the sequential runner puts them. Node hooks
+  (``before_node_run``/``after_node_run``/``on_node_error``) run in the driver with the node's
+  parameter inputs (kedro-mlflow logs them from there); the node's datasets are never loaded in
+  the driver. Dataset hooks do not run, as with Kedro's own ParallelRunner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+from kedro.framework.hooks.manager import _NullPluginManager
+from kedro.io import AbstractDataset, DataCatalog, MemoryDataset
+from kedro.pipeline import Pipeline
+from kedro.pipeline.node import Node
+from kedro.runner import AbstractRunner
+from kedro.runner.task import Task
+
+from pancreas_seg.runners.cluster import ClusterSettings, cluster_client, project_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MlflowParent:
+    """The driver's active MLflow run, re-opened by every task on its worker."""
+
+    tracking_uri: str
+    registry_uri: str | None
+    experiment_id: str
+    run_id: str
+
+
+class DaskRunner(AbstractRunner):
+    """Run the pipeline's nodes as tasks on a Dask cluster (see the module docstring)."""
+
+    def __init__(self, address: str | None = None, n_workers: int | None = None,
+                 threads_per_worker: int | None = None, is_async: bool = False) -> None:
+        """
+        Args:
+            address: scheduler address; overrides ``dask.scheduler_address`` of ``dask.yml``.
+            n_workers: LocalCluster worker processes; overrides ``dask.local_cluster.n_workers``.
+            threads_per_worker: overrides ``dask.local_cluster.threads_per_worker``.
+            is_async: load and save each node's datasets with threads (Kedro's ``--async``).
+        """
+        super().__init__(is_async=is_async)
+        self._overrides = {"scheduler_address": address, "n_workers": n_workers,
+                           "threads_per_worker": threads_per_worker}
+
+    def _get_executor(self, max_workers: int) -> None:
+        return None  # the cluster is the executor (see _run)
+
+    def _run(self, pipeline: Pipeline, catalog: Any, hook_manager: Any = None,
+             run_id: str | None = None) -> None:
+        settings = ClusterSettings.from_config(project_config(), **self._overrides)
+        hooks = hook_manager or _NullPluginManager()
+        parent = _active_mlflow_run()
+        memory = {name for name in pipeline.datasets()
+                  if not _is_parameter(name) and isinstance(catalog.get(name, fallback_to_runtime_pattern=True),
+                                                            MemoryDataset)}
+        with cluster_client(settings) as client:
+            client.register_plugin(_ProjectOnWorker(_package_name(), str(Path.cwd())), name="pancreas_seg-project")
+            logger.info("Dask: %d node(s) on %d worker(s) (dashboard: %s)", len(pipeline.nodes),
+                        len(client.scheduler_info().get("workers", {})), client.dashboard_link or "off")
+            self._schedule(pipeline, catalog, hooks, run_id, client, settings, parent, memory)
+
+    def _schedule(self, pipeline: Pipeline, catalog: Any, hooks: Any, run_id: str | None, client: Any,
+                  settings: ClusterSettings, parent: MlflowParent | None, memory: set[str]) -> None:
+        from distributed import wait  # noqa: PLC0415
+
+        dependencies = pipeline.node_dependencies
+        load_counts = Counter(chain.from_iterable(n.inputs for n in pipeline.nodes))
+        producers: dict[str, Any] = {}   # memory dataset -> future of its producer's result dict
+        todo, done = set(dependencies), set()
+        running: dict[Any, Node] = {}
+        while todo or running:
+            for node in sorted((n for n in todo if dependencies[n] <= done), key=lambda n: n.name):
+                todo.discard(node)
+                params = {name: catalog.load(name) for name in node.inputs if _is_parameter(name)}
+                hooks.hook.before_node_run(node=node, catalog=catalog, inputs=params,
+                                           is_async=self._is_async, run_id=run_id)
+                future = client.submit(
+                    run_node_on_worker, node, _node_catalog(catalog, node, memory),
+                    {name: producers[name] for name in node.inputs if name in memory},
+                    [name for name in node.outputs if name in memory], parent, run_id, self._is_async,
+                    key=f"{node.name}-{os.urandom(4).hex()}", resources=settings.resources_for(node.tags),
+                    pure=False, retries=0)
+                running[future] = node
+            if not running:
+                self._raise_runtime_error(todo, done, set(), None)
+            finished, _ = wait(list(running), return_when="FIRST_COMPLETED")
+            for future in finished:
+                node = running.pop(future)
+                params = {name: catalog.load(name) for name in node.inputs if _is_parameter(name)}
+                try:
+                    future.result()
+                except Exception as error:
+                    hooks.hook.on_node_error(error=error, node=node, catalog=catalog, inputs=params,
+                                             is_async=self._is_async, run_id=run_id)
+                    for other in running:
+                        other.cancel()
+                    self._suggest_resume_scenario(pipeline, done, catalog)
+                    raise
+                hooks.hook.after_node_run(node=node, catalog=catalog, inputs=params, outputs={},
+                                          is_async=self._is_async, run_id=run_id)
+                for name in node.outputs:
+                    if name in memory:
+                        producers[name] = future
+                done.add(node)
+                logger.info("Completed node %s (%d of %d) on the cluster", node.name, len(done),
+                            len(pipeline.nodes))
+                self._release_memory(node, pipeline, catalog, load_counts, producers, client)
+
+    @staticmethod
+    def _release_memory(node: Node, pipeline: Pipeline, catalog: Any, load_counts: Counter,
+                        producers: dict[str, Any], client: Any) -> None:
+        """Drop the futures of memory datasets nobody will read again; keep pipeline outputs."""
+        for name in node.inputs:
+            load_counts[name] -= 1
+        for name in [*node.inputs, *node.outputs]:
+            if name in producers and load_counts[name] < 1:
+                future = producers.pop(name)
+                if name in pipeline.outputs():
+                    catalog.save(name, future.result()[name])  # a free output is returned by run()
+
+
+def run_node_on_worker(node: Node, catalog: DataCatalog, upstream: Mapping[str, Mapping[str, Any]],
+                       memory_outputs: list[str], parent: MlflowParent | None, run_id: str | None,
+                       is_async: bool) -> dict[str, Any]:
+    """Run one node on a Dask worker (the task function); return its MemoryDataset outputs.
+
+    ``upstream`` maps each memory input to its producer's result dict (Dask has resolved the
+    producers' futures to their values by the time this runs).
+    """
+    for name, result in upstream.items():
+        catalog[name] = MemoryDataset(result[name])
+    for name in memory_outputs:
+        catalog[name] = MemoryDataset()
+    with _reopened_mlflow_run(parent):
+        Task(node=node, catalog=catalog, is_async=is_async, hook_manager=_NullPluginManager(),
+             run_id=run_id).execute()
+    return {name: catalog.load(name) for name in memory_outputs}
+
+
+def _node_catalog(catalog: Any, node: Node, memory: set[str]) -> DataCatalog:
+    """A catalog of ``node``'s persisted datasets and parameters (what its task ships to a worker)."""
+    from kedro_datasets.partitions import PartitionedDataset  # noqa: PLC0415
+
+    datasets: dict[str, AbstractDataset] = {}
+    for name in dict.fromkeys([*node.inputs, *node.outputs]):
+        if name in memory:
+            continue
+        dataset = catalog.get(name, fallback_to_runtime_pattern=True)
+        if name in node.outputs and isinstance(dataset, PartitionedDataset):
+            dataset = ClusterPartitionedSave(dataset)
+        datasets[name] = dataset
+    return DataCatalog(datasets=datasets)
+
+
+class ClusterPartitionedSave(AbstractDataset):
+    """A ``PartitionedDataset`` whose lazy partitions are saved by tasks on the cluster.
+
+    ``save({key: callable})`` groups the keys by their first path component and saves each group in
+    one task (the group's callables are computed in that task, so a case's image and label come
+    from one preprocessing). Outside a Dask worker, or for data that are not all callables, it saves
+    here exactly as the wrapped dataset does.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self._dataset = dataset
+
+    def load(self) -> Any:
+        return self._dataset.load()
+
+    def save(self, data: Any) -> None:
+        from pancreas_seg.parallel import on_dask_worker  # noqa: PLC0415
+
+        lazy = isinstance(data, Mapping) and data and all(callable(v) for v in data.values())
+        if not (lazy and on_dask_worker()):
+            self._dataset.save(data)
+            return
+        from distributed import worker_client  # noqa: PLC0415
+
+        groups: dict[str, dict[str, Any]] = {}
+        for key, value in data.items():
+            groups.setdefault(str(key).split("/", 1)[0], {})[key] = value
+        self._dataset.save({})  # clears the folder first when the dataset has overwrite: true
+        group_dataset = _without_overwrite(self._dataset)
+        with worker_client() as client:
+            futures = [client.submit(_save_partitions, group_dataset, group, pure=False,
+                                     key=f"save-{name}-{os.urandom(4).hex()}")
+                       for name, group in groups.items()]
+            for index, future in enumerate(futures, start=1):
+                future.result()
+                logger.info("Saved partition group %d/%d on the cluster", index, len(futures))
+
+    def _describe(self) -> dict[str, Any]:
+        return {"dataset": type(self._dataset).__name__, "saved_on": "dask workers"}
+
+    def _exists(self) -> bool:
+        return self._dataset.exists()
+
+
+def _save_partitions(dataset: Any, partitions: Mapping[str, Any]) -> int:
+    dataset.save(dict(partitions))
+    return len(partitions)
+
+
+def _without_overwrite(dataset: Any) -> Any:
+    """A copy of a PartitionedDataset that adds partitions without deleting the others.
+
+    kedro-datasets 9.6's PartitionedDataset keeps ``overwrite`` in ``_overwrite`` (pinned version).
+    """
+    import copy  # noqa: PLC0415
+
+    clone = copy.copy(dataset)
+    clone._overwrite = False  # noqa: SLF001
+    return clone
+
+
+@contextmanager
+def _reopened_mlflow_run(parent: MlflowParent | None) -> Iterator[None]:
+    """Make ``parent`` this thread's active MLflow run for one task; leave it RUNNING afterwards."""
+    if parent is None:
+        yield
+        return
+    import mlflow  # noqa: PLC0415
+
+    mlflow.set_tracking_uri(parent.tracking_uri)
+    if parent.registry_uri:
+        mlflow.set_registry_uri(parent.registry_uri)
+    mlflow.set_experiment(experiment_id=parent.experiment_id)
+    mlflow.start_run(run_id=parent.run_id)
+    try:
+        yield
+    finally:
+        while (active := mlflow.active_run()) is not None and active.info.run_id != parent.run_id:
+            mlflow.end_run("FAILED")  # a nested run the node left open
+        mlflow.end_run("RUNNING")  # only the driver ends the parent run (it rewrites the end time)
+
+
+def _active_mlflow_run() -> MlflowParent | None:
+    try:
+        import mlflow  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        return None
+    run = mlflow.active_run()
+    if run is None:
+        return None
+    from pancreas_seg.tracking import absolute_tracking_uri  # noqa: PLC0415
+
+    registry = mlflow.get_registry_uri()
+    return MlflowParent(tracking_uri=absolute_tracking_uri(mlflow.get_tracking_uri()),
+                        registry_uri=absolute_tracking_uri(registry) if registry else None,
+                        experiment_id=run.info.experiment_id, run_id=run.info.run_id)
+
+
+def _is_parameter(name: str) -> bool:
+    return name == "parameters" or name.startswith("params:")
+
+
+def _package_name() -> str | None:
+    from kedro.framework.project import PACKAGE_NAME  # noqa: PLC0415
+
+    return PACKAGE_NAME
+
+
+class _ProjectOnWorker(WorkerPlugin):
+    """Worker plugin: configure the Kedro project (settings, logging) in each worker process and
+    work from the project folder when the worker can see it (LocalCluster, shared file systems)."""
+
+    def __init__(self, package_name: str | None, project_path: str) -> None:
+        from kedro.framework.project import LOGGING  # noqa: PLC0415
+
+        self.package_name = package_name
+        self.project_path = project_path
+        self.logging_config = dict(LOGGING)  # the driver's (conf/logging.yml or KEDRO_LOGGING_CONFIG)
+
+    def setup(self, worker: Any) -> None:
+        from kedro.framework.project import configure_logging, configure_project  # noqa: PLC0415
+
+        if Path(self.project_path).is_dir():
+            os.chdir(self.project_path)
+        else:
+            logger.warning("Dask worker %s: project folder %s not found; relative catalog paths resolve "
+                           "against %s", worker.address, self.project_path, Path.cwd())
+        if self.package_name:
+            configure_project(self.package_name)
+        if self.logging_config:
+            configure_logging(self.logging_config)
