@@ -54,6 +54,9 @@ IMAGE_SIZE_PX = 256
 DATA_LAYERS = ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input",
                "06_models", "07_model_output", "08_reporting")
 KEDRO_ENV_VARS = {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1"}
+#: How the LocalCluster's worker processes start (``distributed.worker.multiprocessing-method``
+#: is ``spawn`` by default); workers started otherwise would be listed under ``others``.
+WORKER_PROCESS_MARKERS = ("multiprocessing.spawn",)
 HELPER_PROCESS_MARKERS = ("resource_tracker", "semaphore_tracker")
 
 
@@ -78,20 +81,35 @@ def _fingerprint_of(root: Path) -> str | None:
         return None
 
 
-def ensure_phantoms(data_root: Path, n: int, processes: int = 2, progress: bool = True) -> Path:
-    """The ``n``-case MSD-scale Task07 folder: reused if there, else taken from a larger set that
-    is there (hard links), else generated with ``processes`` processes."""
+def first_cases_are_the_smaller_set(n_full: int, n: int, non_ras_every: int) -> bool:
+    """True if the first ``n`` cases of an ``n_full``-case set are the generator's ``n``-case set
+    (the same cases stored LPS; with few cases the generator picks another one)."""
+    from pancreas_seg.phantoms import non_ras_indices  # noqa: PLC0415
+
+    return non_ras_indices(n, 0, non_ras_every) == {i for i in non_ras_indices(n_full, 0, non_ras_every) if i < n}
+
+
+def ensure_phantoms(data_root: Path, n: int, processes: int = 2, progress: bool = True,  # noqa: PLR0917
+                    config: Any = None, seed: int = PHANTOM_SEED) -> Path:
+    """The ``n``-case Task07 folder (``config``: default MSD scale): reused if there, else taken
+    from a larger set of the same settings that is there (hard links), else generated with
+    ``processes`` processes."""
     from pancreas_seg.phantoms import dataset_fingerprint, write_synthetic_task07  # noqa: PLC0415
 
-    config = msd_scale_config()
+    config = config or msd_scale_config()
     target = dataset_folder(data_root, n)
-    if _fingerprint_of(target) == dataset_fingerprint(n, 0, config, PHANTOM_SEED):
+    if _fingerprint_of(target) == dataset_fingerprint(n, 0, config, seed):
         return target
-    larger = sorted((p for p in Path(data_root).glob("Task07_Pancreas_phantoms_*") if p.is_dir()
-                     and p.name.rsplit("_", 1)[-1].isdigit() and int(p.name.rsplit("_", 1)[-1]) > n
-                     and _fingerprint_of(p) == dataset_fingerprint(int(p.name.rsplit("_", 1)[-1]), 0, config,
-                                                                   PHANTOM_SEED)),
-                    key=lambda p: int(p.name.rsplit("_", 1)[-1]))
+    def usable(folder: Path) -> int | None:
+        """The case count of a larger set of the same settings whose first cases are this set."""
+        count = folder.name.rsplit("_", 1)[-1]
+        if not (folder.is_dir() and count.isdigit() and int(count) > n):
+            return None
+        same = _fingerprint_of(folder) == dataset_fingerprint(int(count), 0, config, seed)
+        return int(count) if same and first_cases_are_the_smaller_set(int(count), n, config.non_ras_every) else None
+
+    larger = sorted((folder for folder in Path(data_root).glob("Task07_Pancreas_phantoms_*") if usable(folder)),
+                    key=usable)
     if larger:
         return subset_dataset(larger[0], n, target)
     start = time.perf_counter()
@@ -103,28 +121,28 @@ def ensure_phantoms(data_root: Path, n: int, processes: int = 2, progress: bool 
                   f"about {elapsed / i * (total - i):.0f} s left   ", end="" if i < total else "\n",
                   file=sys.stderr, flush=True)
 
-    return write_synthetic_task07(target, n_train=n, n_test=0, config=config, seed=PHANTOM_SEED,
+    return write_synthetic_task07(target, n_train=n, n_test=0, config=config, seed=seed,
                                   progress=report, processes=processes)
 
 
 def subset_dataset(full: Path, n: int, target: Path) -> Path:
     """``target``: the first ``n`` training cases of the synthetic set ``full`` (hard links) and
-    the ``dataset.json`` the generator would write for ``n`` cases."""
-    from pancreas_seg.phantoms import dataset_fingerprint, non_ras_indices  # noqa: PLC0415
+    the ``dataset.json`` the generator writes for ``n`` cases with the same settings and seed."""
+    from pancreas_seg.phantoms import PhantomConfig, dataset_fingerprint  # noqa: PLC0415
 
     meta = json.loads((full / "dataset.json").read_text())
     synthetic = meta["synthetic"]
-    config = msd_scale_config()
-    if meta["numTest"] != 0 or synthetic["config"] != config.to_dict() or synthetic["seed"] != PHANTOM_SEED:
-        raise ValueError(f"{full} is not an MSD-scale phantom set of this script (seed {PHANTOM_SEED}, no test cases)")
-    n_full = int(meta["numTraining"])
-    every = config.non_ras_every
-    # the cases stored LPS must be the same in the subset as in the full set
-    if non_ras_indices(n, 0, every) != {i for i in non_ras_indices(n_full, 0, every) if i < n}:
+    config, seed, n_full = PhantomConfig(**synthetic["config"]), int(synthetic["seed"]), int(meta["numTraining"])
+    if synthetic["fingerprint"] != dataset_fingerprint(n_full, int(meta["numTest"]), config, seed):
+        raise ValueError(f"{full}: dataset.json does not match its generator settings")
+    if meta["numTest"] != 0 or not 1 <= n <= n_full:
+        raise ValueError(f"{full}: need a set without test cases and 1 <= n <= {n_full}, got n={n}")
+    if not first_cases_are_the_smaller_set(n_full, n, config.non_ras_every):
         raise ValueError(f"the first {n} cases of {full} are not the {n}-case data set (LPS cases differ)")
     subset = {**meta, "numTraining": n, "training": meta["training"][:n],
-              "synthetic": {**synthetic, "fingerprint": dataset_fingerprint(n, 0, config, PHANTOM_SEED),
+              "synthetic": {**synthetic, "fingerprint": dataset_fingerprint(n, 0, config, seed),
                             "cases": synthetic["cases"][:n]}}
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
@@ -206,6 +224,7 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.interval = pid, interval
         self.processes: dict[int, dict[str, Any]] = {}
+        self.started = time.monotonic()
         self._stop_event = threading.Event()
 
     def sample(self) -> None:
@@ -218,15 +237,19 @@ class TreeSampler(threading.Thread):
             return
         for proc in procs:
             try:
+                cmdline = " ".join(proc.cmdline())[:300]
                 info = self.processes.get(proc.pid)
-                if info is None:
+                if info is None or info["cmdline"] != cmdline:
+                    # new, or it replaced its program (fork, then exec: git, a shell ...): the peak
+                    # counted so far was its parent's copy, not this program's
                     info = self.processes[proc.pid] = {
-                        "pid": proc.pid, "cmdline": " ".join(proc.cmdline())[:300],
-                        "parent": proc.ppid(), "peak_rss_mib": 0.0, "max_sampled_rss_mib": 0.0}
+                        "pid": proc.pid, "cmdline": cmdline, "parent": proc.ppid(), "peak_rss_mib": 0.0,
+                        "max_sampled_rss_mib": 0.0, "first_seen_s": time.monotonic() - self.started}
                 rss = proc.memory_info().rss / 2**20
                 hwm = _vm_hwm_mib(proc.pid) or rss
                 info["peak_rss_mib"] = max(info["peak_rss_mib"], hwm)
                 info["max_sampled_rss_mib"] = max(info["max_sampled_rss_mib"], rss)
+                info["last_seen_s"] = time.monotonic() - self.started
             except psutil.Error:
                 continue
 
@@ -240,13 +263,14 @@ class TreeSampler(threading.Thread):
         self.join()
 
     def roles(self) -> dict[str, list[dict[str, Any]]]:
-        """``driver`` (the child itself), ``workers`` (every other process it started, except
-        multiprocessing's resource tracker) and ``helpers``."""
+        """``driver`` (the child itself), ``workers`` (processes it started through
+        ``multiprocessing``: the LocalCluster's worker processes) and ``others`` (its resource
+        tracker, ``git`` started by MLflow, short-lived forks ...)."""
         driver = [p for p in self.processes.values() if p["pid"] == self.root]
         others = [p for p in self.processes.values() if p["pid"] != self.root]
-        helpers = [p for p in others if any(m in p["cmdline"] for m in HELPER_PROCESS_MARKERS)]
-        workers = [p for p in others if p not in helpers]
-        return {"driver": driver, "workers": workers, "helpers": helpers}
+        workers = [p for p in others if any(m in p["cmdline"] for m in WORKER_PROCESS_MARKERS)
+                   and not any(m in p["cmdline"] for m in HELPER_PROCESS_MARKERS)]
+        return {"driver": driver, "workers": workers, "others": [p for p in others if p not in workers]}
 
 
 def run_sampled(args: Sequence[str], cwd: Path, log_path: Path, timeout: float = 7200.0,
