@@ -185,11 +185,32 @@ def make_project(destination: Path) -> Path:
     return destination.resolve()
 
 
-def child_env() -> dict[str, str]:
+#: The runs' logging (``KEDRO_LOGGING_CONFIG``; the DaskRunner hands it to its workers): the
+#: project's loggers and levels, one plain line per record with the Unix time, so the phases of
+#: a run can be timed from its log (:func:`log_phases`).
+BENCH_LOGGING = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"timed": {"format": "%(created).3f %(process)d %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "level": "INFO", "formatter": "timed",
+                            "stream": "ext://sys.stderr"}},
+    "loggers": {"kedro": {"level": "INFO"}, "pancreas_seg": {"level": "INFO"}, "distributed": {"level": "WARNING"}},
+    "root": {"handlers": ["stderr"]},
+}
+
+
+def write_logging_config(folder: Path) -> Path:
+    path = Path(folder) / "benchmark_logging.json"   # JSON is YAML: Kedro reads it as such
+    path.write_text(json.dumps(BENCH_LOGGING, indent=1))
+    return path
+
+
+def child_env(logging_config: Path | None = None) -> dict[str, str]:
     """This environment, no telemetry, this checkout's ``src/`` first on ``PYTHONPATH`` (the
-    LocalCluster's worker processes inherit it)."""
+    LocalCluster's worker processes inherit it), and ``KEDRO_LOGGING_CONFIG`` if given."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(KEDRO_ENV_VARS)
+    if logging_config is not None:
+        env["KEDRO_LOGGING_CONFIG"] = str(logging_config)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"),
                                          *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     return env
@@ -217,7 +238,8 @@ class TreeSampler(threading.Thread):
     """Samples a process and all its descendants every ``interval`` s until :meth:`stop`.
 
     Per process: its command line, the highest ``VmHWM`` seen (the kernel's peak RSS, so a short
-    spike between two samples still counts) and the highest sampled RSS.
+    spike between two samples still counts), the highest sampled RSS and its CPU seconds (user +
+    system) at the last sample.
     """
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
@@ -249,6 +271,8 @@ class TreeSampler(threading.Thread):
                 hwm = _vm_hwm_mib(proc.pid) or rss
                 info["peak_rss_mib"] = max(info["peak_rss_mib"], hwm)
                 info["max_sampled_rss_mib"] = max(info["max_sampled_rss_mib"], rss)
+                times = proc.cpu_times()
+                info["cpu_s"] = times.user + times.system   # at the last sample
                 info["last_seen_s"] = time.monotonic() - self.started
             except psutil.Error:
                 continue
@@ -281,8 +305,9 @@ def run_sampled(args: Sequence[str], cwd: Path, log_path: Path, timeout: float =
     ``worker_peak_rss_mib`` (one per worker process), ``processes`` and ``process_wall_s``.
     """
     start = time.perf_counter()
+    logging_config = write_logging_config(Path(log_path).parent)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=child_env(logging_config), stdout=subprocess.PIPE,
                                 stderr=log, text=True)
         sampler = TreeSampler(proc.pid, interval)
         sampler.start()
@@ -301,11 +326,14 @@ def run_sampled(args: Sequence[str], cwd: Path, log_path: Path, timeout: float =
                            f"{log_path.read_text()[-5000:]}")
     result = json.loads(lines[-1][len(_common.RESULT_PREFIX):])
     roles = sampler.roles()
+    if "run_start_unix" in result:
+        result["phases_s"] = log_phases(Path(log_path).read_text(), result["run_start_unix"], result["run_end_unix"])
     result.update({
         "process_wall_s": wall,
         # the child's own ru_maxrss covers the time after the last sample too
         "driver_peak_rss_mib": max([result["peak_rss_mib"], *[p["peak_rss_mib"] for p in roles["driver"]]]),
         "worker_peak_rss_mib": sorted((p["peak_rss_mib"] for p in roles["workers"]), reverse=True),
+        "cpu_s": {role: sum(p.get("cpu_s", 0.0) for p in procs) for role, procs in roles.items()},
         "processes": roles})
     return result
 
@@ -330,8 +358,7 @@ def child_session_run(pipeline: str, runner_name: str, raw_root: Path, n_workers
     ``raw_root`` as ``ingestion.msd_path``) in the project that is the working directory.
 
     ``session_run_s`` is ``session.run`` alone (for the Dask runner that includes starting and
-    closing its LocalCluster); ``ingestion_done_s`` is when ``case_manifest.csv`` (the last
-    ingestion output) was written, relative to the start of ``session.run``.
+    closing its LocalCluster); ``run_start_unix``/``run_end_unix`` place it in the log.
     """
     start_process = time.perf_counter()
     from kedro.framework.session import KedroSession  # noqa: PLC0415
@@ -345,12 +372,54 @@ def child_session_run(pipeline: str, runner_name: str, raw_root: Path, n_workers
         start = time.perf_counter()
         session.run(pipeline_names=[pipeline], runner=runner)
         seconds = time.perf_counter() - start
-    manifest = project / "data" / "03_primary" / "case_manifest.csv"
-    ingestion_done = manifest.stat().st_mtime - wall_start if manifest.is_file() else None
+        wall_end = time.time()
     return {"pipeline": pipeline, "runner": runner_name, "n_workers": n_workers if runner_name == "dask" else 1,
             "threads_per_worker": threads_per_worker if runner_name == "dask" else 1,
-            "session_run_s": seconds, "ingestion_done_s": ingestion_done,
-            "before_run_s": start - start_process}
+            "session_run_s": seconds,
+            "before_run_s": start - start_process, "run_start_unix": wall_start, "run_end_unix": wall_end}
+
+
+def log_events(text: str) -> dict[str, float]:
+    """First Unix time of each event in a :data:`BENCH_LOGGING` log: ``node:<name>`` (Kedro's
+    "Running node: <name>: ..."), ``first_case_shards`` (the first "Preprocessing case")."""
+    events: dict[str, float] = {}
+    for line in text.splitlines():
+        stamp, _, rest = line.partition(" ")
+        try:
+            when = float(stamp)
+        except ValueError:
+            continue
+        message = rest.split(": ", 1)[-1]
+        if message.startswith("Running node: "):
+            events.setdefault("node:" + message[len("Running node: "):].split(":", 1)[0].strip(), when)
+        elif message.startswith("Preprocessing case "):
+            events.setdefault("first_case_shards", when)
+    return events
+
+
+def log_phases(text: str, run_start: float, run_end: float) -> dict[str, float | None]:
+    """Seconds of a run's phases, from its log (1 ms stamps; a phase is None if its marks are missing):
+
+    * ``ingestion``: start of ``session.run`` to the first preprocessing node (a ``data`` run);
+    * ``to_preprocess_cases``: start of ``session.run`` to the ``preprocess_cases`` node (a
+      ``preprocessing`` run: for the Dask runner, starting the cluster and the first node);
+    * ``validation``: the ``validate_raw_dataset`` node (reads every case);
+    * ``planning``: ``preprocess_cases`` starting to its first case's shards (every case's
+      geometry planned);
+    * ``shards``: the first case's shards to the end of ``session.run`` (all shards written).
+    """
+    events = log_events(text)
+
+    def between(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else b - a
+
+    node = events.get("node:preprocess_cases")
+    return {"ingestion": between(run_start, events.get("node:fit_intensity_stats"))
+            if "node:stage_raw_dataset" in events else None,
+            "to_preprocess_cases": between(run_start, node),
+            "validation": between(events.get("node:validate_raw_dataset"), events.get("node:apply_invalid_policy")),
+            "planning": between(node, events.get("first_case_shards")),
+            "shards": between(events.get("first_case_shards"), run_end)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,6 +54,15 @@ import _scale  # noqa: E402
 SCRIPT = Path(__file__).resolve()
 
 
+def _fmt(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds:.0f}"
+
+
+def _median_phase(runs: list[dict[str, Any]], phase: str) -> float | None:
+    values = [r["phases_s"][phase] for r in runs if r["phases_s"].get(phase) is not None]
+    return _common.median(values) if values else None
+
+
 def child(args: argparse.Namespace) -> None:
     result = _scale.child_session_run("data", args.runner, Path(args.raw_root), args.workers, args.threads)
     _common.emit_result(result)
@@ -113,9 +122,10 @@ def parent(args: argparse.Namespace) -> None:
                 result = run_one(roots[n], n, repeat, workdir, args)
                 runs.append(result)
                 workers = result["worker_peak_rss_mib"]
+                phases = result["phases_s"]
                 print(f"  {n:>3} cases (repeat {repeat}): {result['session_run_s']:7.1f} s "
-                      f"({result['session_run_s'] / n:.2f} s/case; ingestion done at "
-                      f"{result['ingestion_done_s'] or float('nan'):.0f} s), driver peak "
+                      f"({result['session_run_s'] / n:.2f} s/case; ingestion {_fmt(phases['ingestion'])} s, "
+                      f"planning {_fmt(phases['planning'])} s, shards {_fmt(phases['shards'])} s), driver peak "
                       f"{result['driver_peak_rss_mib']:.0f} MiB, workers' peaks "
                       f"{', '.join(f'{w:.0f}' for w in workers) or '-'} MiB, data/ "
                       f"{_scale.mib(result['disk_bytes']['total']) / 1024:.2f} GiB", flush=True)
@@ -127,12 +137,10 @@ def parent(args: argparse.Namespace) -> None:
     for n in sizes:
         sel = [r for r in runs if r["n_cases"] == n]
         wall = _common.median([r["session_run_s"] for r in sel])
-        ingest = [r["ingestion_done_s"] for r in sel if r["ingestion_done_s"] is not None]
         summary[n] = {
             "repeats": len(sel), "wall_s": wall, "wall_per_case_s": wall / n,
             "wall_per_slice_ms": 1000 * wall / phantoms[n]["slices_total"],
-            "ingestion_s": _common.median(ingest) if ingest else None,
-            "preprocessing_s": wall - _common.median(ingest) if ingest else None,
+            "phases_s": {phase: _median_phase(sel, phase) for phase in ("ingestion", "validation", "planning", "shards")},
             "peak_worker_rss_mib": _common.median([max(r["worker_peak_rss_mib"] or [r["driver_peak_rss_mib"]])
                                                    for r in sel]),
             "worker_peaks_mib": [r["worker_peak_rss_mib"] for r in sel],
@@ -141,11 +149,11 @@ def parent(args: argparse.Namespace) -> None:
             "raw_bytes": phantoms[n]["bytes"], "all_wall_s": [r["session_run_s"] for r in sel]}
     print()
     _common.print_table(
-        ["cases", "slices", "wall s", "s/case", "ms/slice", "ingestion s", "preproc s", "worker peak MiB",
-         "driver peak MiB", "03_primary MiB", "04_feature MiB", "05_model_input GiB", "data/ GiB", "raw GiB"],
+        ["cases", "slices", "wall s", "s/case", "ms/slice", "ingestion s", "(validation)", "planning s", "shards s",
+         "worker peaks MiB", "driver peak MiB", "03_primary MiB", "04_feature MiB", "05_model_input GiB",
+         "data/ GiB", "raw GiB"],
         [[n, phantoms[n]["slices_total"], s["wall_s"], s["wall_per_case_s"], s["wall_per_slice_ms"],
-          s["ingestion_s"] if s["ingestion_s"] is not None else "-",
-          s["preprocessing_s"] if s["preprocessing_s"] is not None else "-",
+          *[_fmt(s["phases_s"][k]) for k in ("ingestion", "validation", "planning", "shards")],
           " / ".join(f"{w:.0f}" for w in s["worker_peaks_mib"][0]) or "-", s["peak_driver_rss_mib"],
           _scale.mib(s["disk_bytes"]["03_primary"]), _scale.mib(s["disk_bytes"]["04_feature"]),
           _scale.mib(s["disk_bytes"]["05_model_input"]) / 1024, _scale.mib(s["disk_bytes"]["total"]) / 1024,

@@ -61,6 +61,11 @@ def child(args: argparse.Namespace) -> None:
     _common.emit_result(result)
 
 
+def _median_phase(runs: list[dict[str, Any]], phase: str) -> float | str:
+    values = [r["phases_s"][phase] for r in runs if r["phases_s"].get(phase) is not None]
+    return _common.median(values) if values else "?"
+
+
 def clear_preprocessing_outputs(project: Path) -> None:
     """Empty ``data/04_feature`` and ``data/05_model_input`` (the folders stay)."""
     for layer in ("04_feature", "05_model_input"):
@@ -100,8 +105,10 @@ def parent(args: argparse.Namespace) -> None:
                 result.update({"round": round_index, "shards_sha256": _scale.shards_digest(project),
                                "load_avg_after": list(os.getloadavg())})
                 runs.append(result)
+                phases = {k: "?" if v is None else f"{v:.1f}" for k, v in result["phases_s"].items()}
                 print(f"  round {round_index + 1} {runner:<10}: {result['session_run_s']:6.1f} s "
-                      f"({args.cases / result['session_run_s']:.3f} cases/s), peak RSS: driver "
+                      f"({args.cases / result['session_run_s']:.3f} cases/s; start to node {phases['to_preprocess_cases']} s, "
+                      f"planning {phases['planning']} s, shards {phases['shards']} s), peak RSS: driver "
                       f"{result['driver_peak_rss_mib']:.0f} MiB, workers "
                       f"{', '.join(f'{w:.0f}' for w in result['worker_peak_rss_mib']) or '-'} MiB "
                       f"(load {result['load_avg_after'][0]:.2f})", flush=True)
@@ -120,21 +127,32 @@ def parent(args: argparse.Namespace) -> None:
         sel = [r for r in runs if r["runner"] == runner]
         rows.append([runner, _common.median([r["session_run_s"] for r in sel]),
                      _common.median([args.cases / r["session_run_s"] for r in sel]),
+                     *[_median_phase(sel, phase) for phase in ("to_preprocess_cases", "planning", "shards")],
+                     _common.median([sum(r["cpu_s"].values()) for r in sel]),
                      _common.median([r["driver_peak_rss_mib"] for r in sel]),
                      (_common.median([max(r["worker_peak_rss_mib"]) for r in sel]) if runner == "dask" else "-"),
                      " ".join(f"{r['session_run_s']:.1f}" for r in sel)])
-    _common.print_table(["runner", "median s", "cases/s", "driver peak MiB", "worker peak MiB", "all s"], rows)
+    _common.print_table(["runner", "median s", "cases/s", "start to node s", "planning s", "shards s",
+                         "CPU s", "driver peak MiB", "worker peak MiB", "all s"], rows)
     print(f"\nspeed-up, 2 workers vs 1 process: {summary['speedup']:.2f}x (median cases/s; per round "
           f"{', '.join(f'{r:.2f}' for r in summary['round_speedups'])}); target >= {args.target}: "
           f"{'PASS' if summary['speedup_pass'] else 'FAIL'}")
     print(f"peak RSS, largest worker vs single process: {summary['median_peak_rss_mib_worker']:.0f} vs "
           f"{summary['median_peak_rss_mib_single']:.0f} MiB: {'PASS' if summary['memory_pass'] else 'FAIL'}")
+    work = {runner: _common.median([r["phases_s"]["planning"] + r["phases_s"]["shards"] for r in runs
+                                    if r["runner"] == runner]) for runner in RUNNERS}
+    print(f"per-case phases only (planning + shards, without start-up): {work['sequential']:.1f} s vs "
+          f"{work['dask']:.1f} s, {work['sequential'] / work['dask']:.2f}x")
     print(f"shards identical in every run: {'yes' if identical else 'NO'}")
     path = _common.write_report("preprocessing_throughput", {
         "settings": {"cases": args.cases, "rounds": args.rounds, "n_workers": args.workers,
                      "threads_per_worker": args.threads, "env": _scale.ENV, "image_size_px": _scale.IMAGE_SIZE_PX,
                      "phantom_root": str(raw_root), "slices": sum(counts), "slices_per_case": counts},
-        "ingestion": ingestion, "summary": summary, "shards_identical": identical, "runs": runs,
+        "ingestion": ingestion, "summary": summary, "shards_identical": identical,
+        "median_per_case_phases_s": work, "per_case_phases_speedup": work["sequential"] / work["dask"],
+        "median_phases_s": {runner: {phase: _median_phase([r for r in runs if r["runner"] == runner], phase)
+                                     for phase in ("to_preprocess_cases", "planning", "shards")} for runner in RUNNERS},
+        "runs": runs,
         "total_wall_s": time.perf_counter() - t_start})
     print(f"wrote {path}  (total {time.perf_counter() - t_start:.0f} s)")
 

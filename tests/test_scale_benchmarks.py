@@ -112,6 +112,7 @@ def test_tree_sampler_sees_the_peak_of_a_worker_process(scale, tmp_path: Path) -
     assert 300 <= result["worker_peak_rss_mib"][0] < 600
     assert result["driver_peak_rss_mib"] < 300
     assert "multiprocessing.spawn" in result["processes"]["workers"][0]["cmdline"]
+    assert result["cpu_s"]["workers"] > 0 and set(result["cpu_s"]) == {"driver", "workers", "others"}
     assert any("time.sleep(0.5)" in p["cmdline"] for p in result["processes"]["others"])
 
 
@@ -147,6 +148,25 @@ def test_throughput_summary_is_the_ratio_of_medians(scale) -> None:
     assert summary["pass"]
     with pytest.raises(ValueError):
         scale.throughput_summary(runs[:3], 30)
+
+
+def test_phases_from_a_run_log(scale) -> None:
+    log = "\n".join([
+        "1000.000 11 INFO kedro.framework.session: Kedro project pancreas_seg",
+        "1002.500 12 INFO kedro.pipeline.node: Running node: stage_raw_dataset: stage_raw_dataset([params:ingestion]) -> [raw_task07_root]",
+        "1003.000 12 INFO kedro.pipeline.node: Running node: validate_raw_dataset: validate_raw_dataset([x]) -> [y]",
+        "   a wrapped continuation line",
+        "1013.250 12 INFO kedro.pipeline.node: Running node: apply_invalid_policy: apply_invalid_policy([y]) -> [z]",
+        "1020.000 13 INFO kedro.pipeline.node: Running node: fit_intensity_stats: fit_intensity_stats([m]) -> [s]",
+        "1021.000 13 INFO kedro.pipeline.node: Running node: preprocess_cases: preprocess_cases([m]) -> [t]",
+        "1030.000 14 INFO pancreas_seg.pipelines.preprocessing.nodes: Preprocessing case 1/2: pancreas_001",
+        "1035.000 13 INFO pancreas_seg.pipelines.preprocessing.nodes: Preprocessing case 2/2: pancreas_002",
+    ])
+    phases = scale.log_phases(log, run_start=1001.0, run_end=1041.0)
+    assert phases == {"ingestion": 19.0, "to_preprocess_cases": 20.0, "validation": 10.25, "planning": 9.0,
+                      "shards": 11.0}
+    only_preprocessing = "\n".join(line for line in log.splitlines()[5:])
+    assert scale.log_phases(only_preprocessing, 1019.0, 1041.0)["ingestion"] is None
 
 
 def test_project_copy_has_conf_and_the_data_skeleton(scale, tmp_path: Path) -> None:
