@@ -512,5 +512,13 @@ def throughput_summary(runs: Sequence[Mapping[str, Any]], n_cases: int, target_r
             "pass": ratio >= target_ratio and worker_peak <= single_peak}
 
 
+def log_folder(name: str) -> Path:
+    """``data/08_reporting/benchmarks/<name>_logs/``, emptied: each run's log is kept there."""
+    folder = _common.REPORT_DIR / f"{name}_logs"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def mib(n_bytes: float) -> float:
     return n_bytes / 2**20

@@ -33,7 +33,8 @@ How to run (from the repository root)
 
 It needs about 6 GiB for the phantoms plus 8 GiB for the 281-case shards while they are measured
 (each project is deleted after its run unless ``--keep``). Results:
-``data/08_reporting/benchmarks/msd_scale_rehearsal.json`` and tables on stdout.
+``data/08_reporting/benchmarks/msd_scale_rehearsal.json`` (every run's log in
+``msd_scale_rehearsal_logs/`` next to it) and tables on stdout.
 """
 
 from __future__ import annotations
@@ -68,9 +69,10 @@ def child(args: argparse.Namespace) -> None:
     _common.emit_result(result)
 
 
-def run_one(raw_root: Path, n: int, repeat: int, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(raw_root: Path, n: int, repeat: int, workdir: Path, logs: Path,  # noqa: PLR0917
+            args: argparse.Namespace) -> dict[str, Any]:
     project = _scale.make_project(workdir / f"project_{n:03d}_{repeat}")
-    log = workdir / f"run_{n:03d}_{repeat}.log"
+    log = logs / f"data_{n:03d}_{repeat}.log"
     result = _scale.run_sampled([str(SCRIPT), "--child", "--raw-root", str(raw_root), "--runner", args.runner,
                                  "--workers", str(args.workers), "--threads", str(args.threads)],
                                 cwd=project, log_path=log, timeout=args.timeout)
@@ -83,6 +85,60 @@ def run_one(raw_root: Path, n: int, repeat: int, workdir: Path, args: argparse.N
     if not args.keep:
         shutil.rmtree(project)
     return result
+
+
+def summarise(runs: list[dict[str, Any]], phantoms: dict[int, dict[str, Any]], limit: float
+              ) -> tuple[dict[int, dict[str, Any]], dict[str, Any] | None]:
+    """Medians per case count, and the flatness of the largest count against the smallest."""
+    summary: dict[int, dict[str, Any]] = {}
+    for n in sorted({r["n_cases"] for r in runs}):
+        sel = [r for r in runs if r["n_cases"] == n]
+        wall = _common.median([r["session_run_s"] for r in sel])
+        cpu = _common.median([sum(r["cpu_s"].values()) for r in sel])
+        summary[n] = {
+            "repeats": len(sel), "wall_s": wall, "wall_per_case_s": wall / n,
+            "wall_per_slice_ms": 1000 * wall / phantoms[n]["slices_total"],
+            "phases_s": {phase: _median_phase(sel, phase) for phase in ("ingestion", "validation", "planning", "shards")},
+            "cpu_s": cpu, "cpu_per_case_s": cpu / n,
+            # the sequential runner has no workers: its one process stands for them
+            "peak_worker_rss_mib": _common.median([max(r["worker_peak_rss_mib"] or [r["driver_peak_rss_mib"]])
+                                                   for r in sel]),
+            "worker_peaks_mib": [r["worker_peak_rss_mib"] for r in sel],
+            "peak_driver_rss_mib": _common.median([r["driver_peak_rss_mib"] for r in sel]),
+            "disk_bytes": {k: _common.median([r["disk_bytes"][k] for r in sel]) for k in sel[0]["disk_bytes"]},
+            "raw_bytes": phantoms[n]["bytes"], "all_wall_s": [r["session_run_s"] for r in sel]}
+    if len(summary) < 2:
+        return summary, None
+    flat = _scale.flatness({n: {"wall_s": s["wall_s"], "peak_worker_rss_mib": s["peak_worker_rss_mib"]}
+                            for n, s in summary.items()}, limit=limit)
+    lo, hi = flat["smallest"], flat["largest"]
+    flat["cpu_per_case_ratio"] = summary[hi]["cpu_per_case_s"] / summary[lo]["cpu_per_case_s"]
+    flat["slices_per_case_ratio"] = (phantoms[hi]["slices_total"] / hi) / (phantoms[lo]["slices_total"] / lo)
+    return summary, flat
+
+
+def print_summary(summary: dict[int, dict[str, Any]], flat: dict[str, Any] | None,
+                  phantoms: dict[int, dict[str, Any]]) -> None:
+    print()
+    _common.print_table(
+        ["cases", "slices", "wall s", "s/case", "CPU s/case", "ms/slice", "ingestion s", "(validation)", "planning s",
+         "shards s", "worker peaks MiB", "driver peak MiB", "03_primary MiB", "04_feature MiB", "05_model_input GiB",
+         "data/ GiB", "raw GiB"],
+        [[n, phantoms[n]["slices_total"], s["wall_s"], s["wall_per_case_s"], s["cpu_per_case_s"], s["wall_per_slice_ms"],
+          *[_fmt(s["phases_s"][k]) for k in ("ingestion", "validation", "planning", "shards")],
+          " / ".join(f"{w:.0f}" for w in s["worker_peaks_mib"][0]) or "-", s["peak_driver_rss_mib"],
+          _scale.mib(s["disk_bytes"]["03_primary"]), _scale.mib(s["disk_bytes"]["04_feature"]),
+          _scale.mib(s["disk_bytes"]["05_model_input"]) / 1024, _scale.mib(s["disk_bytes"]["total"]) / 1024,
+          _scale.mib(s["raw_bytes"]) / 1024] for n, s in summary.items()])
+    if flat is None:
+        return
+    lo, hi, limit = flat["smallest"], flat["largest"], flat["limit"]
+    print(f"\ncost per case {hi} / {lo} cases: {flat['cost_per_case_ratio']:.3f} "
+          f"(limit {limit}): {'PASS' if flat['cost_pass'] else 'FAIL'}")
+    print(f"peak worker RSS {hi} / {lo} cases: {flat['peak_worker_rss_ratio']:.3f} "
+          f"(limit {limit}): {'PASS' if flat['memory_pass'] else 'FAIL'}")
+    print(f"(for context: CPU seconds per case {hi} / {lo}: {flat['cpu_per_case_ratio']:.3f}, less sensitive to "
+          f"other jobs on the machine; slices per case {hi} / {lo}: {flat['slices_per_case_ratio']:.3f})")
 
 
 def parent(args: argparse.Namespace) -> None:
@@ -116,11 +172,13 @@ def parent(args: argparse.Namespace) -> None:
     print(f"\ndata pipeline (ingestion + preprocessing, --env {_scale.ENV}, {_scale.IMAGE_SIZE_PX} px) with "
           f"{runner}; projects under {workdir}", flush=True)
     runs: list[dict[str, Any]] = []
+    logs = _scale.log_folder("msd_scale_rehearsal")
     try:
         for repeat in range(args.repeats):
             for n in sizes if repeat % 2 == 0 else sizes[::-1]:
-                result = run_one(roots[n], n, repeat, workdir, args)
+                result = run_one(roots[n], n, repeat, workdir, logs, args)
                 runs.append(result)
+                _common.write_report("msd_scale_rehearsal", {"partial": True, "phantoms": phantoms, "runs": runs})
                 workers = result["worker_peak_rss_mib"]
                 phases = result["phases_s"]
                 print(f"  {n:>3} cases (repeat {repeat}): {result['session_run_s']:7.1f} s "
@@ -133,40 +191,8 @@ def parent(args: argparse.Namespace) -> None:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    summary: dict[int, dict[str, Any]] = {}
-    for n in sizes:
-        sel = [r for r in runs if r["n_cases"] == n]
-        wall = _common.median([r["session_run_s"] for r in sel])
-        summary[n] = {
-            "repeats": len(sel), "wall_s": wall, "wall_per_case_s": wall / n,
-            "wall_per_slice_ms": 1000 * wall / phantoms[n]["slices_total"],
-            "phases_s": {phase: _median_phase(sel, phase) for phase in ("ingestion", "validation", "planning", "shards")},
-            "peak_worker_rss_mib": _common.median([max(r["worker_peak_rss_mib"] or [r["driver_peak_rss_mib"]])
-                                                   for r in sel]),
-            "worker_peaks_mib": [r["worker_peak_rss_mib"] for r in sel],
-            "peak_driver_rss_mib": _common.median([r["driver_peak_rss_mib"] for r in sel]),
-            "disk_bytes": {k: _common.median([r["disk_bytes"][k] for r in sel]) for k in sel[0]["disk_bytes"]},
-            "raw_bytes": phantoms[n]["bytes"], "all_wall_s": [r["session_run_s"] for r in sel]}
-    print()
-    _common.print_table(
-        ["cases", "slices", "wall s", "s/case", "ms/slice", "ingestion s", "(validation)", "planning s", "shards s",
-         "worker peaks MiB", "driver peak MiB", "03_primary MiB", "04_feature MiB", "05_model_input GiB",
-         "data/ GiB", "raw GiB"],
-        [[n, phantoms[n]["slices_total"], s["wall_s"], s["wall_per_case_s"], s["wall_per_slice_ms"],
-          *[_fmt(s["phases_s"][k]) for k in ("ingestion", "validation", "planning", "shards")],
-          " / ".join(f"{w:.0f}" for w in s["worker_peaks_mib"][0]) or "-", s["peak_driver_rss_mib"],
-          _scale.mib(s["disk_bytes"]["03_primary"]), _scale.mib(s["disk_bytes"]["04_feature"]),
-          _scale.mib(s["disk_bytes"]["05_model_input"]) / 1024, _scale.mib(s["disk_bytes"]["total"]) / 1024,
-          _scale.mib(s["raw_bytes"]) / 1024] for n, s in summary.items()])
-    flat = None
-    if len(sizes) >= 2:
-        flat = _scale.flatness({n: {"wall_s": s["wall_s"], "peak_worker_rss_mib": s["peak_worker_rss_mib"]}
-                                for n, s in summary.items()}, limit=args.limit)
-        lo, hi = flat["smallest"], flat["largest"]
-        print(f"\ncost per case {hi} / {lo} cases: {flat['cost_per_case_ratio']:.3f} "
-              f"(limit {args.limit}): {'PASS' if flat['cost_pass'] else 'FAIL'}")
-        print(f"peak worker RSS {hi} / {lo} cases: {flat['peak_worker_rss_ratio']:.3f} "
-              f"(limit {args.limit}): {'PASS' if flat['memory_pass'] else 'FAIL'}")
+    summary, flat = summarise(runs, phantoms, args.limit)
+    print_summary(summary, flat, phantoms)
     path = _common.write_report("msd_scale_rehearsal", {
         "settings": {"sizes": sizes, "repeats": args.repeats, "runner": args.runner, "n_workers": args.workers,
                      "threads_per_worker": args.threads, "env": _scale.ENV, "image_size_px": _scale.IMAGE_SIZE_PX,
@@ -189,7 +215,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="processes that generate the phantoms")
     parser.add_argument("--limit", type=float, default=1.15, help="largest / smallest ratio allowed")
     parser.add_argument("--generate-only", action="store_true", help="write the phantoms, run nothing")
-    parser.add_argument("--keep", action="store_true", help="keep the project copies and logs")
+    parser.add_argument("--keep", action="store_true", help="keep the project copies (the logs are always kept)")
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds per run")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--raw-root", help=argparse.SUPPRESS)

@@ -32,7 +32,8 @@ How to run (from the repository root)
     .venv/bin/python benchmarks/preprocessing_throughput.py --data-root /big/disk/msd_scale
     .venv/bin/python benchmarks/preprocessing_throughput.py --rounds 5 --cases 30
 
-Results: ``data/08_reporting/benchmarks/preprocessing_throughput.json`` and a table on stdout.
+Results: ``data/08_reporting/benchmarks/preprocessing_throughput.json`` (every run's log in
+``preprocessing_throughput_logs/`` next to it) and a table on stdout.
 On 2 cores a round takes about 2 minutes.
 """
 
@@ -90,14 +91,15 @@ def parent(args: argparse.Namespace) -> None:
     print(f"{args.cases} MSD-scale phantom cases ({sum(counts)} slices of 512 x 512, {min(counts)}-{max(counts)} "
           f"per case) from {raw_root}; project {project}", flush=True)
     runs: list[dict[str, Any]] = []
+    logs = _scale.log_folder("preprocessing_throughput")
     try:
-        ingestion = run_child(project, raw_root, "ingestion", "sequential", workdir / "ingestion.log", args)
+        ingestion = run_child(project, raw_root, "ingestion", "sequential", logs / "ingestion.log", args)
         print(f"ingestion (once, SequentialRunner): {ingestion['session_run_s']:.1f} s", flush=True)
         for round_index in range(args.rounds):
             for runner in RUNNERS if round_index % 2 == 0 else RUNNERS[::-1]:
                 clear_preprocessing_outputs(project)
                 result = run_child(project, raw_root, "preprocessing", runner,
-                                   workdir / f"preprocessing_{round_index}_{runner}.log", args)
+                                   logs / f"preprocessing_{round_index}_{runner}.log", args)
                 shards = project / "data" / "05_model_input" / "slices"
                 n_written = sum(1 for p in shards.iterdir()) if shards.is_dir() else 0
                 if n_written != args.cases:
@@ -167,7 +169,7 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(_scale.DEFAULT_DATA_ROOT), help="where the phantoms are kept")
     parser.add_argument("--workdir", default=None, help="where the throwaway project goes (default: system temp)")
     parser.add_argument("--processes", type=int, default=2, help="processes that generate missing phantoms")
-    parser.add_argument("--keep", action="store_true", help="keep the project copy and logs")
+    parser.add_argument("--keep", action="store_true", help="keep the project copy (the logs are always kept)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default="preprocessing", help=argparse.SUPPRESS)

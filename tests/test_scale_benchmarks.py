@@ -25,17 +25,27 @@ TINY = PhantomConfig(shape_xy_px=32, spacing_xy_mm=(9.0, 10.0), slice_thickness_
                      z_extent_mm=(100.0, 120.0))
 
 
-@pytest.fixture(scope="module")
-def scale():
-    """``benchmarks/_scale.py`` as a module (its folder is on sys.path only while it loads)."""
+def _load(path: Path, name: str):
     saved = list(sys.path)
     try:
-        spec = importlib.util.spec_from_file_location("scale_under_test", SCRIPT)
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path[:] = saved
     return module
+
+
+@pytest.fixture(scope="module")
+def rehearsal():
+    """``benchmarks/msd_scale_rehearsal.py`` as a module."""
+    return _load(REPO_ROOT / "benchmarks" / "msd_scale_rehearsal.py", "rehearsal_under_test")
+
+
+@pytest.fixture(scope="module")
+def scale():
+    """``benchmarks/_scale.py`` as a module (its folder is on sys.path only while it loads)."""
+    return _load(SCRIPT, "scale_under_test")
 
 
 def test_msd_scale_settings_draw_512_px_and_40_to_150_slices(scale) -> None:
@@ -148,6 +158,35 @@ def test_throughput_summary_is_the_ratio_of_medians(scale) -> None:
     assert summary["pass"]
     with pytest.raises(ValueError):
         scale.throughput_summary(runs[:3], 30)
+
+
+def test_rehearsal_summary(rehearsal, capsys) -> None:
+    def run(n: int, wall: float, cpu: float, workers: list[float]) -> dict:
+        return {"n_cases": n, "session_run_s": wall, "cpu_s": {"driver": 1.0, "workers": cpu - 1.0, "others": 0.0},
+                "worker_peak_rss_mib": workers, "driver_peak_rss_mib": 300.0,
+                "phases_s": {"ingestion": 0.3 * wall, "validation": 0.2 * wall, "planning": 0.2 * wall, "shards": None},
+                "disk_bytes": {layer: 1024.0 for layer in ("03_primary", "04_feature", "05_model_input")} | {"total": 3072.0}}
+
+    phantoms = {30: {"slices_total": 2400, "bytes": 2**30}, 281: {"slices_total": 23 * 281 * 4, "bytes": 2**32}}
+    runs = [run(30, 60.0, 100.0, [600.0, 580.0]), run(281, 281 * 2.2, 281 * 3.0, [610.0, 660.0]),
+            run(30, 66.0, 110.0, [640.0, 600.0])]
+    summary, flat = rehearsal.summarise(runs, phantoms, 1.15)
+    assert summary[30]["repeats"] == 2 and summary[30]["wall_s"] == 63.0 and summary[30]["wall_per_case_s"] == 2.1
+    assert summary[30]["peak_worker_rss_mib"] == 620.0   # the larger worker of each run, median over runs
+    phases = summary[30]["phases_s"]
+    assert phases["shards"] is None
+    assert np.allclose([phases[k] for k in ("ingestion", "validation", "planning")], [18.9, 12.6, 12.6])
+    assert math.isclose(flat["cost_per_case_ratio"], 2.2 / 2.1) and flat["cost_pass"]
+    assert math.isclose(flat["peak_worker_rss_ratio"], 660.0 / 620.0) and flat["memory_pass"] and flat["pass"]
+    assert math.isclose(flat["cpu_per_case_ratio"], 3.0 / (105.0 / 30))
+    assert math.isclose(flat["slices_per_case_ratio"], 92 / 80)
+    rehearsal.print_summary(summary, flat, phantoms)
+    out = capsys.readouterr().out
+    assert "cost per case 281 / 30 cases: 1.048 (limit 1.15): PASS" in out
+    assert "peak worker RSS 281 / 30 cases: 1.065 (limit 1.15): PASS" in out
+    sequential = [dict(r, worker_peak_rss_mib=[]) for r in runs[:1]]   # one process: its own peak
+    assert rehearsal.summarise(sequential, phantoms, 1.15) == (rehearsal.summarise(sequential, phantoms, 1.15)[0], None)
+    assert rehearsal.summarise(sequential, phantoms, 1.15)[0][30]["peak_worker_rss_mib"] == 300.0
 
 
 def test_phases_from_a_run_log(scale) -> None:
