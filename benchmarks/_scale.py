@@ -261,6 +261,8 @@ class TreeSampler(threading.Thread):
             try:
                 cmdline = " ".join(proc.cmdline())[:300]
                 info = self.processes.get(proc.pid)
+                if not cmdline or proc.status() == psutil.STATUS_ZOMBIE:
+                    continue   # exited: its command line and memory are gone, keep what was seen
                 if info is None or info["cmdline"] != cmdline:
                     # new, or it replaced its program (fork, then exec: git, a shell ...): the peak
                     # counted so far was its parent's copy, not this program's

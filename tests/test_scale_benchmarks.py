@@ -102,8 +102,9 @@ def test_ensure_phantoms_takes_a_subset_of_a_larger_set(scale, tmp_path: Path) -
 
 def test_tree_sampler_sees_the_peak_of_a_worker_process(scale, tmp_path: Path) -> None:
     """A child starts a worker process as the LocalCluster does (multiprocessing, spawn) that
-    touches 300 MiB for a moment, and a plain subprocess; the sampler reports the worker's peak
-    (the kernel's VmHWM), the child's own as the driver's, and the subprocess under others."""
+    touches 300 MiB for a moment and exits before it is reaped, and a plain subprocess; the sampler
+    reports the worker's peak (the kernel's VmHWM), the child's own as the driver's, and the
+    subprocess under others."""
     code = ("import json, multiprocessing, subprocess, sys, time\n"
             "def work():\n"
             "    import numpy\n"
@@ -112,7 +113,7 @@ def test_tree_sampler_sees_the_peak_of_a_worker_process(scale, tmp_path: Path) -
             "    time.sleep(0.5)\n"
             "if __name__ == '__main__':\n"
             "    p = multiprocessing.get_context('spawn').Process(target=work)\n"
-            "    p.start(); p.join()\n"
+            "    p.start(); time.sleep(3.0); p.join()  # a zombie for a while: its peak must survive\n"
             "    subprocess.run([sys.executable, '-c', 'import time; time.sleep(0.5)'], check=True)\n"
             "    print('" + scale._common.RESULT_PREFIX + "' + json.dumps({'peak_rss_mib': 1.0}))\n")
     script = tmp_path / "child.py"
