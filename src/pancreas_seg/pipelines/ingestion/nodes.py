@@ -71,7 +71,7 @@ def validate_raw_dataset(raw_root: str, ingestion: dict[str, Any]) -> tuple[dict
     result = validate_task07(root, float(ingestion.get("affine_tolerance_mm", 1e-3)),
                              progress=_log_progress("Validating"))
     for finding in result.findings:
-        logger.error("Invalid input %s [%s]", finding, finding.check)
+        logger.error("Invalid input %s (check: %s)", finding, finding.check)
     cases = pd.DataFrame([asdict(c) for c in result.cases],
                          columns=[f.name for f in fields(CaseRecord)])
     cases["source"] = "synthetic" if synthetic else "msd"
