@@ -250,3 +250,41 @@ def test_nested_mlflow_runs_from_workers_land_under_the_driver_run(tmp_path: Pat
         assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
     finally:
         mlflow.set_tracking_uri(saved_uri)
+
+
+def test_a_cluster_manager_class_from_config_runs_the_pipeline(tmp_path: Path) -> None:
+    """``dask.cluster.class`` (here distributed's own LocalCluster, the SLURM config's code path)."""
+    use_project_config({"cluster": {"class": "distributed.LocalCluster", "n_workers": 2,
+                                    "kwargs": {"n_workers": 0, "threads_per_worker": 1, "processes": True,
+                                               "dashboard_address": None}}})
+    try:
+        DaskRunner().run(Pipeline([Node(make_table, "params:n_rows", ["table", "meta"], name="make_table"),
+                                   Node(where_am_i, ["table", "params:seconds"], "first", name="where")]),
+                         _catalog(tmp_path))
+    finally:
+        use_project_config(None)
+    assert json.loads((tmp_path / "first.json").read_text())["rows"] == 4
+    with pytest.raises(ValueError, match=r"cluster.class 'nowhere.Cluster' cannot be imported .*\[slurm\]"), \
+            cluster_client(ClusterSettings.from_config({"cluster": {"class": "nowhere.Cluster"}})):
+        pass
+
+
+def test_the_slurm_environment_builds_a_slurm_job_per_gpu_worker() -> None:
+    """conf/slurm/dask.yml, merged over conf/base as Kedro merges it, gives a real dask-jobqueue
+    SLURMCluster whose batch script asks for one GPU and offers one training slot per worker."""
+    from dask_jobqueue import SLURMCluster  # noqa: PLC0415
+    from kedro.config import OmegaConfigLoader  # noqa: PLC0415
+
+    from pancreas_seg.settings import CONFIG_LOADER_ARGS  # noqa: PLC0415
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    loader = OmegaConfigLoader(str(conf), **{**CONFIG_LOADER_ARGS, "default_run_env": "slurm"})
+    settings = ClusterSettings.from_config(loader["dask"]["dask"])
+    assert settings.cluster_class == "dask_jobqueue.SLURMCluster" and settings.cluster_workers == 4
+    assert settings.resources_for({MODEL_TRAINING_TAG}) == {"accelerator": 1.0}
+    kwargs = {**settings.cluster_kwargs, "scheduler_options": {"host": "127.0.0.1", "dashboard_address": None}}
+    with SLURMCluster(**kwargs) as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH -p gpu" in script and "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 12:00:00" in script
+    assert "--resources accelerator=1" in script and "cd /path/to/pancreas_seg" in script
+    assert "export KERAS_BACKEND=jax" in script
