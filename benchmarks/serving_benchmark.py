@@ -60,9 +60,6 @@ import argparse
 import base64
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,6 +71,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+
+from pancreas_seg.local_server import LocalServer, free_port  # noqa: E402
 
 TARGET_RATIO = 1.2
 ARCHITECTURE = "unet"
@@ -89,12 +88,6 @@ def unet_settings(base_filters: int | None) -> dict[str, Any]:
     if base_filters is not None:
         settings["base_filters"] = base_filters
     return settings
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def log_model(trained: Any, folder: Path) -> tuple[str, str]:
@@ -113,37 +106,19 @@ def log_model(trained: Any, folder: Path) -> tuple[str, str]:
     return tracking_uri, uri
 
 
-class Server:
+class Server(LocalServer):
     """``mlflow models serve -m <uri> --env-manager local`` on 127.0.0.1, in its own process group."""
 
     def __init__(self, model_uri: str, tracking_uri: str, folder: Path, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
-        self.log_path = folder / "serve.log"
         src = str(_common.REPO_ROOT / "src")
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "TF_CPP_MIN_LOG_LEVEL": "2",
                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
-        self._log = self.log_path.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port), "-t", str(REQUEST_TIMEOUT_S)],
-            cwd=folder, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout_s: float) -> float:
-        """Wait for ``/ping`` to answer 200; returns the seconds waited."""
-        start = time.monotonic()
-        while True:
-            if self.process.poll() is not None:
-                raise SystemExit(f"mlflow models serve exited ({self.process.returncode}):\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.base}/ping", timeout=5) as response:
-                    if response.status == 200:
-                        return time.monotonic() - start
-            except OSError:
-                pass
-            if time.monotonic() - start > timeout_s:
-                raise SystemExit(f"no answer on {self.base}/ping after {timeout_s:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.5)
+        super().__init__([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+                          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
+                          "-t", str(REQUEST_TIMEOUT_S)],
+                         f"{self.base}/ping", folder / "serve.log", folder, env)
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system) used so far by the server's processes (CLI and uvicorn)."""
@@ -158,20 +133,6 @@ class Server:
         except psutil.NoSuchProcess:
             pass
         return total
-
-    def log_tail(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._log.close()
 
 
 def serve_one(server: Server, image_path: Path, mask_path: Path) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Map per-case work over a Dask cluster when there is one, else run it here, in order.
+"""Per-case work: mapped over a Dask cluster when there is one, else run here, in order; and lazy
+per-case partitions that a cluster can save case by case.
 
 A Kedro node that loops over cases (planning geometries, reading headers) calls
 :func:`map_over_cases`. Run by :class:`pancreas_seg.runners.DaskRunner`, the node executes inside a
@@ -9,9 +10,10 @@ and their order are the same either way, so the node does not care who runs it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -67,3 +69,54 @@ def map_over_cases(function: Callable[[T], R], items: Sequence[T], *, what: str,
             return client.gather(futures)
         finally:
             client.cancel([f for f in futures if not f.done()])
+
+
+class LazyCaseParts:
+    """Lazy partitions of one case that share one computation: ``function(*args)`` runs on first use
+    and returns ``{part: array}``; the result is dropped once every part was taken, so a
+    PartitionedDataset saving many cases holds one case in memory at a time.
+
+    ``partitions(case_id)`` gives ``{"<case_id>/<part>": callable}``. Picklable (module-level
+    ``function`` and picklable ``args``), so :class:`pancreas_seg.runners.DaskRunner` can ship a
+    case's callables to one worker, where they compute the case once.
+    """
+
+    def __init__(self, function: Callable[..., dict[str, Any]], args: tuple[Any, ...], parts: Sequence[str],
+                 description: str) -> None:
+        self.function, self.args, self.parts, self.description = function, args, tuple(parts), description
+        self._result: dict[str, Any] | None = None
+        self._taken: set[str] = set()
+
+    def partitions(self, case_id: str) -> dict[str, Callable[[], Any]]:
+        """``{"<case_id>/<part>": callable}`` for a PartitionedDataset's lazy save."""
+        return {f"{case_id}/{part}": functools.partial(self.take, part) for part in self.parts}
+
+    def take(self, part: str) -> Any:
+        """The ``part`` of the case's result (computed now if needed)."""
+        if self._result is None:
+            logger.info("%s", self.description)
+            self._result = self.function(*self.args)
+            self._taken = set()
+        value = self._result[part]
+        self._taken.add(part)
+        if self._taken >= set(self.parts):
+            self._result = None
+        return value
+
+
+def group_lazy_case_parts(partitions: Any) -> list[dict[str, Callable[[], Any]]] | None:
+    """Split ``{key: callable}`` into one dict per :class:`LazyCaseParts` case, in key order.
+
+    Returns None unless every value is a partition made by :meth:`LazyCaseParts.partitions` (other
+    lazy partitions, e.g. closures over a loaded model, are not meant to be shipped to workers).
+    """
+    if not isinstance(partitions, dict) or not partitions:
+        return None
+    groups: dict[int, dict[str, Callable[[], Any]]] = {}
+    for key in sorted(partitions):
+        value = partitions[key]
+        owner = getattr(getattr(value, "func", None), "__self__", None)
+        if not isinstance(owner, LazyCaseParts):
+            return None
+        groups.setdefault(id(owner), {})[key] = value
+    return list(groups.values())

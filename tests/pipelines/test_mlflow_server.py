@@ -7,13 +7,7 @@ parent run, one nested run per model (the four architectures and the cascade) an
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pancreas_seg.local_server import LocalServer, ServerError, free_port
 from pancreas_seg.models.names import MODEL_NAMES
 
 pytestmark = pytest.mark.slow
@@ -28,12 +23,6 @@ pytestmark = pytest.mark.slow
 ARCHITECTURES = MODEL_NAMES
 EXPERIMENT = "pancreas_seg_smoke"
 STARTUP_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get(base: str, endpoint: str, **query: str) -> dict:
@@ -49,23 +38,11 @@ def _post(base: str, endpoint: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (uvicorn worker included), SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(smoke_project: Path, tmp_path_factory: pytest.TempPathFactory,
                   subprocess_env) -> Iterator[str]:
     """Base URL of ``mlflow server`` on 127.0.0.1 (free port); always terminated afterwards."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("mlflow_server") / "server.log"
     command = [sys.executable, "-m", "mlflow", "server",
                "--backend-store-uri", f"sqlite:///{smoke_project / 'mlflow.db'}",
@@ -74,27 +51,12 @@ def mlflow_server(smoke_project: Path, tmp_path_factory: pytest.TempPathFactory,
                "--default-artifact-root", str(smoke_project / "mlruns"),
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     base = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=smoke_project, env=subprocess_env(), stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mlflow server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after {STARTUP_TIMEOUT_S} s:\n"
-                            f"{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+    with LocalServer(command, f"{base}/health", log_path, smoke_project, subprocess_env()) as server:
+        try:
+            server.wait_ready(STARTUP_TIMEOUT_S)
+        except ServerError as error:
+            pytest.fail(str(error))
         yield base
-    finally:
-        _stop(process)
 
 
 def test_rest_api_lists_runs_and_metrics(configured_learning_rates: dict[str, float], mlflow_server: str) -> None:

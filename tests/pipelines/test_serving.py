@@ -13,11 +13,7 @@ import gzip
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,17 +24,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pancreas_seg.local_server import LocalServer, ServerError, free_port
+
 pytestmark = pytest.mark.slow
 
 CT_NAME = "ct_abdomen_3mm.nii.gz"
 EXPERIMENT = "pancreas_seg_smoke"
 STARTUP_TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _post(base: str, payload: dict) -> tuple[int, dict]:
@@ -69,38 +61,18 @@ def project(smoke_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def server(project: Path, subprocess_env) -> Iterator[str]:
     """``mlflow models serve -m models:/pancreas_seg@champion --env-manager local`` on a free port."""
-    port = _free_port()
+    port = free_port()
     env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
                          PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    log = (project / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/pancreas_seg@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/pancreas_seg@champion",
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mlflow models serve exited ({process.returncode}):\n{(project / 'serve.log').read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no answer on {base}/ping:\n{(project / 'serve.log').read_text()[-4000:]}")
-            time.sleep(1)
+    with LocalServer(command, f"{base}/ping", project / "serve.log", project, env) as server:
+        try:
+            server.wait_ready(STARTUP_TIMEOUT_S, interval_s=1)
+        except ServerError as error:
+            pytest.fail(str(error))
         yield base
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_served_mask_is_the_inference_pipelines_mask(server: str, project: Path, require_realdata,

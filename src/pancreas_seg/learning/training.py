@@ -217,7 +217,7 @@ class EpochProgress(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()))
-        logger.info("[%s] epoch %d/%d: %s", self.label, epoch + 1, self.epochs, shown)
+        logger.info("%s: epoch %d/%d: %s", self.label, epoch + 1, self.epochs, shown)
 
 
 def last_checkpoint_name(completed_epochs: int) -> str:
@@ -266,7 +266,7 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
     state = read_checkpoint_state(checkpoint_dir)
     if state is not None and state["fingerprint"] != fingerprint:
         stale = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{state['fingerprint']}")
-        logger.warning("[%s] checkpoint in %s was made with other settings; moving it to %s",
+        logger.warning("%s: checkpoint in %s was made with other settings; moving it to %s",
                        label, checkpoint_dir, stale)
         shutil.rmtree(stale, ignore_errors=True)
         os.replace(checkpoint_dir, stale)
@@ -285,15 +285,15 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
         callback_states = state.get("callbacks", {})
 
     if stopped_early:
-        logger.info("[%s] stopped early after epoch %d in %s; not training further",
+        logger.info("%s: stopped early after epoch %d in %s; not training further",
                     label, initial_epoch, checkpoint_dir)
     elif initial_epoch >= config.epochs:
-        logger.info("[%s] all %d epochs already completed in %s", label, config.epochs, checkpoint_dir)
+        logger.info("%s: all %d epochs already completed in %s", label, config.epochs, checkpoint_dir)
     else:
         if state is None:
             model = build_model()
         else:
-            logger.info("[%s] resuming from %s after epoch %d", label, checkpoint_dir, initial_epoch)
+            logger.info("%s: resuming from %s after epoch %d", label, checkpoint_dir, initial_epoch)
             model = load_model(committed_checkpoint(checkpoint_dir, state))
         train_data.epoch = initial_epoch
         stateful: list[_ResumableStateMixin] = []
@@ -308,7 +308,7 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
                 restored_state=callback_states.get(ResumableEarlyStopping.state_key)))
         missing = [c.state_key for c in stateful if c.restored_state is None]
         if state is not None and missing:
-            logger.warning("[%s] checkpoint has no saved state for %s (older format); they start afresh",
+            logger.warning("%s: checkpoint has no saved state for %s (older format); they start afresh",
                            label, missing)
         checkpoint = ResumableCheckpoint(checkpoint_dir, fingerprint, config.monitor, history, best_value,
                                          epochs=config.epochs, stateful=stateful)
@@ -320,7 +320,7 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
                   shuffle=False)  # the loader shuffles, keyed on (seed, epoch, batch): resume-exact
         best_value, stopped_early = checkpoint.best_value, checkpoint.stopped_early
         if stopped_early:
-            logger.info("[%s] stopped early after epoch %d (no %s improvement)", label,
+            logger.info("%s: stopped early after epoch %d (no %s improvement)", label,
                         len(history.get("loss", [])), config.monitor)
 
     best_path = checkpoint_dir / "best.keras"

@@ -47,6 +47,10 @@ class ClusterSettings:
         resources_by_tag: Kedro node tag -> resources a node with that tag holds while it runs;
             ``{"model_training": {"accelerator": 1}}`` gives every training node a worker (or GPU)
             of its own.
+        cluster_class: a Dask cluster manager started for the run instead of a LocalCluster, e.g.
+            ``dask_jobqueue.SLURMCluster`` (each worker is a batch job); None: LocalCluster.
+        cluster_kwargs: keyword arguments of ``cluster_class`` (queue, cores, memory, walltime ...).
+        cluster_workers: how many workers (jobs, for dask-jobqueue) ``cluster_class`` is scaled to.
     """
 
     scheduler_address: str | None = None
@@ -56,6 +60,9 @@ class ClusterSettings:
     worker_resources: dict[str, float] = field(default_factory=dict)
     dashboard_address: str | None = None
     resources_by_tag: dict[str, dict[str, float]] = field(default_factory=dict)
+    cluster_class: str | None = None
+    cluster_kwargs: dict[str, Any] = field(default_factory=dict)
+    cluster_workers: int = 1
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> ClusterSettings:
@@ -66,12 +73,15 @@ class ClusterSettings:
         """
         config = dict(config or {})
         local = dict(config.pop("local_cluster", None) or {})
+        manager = dict(config.pop("cluster", None) or {})
         known_top = {"scheduler_address", "resources_by_tag"}
         known_local = {"n_workers", "threads_per_worker", "memory_limit", "resources", "dashboard_address"}
-        unknown = sorted(set(config) - known_top) + sorted(f"local_cluster.{k}" for k in set(local) - known_local)
+        known_manager = {"class", "kwargs", "n_workers"}
+        unknown = (sorted(set(config) - known_top) + sorted(f"local_cluster.{k}" for k in set(local) - known_local)
+                   + sorted(f"cluster.{k}" for k in set(manager) - known_manager))
         if unknown:
-            raise ValueError(f"dask.yml: unknown setting(s) {unknown}; known: {sorted(known_top)} and "
-                             f"local_cluster.{sorted(known_local)}")
+            raise ValueError(f"dask.yml: unknown setting(s) {unknown}; known: {sorted(known_top)}, "
+                             f"local_cluster.{sorted(known_local)} and cluster.{sorted(known_manager)}")
         settings = cls(
             scheduler_address=config.get("scheduler_address") or None,
             n_workers=int(local.get("n_workers", cls.n_workers)),
@@ -81,6 +91,9 @@ class ClusterSettings:
             dashboard_address=local.get("dashboard_address") or None,
             resources_by_tag={str(tag): {str(k): float(v) for k, v in (res or {}).items()}
                               for tag, res in (config.get("resources_by_tag") or {}).items()},
+            cluster_class=manager.get("class") or None,
+            cluster_kwargs=dict(manager.get("kwargs") or {}),
+            cluster_workers=int(manager.get("n_workers", 1)),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
         if settings.n_workers < 1 or settings.threads_per_worker < 1:
@@ -99,8 +112,8 @@ class ClusterSettings:
 
 @contextmanager
 def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
-    """A ``distributed.Client`` on ``settings.scheduler_address``, or on a LocalCluster started (and
-    closed) here.
+    """A ``distributed.Client`` on ``settings.scheduler_address``, else on a cluster started (and
+    closed) here: ``settings.cluster_class`` (dask-jobqueue's SLURMCluster ...) or a LocalCluster.
 
     Raises:
         ValueError: a node tag asks for resources that no LocalCluster worker offers.
@@ -113,6 +126,11 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
     if settings.scheduler_address:
         logger.info("Dask: connecting to the scheduler at %s", settings.scheduler_address)
         with Client(settings.scheduler_address) as client:
+            yield client
+        return
+
+    if settings.cluster_class:
+        with start_cluster_manager(settings) as cluster, Client(cluster) as client:
             yield client
         return
 
@@ -129,3 +147,28 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
                       dashboard_address=settings.dashboard_address,
                       resources=settings.worker_resources or None) as cluster, Client(cluster) as client:
         yield client
+
+
+@contextmanager
+def start_cluster_manager(settings: ClusterSettings) -> Iterator[Any]:
+    """Start ``settings.cluster_class(**cluster_kwargs)`` scaled to ``cluster_workers``; close it after.
+
+    Raises:
+        ValueError: the class cannot be imported (naming it and the package to install).
+    """
+    import importlib  # noqa: PLC0415
+
+    module_name, _, class_name = str(settings.cluster_class).rpartition(".")
+    try:
+        cluster_type = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"dask.yml: cluster.class {settings.cluster_class!r} cannot be imported ({error}); "
+                         "for SLURM install dask-jobqueue: pip install -e '.[slurm]'") from error
+    cluster = cluster_type(**settings.cluster_kwargs)
+    try:
+        logger.info("Dask: %s scaled to %d worker(s); tasks wait until workers have joined",
+                    settings.cluster_class, settings.cluster_workers)
+        cluster.scale(settings.cluster_workers)
+        yield cluster
+    finally:
+        cluster.close()

@@ -13,10 +13,10 @@ How it works:
   worker through their fsspec paths (local disk, NFS, ``s3://``...): nothing assumes the workers
   share memory with the driver or with each other. MemoryDatasets between nodes travel as Dask
   task results (over the network when the nodes run on different machines).
-* A node that returns lazy partitions (``{key: callable}``) for a ``PartitionedDataset`` has them
-  saved by one task per partition group on the cluster, the group being the key's first path
-  component (``<case_id>/image`` and ``<case_id>/label`` are computed together). Per-case loops
-  inside a node use :func:`pancreas_seg.parallel.map_over_cases` and are mapped the same way.
+* A node that returns per-case lazy partitions (:class:`pancreas_seg.parallel.LazyCaseParts`) for
+  a ``PartitionedDataset`` has them saved by one task per case on the cluster (a case's image and
+  label are computed together, once). Per-case loops inside a node use
+  :func:`pancreas_seg.parallel.map_over_cases` and are mapped over the workers the same way.
 * MLflow: each task re-opens the driver's active run (kedro-mlflow's parent run) in its worker, so
   nested runs and metrics land where the sequential runner puts them. Node hooks
   (``before_node_run``/``after_node_run``/``on_node_error``) run in the driver with the node's
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from dask.sizeof import sizeof as dask_sizeof
 from distributed.diagnostics.plugin import WorkerPlugin
 from kedro.framework.hooks.manager import _NullPluginManager
 from kedro.io import AbstractDataset, DataCatalog, MemoryDataset
@@ -186,12 +188,12 @@ def _node_catalog(catalog: Any, node: Node, memory: set[str]) -> DataCatalog:
 
 
 class ClusterPartitionedSave(AbstractDataset):
-    """A ``PartitionedDataset`` whose lazy partitions are saved by tasks on the cluster.
+    """A ``PartitionedDataset`` whose per-case lazy partitions are saved by tasks on the cluster.
 
-    ``save({key: callable})`` groups the keys by their first path component and saves each group in
-    one task (the group's callables are computed in that task, so a case's image and label come
-    from one preprocessing). Outside a Dask worker, or for data that are not all callables, it saves
-    here exactly as the wrapped dataset does.
+    ``save(partitions)`` of :class:`pancreas_seg.parallel.LazyCaseParts` partitions saves each case
+    in one task (its callables run there, so a case's image and label come from one computation).
+    Any other data, or a save outside a Dask worker, is saved here exactly as the wrapped dataset
+    saves it.
     """
 
     def __init__(self, dataset: Any) -> None:
@@ -201,26 +203,26 @@ class ClusterPartitionedSave(AbstractDataset):
         return self._dataset.load()
 
     def save(self, data: Any) -> None:
-        from pancreas_seg.parallel import on_dask_worker  # noqa: PLC0415
+        from pancreas_seg.parallel import group_lazy_case_parts, on_dask_worker  # noqa: PLC0415
 
-        lazy = isinstance(data, Mapping) and data and all(callable(v) for v in data.values())
-        if not (lazy and on_dask_worker()):
+        groups = group_lazy_case_parts(data) if on_dask_worker() else None
+        if not groups:
             self._dataset.save(data)
             return
         from distributed import worker_client  # noqa: PLC0415
 
-        groups: dict[str, dict[str, Any]] = {}
-        for key, value in data.items():
-            groups.setdefault(str(key).split("/", 1)[0], {})[key] = value
         self._dataset.save({})  # clears the folder first when the dataset has overwrite: true
         group_dataset = _without_overwrite(self._dataset)
         with worker_client() as client:
             futures = [client.submit(_save_partitions, group_dataset, group, pure=False,
-                                     key=f"save-{name}-{os.urandom(4).hex()}")
-                       for name, group in groups.items()]
-            for index, future in enumerate(futures, start=1):
-                future.result()
-                logger.info("Saved partition group %d/%d on the cluster", index, len(futures))
+                                     key=f"save-{next(iter(group)).split('/')[0]}-{os.urandom(4).hex()}")
+                       for group in groups]
+            try:
+                for index, future in enumerate(futures, start=1):
+                    future.result()
+                    logger.info("Saved partition group %d/%d on the cluster", index, len(futures))
+            finally:
+                client.cancel([f for f in futures if not f.done()])
 
     def _describe(self) -> dict[str, Any]:
         return {"dataset": type(self._dataset).__name__, "saved_on": "dask workers"}
@@ -283,6 +285,30 @@ def _active_mlflow_run() -> MlflowParent | None:
                         experiment_id=run.info.experiment_id, run_id=run.info.run_id)
 
 
+def deterministic_collection_sizeof(collection: list | tuple) -> int:
+    """Dask's size estimate of a list or tuple, from evenly spaced items instead of random ones.
+
+    Dask's own estimate samples with ``random.sample``, i.e. Python's global generator, in the
+    worker's event-loop thread while a task runs. Keras draws the seeds of layers built without one
+    from that same generator (``keras.utils.set_random_seed`` seeds it just before), so the sampling
+    changed the initial weights of a model by the timing of the cluster's messages: a training node
+    gave other weights than under the SequentialRunner. Bytes, approximately, as Dask's.
+    """
+    sample_size = 10
+    size = sys.getsizeof(collection)
+    if len(collection) <= sample_size:
+        return size + sum(dask_sizeof(item) for item in collection)
+    step = len(collection) / sample_size
+    sampled = [collection[int(i * step)] for i in range(sample_size)]
+    return size + int(len(collection) / sample_size * sum(dask_sizeof(item) for item in sampled))
+
+
+def use_deterministic_collection_sizeof() -> None:
+    """Register :func:`deterministic_collection_sizeof` for lists and tuples with Dask (this process)."""
+    dask_sizeof.register(list)(deterministic_collection_sizeof)
+    dask_sizeof.register(tuple)(deterministic_collection_sizeof)
+
+
 def _is_parameter(name: str) -> bool:
     return name == "parameters" or name.startswith("params:")
 
@@ -294,8 +320,10 @@ def _package_name() -> str | None:
 
 
 class _ProjectOnWorker(WorkerPlugin):
-    """Worker plugin: configure the Kedro project (settings, logging) in each worker process and
-    work from the project folder when the worker can see it (LocalCluster, shared file systems)."""
+    """Worker plugin: configure the Kedro project (settings, logging) in each worker process, work
+    from the project folder when the worker can see it (LocalCluster, shared file systems), and keep
+    Python's global random generator to the node being run (:func:`deterministic_collection_sizeof`).
+    """
 
     def __init__(self, package_name: str | None, project_path: str) -> None:
         from kedro.framework.project import LOGGING  # noqa: PLC0415
@@ -312,6 +340,7 @@ class _ProjectOnWorker(WorkerPlugin):
         else:
             logger.warning("Dask worker %s: project folder %s not found; relative catalog paths resolve "
                            "against %s", worker.address, self.project_path, Path.cwd())
+        use_deterministic_collection_sizeof()
         if self.package_name:
             configure_project(self.package_name)
         if self.logging_config:

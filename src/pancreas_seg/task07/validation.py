@@ -10,6 +10,7 @@ macOS ``._*`` resource files are skipped silently. Raw files are only ever read.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,17 +197,29 @@ def validate_case(case: CaseFiles, affine_atol_mm: float = 1e-3) -> tuple[CaseRe
 
 
 def validate_task07(root: str | Path, affine_atol_mm: float = 1e-3,
-                    progress: Callable[[int, int, str], None] | None = None) -> ValidationResult:
-    """Validate a whole Task07 folder. Never modifies anything under ``root``."""
+                    progress: Callable[[int, int, str], None] | None = None,
+                    map_cases: Callable[..., list[Any]] | None = None) -> ValidationResult:
+    """Validate a whole Task07 folder. Never modifies anything under ``root``.
+
+    ``map_cases(function, cases, names=case_ids)`` may run the per-case checks elsewhere (e.g.
+    :func:`pancreas_seg.parallel.map_over_cases`, on a Dask cluster); it must return the results in
+    order. Without it the cases are checked here, one by one, reporting to ``progress``.
+    """
     root = Path(root).resolve()
     dataset_json = read_dataset_json(root)
     cases, findings = collect_case_files(root, dataset_json)
     result = ValidationResult(findings=findings)
     unlisted_or_missing = {f.case_id for f in findings}
-    for index, case in enumerate(cases, start=1):
-        if progress:
-            progress(index, len(cases), case.case_id)
-        record, case_findings = validate_case(case, affine_atol_mm)
+    check = functools.partial(validate_case, affine_atol_mm=affine_atol_mm)
+    if map_cases is not None:
+        outcomes = map_cases(check, cases, names=[case.case_id for case in cases])
+    else:
+        outcomes = []
+        for index, case in enumerate(cases, start=1):
+            if progress:
+                progress(index, len(cases), case.case_id)
+            outcomes.append(check(case))
+    for case, (record, case_findings) in zip(cases, outcomes, strict=True):
         result.findings.extend(case_findings)
         if record is not None and case.case_id not in unlisted_or_missing:
             result.cases.append(record)

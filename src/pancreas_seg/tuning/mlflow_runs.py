@@ -107,5 +107,5 @@ def close_interrupted_study_runs(experiment_id: str, study_name: str, current_ru
         if not process_alive(int(tags.get("pid", "-1"))):
             client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
-            logger.info("[%s] MLflow study run %s of an interrupted run marked KILLED", study_name, run.info.run_id)
+            logger.info("%s: MLflow study run %s of an interrupted run marked KILLED", study_name, run.info.run_id)
     return closed

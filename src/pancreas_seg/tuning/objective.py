@@ -114,7 +114,7 @@ class KerasObjective:
         context = self.context
         values = context.search_space.suggest(trial)
         settings = context.trial_settings(values)
-        prefix = f"[{self.label} trial {trial.number}]"
+        prefix = f"{self.label} trial {trial.number}:"
         retried = retried_from(trial)
         logger.info("%s start%s: %s", prefix, f" (retry of trial {retried})" if retried is not None else "",
                     ", ".join(f"{k}={_short(v)}" for k, v in values.items()))

@@ -226,7 +226,7 @@ def recover_stale_trials(study: optuna.Study) -> list[int]:
     failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
               if reasons.get(t.number)]
     for number in failed:
-        logger.warning("[%s] trial %d was interrupted (%s): failed, and queued again with the same "
+        logger.warning("%s: trial %d was interrupted (%s): failed, and queued again with the same "
                        "parameters", study.study_name, number, reasons[number])
     return failed
 

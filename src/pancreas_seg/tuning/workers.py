@@ -216,14 +216,14 @@ def run_study(context: TrialContext, config: TuningConfig, storage_path: str | P
         if needed <= 0:
             if counts["RUNNING"] == 0:
                 return rounds
-            logger.info("[%s] waiting for %d trial(s) running in other processes", context.architecture,
+            logger.info("%s: waiting for %d trial(s) running in other processes", context.architecture,
                         counts["RUNNING"])
             time.sleep(config.heartbeat_interval_s)
             continue
         done_before = counts["COMPLETE"] + counts["PRUNED"]
         workers = min(n_workers, needed)
         cores = config.worker_cores(workers, threads)
-        logger.info("[%s] %d of %d trials done (%d pruned, %d failed, %d queued); starting %d worker "
+        logger.info("%s: %d of %d trials done (%d pruned, %d failed, %d queued); starting %d worker "
                     "process(es) with %d thread(s) each%s", context.architecture, done_before, config.n_trials,
                     counts["PRUNED"], counts["FAIL"], counts["WAITING"], workers, threads,
                     f", pinned to cores {[list(c) for c in cores]}" if cores[0] else "")

@@ -36,6 +36,7 @@ from pancreas_seg.imaging.preprocess import (
 from pancreas_seg.labels import PANCREAS_REGION, probabilities_to_labels
 from pancreas_seg.model_card import check_cascade_weights, check_stage1, check_weights
 from pancreas_seg.models.names import CASCADE_NAME
+from pancreas_seg.parallel import LazyCaseParts
 from pancreas_seg.pipelines.evaluation.nodes import test_case_ids
 from pancreas_seg.learning.setup import architecture_settings, compile_model, resume_fingerprint
 from pancreas_seg.pipelines.training.nodes import (
@@ -60,6 +61,14 @@ def _truth_slices(labels: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
     return np.isin(geometry.to_slices(labels), PANCREAS_REGION)
 
 
+def cut_training_crop(image_path: str, label_path: str, geometry: CropGeometry, config: PreprocessingConfig,
+                      stats: Any) -> dict[str, np.ndarray]:
+    """``{"image": (Z, H, W) float32 normalised crop, "label": (Z, H, W) uint8 MSD labels}``."""
+    ct, label = load_nifti(image_path), load_nifti(label_path)
+    return {"image": preprocess_crop_image(ct.array, geometry, config, stats),
+            "label": geometry.label_to_crop(label.array)}
+
+
 def prepare_training_crops(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any],
                            preprocessing: dict[str, Any],
                            crop: dict[str, Any]) -> tuple[dict[str, Callable[[], np.ndarray]], dict[str, Any]]:
@@ -80,13 +89,6 @@ def prepare_training_crops(case_manifest: pd.DataFrame, intensity_stats: dict[st
     cases = _labelled(case_manifest, ("train", "validation"))
     context = crop_config.context_px()
 
-    @functools.lru_cache(maxsize=1)  # image and label partitions of a case are saved back to back
-    def run_case(index: int, case_id: str, image_path: str, label_path: str) -> tuple[np.ndarray, np.ndarray]:
-        logger.info("[%s] cutting training crop %d/%d: %s", CASCADE_NAME, index, len(cases), case_id)
-        ct, label = load_nifti(image_path), load_nifti(label_path)
-        geometry = CropGeometry.from_dict(index_entries[case_id]["crop"])
-        return preprocess_crop_image(ct.array, geometry, config, stats), geometry.label_to_crop(label.array)
-
     index_entries: dict[str, Any] = {}
     partitions: dict[str, Callable[[], np.ndarray]] = {}
     for index, row in enumerate(cases.itertuples(), start=1):
@@ -94,15 +96,16 @@ def prepare_training_crops(case_manifest: pd.DataFrame, intensity_stats: dict[st
         canonical = ScanGeometry.plan(label.array.shape, label.affine, (1, 1))
         box = mask_box(_truth_slices(label.array, canonical))
         if box is None:
-            logger.warning("[%s] %s has no pancreas in its label; no stage-2 crop", CASCADE_NAME, row.case_id)
+            logger.warning("%s: %s has no pancreas in its label; no stage-2 crop", CASCADE_NAME, row.case_id)
             continue
         geometry = CropGeometry.plan(label.array.shape, label.affine, box, crop_config, context_px=context)
         slack = [max(0, (r - 2 * context - s) // 2) for r, s in zip(geometry.region_hw, crop_config.size_px,
                                                                       strict=True)]
         index_entries[row.case_id] = {"crop": geometry.to_dict(), "slack_px": slack}
-        key = (index, row.case_id, row.image_path, row.label_path)
-        partitions[f"{row.case_id}/image"] = functools.partial(lambda k: run_case(*k)[0], key)
-        partitions[f"{row.case_id}/label"] = functools.partial(lambda k: run_case(*k)[1], key)
+        case = LazyCaseParts(cut_training_crop, (row.image_path, row.label_path, geometry, config, stats),
+                             ("image", "label"),
+                             f"{CASCADE_NAME}: cutting training crop {index}/{len(cases)}: {row.case_id}")
+        partitions.update(case.partitions(row.case_id))
     return partitions, index_entries
 
 
@@ -140,11 +143,11 @@ def measure_stage1_localisation(stage1_model: Any, stage1_model_card: dict[str, 
         planned = (CropGeometry.plan(geometry.shape, geometry.affine, predicted, crop_config)
                    if predicted is not None else None)
         per_case[row.case_id] = localisation_error(predicted, truth, truth_mask, geometry.slice_spacing_mm, planned)
-        logger.info("[%s] stage-1 box on validation case %d/%d %s: centre error %s mm, coverage %.3f", CASCADE_NAME,
+        logger.info("%s: stage-1 box on validation case %d/%d %s: centre error %s mm, coverage %.3f", CASCADE_NAME,
                     index, len(cases), row.case_id,
                     [round(v, 1) for v in per_case[row.case_id]["centre_error_mm"]], per_case[row.case_id]["coverage"])
     summary = summarise_localisation(list(per_case.values()))
-    logger.info("[%s] stage-1 localisation on %d validation case(s): %s", CASCADE_NAME, len(per_case), summary)
+    logger.info("%s: stage-1 localisation on %d validation case(s): %s", CASCADE_NAME, len(per_case), summary)
     return {"stage1": stage1_model_card["architecture"], "axes": ["z", "h", "w"], "summary": summary,
             "cases": per_case}
 
@@ -215,7 +218,7 @@ def train_stage2(crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index
                                      crop_config.to_dict(), label_mode, list(jitter), stage1_sha,
                                      sorted(train_loader.case_ids) + sorted(val_loader.case_ids))
     source = str(case_manifest["source"].iloc[0])
-    logger.info("[%s] stage 2 (%s, %s) on %d crop slices of %d cases (%d with tumour), window %s px at "
+    logger.info("%s: stage 2 (%s, %s) on %d crop slices of %d cases (%d with tumour), window %s px at "
                 "%.2f mm, position jitter %.1f/%.1f mm, %d tumour window(s) per batch%s", CASCADE_NAME, name, label_mode,
                 train_loader.n_slices, len(train_loader.case_ids), train_loader.tumour_slices.size,
                 crop_config.size_px, crop_config.spacing_mm, *jitter, train_loader.n_tumour_per_batch,
@@ -273,7 +276,7 @@ def validate_stage2(model: Any, crop_slices: Mapping[str, Callable[[], np.ndarra
     with retained_heap(bool(settings["retain_heap"])):
         scores = model.evaluate(val_loader, return_dict=True, verbose=0)
     metrics = {f"final_{k}" if k.startswith("val_") else f"final_val_{k}": float(v) for k, v in scores.items()}
-    logger.info("[%s] stage-2 validation (crops): %s", CASCADE_NAME, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    logger.info("%s: stage-2 validation (crops): %s", CASCADE_NAME, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     run_id = model_card["mlflow_run_id"]
     tracking.log_final_metrics(run_id, metrics)
     tracking.log_json(run_id, model_card, "model_card.json")
@@ -303,11 +306,11 @@ def predict_test_cases_cascade(model: Any, stage1_model: Any, model_check: dict[
         raise ValueError("the manifest has no test split; set split.test_fraction > 0")
 
     def predict(index: int, case_id: str) -> NiftiVolume:
-        logger.info("[%s] predicting test case %d/%d: %s", CASCADE_NAME, index, len(cases), case_id)
+        logger.info("%s: predicting test case %d/%d: %s", CASCADE_NAME, index, len(cases), case_id)
         ct = load_nifti(manifest.loc[case_id, "image_path"])
         labels, report = segment_volume_cascade(cascade, ct.array, ct.affine, int(evaluation["batch_size"]),
                                                 bool(evaluation["flip_tta"]), name=case_id)
-        logger.info("[%s] %s: stage 2 on %d slice(s), %s tile(s)", CASCADE_NAME, case_id, report["stage2_slices"],
+        logger.info("%s: %s: stage 2 on %d slice(s), %s tile(s)", CASCADE_NAME, case_id, report["stage2_slices"],
                     report.get("stage2_tiles", 0))
         return NiftiVolume(labels, ct.affine)
 

@@ -83,7 +83,7 @@ def train_fold_models(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
 
         mlflow.set_tags({"architecture": name, "n_folds": n_folds, "kind": "cross_validation"})
         for fold in range(n_folds):
-            logger.info("[%s] cross-validation fold %d/%d", name, fold + 1, n_folds)
+            logger.info("%s: cross-validation fold %d/%d", name, fold + 1, n_folds)
             model, _, figure, card = train_model(model_input_slices, fold_manifest(case_manifest, fold),
                                                  intensity_stats, preprocessing, training,
                                                  {**architecture, "fold": fold, "n_folds": n_folds})
@@ -166,7 +166,7 @@ def predict_out_of_fold(fold_models: Mapping[str, Any], fold_cards: Mapping[str,
 
     def predict(index: int, case_id: str) -> NiftiVolume:
         fold = fold_of[case_id]
-        logger.info("[%s] out-of-fold prediction %d/%d: %s (fold %d)", name, index, len(cases), case_id, fold)
+        logger.info("%s: out-of-fold prediction %d/%d: %s (fold %d)", name, index, len(cases), case_id, fold)
         geometry = ScanGeometry.from_dict(slice_geometry[case_id])
         probabilities = average_probabilities([by_fold[fold]], model_input_slices[f"{case_id}/image"](),
                                               config.context_slices, batch_size, flip_tta)
@@ -229,7 +229,7 @@ def evaluate_fold_ensemble(fold_models: Mapping[str, Any], fold_cards: Mapping[s
 
     frames = []
     for index, case_id in enumerate(cases, start=1):
-        logger.info("[%s] test case %d/%d: %s (%d fold models and their ensemble)", ensemble_name, index,
+        logger.info("%s: test case %d/%d: %s (%d fold models and their ensemble)", ensemble_name, index,
                     len(cases), case_id, len(models))
         per_fold = fold_probabilities(case_id)
         scored = {f"{name}.fold{fold}": volume(p, case_id) for (fold, _), p in zip(models, per_fold, strict=True)}
@@ -284,7 +284,7 @@ def summarise_cross_validation(oof_metrics: pd.DataFrame, test_metrics: pd.DataF
     tracking.log_final_metrics(first["cv_run_id"], metrics)
     tracking.log_json(first["cv_run_id"], summary, "cv/summary.json")
     pancreas = summary["ensemble_vs_folds"]["pancreas"]
-    logger.info("[%s] cross-validation: out-of-fold pancreas Dice %.4f over %d cases; test pancreas Dice: "
+    logger.info("%s: cross-validation: out-of-fold pancreas Dice %.4f over %d cases; test pancreas Dice: "
                 "ensemble %.4f, fold models %s (mean %.4f)", name,
                 summary["cv"]["classes"]["pancreas"]["dice"]["mean"], summary["cv"]["n_cases"],
                 pancreas["ensemble_dice"], ", ".join(f"{d:.4f}" for d in pancreas["fold_dice"]),

@@ -101,7 +101,7 @@ def predict_test_cases(model: Any, model_check: dict[str, Any],
     use_xla(model, bool(evaluation.get("xla", True)))
 
     def predict(index: int, case_id: str) -> NiftiVolume:
-        logger.info("[%s] predicting test case %d/%d: %s", model_card["architecture"], index, len(cases), case_id)
+        logger.info("%s: predicting test case %d/%d: %s", model_card["architecture"], index, len(cases), case_id)
         geometry = ScanGeometry.from_dict(slice_geometry[case_id])
         probabilities = predict_slices(model, model_input_slices[f"{case_id}/image"](), config.context_slices,
                                        int(evaluation["batch_size"]), bool(evaluation["flip_tta"]))
@@ -124,7 +124,7 @@ def score_cases(predictions: Mapping[str, Callable[[], NiftiVolume]], cases: lis
     manifest = case_manifest.set_index("case_id")
     rows = []
     for index, case_id in enumerate(cases, start=1):
-        logger.info("[%s] scoring case %d/%d: %s", name, index, len(cases), case_id)
+        logger.info("%s: scoring case %d/%d: %s", name, index, len(cases), case_id)
         prediction = predictions[case_id]()
         truth = load_nifti(manifest.loc[case_id, "label_path"])
         if prediction.array.shape != truth.array.shape or not np.allclose(prediction.affine, truth.affine, atol=1e-3):
@@ -222,13 +222,13 @@ def summarise_model(metrics_per_case: pd.DataFrame, model_card: dict[str, Any]) 
     tracking.log_json(run_id, metrics_per_case.to_dict(orient="records"), "evaluation/metrics_per_case.json")
     pancreas = summary["classes"].get("pancreas", {})
     dice_stats, hd95_stats = pancreas.get("dice", {}), pancreas.get("hd95_mm", {})
-    logger.info("[%s] test pancreas Dice: mean %.4f, median %.4f (n=%s); HD95 median %.1f mm over %s "
+    logger.info("%s: test pancreas Dice: mean %.4f, median %.4f (n=%s); HD95 median %.1f mm over %s "
                 "finite case(s), %s miss(es)", model_card["architecture"],
                 dice_stats.get("mean", float("nan")), dice_stats.get("median", float("nan")), dice_stats.get("n"),
                 hd95_stats.get("median", float("nan")), hd95_stats.get("n_finite"), hd95_stats.get("n_inf"))
     present = summary["classes"].get(LESION_CLASS, {}).get(TRUTH_PRESENT_DICE, {})
     lesions = summary["lesions"].get(LESION_CLASS, {})
-    logger.info("[%s] test %s Dice over the %s case(s) with a %s: mean %.4f; lesion sensitivity %.3f "
+    logger.info("%s: test %s Dice over the %s case(s) with a %s: mean %.4f; lesion sensitivity %.3f "
                 "(%s of %s lesions found), %.2f false-positive component(s) per case over %s case(s)",
                 model_card["architecture"], LESION_CLASS, present.get("n"), LESION_CLASS,
                 present.get("mean", float("nan")), lesions.get("lesion_sensitivity", float("nan")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, fields
@@ -10,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from pancreas_seg.parallel import map_over_cases
 from pancreas_seg.phantoms import PhantomConfig, write_synthetic_task07
 from pancreas_seg.task07.archive import extract_task07_archive
 from pancreas_seg.task07.layout import is_synthetic, read_dataset_json
@@ -69,9 +71,9 @@ def validate_raw_dataset(raw_root: str, ingestion: dict[str, Any]) -> tuple[dict
     root = Path(raw_root)
     synthetic = is_synthetic(read_dataset_json(root))
     result = validate_task07(root, float(ingestion.get("affine_tolerance_mm", 1e-3)),
-                             progress=_log_progress("Validating"))
+                             map_cases=functools.partial(map_over_cases, what="Validating"))
     for finding in result.findings:
-        logger.error("Invalid input %s [%s]", finding, finding.check)
+        logger.error("Invalid input %s (check: %s)", finding, finding.check)
     cases = pd.DataFrame([asdict(c) for c in result.cases],
                          columns=[f.name for f in fields(CaseRecord)])
     cases["source"] = "synthetic" if synthetic else "msd"

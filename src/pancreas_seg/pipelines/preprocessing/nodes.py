@@ -19,7 +19,7 @@ from pancreas_seg.imaging.preprocess import (
     plan_case_geometry,
     preprocess_case,
 )
-from pancreas_seg.parallel import map_over_cases
+from pancreas_seg.parallel import LazyCaseParts, map_over_cases
 
 logger = logging.getLogger(__name__)
 
@@ -51,39 +51,11 @@ def fit_intensity_stats(case_manifest: pd.DataFrame, preprocessing: dict[str, An
     return stats
 
 
-class CaseShards:
-    """One case's image and label shards, preprocessed once on first use and dropped once both were
-    taken (so a PartitionedDataset saving many cases holds one case in memory at a time).
-
-    Picklable: :class:`pancreas_seg.runners.DaskRunner` ships a case's two bound methods to a worker.
-    """
-
-    def __init__(self, case_id: str, image_path: str, label_path: str, config: PreprocessingConfig,
-                 stats: ForegroundIntensityStats | None, geometry: ScanGeometry, position: str) -> None:
-        self.case_id, self.image_path, self.label_path = case_id, image_path, label_path
-        self.config, self.stats, self.geometry, self.position = config, stats, geometry, position
-        self._shards: Any = None
-        self._taken: set[str] = set()
-
-    def image(self) -> np.ndarray:
-        """(Z, H, W) image shard, float32 or float16 (``preprocessing.image_dtype``)."""
-        return self._take("image")
-
-    def label(self) -> np.ndarray:
-        """(Z, H, W) uint8 label shard (targets of ``preprocessing.label_mode``)."""
-        return self._take("label")
-
-    def _take(self, part: str) -> np.ndarray:
-        if self._shards is None:
-            logger.info("Preprocessing case %s: %s", self.position, self.case_id)
-            self._shards = preprocess_case(self.image_path, self.label_path, self.config, self.stats,
-                                           self.geometry)
-            self._taken = set()
-        array = getattr(self._shards, part)
-        self._taken.add(part)
-        if self._taken == {"image", "label"}:
-            self._shards = None
-        return array
+def preprocess_case_parts(image_path: str, label_path: str, config: PreprocessingConfig,
+                          stats: ForegroundIntensityStats | None, geometry: ScanGeometry) -> dict[str, np.ndarray]:
+    """``{"image": (Z, H, W) float32|float16, "label": (Z, H, W) uint8}`` of one case."""
+    case = preprocess_case(image_path, label_path, config, stats, geometry)
+    return {"image": case.image, "label": case.label}
 
 
 def preprocess_cases(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any],
@@ -108,8 +80,8 @@ def preprocess_cases(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any
 
     partitions: dict[str, Callable[[], np.ndarray]] = {}
     for position, row in enumerate(cases.itertuples(), start=1):
-        case = CaseShards(row.case_id, row.image_path, row.label_path, config, stats,
-                          geometries[row.case_id], f"{position}/{len(cases)}")
-        partitions[f"{row.case_id}/image"] = case.image
-        partitions[f"{row.case_id}/label"] = case.label
+        case = LazyCaseParts(preprocess_case_parts,
+                             (row.image_path, row.label_path, config, stats, geometries[row.case_id]),
+                             ("image", "label"), f"Preprocessing case {position}/{len(cases)}: {row.case_id}")
+        partitions.update(case.partitions(row.case_id))
     return partitions, {case_id: geometry.to_dict() for case_id, geometry in geometries.items()}

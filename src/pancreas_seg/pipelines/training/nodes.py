@@ -113,7 +113,7 @@ def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
     data_key = sorted(train_loader.case_ids) + sorted(val_loader.case_ids)
     fingerprint = resume_fingerprint(fit_config, name, settings, preprocessing, intensity_stats, data_key)
     source = str(case_manifest["source"].iloc[0])
-    logger.info("[%s] training on %d slices (%d cases), validating on %d slices (%d cases)%s", run_name,
+    logger.info("%s: training on %d slices (%d cases), validating on %d slices (%d cases)%s", run_name,
                 train_loader.n_slices, len(train_loader.case_ids), val_loader.n_slices,
                 len(val_loader.case_ids), " - SYNTHETIC phantoms" if source == "synthetic" else "")
 
@@ -153,7 +153,7 @@ def validate_model(model: Any, model_input_slices: Mapping[str, Callable[[], np.
     with retained_heap(bool(settings["retain_heap"])):
         scores = model.evaluate(val_loader, return_dict=True, verbose=0)
     metrics = {f"final_{k}" if k.startswith("val_") else f"final_val_{k}": float(v) for k, v in scores.items()}
-    logger.info("[%s] validation: %s", model_card["architecture"],
+    logger.info("%s: validation: %s", model_card["architecture"],
                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     tracking.log_final_metrics(model_card["mlflow_run_id"], metrics)
     tracking.log_json(model_card["mlflow_run_id"], model_card, "model_card.json")

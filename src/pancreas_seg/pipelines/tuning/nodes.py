@@ -103,7 +103,7 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
                            "threads_per_worker": config.threads(), "seed": config.seed, "sampler": config.sampler,
                            "pruner": config.pruner, "trial": config.trial, "max_retry": config.max_retry},
                 "search_space": {p.name: p.describe().partition(": ")[2] for p in config.search_space}}))
-            logger.info("[%s] tuning %s in %s (%d trials; %s)%s", name, ", ".join(config.search_space.names),
+            logger.info("%s: tuning %s in %s (%d trials; %s)%s", name, ", ".join(config.search_space.names),
                         storage_path, config.n_trials, "; ".join(config.search_space.describe()),
                         " - SYNTHETIC phantoms" if source == "synthetic" else "")
             context = TrialContext(
@@ -132,8 +132,8 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
                 "trials_complete": counts["COMPLETE"], "trials_pruned": counts["PRUNED"],
                 "trials_failed": counts["FAIL"], "tuning_seconds": time.perf_counter() - start})
     if best["best"] is None:
-        logger.warning("[%s] no trial completed: no best parameters", name)
+        logger.warning("%s: no trial completed: no best parameters", name)
     else:
-        logger.info("[%s] best trial %d: %s=%.4f with %s", name, best["best"]["number"], monitor,
+        logger.info("%s: best trial %d: %s=%.4f with %s", name, best["best"]["number"], monitor,
                     best["best"]["value"], best["best"]["params"])
     return best, table, figure
