@@ -342,13 +342,26 @@ def run_sampled(args: Sequence[str], cwd: Path, log_path: Path, timeout: float =
 
 def make_runner(name: str, n_workers: int = 2, threads_per_worker: int = 1) -> Any:
     """``sequential``: Kedro's SequentialRunner; ``dask``: the project's DaskRunner with its own
-    LocalCluster of ``n_workers`` processes."""
+    LocalCluster of ``n_workers`` processes.
+
+    ``dask-no-malloc-trim`` (a diagnosis, not how the project runs): the same, but the worker
+    processes do not get ``MALLOC_TRIM_THRESHOLD_`` from Dask's nanny (its default
+    ``distributed.nanny.pre-spawn-environ`` sets it to 65536, which also turns off glibc's dynamic
+    mmap threshold, so every large temporary array is mapped and page-faulted anew).
+    """
     if name == "sequential":
         from kedro.runner import SequentialRunner  # noqa: PLC0415
 
         return SequentialRunner()
-    if name == "dask":
+    if name in ("dask", "dask-no-malloc-trim"):
         from pancreas_seg.runners import DaskRunner  # noqa: PLC0415
+
+        if name == "dask-no-malloc-trim":
+            import dask  # noqa: PLC0415
+
+            environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+            environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+            dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
 
         return DaskRunner(address=None, n_workers=n_workers, threads_per_worker=threads_per_worker)
     raise ValueError(f"unknown runner {name!r}")
@@ -375,8 +388,9 @@ def child_session_run(pipeline: str, runner_name: str, raw_root: Path, n_workers
         session.run(pipeline_names=[pipeline], runner=runner)
         seconds = time.perf_counter() - start
         wall_end = time.time()
-    return {"pipeline": pipeline, "runner": runner_name, "n_workers": n_workers if runner_name == "dask" else 1,
-            "threads_per_worker": threads_per_worker if runner_name == "dask" else 1,
+    parallel = runner_name.startswith("dask")
+    return {"pipeline": pipeline, "runner": runner_name, "n_workers": n_workers if parallel else 1,
+            "threads_per_worker": threads_per_worker if parallel else 1,
             "session_run_s": seconds,
             "before_run_s": start - start_process, "run_start_unix": wall_start, "run_end_unix": wall_end}
 

@@ -27,10 +27,21 @@ identical shards.
 Targets (issue "Beyond one machine"): speed-up >= 1.7 and worker peak <= the single process's
 peak.
 
+``--diagnose`` adds a third variant, ``dask-no-malloc-trim``: the same DaskRunner, but its worker
+processes are started without the ``MALLOC_TRIM_THRESHOLD_=65536`` that Dask's nanny sets by
+default (``distributed.nanny.pre-spawn-environ``). Setting it turns off glibc's dynamic mmap
+threshold, so every large temporary array of a case is mapped and page-faulted anew; the variant
+shows what that costs. It is a diagnosis, not how the project runs.
+
+``--ceiling`` also measures what this machine allows without Kedro or Dask: the same per-case
+work (``plan_case_geometry``, ``preprocess_case``, the two ``.npy`` saves) over the 30 cases in
+one process, and in a pool of 2 processes (spawned and warmed up first, so start-up is not
+counted), interleaved over the same rounds. Its ratio is the best the runner could reach here.
+
 How to run (from the repository root)
 -------------------------------------
     .venv/bin/python benchmarks/preprocessing_throughput.py --data-root /big/disk/msd_scale
-    .venv/bin/python benchmarks/preprocessing_throughput.py --rounds 5 --cases 30
+    .venv/bin/python benchmarks/preprocessing_throughput.py --rounds 3 --diagnose --ceiling
 
 Results: ``data/08_reporting/benchmarks/preprocessing_throughput.json`` (every run's log in
 ``preprocessing_throughput_logs/`` next to it) and a table on stdout.
@@ -55,11 +66,66 @@ import _scale  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 RUNNERS = ("sequential", "dask")
+DIAGNOSIS = "dask-no-malloc-trim"   # --diagnose: the DaskRunner without Dask's MALLOC_TRIM_THRESHOLD_
 
 
 def child(args: argparse.Namespace) -> None:
     result = _scale.child_session_run(args.pipeline, args.runner, Path(args.raw_root), args.workers, args.threads)
     _common.emit_result(result)
+
+
+def ceiling_settings() -> dict[str, Any]:
+    """``preprocessing`` of ``conf/base`` + ``conf/msd`` at 256 px, as the runs get it."""
+    merged = _common.deep_merge(_common.conf("base", "parameters_preprocessing.yml")["preprocessing"],
+                                _common.conf(_scale.ENV, "parameters.yml").get("preprocessing", {}))
+    return {**merged, "image_size_px": _scale.IMAGE_SIZE_PX}
+
+
+def _ceiling_case(item: tuple[str, str, str, dict[str, Any]]) -> int:
+    """One case's whole preprocessing work, as the pipeline does it; returns its slice count."""
+    from pancreas_seg.datasets import NumpyDataset  # noqa: PLC0415
+    from pancreas_seg.imaging.preprocess import (  # noqa: PLC0415
+        PreprocessingConfig,
+        plan_case_geometry,
+        preprocess_case,
+    )
+
+    image_path, label_path, out, settings = item
+    config = PreprocessingConfig.from_params(settings)
+    case = preprocess_case(image_path, label_path, config, None, plan_case_geometry(image_path, config))
+    NumpyDataset(filepath=f"{out}/image.npy").save(case.image)
+    NumpyDataset(filepath=f"{out}/label.npy").save(case.label)
+    return int(case.image.shape[0])
+
+
+def _warm(_: int) -> int:
+    from pancreas_seg.datasets import NumpyDataset  # noqa: F401, PLC0415
+    from pancreas_seg.imaging.preprocess import preprocess_case  # noqa: F401, PLC0415
+
+    return os.getpid()
+
+
+def child_ceiling(args: argparse.Namespace) -> None:
+    """The per-case work of every case in 1 process (this one) or a pool of ``--procs`` processes."""
+    import multiprocessing  # noqa: PLC0415
+
+    pairs = _common.phantom_pairs(Path(args.raw_root))
+    out = Path(args.out)
+    settings = ceiling_settings()
+    items = [(image, label, str(out / Path(image).name.removesuffix(".nii.gz")), settings) for image, label in pairs]
+    if args.procs <= 1:
+        _warm(0)
+        start = time.perf_counter()
+        slices = [_ceiling_case(item) for item in items]
+        seconds = time.perf_counter() - start
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.procs) as pool:
+            pool.map(_warm, range(args.procs), chunksize=1)
+            start = time.perf_counter()
+            slices = list(pool.imap_unordered(_ceiling_case, items, chunksize=1))
+            seconds = time.perf_counter() - start
+    _common.emit_result({"runner": f"plain_{args.procs}", "procs": args.procs, "seconds": seconds,
+                         "slices": sum(slices)})
 
 
 def _median_phase(runs: list[dict[str, Any]], phase: str) -> float | str:
@@ -91,12 +157,14 @@ def parent(args: argparse.Namespace) -> None:
     print(f"{args.cases} MSD-scale phantom cases ({sum(counts)} slices of 512 x 512, {min(counts)}-{max(counts)} "
           f"per case) from {raw_root}; project {project}", flush=True)
     runs: list[dict[str, Any]] = []
+    ceiling: list[dict[str, Any]] = []
     logs = _scale.log_folder("preprocessing_throughput")
     try:
         ingestion = run_child(project, raw_root, "ingestion", "sequential", logs / "ingestion.log", args)
         print(f"ingestion (once, SequentialRunner): {ingestion['session_run_s']:.1f} s", flush=True)
+        variants = RUNNERS + ((DIAGNOSIS,) if args.diagnose else ())
         for round_index in range(args.rounds):
-            for runner in RUNNERS if round_index % 2 == 0 else RUNNERS[::-1]:
+            for runner in variants if round_index % 2 == 0 else variants[::-1]:
                 clear_preprocessing_outputs(project)
                 result = run_child(project, raw_root, "preprocessing", runner,
                                    logs / f"preprocessing_{round_index}_{runner}.log", args)
@@ -114,9 +182,20 @@ def parent(args: argparse.Namespace) -> None:
                       f"{result['driver_peak_rss_mib']:.0f} MiB, workers "
                       f"{', '.join(f'{w:.0f}' for w in result['worker_peak_rss_mib']) or '-'} MiB "
                       f"(load {result['load_avg_after'][0]:.2f})", flush=True)
-                if runner == "dask" and len(result["worker_peak_rss_mib"]) != args.workers:
+                if runner != "sequential" and len(result["worker_peak_rss_mib"]) != args.workers:
                     print(f"  WARNING: {len(result['worker_peak_rss_mib'])} worker processes seen, "
                           f"expected {args.workers}: {result['processes']['workers']}", flush=True)
+            if args.ceiling:
+                for procs in (1, args.workers) if round_index % 2 == 0 else (args.workers, 1):
+                    out = workdir / "ceiling"
+                    shutil.rmtree(out, ignore_errors=True)
+                    result = _scale.run_sampled([str(SCRIPT), "--child-ceiling", "--procs", str(procs), "--raw-root",
+                                                 str(raw_root), "--out", str(out)], cwd=project,
+                                                log_path=logs / f"ceiling_{round_index}_{procs}.log", timeout=args.timeout)
+                    result["round"] = round_index
+                    ceiling.append(result)
+                    print(f"  round {round_index + 1} plain {procs} process(es), no Kedro/Dask: {result['seconds']:6.1f} s "
+                          f"({args.cases / result['seconds']:.3f} cases/s)", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -125,14 +204,14 @@ def parent(args: argparse.Namespace) -> None:
     identical = len({r["shards_sha256"] for r in runs}) == 1
     print()
     rows = []
-    for runner in RUNNERS:
+    for runner in [v for v in (*RUNNERS, DIAGNOSIS) if any(r["runner"] == v for r in runs)]:
         sel = [r for r in runs if r["runner"] == runner]
         rows.append([runner, _common.median([r["session_run_s"] for r in sel]),
                      _common.median([args.cases / r["session_run_s"] for r in sel]),
                      *[_median_phase(sel, phase) for phase in ("to_preprocess_cases", "planning", "shards")],
                      _common.median([sum(r["cpu_s"].values()) for r in sel]),
                      _common.median([r["driver_peak_rss_mib"] for r in sel]),
-                     (_common.median([max(r["worker_peak_rss_mib"]) for r in sel]) if runner == "dask" else "-"),
+                     (_common.median([max(r["worker_peak_rss_mib"]) for r in sel]) if runner != "sequential" else "-"),
                      " ".join(f"{r['session_run_s']:.1f}" for r in sel)])
     _common.print_table(["runner", "median s", "cases/s", "start to node s", "planning s", "shards s",
                          "CPU s", "driver peak MiB", "worker peak MiB", "all s"], rows)
@@ -146,12 +225,32 @@ def parent(args: argparse.Namespace) -> None:
     print(f"per-case phases only (planning + shards, without start-up): {work['sequential']:.1f} s vs "
           f"{work['dask']:.1f} s, {work['sequential'] / work['dask']:.2f}x")
     print(f"shards identical in every run: {'yes' if identical else 'NO'}")
+    diagnosis = None
+    if args.diagnose:
+        seq_s = _common.median([r["session_run_s"] for r in runs if r["runner"] == "sequential"])
+        diag = [r for r in runs if r["runner"] == DIAGNOSIS]
+        diag_s = _common.median([r["session_run_s"] for r in diag])
+        diag_work = _common.median([r["phases_s"]["planning"] + r["phases_s"]["shards"] for r in diag])
+        diagnosis = {"runner": DIAGNOSIS, "median_s": diag_s, "speedup": seq_s / diag_s,
+                     "per_case_phases_s": diag_work, "per_case_phases_speedup": work["sequential"] / diag_work,
+                     "median_peak_rss_mib_worker": _common.median([max(r["worker_peak_rss_mib"]) for r in diag])}
+        print(f"diagnosis, {DIAGNOSIS} vs 1 process: {seq_s / diag_s:.2f}x (per-case phases "
+              f"{work['sequential'] / diag_work:.2f}x), worker peak {diagnosis['median_peak_rss_mib_worker']:.0f} MiB")
+    ceiling_summary = None
+    if ceiling:
+        one = _common.median([r["seconds"] for r in ceiling if r["procs"] == 1])
+        many = _common.median([r["seconds"] for r in ceiling if r["procs"] == args.workers])
+        ceiling_summary = {"median_s_1_process": one, f"median_s_{args.workers}_processes": many,
+                           "speedup": one / many}
+        print(f"this machine's ceiling (the per-case work alone, 1 vs {args.workers} plain processes): {one:.1f} s vs "
+              f"{many:.1f} s, {one / many:.2f}x")
     path = _common.write_report("preprocessing_throughput", {
         "settings": {"cases": args.cases, "rounds": args.rounds, "n_workers": args.workers,
                      "threads_per_worker": args.threads, "env": _scale.ENV, "image_size_px": _scale.IMAGE_SIZE_PX,
                      "phantom_root": str(raw_root), "slices": sum(counts), "slices_per_case": counts},
         "ingestion": ingestion, "summary": summary, "shards_identical": identical,
         "median_per_case_phases_s": work, "per_case_phases_speedup": work["sequential"] / work["dask"],
+        "diagnosis": diagnosis, "ceiling": ceiling_summary, "ceiling_runs": ceiling,
         "median_phases_s": {runner: {phase: _median_phase([r for r in runs if r["runner"] == runner], phase)
                                      for phase in ("to_preprocess_cases", "planning", "shards")} for runner in RUNNERS},
         "runs": runs,
@@ -169,14 +268,23 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(_scale.DEFAULT_DATA_ROOT), help="where the phantoms are kept")
     parser.add_argument("--workdir", default=None, help="where the throwaway project goes (default: system temp)")
     parser.add_argument("--processes", type=int, default=2, help="processes that generate missing phantoms")
+    parser.add_argument("--diagnose", action="store_true",
+                        help=f"also run {DIAGNOSIS}: the DaskRunner's workers without Dask's MALLOC_TRIM_THRESHOLD_")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time the per-case work alone in 1 and in --workers plain processes")
     parser.add_argument("--keep", action="store_true", help="keep the project copy (the logs are always kept)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default="preprocessing", help=argparse.SUPPRESS)
-    parser.add_argument("--runner", choices=RUNNERS, default="sequential", help=argparse.SUPPRESS)
+    parser.add_argument("--runner", choices=(*RUNNERS, DIAGNOSIS), default="sequential", help=argparse.SUPPRESS)
     parser.add_argument("--raw-root", help=argparse.SUPPRESS)
+    parser.add_argument("--child-ceiling", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--procs", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.child_ceiling:
+        child_ceiling(args)
+    elif args.child:
         child(args)
     else:
         parent(args)
