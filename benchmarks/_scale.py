@@ -238,8 +238,8 @@ class TreeSampler(threading.Thread):
     """Samples a process and all its descendants every ``interval`` s until :meth:`stop`.
 
     Per process: its command line, the highest ``VmHWM`` seen (the kernel's peak RSS, so a short
-    spike between two samples still counts), the highest sampled RSS and its CPU seconds (user +
-    system) at the last sample.
+    spike between two samples still counts) and when it was last raised, the highest sampled RSS
+    and its CPU seconds (user + system) at the last sample.
     """
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
@@ -271,7 +271,9 @@ class TreeSampler(threading.Thread):
                         "max_sampled_rss_mib": 0.0, "first_seen_s": time.monotonic() - self.started}
                 rss = proc.memory_info().rss / 2**20
                 hwm = _vm_hwm_mib(proc.pid) or rss
-                info["peak_rss_mib"] = max(info["peak_rss_mib"], hwm)
+                if hwm > info["peak_rss_mib"]:
+                    info["peak_rss_mib"] = hwm
+                    info["peak_at_unix"] = time.time()   # when the peak was last raised (+- one interval)
                 info["max_sampled_rss_mib"] = max(info["max_sampled_rss_mib"], rss)
                 times = proc.cpu_times()
                 info["cpu_s"] = times.user + times.system   # at the last sample
