@@ -118,6 +118,7 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
     Raises:
         ValueError: a node tag asks for resources that no LocalCluster worker offers.
     """
+    import dask  # noqa: PLC0415
     from distributed import Client, LocalCluster  # noqa: PLC0415
 
     # Dask sets its loggers to INFO when imported; keep its cluster start/stop chatter out of the run's
@@ -142,7 +143,9 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
                              f"local_cluster worker offers (local_cluster.resources: {sorted(offered)})")
     logger.info("Dask: starting a LocalCluster of %d worker process(es) x %d thread(s), resources %s",
                 settings.n_workers, settings.threads_per_worker, settings.worker_resources or "none")
-    with LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
+    # Non-daemonic workers: a node may start processes of its own (the tuning node's trial workers);
+    # Python forbids children of daemonic processes. (Remote workers: DASK_DISTRIBUTED__WORKER__DAEMON=False.)
+    with dask.config.set({"distributed.worker.daemon": False}), LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
                       processes=True, memory_limit=settings.memory_limit or 0, host="127.0.0.1",
                       dashboard_address=settings.dashboard_address,
                       resources=settings.worker_resources or None) as cluster, Client(cluster) as client:
