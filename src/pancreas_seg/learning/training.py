@@ -24,11 +24,12 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import keras
 
 from pancreas_seg.atomic import atomic_write_bytes
+from pancreas_seg.learning.distribution import DistributionConfig, placement
 from pancreas_seg.models.io import load_model, save_model
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,14 @@ class FitConfig:
     reduce_lr_factor: float = 0.5
     min_learning_rate: float = 1e-6
     seed: int = 42
+    distribution: DistributionConfig | Any = None  # training.distribution (learning/distribution.py)
+
+    #: Fields that choose where training runs, not what it computes: not in the fingerprint, so a
+    #: checkpoint resumes on another number of devices (same result up to float summation order).
+    PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = ("distribution",)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "distribution", DistributionConfig.from_setting(self.distribution))
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.lr_schedule != "constant" and self.reduce_lr_patience:
@@ -64,7 +71,8 @@ class FitConfig:
 
     def fingerprint(self, *parts: Any) -> str:
         """Hash of these settings plus anything else that must match for a resume to be valid."""
-        payload = json.dumps([asdict(self), *parts], sort_keys=True, default=str)
+        settings = {k: v for k, v in asdict(self).items() if k not in self.PLACEMENT_FIELDS}
+        payload = json.dumps([settings, *parts], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -250,11 +258,21 @@ class FitResult:
     stopped_early: bool = False         # EarlyStopping ended the run (in this or an earlier session)
 
 
+def _restore(checkpoint_dir: Path, state: Mapping[str, Any], label: str) -> keras.Model:
+    """The compiled model of the committed checkpoint (weights and optimizer state)."""
+    logger.info("%s: resuming from %s after epoch %d", label, checkpoint_dir, state["completed_epochs"])
+    return load_model(committed_checkpoint(checkpoint_dir, state))
+
+
 def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.utils.PyDataset,
                     validation_data: keras.utils.PyDataset, config: FitConfig, checkpoint_dir: Path,
                     fingerprint: str, label: str = "model",
                     callbacks: Sequence[keras.callbacks.Callback] = ()) -> FitResult:
     """Train ``build_model()`` (compiled) for ``config.epochs``, resuming from ``checkpoint_dir``.
+
+    With ``config.distribution`` set (:mod:`pancreas_seg.learning.distribution`), the model is
+    built (or restored from the checkpoint), compiled and trained on the configured devices; the
+    returned best model is loaded on one device, as without it.
 
     A checkpoint whose fingerprint differs (other settings or data) is moved aside, not reused. A
     finished checkpoint (all epochs done, or stopped early) is not trained further: the best model
@@ -290,11 +308,6 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
     elif initial_epoch >= config.epochs:
         logger.info("%s: all %d epochs already completed in %s", label, config.epochs, checkpoint_dir)
     else:
-        if state is None:
-            model = build_model()
-        else:
-            logger.info("%s: resuming from %s after epoch %d", label, checkpoint_dir, initial_epoch)
-            model = load_model(committed_checkpoint(checkpoint_dir, state))
         train_data.epoch = initial_epoch
         stateful: list[_ResumableStateMixin] = []
         if config.reduce_lr_patience:
@@ -312,12 +325,15 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
                            label, missing)
         checkpoint = ResumableCheckpoint(checkpoint_dir, fingerprint, config.monitor, history, best_value,
                                          epochs=config.epochs, stateful=stateful)
+        where = placement(config.distribution, config.batch_size)  # one device unless configured
         # Order matters: state-changing callbacks, then the commit, then observers.
         fit_callbacks: list[keras.callbacks.Callback] = [
-            *stateful, checkpoint, EpochProgress(label, config.epochs), *callbacks]
-        model.fit(train_data, validation_data=validation_data, epochs=config.epochs,
-                  initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0,
-                  shuffle=False)  # the loader shuffles, keyed on (seed, epoch, batch): resume-exact
+            *where.callbacks(), *stateful, checkpoint, EpochProgress(label, config.epochs), *callbacks]
+        with where.scope():  # build or restore, compile and fit on the configured devices
+            model = build_model() if state is None else _restore(checkpoint_dir, state, label)
+            model.fit(where.training_data(train_data), validation_data=validation_data, epochs=config.epochs,
+                      initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0,
+                      shuffle=False)  # the loader shuffles, keyed on (seed, epoch, batch): resume-exact
         best_value, stopped_early = checkpoint.best_value, checkpoint.stopped_early
         if stopped_early:
             logger.info("%s: stopped early after epoch %d (no %s improvement)", label,
