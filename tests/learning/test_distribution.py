@@ -28,11 +28,11 @@ train the same model as one device.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +128,9 @@ class StopAfterEpoch(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def fit(name, distribution, build_fn=build, stop_after=None):
+def fit(name, distribution, build_fn=build, stop_after=None, tag=None):
+    """fit_with_resume with checkpoints in out/<name>; the weights of each epoch go to
+    out/<tag>-epoch<N>.npz (tag defaults to name)."""
     train, validation = loaders()
     weights = Weights()
     started = time.perf_counter()
@@ -137,7 +139,7 @@ def fit(name, distribution, build_fn=build, stop_after=None):
                              out / name, "distribution-test", label=name,
                              callbacks=[weights] + ([StopAfterEpoch(stop_after)] if stop_after else []))
     for epoch, values in weights.weights.items():
-        np.savez(out / f"{name}-epoch{epoch}.npz", *values)
+        np.savez(out / f"{tag or name}-epoch{epoch}.npz", *values)
     return {"history": result.history, "resumed_from_epoch": result.resumed_from_epoch,
             "epochs_trained": weights.epochs, "seconds": time.perf_counter() - started,
             "state": read_checkpoint_state(out / name)}
@@ -206,8 +208,11 @@ MultiProcessHook().after_context_created(None)  # what `kedro run` does first: j
 settings = initialize_multi_process()  # already joined: returns the settings it joined with
 report = {"process": settings.process_id, "processes": jax.process_count(),
           "local_devices": [str(d) for d in jax.local_devices()], "devices": keras.distribution.list_devices()}
-report["fit"] = fit(f"process{settings.process_id}", "data_parallel", stop_after=1)
-(out / f"process{settings.process_id}.json").write_text(json.dumps(report))
+# One checkpoint folder for both processes (shared storage): process 0 writes it, both resume from it.
+tag = f"process{settings.process_id}"
+report["epoch1"] = fit("shared", "data_parallel", stop_after=1, tag=tag)
+report["resumed"] = fit("shared", "data_parallel", tag=tag)
+(out / f"{tag}.json").write_text(json.dumps(report))
 '''
 
 
@@ -384,42 +389,76 @@ def test_multi_process_environment() -> None:
         multi_process_settings({**env, "KERAS_DISTRIBUTION_JOB_ADDRESSES": "node01"})
 
 
+def test_several_processes_need_a_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes joined into one run with distribution null would each train their own copy."""
+    from pancreas_seg.learning.distribution import placement  # noqa: PLC0415
+
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_PROCESS_ID", "0")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_JOB_ADDRESSES", "node01:12355")
+    with pytest.raises(RuntimeError, match="2 processes joined this run .* training.distribution is null"):
+        placement(None, 4)
+
+
 @pytest.mark.slow
 def test_two_processes_train_what_one_device_trains(two_devices: tuple[dict, Path], tmp_path: Path) -> None:
-    """Two processes with one CPU device each, joined as under SLURM (docs/distributed_training.md):
-    each feeds half of every global batch; both end with the one-device model."""
-    if importlib.util.find_spec("jax") is None:  # pragma: no cover - depends on the environment
-        pytest.skip("JAX is not installed")
-    _, reference = two_devices
+    """Two processes with one CPU device each, joined through the Kedro hook as under SLURM
+    (docs/distributed_training.md), share one checkpoint folder that holds a checkpoint of other
+    settings: process 0 moves it aside, both train epoch 1 as one device would (each feeding half
+    of every global batch), stop, resume from the checkpoint process 0 wrote, and train epoch 2
+    as the single-process data-parallel run did."""
+    reference_report, reference = two_devices  # skips without JAX
+    stale = tmp_path / "shared"
+    stale.mkdir()
+    (stale / "last-epoch-0003.keras").write_bytes(b"made with other settings")
+    (stale / "state.json").write_text(json.dumps({"fingerprint": "other", "completed_epochs": 3,
+                                                  "checkpoint": "last-epoch-0003.keras"}))
     import socket  # noqa: PLC0415
 
     with socket.socket() as probe:  # a free port for the coordinator
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    processes = [
-        subprocess.Popen([sys.executable, "-c", PROCESS, str(tmp_path)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         env=_environment(KERAS_DISTRIBUTION_NUM_PROCESSES="2",
-                                          KERAS_DISTRIBUTION_PROCESS_ID=str(rank),
-                                          KERAS_DISTRIBUTION_JOB_ADDRESSES=f"127.0.0.1:{port}"))
-        for rank in range(2)]
-    try:
-        outputs = [p.communicate(timeout=600) for p in processes]
-    finally:
-        for p in processes:
+    logs = [tmp_path / f"process{rank}.log" for rank in range(2)]
+    processes = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as output:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-c", PROCESS, str(tmp_path)], stdout=output, stderr=subprocess.STDOUT,
+                env=_environment(KERAS_DISTRIBUTION_NUM_PROCESSES="2", KERAS_DISTRIBUTION_PROCESS_ID=str(rank),
+                                 KERAS_DISTRIBUTION_JOB_ADDRESSES=f"127.0.0.1:{port}")))
+    # A process that fails leaves the other waiting in a collective: stop both then.
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+        if any(p.poll() not in (None, 0) for p in processes):
+            break
+        time.sleep(0.5)
+    for p in processes:
+        if p.poll() is None:
             p.kill()
-    for p, (_, stderr) in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, stderr[-4000:]
-    one = json.loads((reference / "report.json").read_text())["one"]["history"]
-    single = _weights(reference, "one-epoch1")
+        p.wait()
+    for p, log in zip(processes, logs, strict=True):
+        _skip_without_jax(p.returncode, log.read_text())
+        assert p.returncode == 0, log.read_text()[-4000:]
+    assert (tmp_path / "shared.stale-other" / "state.json").is_file()  # moved aside once, by process 0
+    one = reference_report["one"]["history"]
+    single, two_epoch2 = _weights(reference, "one-epoch1"), _weights(reference, "two-epoch2")
     for rank in range(2):
         report = json.loads((tmp_path / f"process{rank}.json").read_text())
         assert report["processes"] == 2 and len(report["local_devices"]) == 1 and len(report["devices"]) == 2
-        history = report["fit"]["history"]
         for key in ("loss", "val_loss", "val_dice_pancreas"):
-            np.testing.assert_allclose(history[key], one[key][:1], rtol=RTOL, atol=ATOL, err_msg=key)
+            np.testing.assert_allclose(report["epoch1"]["history"][key], one[key][:1], rtol=RTOL, atol=ATOL,
+                                       err_msg=key)
         weights = _weights(tmp_path, f"process{rank}-epoch1")
         for a, b in zip(single, weights, strict=True):
             np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL)
-        print(f"\nprocess {rank} of 2 vs one device after epoch 1: largest weight difference "  # noqa: T201
-              f"{_max_difference(single, weights):.2e}")
+        resumed = report["resumed"]
+        assert resumed["resumed_from_epoch"] == 1 and resumed["epochs_trained"] == [2]
+        assert resumed["state"]["completed_epochs"] == 2 and resumed["state"]["finished"]
+        np.testing.assert_allclose(resumed["history"]["loss"], reference_report["two_resumed"]["history"]["loss"],
+                                   rtol=RTOL, atol=ATOL)
+        resumed_weights = _weights(tmp_path, f"process{rank}-epoch2")
+        for a, b in zip(two_epoch2, resumed_weights, strict=True):
+            np.testing.assert_allclose(b, a, rtol=RTOL, atol=RESUMED_WEIGHT_ATOL)
+        print(f"\nprocess {rank} of 2: largest weight difference to one device after epoch 1 "  # noqa: T201
+              f"{_max_difference(single, weights):.2e}, to 1 process on 2 devices after the resumed epoch 2 "
+              f"{_max_difference(two_epoch2, resumed_weights):.2e}")

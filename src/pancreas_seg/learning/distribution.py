@@ -36,7 +36,10 @@ Several processes (one per host, as under SLURM) join one run through
 
 It must run before the first JAX computation of the process (the project's Kedro hook calls it when
 the session starts). Every process then runs the same training; each feeds its own contiguous
-share of every global training batch (:class:`ProcessBatches`).
+share of every global training batch (:class:`ProcessBatches`). The checkpoint folder must be one
+that every process sees (shared storage), so that all of them resume from the same epoch: each
+writes the same checkpoint there (atomically), and process 0 alone moves a checkpoint of other
+settings aside (:attr:`Placement.primary`) before any of them reads the folder.
 """
 
 from __future__ import annotations
@@ -232,9 +235,13 @@ class Placement:
     ``fit`` run inside :meth:`scope`."""
 
     n_devices = 1
+    primary = True  # this process tidies the checkpoint folder (in a multi-process run: process 0)
 
     def scope(self):
         return nullcontext()
+
+    def synchronize(self, name: str) -> None:
+        """Wait here until every process of the run arrives (one process: return at once)."""
 
     def training_data(self, dataset: keras.utils.PyDataset) -> keras.utils.PyDataset:
         """The training batches this process feeds to ``fit``."""
@@ -248,12 +255,21 @@ class DataParallelPlacement(Placement):
     """A :class:`TrainingDataParallel` distribution and what ``fit`` needs with it."""
 
     def __init__(self, distribution: TrainingDataParallel) -> None:
+        import jax  # noqa: PLC0415 - the JAX backend is checked in placement()
+
         self.distribution = distribution
         self.devices = [str(d) for d in np.ravel(distribution.device_mesh.devices)]
         self.n_devices = len(self.devices)
+        self.primary = jax.process_index() == 0
 
     def scope(self):
         return self.distribution.scope()
+
+    def synchronize(self, name: str) -> None:
+        if self.distribution.num_processes > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices(name)
 
     def training_data(self, dataset: keras.utils.PyDataset) -> keras.utils.PyDataset:
         processes = self.distribution.num_processes

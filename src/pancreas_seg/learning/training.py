@@ -171,6 +171,10 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     Must come after every callback that changes the model, the optimizer or its own state in
     ``on_epoch_end`` (their state is read here and committed with the model). It adds
     ``learning_rate`` (the rate at the start of the epoch) to the epoch logs and history.
+
+    In a multi-process run every process writes the same files (their replicated weights are
+    identical and every write is atomic): JAX needs every process to run the same computations,
+    and saving reads the model's values.
     """
 
     def __init__(self, directory: Path, fingerprint: str, monitor: str,
@@ -258,6 +262,19 @@ class FitResult:
     stopped_early: bool = False         # EarlyStopping ended the run (in this or an earlier session)
 
 
+def _set_aside_stale(checkpoint_dir: Path, fingerprint: str, label: str) -> None:
+    """Move a checkpoint made with other settings or data to ``<dir>.stale-<its fingerprint>``."""
+    state = read_checkpoint_state(checkpoint_dir)
+    if state is None or state["fingerprint"] == fingerprint:
+        return
+    stale = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{state['fingerprint']}")
+    logger.warning("%s: checkpoint in %s was made with other settings; moving it to %s",
+                   label, checkpoint_dir, stale)
+    shutil.rmtree(stale, ignore_errors=True)
+    os.replace(checkpoint_dir, stale)
+    checkpoint_dir.mkdir(parents=True)
+
+
 def _restore(checkpoint_dir: Path, state: Mapping[str, Any], label: str) -> keras.Model:
     """The compiled model of the committed checkpoint (weights and optimizer state)."""
     logger.info("%s: resuming from %s after epoch %d", label, checkpoint_dir, state["completed_epochs"])
@@ -280,16 +297,12 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
     model or optimizer at epoch end (such a change would not be in the checkpoint).
     """
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    where = placement(config.distribution, config.batch_size)  # one device unless configured
+    if where.primary:  # several processes (multi-host) share the folder: the first one tidies it
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _set_aside_stale(checkpoint_dir, fingerprint, label)
+    where.synchronize("pancreas_seg: checkpoint folder ready")
     state = read_checkpoint_state(checkpoint_dir)
-    if state is not None and state["fingerprint"] != fingerprint:
-        stale = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{state['fingerprint']}")
-        logger.warning("%s: checkpoint in %s was made with other settings; moving it to %s",
-                       label, checkpoint_dir, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(checkpoint_dir, stale)
-        checkpoint_dir.mkdir(parents=True)
-        state = None
 
     keras.utils.set_random_seed(config.seed)
     callback_states: Mapping[str, Any] = {}
@@ -325,7 +338,6 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
                            label, missing)
         checkpoint = ResumableCheckpoint(checkpoint_dir, fingerprint, config.monitor, history, best_value,
                                          epochs=config.epochs, stateful=stateful)
-        where = placement(config.distribution, config.batch_size)  # one device unless configured
         # Order matters: state-changing callbacks, then the commit, then observers.
         fit_callbacks: list[keras.callbacks.Callback] = [
             *where.callbacks(), *stateful, checkpoint, EpochProgress(label, config.epochs), *callbacks]
