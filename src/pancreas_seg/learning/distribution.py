@@ -243,6 +243,9 @@ class Placement:
     def synchronize(self, name: str) -> None:
         """Wait here until every process of the run arrives (one process: return at once)."""
 
+    def check_same(self, value: int, what: str) -> None:
+        """Raise unless every process of the run has the same ``value`` (one process: nothing)."""
+
     def training_data(self, dataset: keras.utils.PyDataset) -> keras.utils.PyDataset:
         """The training batches this process feeds to ``fit``."""
         return dataset
@@ -270,6 +273,14 @@ class DataParallelPlacement(Placement):
             from jax.experimental import multihost_utils  # noqa: PLC0415
 
             multihost_utils.sync_global_devices(name)
+
+    def check_same(self, value: int, what: str) -> None:
+        if self.distribution.num_processes > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            values = np.ravel(multihost_utils.process_allgather(np.asarray(value, dtype=np.int64))).tolist()
+            if len(set(values)) > 1:
+                raise RuntimeError(f"the processes of this run disagree on {what}: {values} (by process id)")
 
     def training_data(self, dataset: keras.utils.PyDataset) -> keras.utils.PyDataset:
         processes = self.distribution.num_processes

@@ -303,6 +303,9 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
         _set_aside_stale(checkpoint_dir, fingerprint, label)
     where.synchronize("pancreas_seg: checkpoint folder ready")
     state = read_checkpoint_state(checkpoint_dir)
+    where.check_same(0 if state is None else int(state["completed_epochs"]),
+                     f"the epochs completed in {checkpoint_dir} (training.checkpoint_root must be a folder "
+                     "every process sees)")
 
     keras.utils.set_random_seed(config.seed)
     callback_states: Mapping[str, Any] = {}
