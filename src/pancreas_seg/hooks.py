@@ -4,6 +4,7 @@ its UI on the training view.
 * :class:`MultiProcessHook`: with ``KERAS_DISTRIBUTION_NUM_PROCESSES`` > 1 in the environment, the
   process joins the multi-process run before any node computes anything
   (:func:`pancreas_seg.learning.distribution.initialize_multi_process`).
+* :class:`DaskConfigHook`: hands ``conf/<env>/dask.yml`` to :class:`pancreas_seg.runners.DaskRunner`.
 
 * Every experiment the project writes to is tagged ``mlflow.experimentKind:
   custom_model_development``: MLflow 3.17's UI otherwise opens it in its GenAI view (traces).
