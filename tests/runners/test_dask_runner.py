@@ -287,7 +287,7 @@ def test_the_slurm_environment_builds_a_slurm_job_per_gpu_worker() -> None:
         script = cluster.job_script()
     assert "#SBATCH -p gpu" in script and "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 12:00:00" in script
     assert "--resources accelerator=1" in script and "cd /path/to/pancreas_seg" in script
-    assert "export KERAS_BACKEND=jax" in script
+    assert "export KERAS_BACKEND=jax" in script and "--no-nanny" in script
 
 
 def test_worker_size_estimates_leave_the_global_random_generator_alone() -> None:
