@@ -1,4 +1,10 @@
-"""Project hooks: keep MLflow's training comparison clean and its UI on the training view.
+"""Project hooks: join a multi-process training run; keep MLflow's training comparison clean and
+its UI on the training view.
+
+* :class:`MultiProcessHook`: with ``KERAS_DISTRIBUTION_NUM_PROCESSES`` > 1 in the environment, the
+  process joins the multi-process run before any node computes anything
+  (:func:`pancreas_seg.learning.distribution.initialize_multi_process`).
+* :class:`DaskConfigHook`: hands ``conf/<env>/dask.yml`` to :class:`pancreas_seg.runners.DaskRunner`.
 
 * Every experiment the project writes to is tagged ``mlflow.experimentKind:
   custom_model_development``: MLflow 3.17's UI otherwise opens it in its GenAI view (traces).
@@ -12,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
@@ -114,3 +121,20 @@ class DaskConfigHook:
         except (KeyError, MissingConfigException):
             config = {}
         use_project_config((config or {}).get("dask"))
+
+
+class MultiProcessHook:
+    """Joins the multi-process training run that Keras' environment variables describe.
+
+    ``jax.distributed`` must be initialised before the process's first JAX computation, so this
+    happens when the context is created, before any node. Without ``KERAS_DISTRIBUTION_NUM_PROCESSES``
+    (or with 1) it does nothing and imports nothing: Keras stays out of ``kedro --help`` and viz.
+    """
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        if os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "").strip() in {"", "1"}:
+            return
+        from pancreas_seg.learning.distribution import initialize_multi_process  # noqa: PLC0415
+
+        initialize_multi_process()

@@ -6,9 +6,9 @@ from pancreas_seg.warnings_filter import install as install_warning_filters
 
 install_warning_filters()  # known-harmless third-party warnings off, in one place
 
-from pancreas_seg.hooks import DaskConfigHook, MlflowExperimentsHook  # noqa: E402
+from pancreas_seg.hooks import DaskConfigHook, MlflowExperimentsHook, MultiProcessHook  # noqa: E402
 
-HOOKS = (MlflowExperimentsHook(), DaskConfigHook())
+HOOKS = (MultiProcessHook(), MlflowExperimentsHook(), DaskConfigHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

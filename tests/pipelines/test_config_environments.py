@@ -62,7 +62,8 @@ def test_every_architecture_gets_a_valid_fit_config(env: str) -> None:
 
 
 def test_resume_fingerprint_ignores_speed_only_settings() -> None:
-    """Toggling retain_heap resumes the same checkpoint; changing what is computed does not."""
+    """Toggling retain_heap or the device placement resumes the same checkpoint; changing what is
+    computed does not."""
     from pancreas_seg.learning.training import FitConfig  # noqa: PLC0415
     from pancreas_seg.learning.setup import resume_fingerprint  # noqa: PLC0415
 
@@ -74,6 +75,9 @@ def test_resume_fingerprint_ignores_speed_only_settings() -> None:
         return resume_fingerprint(FitConfig.from_settings(changed), "unet", changed, *parts)
 
     assert fingerprint(retain_heap=True) == fingerprint(retain_heap=False)
+    assert settings["distribution"] is None  # conf/base: one device
+    assert fingerprint(distribution="data_parallel") == fingerprint()   # resumes on another device count
+    assert fingerprint(distribution={"type": "data_parallel", "devices": 2}) == fingerprint()
     assert fingerprint(learning_rate=1e-4) != fingerprint()
     assert fingerprint(foreground_fraction=0.5) != fingerprint()   # a loader setting outside FitConfig
     assert resume_fingerprint(FitConfig.from_settings(settings), "unet_small", settings, *parts) != fingerprint()

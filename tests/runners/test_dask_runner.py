@@ -287,4 +287,23 @@ def test_the_slurm_environment_builds_a_slurm_job_per_gpu_worker() -> None:
         script = cluster.job_script()
     assert "#SBATCH -p gpu" in script and "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 12:00:00" in script
     assert "--resources accelerator=1" in script and "cd /path/to/pancreas_seg" in script
-    assert "export KERAS_BACKEND=jax" in script
+    assert "export KERAS_BACKEND=jax" in script and "--no-nanny" in script
+
+
+def test_worker_size_estimates_leave_the_global_random_generator_alone() -> None:
+    """Dask samples big lists with Python's global generator; Keras takes layer seeds from it. The
+    workers' estimate must not draw from it and must stay close to Dask's own."""
+    import random  # noqa: PLC0415
+
+    from dask.sizeof import sizeof  # noqa: PLC0415
+
+    from pancreas_seg.runners.dask_runner import deterministic_collection_sizeof  # noqa: PLC0415
+
+    items = [np.zeros(1000 + 10 * i, dtype=np.float32) for i in range(100)]
+    dasks_own = sizeof(items)
+    random.seed(7)
+    state = random.getstate()
+    ours = deterministic_collection_sizeof(items)
+    assert random.getstate() == state
+    assert abs(ours - dasks_own) / dasks_own < 0.1
+    assert deterministic_collection_sizeof(tuple(items[:5])) == sizeof(tuple(items[:5]))  # small: exact

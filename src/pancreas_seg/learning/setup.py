@@ -86,8 +86,10 @@ def compile_model(model, settings: dict[str, Any], label_mode: str, total_steps:
 
 
 #: Training settings that change how fast a run goes, not what it computes: a checkpoint written
-#: with one value resumes with the other (retain_heap: identical weights and metrics, measured).
-RESULT_NEUTRAL_SETTINGS = ("retain_heap",)
+#: with one value resumes with the other (retain_heap: identical weights and metrics, measured;
+#: distribution: the same computation on more devices, equal up to float summation order, measured
+#: in tests/learning/test_distribution.py).
+RESULT_NEUTRAL_SETTINGS = ("retain_heap", "distribution")
 
 
 def resume_fingerprint(fit_config: Any, name: str, settings: Mapping[str, Any], *parts: Any) -> str:

@@ -24,11 +24,12 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import keras
 
 from pancreas_seg.atomic import atomic_write_bytes
+from pancreas_seg.learning.distribution import DistributionConfig, placement
 from pancreas_seg.models.io import load_model, save_model
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,14 @@ class FitConfig:
     reduce_lr_factor: float = 0.5
     min_learning_rate: float = 1e-6
     seed: int = 42
+    distribution: DistributionConfig | Any = None  # training.distribution (learning/distribution.py)
+
+    #: Fields that choose where training runs, not what it computes: not in the fingerprint, so a
+    #: checkpoint resumes on another number of devices (same result up to float summation order).
+    PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = ("distribution",)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "distribution", DistributionConfig.from_setting(self.distribution))
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.lr_schedule != "constant" and self.reduce_lr_patience:
@@ -64,7 +71,8 @@ class FitConfig:
 
     def fingerprint(self, *parts: Any) -> str:
         """Hash of these settings plus anything else that must match for a resume to be valid."""
-        payload = json.dumps([asdict(self), *parts], sort_keys=True, default=str)
+        settings = {k: v for k, v in asdict(self).items() if k not in self.PLACEMENT_FIELDS}
+        payload = json.dumps([settings, *parts], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -163,6 +171,10 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     Must come after every callback that changes the model, the optimizer or its own state in
     ``on_epoch_end`` (their state is read here and committed with the model). It adds
     ``learning_rate`` (the rate at the start of the epoch) to the epoch logs and history.
+
+    In a multi-process run every process writes the same files (their replicated weights are
+    identical and every write is atomic): JAX needs every process to run the same computations,
+    and saving reads the model's values.
     """
 
     def __init__(self, directory: Path, fingerprint: str, monitor: str,
@@ -250,11 +262,34 @@ class FitResult:
     stopped_early: bool = False         # EarlyStopping ended the run (in this or an earlier session)
 
 
+def _set_aside_stale(checkpoint_dir: Path, fingerprint: str, label: str) -> None:
+    """Move a checkpoint made with other settings or data to ``<dir>.stale-<its fingerprint>``."""
+    state = read_checkpoint_state(checkpoint_dir)
+    if state is None or state["fingerprint"] == fingerprint:
+        return
+    stale = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{state['fingerprint']}")
+    logger.warning("%s: checkpoint in %s was made with other settings; moving it to %s",
+                   label, checkpoint_dir, stale)
+    shutil.rmtree(stale, ignore_errors=True)
+    os.replace(checkpoint_dir, stale)
+    checkpoint_dir.mkdir(parents=True)
+
+
+def _restore(checkpoint_dir: Path, state: Mapping[str, Any], label: str) -> keras.Model:
+    """The compiled model of the committed checkpoint (weights and optimizer state)."""
+    logger.info("%s: resuming from %s after epoch %d", label, checkpoint_dir, state["completed_epochs"])
+    return load_model(committed_checkpoint(checkpoint_dir, state))
+
+
 def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.utils.PyDataset,
                     validation_data: keras.utils.PyDataset, config: FitConfig, checkpoint_dir: Path,
                     fingerprint: str, label: str = "model",
                     callbacks: Sequence[keras.callbacks.Callback] = ()) -> FitResult:
     """Train ``build_model()`` (compiled) for ``config.epochs``, resuming from ``checkpoint_dir``.
+
+    With ``config.distribution`` set (:mod:`pancreas_seg.learning.distribution`), the model is
+    built (or restored from the checkpoint), compiled and trained on the configured devices; the
+    returned best model is loaded on one device, as without it.
 
     A checkpoint whose fingerprint differs (other settings or data) is moved aside, not reused. A
     finished checkpoint (all epochs done, or stopped early) is not trained further: the best model
@@ -262,16 +297,15 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
     model or optimizer at epoch end (such a change would not be in the checkpoint).
     """
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    where = placement(config.distribution, config.batch_size)  # one device unless configured
+    if where.primary:  # several processes (multi-host) share the folder: the first one tidies it
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _set_aside_stale(checkpoint_dir, fingerprint, label)
+    where.synchronize("pancreas_seg: checkpoint folder ready")
     state = read_checkpoint_state(checkpoint_dir)
-    if state is not None and state["fingerprint"] != fingerprint:
-        stale = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{state['fingerprint']}")
-        logger.warning("%s: checkpoint in %s was made with other settings; moving it to %s",
-                       label, checkpoint_dir, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(checkpoint_dir, stale)
-        checkpoint_dir.mkdir(parents=True)
-        state = None
+    where.check_same(0 if state is None else int(state["completed_epochs"]),
+                     f"the epochs completed in {checkpoint_dir} (training.checkpoint_root must be a folder "
+                     "every process sees)")
 
     keras.utils.set_random_seed(config.seed)
     callback_states: Mapping[str, Any] = {}
@@ -290,11 +324,6 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
     elif initial_epoch >= config.epochs:
         logger.info("%s: all %d epochs already completed in %s", label, config.epochs, checkpoint_dir)
     else:
-        if state is None:
-            model = build_model()
-        else:
-            logger.info("%s: resuming from %s after epoch %d", label, checkpoint_dir, initial_epoch)
-            model = load_model(committed_checkpoint(checkpoint_dir, state))
         train_data.epoch = initial_epoch
         stateful: list[_ResumableStateMixin] = []
         if config.reduce_lr_patience:
@@ -314,10 +343,12 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
                                          epochs=config.epochs, stateful=stateful)
         # Order matters: state-changing callbacks, then the commit, then observers.
         fit_callbacks: list[keras.callbacks.Callback] = [
-            *stateful, checkpoint, EpochProgress(label, config.epochs), *callbacks]
-        model.fit(train_data, validation_data=validation_data, epochs=config.epochs,
-                  initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0,
-                  shuffle=False)  # the loader shuffles, keyed on (seed, epoch, batch): resume-exact
+            *where.callbacks(), *stateful, checkpoint, EpochProgress(label, config.epochs), *callbacks]
+        with where.scope():  # build or restore, compile and fit on the configured devices
+            model = build_model() if state is None else _restore(checkpoint_dir, state, label)
+            model.fit(where.training_data(train_data), validation_data=validation_data, epochs=config.epochs,
+                      initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0,
+                      shuffle=False)  # the loader shuffles, keyed on (seed, epoch, batch): resume-exact
         best_value, stopped_early = checkpoint.best_value, checkpoint.stopped_early
         if stopped_early:
             logger.info("%s: stopped early after epoch %d (no %s improvement)", label,

@@ -18,6 +18,20 @@ logger = logging.getLogger(__name__)
 
 _project_config: dict[str, Any] = {}
 
+#: Dask settings of the LocalCluster's worker processes (docs/dask.md):
+#: * not daemonic: a node may start processes of its own (the tuning node's trial workers), and
+#:   Python forbids children of daemonic processes;
+#: * no ``MALLOC_TRIM_THRESHOLD_``: Dask sets it by default, and setting it turns off glibc's dynamic
+#:   mmap threshold, so every large array (a 512 x 512 CT) becomes a fresh mmap with page faults on
+#:   first touch: preprocessing was slower in a worker than in a plain process
+#:   (benchmarks/preprocessing_throughput.py), and training's ``retain_heap`` stood aside. The
+#:   one-thread limits of numerical libraries stay: several tasks may share a worker's cores.
+LOCAL_WORKER_CONFIG: dict[str, Any] = {
+    "distributed.worker.daemon": False,
+    "distributed.nanny.pre-spawn-environ": {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1,
+                                            "OPENBLAS_NUM_THREADS": 1},
+}
+
 
 def use_project_config(config: Mapping[str, Any] | None) -> None:
     """Remember the session's ``dask`` configuration (called by the project hook)."""
@@ -118,6 +132,7 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
     Raises:
         ValueError: a node tag asks for resources that no LocalCluster worker offers.
     """
+    import dask  # noqa: PLC0415
     from distributed import Client, LocalCluster  # noqa: PLC0415
 
     # Dask sets its loggers to INFO when imported; keep its cluster start/stop chatter out of the run's
@@ -142,7 +157,7 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
                              f"local_cluster worker offers (local_cluster.resources: {sorted(offered)})")
     logger.info("Dask: starting a LocalCluster of %d worker process(es) x %d thread(s), resources %s",
                 settings.n_workers, settings.threads_per_worker, settings.worker_resources or "none")
-    with LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
+    with dask.config.set(LOCAL_WORKER_CONFIG), LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
                       processes=True, memory_limit=settings.memory_limit or 0, host="127.0.0.1",
                       dashboard_address=settings.dashboard_address,
                       resources=settings.worker_resources or None) as cluster, Client(cluster) as client:

@@ -161,6 +161,9 @@ class KerasObjective:
         context = self.context
         config = PreprocessingConfig.from_params(context.preprocessing)
         fit_config = FitConfig.from_settings(settings)
+        if fit_config.distribution.enabled:
+            logger.warning("%s trains on one device: training.distribution applies to the training, cascade and "
+                           "cv pipelines, not to tuning trials (tuning.n_workers runs trials side by side)", prefix)
         train_loader, val_loader = make_loaders(self._loaders, context.case_manifest, settings, config)
         input_shape = (*config.image_size_px, config.context_slices)
         keras.utils.set_random_seed(fit_config.seed)
