@@ -345,25 +345,13 @@ def run_sampled(args: Sequence[str], cwd: Path, log_path: Path, timeout: float =
 def make_runner(name: str, n_workers: int = 2, threads_per_worker: int = 1) -> Any:
     """``sequential``: Kedro's SequentialRunner; ``dask``: the project's DaskRunner with its own
     LocalCluster of ``n_workers`` processes.
-
-    ``dask-no-malloc-trim`` (a diagnosis, not how the project runs): the same, but the worker
-    processes do not get ``MALLOC_TRIM_THRESHOLD_`` from Dask's nanny (its default
-    ``distributed.nanny.pre-spawn-environ`` sets it to 65536, which also turns off glibc's dynamic
-    mmap threshold, so every large temporary array is mapped and page-faulted anew).
     """
     if name == "sequential":
         from kedro.runner import SequentialRunner  # noqa: PLC0415
 
         return SequentialRunner()
-    if name in ("dask", "dask-no-malloc-trim"):
+    if name == "dask":
         from pancreas_seg.runners import DaskRunner  # noqa: PLC0415
-
-        if name == "dask-no-malloc-trim":
-            import dask  # noqa: PLC0415
-
-            environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
-            environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-            dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
 
         return DaskRunner(address=None, n_workers=n_workers, threads_per_worker=threads_per_worker)
     raise ValueError(f"unknown runner {name!r}")

@@ -27,12 +27,6 @@ identical shards.
 Targets (issue "Beyond one machine"): speed-up >= 1.7 and worker peak <= the single process's
 peak.
 
-``--diagnose`` adds a third variant, ``dask-no-malloc-trim``: the same DaskRunner, but its worker
-processes are started without the ``MALLOC_TRIM_THRESHOLD_=65536`` that Dask's nanny sets by
-default (``distributed.nanny.pre-spawn-environ``). Setting it turns off glibc's dynamic mmap
-threshold, so every large temporary array of a case is mapped and page-faulted anew; the variant
-shows what that costs. It is a diagnosis, not how the project runs.
-
 ``--ceiling`` also measures what this machine allows without Kedro or Dask: the same per-case
 work (``plan_case_geometry``, ``preprocess_case``, the two ``.npy`` saves) over the 30 cases in
 one process, and in a pool of 2 processes (spawned and warmed up first, so start-up is not
@@ -41,7 +35,7 @@ counted), interleaved over the same rounds. Its ratio is the best the runner cou
 How to run (from the repository root)
 -------------------------------------
     .venv/bin/python benchmarks/preprocessing_throughput.py --data-root /big/disk/msd_scale
-    .venv/bin/python benchmarks/preprocessing_throughput.py --rounds 3 --diagnose --ceiling
+    .venv/bin/python benchmarks/preprocessing_throughput.py --rounds 3 --ceiling
 
 Results: ``data/08_reporting/benchmarks/preprocessing_throughput.json`` (every run's log in
 ``preprocessing_throughput_logs/`` next to it) and a table on stdout.
@@ -66,7 +60,6 @@ import _scale  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 RUNNERS = ("sequential", "dask")
-DIAGNOSIS = "dask-no-malloc-trim"   # --diagnose: the DaskRunner without Dask's MALLOC_TRIM_THRESHOLD_
 
 
 def child(args: argparse.Namespace) -> None:
@@ -162,9 +155,8 @@ def parent(args: argparse.Namespace) -> None:
     try:
         ingestion = run_child(project, raw_root, "ingestion", "sequential", logs / "ingestion.log", args)
         print(f"ingestion (once, SequentialRunner): {ingestion['session_run_s']:.1f} s", flush=True)
-        variants = RUNNERS + ((DIAGNOSIS,) if args.diagnose else ())
         for round_index in range(args.rounds):
-            for runner in variants if round_index % 2 == 0 else variants[::-1]:
+            for runner in RUNNERS if round_index % 2 == 0 else RUNNERS[::-1]:
                 clear_preprocessing_outputs(project)
                 result = run_child(project, raw_root, "preprocessing", runner,
                                    logs / f"preprocessing_{round_index}_{runner}.log", args)
@@ -204,7 +196,7 @@ def parent(args: argparse.Namespace) -> None:
     identical = len({r["shards_sha256"] for r in runs}) == 1
     print()
     rows = []
-    for runner in [v for v in (*RUNNERS, DIAGNOSIS) if any(r["runner"] == v for r in runs)]:
+    for runner in RUNNERS:
         sel = [r for r in runs if r["runner"] == runner]
         rows.append([runner, _common.median([r["session_run_s"] for r in sel]),
                      _common.median([args.cases / r["session_run_s"] for r in sel]),
@@ -225,17 +217,6 @@ def parent(args: argparse.Namespace) -> None:
     print(f"per-case phases only (planning + shards, without start-up): {work['sequential']:.1f} s vs "
           f"{work['dask']:.1f} s, {work['sequential'] / work['dask']:.2f}x")
     print(f"shards identical in every run: {'yes' if identical else 'NO'}")
-    diagnosis = None
-    if args.diagnose:
-        seq_s = _common.median([r["session_run_s"] for r in runs if r["runner"] == "sequential"])
-        diag = [r for r in runs if r["runner"] == DIAGNOSIS]
-        diag_s = _common.median([r["session_run_s"] for r in diag])
-        diag_work = _common.median([r["phases_s"]["planning"] + r["phases_s"]["shards"] for r in diag])
-        diagnosis = {"runner": DIAGNOSIS, "median_s": diag_s, "speedup": seq_s / diag_s,
-                     "per_case_phases_s": diag_work, "per_case_phases_speedup": work["sequential"] / diag_work,
-                     "median_peak_rss_mib_worker": _common.median([max(r["worker_peak_rss_mib"]) for r in diag])}
-        print(f"diagnosis, {DIAGNOSIS} vs 1 process: {seq_s / diag_s:.2f}x (per-case phases "
-              f"{work['sequential'] / diag_work:.2f}x), worker peak {diagnosis['median_peak_rss_mib_worker']:.0f} MiB")
     ceiling_summary = None
     if ceiling:
         one = _common.median([r["seconds"] for r in ceiling if r["procs"] == 1])
@@ -250,7 +231,7 @@ def parent(args: argparse.Namespace) -> None:
                      "phantom_root": str(raw_root), "slices": sum(counts), "slices_per_case": counts},
         "ingestion": ingestion, "summary": summary, "shards_identical": identical,
         "median_per_case_phases_s": work, "per_case_phases_speedup": work["sequential"] / work["dask"],
-        "diagnosis": diagnosis, "ceiling": ceiling_summary, "ceiling_runs": ceiling,
+        "ceiling": ceiling_summary, "ceiling_runs": ceiling,
         "median_phases_s": {runner: {phase: _median_phase([r for r in runs if r["runner"] == runner], phase)
                                      for phase in ("to_preprocess_cases", "planning", "shards")} for runner in RUNNERS},
         "runs": runs,
@@ -268,15 +249,13 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(_scale.DEFAULT_DATA_ROOT), help="where the phantoms are kept")
     parser.add_argument("--workdir", default=None, help="where the throwaway project goes (default: system temp)")
     parser.add_argument("--processes", type=int, default=2, help="processes that generate missing phantoms")
-    parser.add_argument("--diagnose", action="store_true",
-                        help=f"also run {DIAGNOSIS}: the DaskRunner's workers without Dask's MALLOC_TRIM_THRESHOLD_")
     parser.add_argument("--ceiling", action="store_true",
                         help="also time the per-case work alone in 1 and in --workers plain processes")
     parser.add_argument("--keep", action="store_true", help="keep the project copy (the logs are always kept)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", default="preprocessing", help=argparse.SUPPRESS)
-    parser.add_argument("--runner", choices=(*RUNNERS, DIAGNOSIS), default="sequential", help=argparse.SUPPRESS)
+    parser.add_argument("--runner", choices=RUNNERS, default="sequential", help=argparse.SUPPRESS)
     parser.add_argument("--raw-root", help=argparse.SUPPRESS)
     parser.add_argument("--child-ceiling", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--procs", type=int, default=1, help=argparse.SUPPRESS)
