@@ -180,7 +180,9 @@ def test_runs_the_pipeline_on_two_workers(tmp_path: Path, dask_config) -> None:
     manager.register(hooks)
     catalog = _catalog(tmp_path)
 
+    environ = dict(os.environ)
     DaskRunner().run(_pipeline(), catalog, hook_manager=manager)
+    assert dict(os.environ) == environ  # nothing of the workers' settings left in the driver
 
     first = json.loads((tmp_path / "first.json").read_text())
     second = json.loads((tmp_path / "second.json").read_text())
@@ -254,6 +256,7 @@ def test_nested_mlflow_runs_from_workers_land_under_the_driver_run(tmp_path: Pat
 
 def test_a_cluster_manager_class_from_config_runs_the_pipeline(tmp_path: Path) -> None:
     """``dask.cluster.class`` (here distributed's own LocalCluster, the SLURM config's code path)."""
+    environ = dict(os.environ)
     use_project_config({"cluster": {"class": "distributed.LocalCluster", "n_workers": 2,
                                     "kwargs": {"n_workers": 0, "threads_per_worker": 1, "processes": True,
                                                "dashboard_address": None}}})
@@ -264,6 +267,9 @@ def test_a_cluster_manager_class_from_config_runs_the_pipeline(tmp_path: Path) -
     finally:
         use_project_config(None)
     assert json.loads((tmp_path / "first.json").read_text())["rows"] == 4
+    # Dask's nanny writes its worker settings (MALLOC_TRIM_THRESHOLD_ ...) into the driver's
+    # environment; the runner undoes that when the cluster closes
+    assert dict(os.environ) == environ
     with pytest.raises(ValueError, match=r"cluster.class 'nowhere.Cluster' cannot be imported .*\[slurm\]"), \
             cluster_client(ClusterSettings.from_config({"cluster": {"class": "nowhere.Cluster"}})):
         pass

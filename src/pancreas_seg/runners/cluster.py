@@ -9,6 +9,7 @@ keyword arguments (``--runner-params``) override single keys of it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -157,7 +158,7 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
                              f"local_cluster worker offers (local_cluster.resources: {sorted(offered)})")
     logger.info("Dask: starting a LocalCluster of %d worker process(es) x %d thread(s), resources %s",
                 settings.n_workers, settings.threads_per_worker, settings.worker_resources or "none")
-    with dask.config.set(LOCAL_WORKER_CONFIG), LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
+    with _driver_environ_restored(), dask.config.set(LOCAL_WORKER_CONFIG), LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
                       processes=True, memory_limit=settings.memory_limit or 0, host="127.0.0.1",
                       dashboard_address=settings.dashboard_address,
                       resources=settings.worker_resources or None) as cluster, Client(cluster) as client:
@@ -173,17 +174,33 @@ def start_cluster_manager(settings: ClusterSettings) -> Iterator[Any]:
     """
     import importlib  # noqa: PLC0415
 
+    import dask  # noqa: PLC0415
+
     module_name, _, class_name = str(settings.cluster_class).rpartition(".")
     try:
         cluster_type = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(f"dask.yml: cluster.class {settings.cluster_class!r} cannot be imported ({error}); "
                          "for SLURM install dask-jobqueue: pip install -e '.[slurm]'") from error
-    cluster = cluster_type(**settings.cluster_kwargs)
+    with _driver_environ_restored(), dask.config.set(LOCAL_WORKER_CONFIG):
+        cluster = cluster_type(**settings.cluster_kwargs)
+        try:
+            logger.info("Dask: %s scaled to %d worker(s); tasks wait until workers have joined",
+                        settings.cluster_class, settings.cluster_workers)
+            cluster.scale(settings.cluster_workers)
+            yield cluster
+        finally:
+            cluster.close()
+
+
+@contextmanager
+def _driver_environ_restored() -> Iterator[None]:
+    """Undo what Dask's nanny writes into this (the driver's) ``os.environ`` before it spawns
+    workers (its ``pre-spawn-environ``: thread limits, allocator settings), once the cluster is
+    closed, so they do not leak into the rest of the process or its later subprocesses."""
+    saved = dict(os.environ)
     try:
-        logger.info("Dask: %s scaled to %d worker(s); tasks wait until workers have joined",
-                    settings.cluster_class, settings.cluster_workers)
-        cluster.scale(settings.cluster_workers)
-        yield cluster
+        yield
     finally:
-        cluster.close()
+        os.environ.clear()
+        os.environ.update(saved)
