@@ -242,9 +242,9 @@ class TreeSampler(threading.Thread):
     and its CPU seconds (user + system) at the last sample.
     """
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
+    def __init__(self, pid: int, interval: float = 0.1, extra_workers: Sequence[int] = ()) -> None:
         super().__init__(daemon=True)
-        self.root, self.interval = pid, interval
+        self.root, self.interval, self.extra_workers = pid, interval, tuple(extra_workers)
         self.processes: dict[int, dict[str, Any]] = {}
         self.started = time.monotonic()
         self._stop_event = threading.Event()
@@ -257,6 +257,11 @@ class TreeSampler(threading.Thread):
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
+        for pid in self.extra_workers:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.Error:
+                continue
         for proc in procs:
             try:
                 cmdline = " ".join(proc.cmdline())[:300]
@@ -292,28 +297,42 @@ class TreeSampler(threading.Thread):
 
     def roles(self) -> dict[str, list[dict[str, Any]]]:
         """``driver`` (the child itself), ``workers`` (processes it started through
-        ``multiprocessing``: the LocalCluster's worker processes) and ``others`` (its resource
+        ``multiprocessing``: the LocalCluster's worker processes; and ``extra_workers``, the workers
+        of a cluster that runs on its own) and ``others`` (its resource
         tracker, ``git`` started by MLflow, short-lived forks ...)."""
         driver = [p for p in self.processes.values() if p["pid"] == self.root]
         others = [p for p in self.processes.values() if p["pid"] != self.root]
-        workers = [p for p in others if any(m in p["cmdline"] for m in WORKER_PROCESS_MARKERS)
-                   and not any(m in p["cmdline"] for m in HELPER_PROCESS_MARKERS)]
+        workers = [p for p in others if p["pid"] in self.extra_workers
+                   or (any(m in p["cmdline"] for m in WORKER_PROCESS_MARKERS)
+                       and not any(m in p["cmdline"] for m in HELPER_PROCESS_MARKERS))]
         return {"driver": driver, "workers": workers, "others": [p for p in others if p not in workers]}
 
 
-def run_sampled(args: Sequence[str], cwd: Path, log_path: Path, timeout: float = 7200.0,
-                interval: float = 0.1) -> dict[str, Any]:
+def reset_peak_rss(pid: int) -> None:
+    """Set a process's kernel peak RSS (``VmHWM``) to its current RSS (``/proc/<pid>/clear_refs``, 5)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def run_sampled(args: Sequence[str], cwd: Path, log_path: Path, timeout: float = 7200.0,  # noqa: PLR0917
+                interval: float = 0.1, extra_workers: Sequence[int] = (), extra_log: Path | None = None
+                ) -> dict[str, Any]:
     """Run ``python *args`` in ``cwd`` (output to ``log_path``), sampling its process tree.
+
+    ``extra_workers``: worker processes of a cluster that runs on its own (not started by the
+    child); their peak RSS is reset before the child starts, so it is this run's peak.
 
     Returns the child's result (the ``_common.emit_result`` line) plus ``driver_peak_rss_mib``,
     ``worker_peak_rss_mib`` (one per worker process), ``processes`` and ``process_wall_s``.
     """
+    for pid in extra_workers:
+        reset_peak_rss(pid)
     start = time.perf_counter()
     logging_config = write_logging_config(Path(log_path).parent)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=child_env(logging_config), stdout=subprocess.PIPE,
                                 stderr=log, text=True)
-        sampler = TreeSampler(proc.pid, interval)
+        sampler = TreeSampler(proc.pid, interval, extra_workers)
         sampler.start()
         try:
             stdout, _ = proc.communicate(timeout=timeout)
@@ -331,7 +350,8 @@ def run_sampled(args: Sequence[str], cwd: Path, log_path: Path, timeout: float =
     result = json.loads(lines[-1][len(_common.RESULT_PREFIX):])
     roles = sampler.roles()
     if "run_start_unix" in result:
-        result["phases_s"] = log_phases(Path(log_path).read_text(), result["run_start_unix"], result["run_end_unix"])
+        text = Path(log_path).read_text() + ("\n" + Path(extra_log).read_text() if extra_log else "")
+        result["phases_s"] = log_phases(text, result["run_start_unix"], result["run_end_unix"])
     result.update({
         "process_wall_s": wall,
         # the child's own ru_maxrss covers the time after the last sample too
@@ -342,9 +362,10 @@ def run_sampled(args: Sequence[str], cwd: Path, log_path: Path, timeout: float =
     return result
 
 
-def make_runner(name: str, n_workers: int = 2, threads_per_worker: int = 1) -> Any:
+def make_runner(name: str, n_workers: int = 2, threads_per_worker: int = 1, address: str | None = None) -> Any:
     """``sequential``: Kedro's SequentialRunner; ``dask``: the project's DaskRunner with its own
-    LocalCluster of ``n_workers`` processes.
+    LocalCluster of ``n_workers`` processes; ``dask_running``: the DaskRunner on the running
+    cluster at ``address`` (:func:`start_running_cluster`).
     """
     if name == "sequential":
         from kedro.runner import SequentialRunner  # noqa: PLC0415
@@ -354,11 +375,65 @@ def make_runner(name: str, n_workers: int = 2, threads_per_worker: int = 1) -> A
         from pancreas_seg.runners import DaskRunner  # noqa: PLC0415
 
         return DaskRunner(address=None, n_workers=n_workers, threads_per_worker=threads_per_worker)
+    if name == "dask_running":
+        from pancreas_seg.runners import DaskRunner  # noqa: PLC0415
+
+        if not address:
+            raise ValueError("dask_running needs the running cluster's address")
+        return DaskRunner(address=address)
     raise ValueError(f"unknown runner {name!r}")
 
 
-def child_session_run(pipeline: str, runner_name: str, raw_root: Path, n_workers: int = 2,
-                      threads_per_worker: int = 1) -> dict[str, Any]:
+class RunningCluster:
+    """``kedro dask-cluster --env msd`` started in a project (a LocalCluster that outlives runs).
+
+    Attributes: ``address`` (scheduler), ``worker_pids``, ``start_s`` (launch to the address file,
+    i.e. workers registered and warmed up), ``process`` (the ``kedro`` process).
+    """
+
+    def __init__(self, project: Path, n_workers: int, log_path: Path, timeout: float = 180.0) -> None:
+        """Start it and wait until it is ready; ``n_workers`` must be what ``dask.yml`` gives."""
+        import psutil  # noqa: PLC0415
+
+        address_file = Path(log_path).with_suffix(".address")
+        address_file.unlink(missing_ok=True)
+        start = time.perf_counter()
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in close()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kedro", "dask-cluster", "--env", ENV, "--port", "0",
+             "--address-file", str(address_file)],
+            cwd=project, env=child_env(write_logging_config(Path(log_path).parent)), stdout=self._log,
+            stderr=subprocess.STDOUT, text=True)
+        while not address_file.is_file():
+            if self.process.poll() is not None or time.perf_counter() - start > timeout:
+                self.close()
+                raise RuntimeError(f"kedro dask-cluster did not start; see {log_path}:\n{Path(log_path).read_text()[-3000:]}")
+            time.sleep(0.05)
+        self.start_s = time.perf_counter() - start
+        self.log_path = Path(log_path)
+        self.address = address_file.read_text().strip()
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        self.worker_pids = [p.pid for p in children if any(m in " ".join(p.cmdline()) for m in WORKER_PROCESS_MARKERS)
+                            and not any(m in " ".join(p.cmdline()) for m in HELPER_PROCESS_MARKERS)]
+        if len(self.worker_pids) != n_workers:
+            self.close()
+            raise RuntimeError(f"kedro dask-cluster started {len(self.worker_pids)} worker(s), expected {n_workers} "
+                               f"(conf/{ENV}/dask.yml local_cluster.n_workers)")
+
+    def close(self) -> None:
+        """SIGTERM, as a user's Ctrl-C: the command closes its cluster."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def child_session_run(pipeline: str, runner_name: str, raw_root: Path, n_workers: int = 2,  # noqa: PLR0917
+                      threads_per_worker: int = 1, address: str | None = None) -> dict[str, Any]:
     """Child side: one ``KedroSession.run`` of ``pipeline`` (env ``msd``, the phantoms at
     ``raw_root`` as ``ingestion.msd_path``) in the project that is the working directory.
 
@@ -371,7 +446,7 @@ def child_session_run(pipeline: str, runner_name: str, raw_root: Path, n_workers
 
     project = Path.cwd()
     bootstrap_project(project)
-    runner = make_runner(runner_name, n_workers, threads_per_worker)
+    runner = make_runner(runner_name, n_workers, threads_per_worker, address)
     with KedroSession.create(project_path=project, env=ENV, runtime_params=runtime_params(raw_root)) as session:
         wall_start = time.time()
         start = time.perf_counter()
@@ -385,15 +460,18 @@ def child_session_run(pipeline: str, runner_name: str, raw_root: Path, n_workers
             "before_run_s": start - start_process, "run_start_unix": wall_start, "run_end_unix": wall_end}
 
 
-def log_events(text: str) -> dict[str, float]:
-    """First Unix time of each event in a :data:`BENCH_LOGGING` log: ``node:<name>`` (Kedro's
-    "Running node: <name>: ..."), ``first_case_shards`` (the first "Preprocessing case")."""
+def log_events(text: str, since: float = 0.0) -> dict[str, float]:
+    """First Unix time (at or after ``since``) of each event in a :data:`BENCH_LOGGING` log:
+    ``node:<name>`` (Kedro's "Running node: <name>: ..."), ``first_case_shards`` (the first
+    "Preprocessing case")."""
     events: dict[str, float] = {}
     for line in text.splitlines():
         stamp, _, rest = line.partition(" ")
         try:
             when = float(stamp)
         except ValueError:
+            continue
+        if when < since:
             continue
         message = rest.split(": ", 1)[-1]
         if message.startswith("Running node: "):
@@ -414,7 +492,7 @@ def log_phases(text: str, run_start: float, run_end: float) -> dict[str, float |
       geometry planned);
     * ``shards``: the first case's shards to the end of ``session.run`` (all shards written).
     """
-    events = log_events(text)
+    events = log_events(text, since=run_start)
 
     def between(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else b - a
@@ -486,18 +564,20 @@ def flatness(per_size: Mapping[int, Mapping[str, float]], limit: float = 1.15) -
             "memory_pass": memory <= limit, "pass": cost <= limit and memory <= limit}
 
 
-def throughput_summary(runs: Sequence[Mapping[str, Any]], n_cases: int, target_ratio: float = 1.7
-                       ) -> dict[str, Any]:
-    """Medians of interleaved ``sequential`` and ``dask`` runs and their ratios.
+def throughput_summary(runs: Sequence[Mapping[str, Any]], n_cases: int, target_ratio: float = 1.7,
+                       parallel: str = "dask") -> dict[str, Any]:
+    """Medians of interleaved ``sequential`` and ``parallel`` (``dask``, ``dask_running``) runs and
+    their ratios.
 
     Each run: ``{"runner", "round", "session_run_s", "driver_peak_rss_mib", "worker_peak_rss_mib"}``.
-    Throughput is cases / ``session_run_s``; the speed-up is median(dask cases/s) / median(sequential
-    cases/s). The single process's peak is its driver's; the Dask side's is its largest worker.
+    Throughput is cases / ``session_run_s``; the speed-up is median(parallel cases/s) /
+    median(sequential cases/s). The single process's peak is its driver's; the Dask side's is its
+    largest worker.
     """
     seq = [r for r in runs if r["runner"] == "sequential"]
-    dask = [r for r in runs if r["runner"] == "dask"]
+    dask = [r for r in runs if r["runner"] == parallel]
     if not seq or not dask:
-        raise ValueError("need at least one sequential and one dask run")
+        raise ValueError(f"need at least one sequential and one {parallel} run")
     seq_tp = _common.median([n_cases / r["session_run_s"] for r in seq])
     dask_tp = _common.median([n_cases / r["session_run_s"] for r in dask])
     single_peak = _common.median([r["driver_peak_rss_mib"] for r in seq])
@@ -507,7 +587,8 @@ def throughput_summary(runs: Sequence[Mapping[str, Any]], n_cases: int, target_r
                  / next(r["session_run_s"] for r in dask if r["round"] == k)
                  for k in rounds if any(r["round"] == k for r in seq) and any(r["round"] == k for r in dask)]
     ratio = dask_tp / seq_tp
-    return {"n_cases": n_cases, "median_cases_per_s_sequential": seq_tp, "median_cases_per_s_dask": dask_tp,
+    return {"runner": parallel, "n_cases": n_cases, "median_cases_per_s_sequential": seq_tp,
+            "median_cases_per_s_dask": dask_tp,
             "median_s_sequential": _common.median([r["session_run_s"] for r in seq]),
             "median_s_dask": _common.median([r["session_run_s"] for r in dask]),
             "speedup": ratio, "round_speedups": per_round, "target_speedup": target_ratio,

@@ -59,11 +59,13 @@ import _common  # noqa: E402
 import _scale  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
-RUNNERS = ("sequential", "dask")
+RUNNERS = ("sequential", "dask", "dask_running")
+PARALLEL = ("dask", "dask_running")
 
 
 def child(args: argparse.Namespace) -> None:
-    result = _scale.child_session_run(args.pipeline, args.runner, Path(args.raw_root), args.workers, args.threads)
+    result = _scale.child_session_run(args.pipeline, args.runner, Path(args.raw_root), args.workers, args.threads,
+                                      args.address)
     _common.emit_result(result)
 
 
@@ -134,11 +136,15 @@ def clear_preprocessing_outputs(project: Path) -> None:
         folder.mkdir()
 
 
-def run_child(project: Path, raw_root: Path, pipeline: str, runner: str, log: Path,
-              args: argparse.Namespace) -> dict[str, Any]:
+def run_child(project: Path, raw_root: Path, pipeline: str, runner: str, log: Path,  # noqa: PLR0917
+              args: argparse.Namespace, cluster: _scale.RunningCluster | None = None) -> dict[str, Any]:
+    extra = ["--address", cluster.address] if runner == "dask_running" and cluster else []
     return _scale.run_sampled([str(SCRIPT), "--child", "--pipeline", pipeline, "--runner", runner,
                                "--raw-root", str(raw_root), "--workers", str(args.workers),
-                               "--threads", str(args.threads)], cwd=project, log_path=log, timeout=args.timeout)
+                               "--threads", str(args.threads), *extra], cwd=project, log_path=log,
+                              timeout=args.timeout,
+                              extra_workers=cluster.worker_pids if extra else (),
+                              extra_log=cluster.log_path if extra else None)
 
 
 def parent(args: argparse.Namespace) -> None:
@@ -152,14 +158,18 @@ def parent(args: argparse.Namespace) -> None:
     runs: list[dict[str, Any]] = []
     ceiling: list[dict[str, Any]] = []
     logs = _scale.log_folder("preprocessing_throughput")
+    cluster = None
     try:
         ingestion = run_child(project, raw_root, "ingestion", "sequential", logs / "ingestion.log", args)
         print(f"ingestion (once, SequentialRunner): {ingestion['session_run_s']:.1f} s", flush=True)
+        cluster = _scale.RunningCluster(project, args.workers, logs / "running_cluster.log")
+        print(f"running cluster (`kedro dask-cluster`, started once, not timed in the runs): ready at "
+              f"{cluster.address} after {cluster.start_s:.1f} s", flush=True)
         for round_index in range(args.rounds):
             for runner in RUNNERS if round_index % 2 == 0 else RUNNERS[::-1]:
                 clear_preprocessing_outputs(project)
                 result = run_child(project, raw_root, "preprocessing", runner,
-                                   logs / f"preprocessing_{round_index}_{runner}.log", args)
+                                   logs / f"preprocessing_{round_index}_{runner}.log", args, cluster)
                 shards = project / "data" / "05_model_input" / "slices"
                 n_written = sum(1 for p in shards.iterdir()) if shards.is_dir() else 0
                 if n_written != args.cases:
@@ -168,7 +178,7 @@ def parent(args: argparse.Namespace) -> None:
                                "load_avg_after": list(os.getloadavg())})
                 runs.append(result)
                 phases = {k: "?" if v is None else f"{v:.1f}" for k, v in result["phases_s"].items()}
-                print(f"  round {round_index + 1} {runner:<10}: {result['session_run_s']:6.1f} s "
+                print(f"  round {round_index + 1} {runner:<12}: {result['session_run_s']:6.1f} s "
                       f"({args.cases / result['session_run_s']:.3f} cases/s; start to node {phases['to_preprocess_cases']} s, "
                       f"planning {phases['planning']} s, shards {phases['shards']} s), peak RSS: driver "
                       f"{result['driver_peak_rss_mib']:.0f} MiB, workers "
@@ -189,10 +199,12 @@ def parent(args: argparse.Namespace) -> None:
                     print(f"  round {round_index + 1} plain {procs} process(es), no Kedro/Dask: {result['seconds']:6.1f} s "
                           f"({args.cases / result['seconds']:.3f} cases/s)", flush=True)
     finally:
+        if cluster is not None:
+            cluster.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    summary = _scale.throughput_summary(runs, args.cases, args.target)
+    summaries = {name: _scale.throughput_summary(runs, args.cases, args.target, parallel=name) for name in PARALLEL}
     identical = len({r["shards_sha256"] for r in runs}) == 1
     print()
     rows = []
@@ -207,15 +219,18 @@ def parent(args: argparse.Namespace) -> None:
                      " ".join(f"{r['session_run_s']:.1f}" for r in sel)])
     _common.print_table(["runner", "median s", "cases/s", "start to node s", "planning s", "shards s",
                          "CPU s", "driver peak MiB", "worker peak MiB", "all s"], rows)
-    print(f"\nspeed-up, 2 workers vs 1 process: {summary['speedup']:.2f}x (median cases/s; per round "
-          f"{', '.join(f'{r:.2f}' for r in summary['round_speedups'])}); target >= {args.target}: "
-          f"{'PASS' if summary['speedup_pass'] else 'FAIL'}")
-    print(f"peak RSS, largest worker vs single process: {summary['median_peak_rss_mib_worker']:.0f} vs "
-          f"{summary['median_peak_rss_mib_single']:.0f} MiB: {'PASS' if summary['memory_pass'] else 'FAIL'}")
+    what = {"dask": "its own LocalCluster, started and closed in the run",
+            "dask_running": "the running LocalCluster (`kedro dask-cluster`)"}
+    for name, summary in summaries.items():
+        print(f"\n{name} ({what[name]}): speed-up, {args.workers} workers vs 1 process: {summary['speedup']:.2f}x "
+              f"(median cases/s; per round {', '.join(f'{r:.2f}' for r in summary['round_speedups'])}); "
+              f"target >= {args.target}: {'PASS' if summary['speedup_pass'] else 'FAIL'}")
+        print(f"  peak RSS, largest worker vs single process: {summary['median_peak_rss_mib_worker']:.0f} vs "
+              f"{summary['median_peak_rss_mib_single']:.0f} MiB: {'PASS' if summary['memory_pass'] else 'FAIL'}")
     work = {runner: _common.median([r["phases_s"]["planning"] + r["phases_s"]["shards"] for r in runs
                                     if r["runner"] == runner]) for runner in RUNNERS}
-    print(f"per-case phases only (planning + shards, without start-up): {work['sequential']:.1f} s vs "
-          f"{work['dask']:.1f} s, {work['sequential'] / work['dask']:.2f}x")
+    print("\nper-case phases only (planning + shards, without start-up): " + ", ".join(
+        f"{runner} {work[runner]:.1f} s ({work['sequential'] / work[runner]:.2f}x)" for runner in RUNNERS))
     print(f"shards identical in every run: {'yes' if identical else 'NO'}")
     ceiling_summary = None
     if ceiling:
@@ -229,8 +244,10 @@ def parent(args: argparse.Namespace) -> None:
         "settings": {"cases": args.cases, "rounds": args.rounds, "n_workers": args.workers,
                      "threads_per_worker": args.threads, "env": _scale.ENV, "image_size_px": _scale.IMAGE_SIZE_PX,
                      "phantom_root": str(raw_root), "slices": sum(counts), "slices_per_case": counts},
-        "ingestion": ingestion, "summary": summary, "shards_identical": identical,
-        "median_per_case_phases_s": work, "per_case_phases_speedup": work["sequential"] / work["dask"],
+        "ingestion": ingestion, "summary": summaries["dask"], "summary_running_cluster": summaries["dask_running"],
+        "running_cluster_start_s": cluster.start_s if cluster else None, "shards_identical": identical,
+        "median_per_case_phases_s": work,
+        "per_case_phases_speedup": {name: work["sequential"] / work[name] for name in PARALLEL},
         "ceiling": ceiling_summary, "ceiling_runs": ceiling,
         "median_phases_s": {runner: {phase: _median_phase([r for r in runs if r["runner"] == runner], phase)
                                      for phase in ("to_preprocess_cases", "planning", "shards")} for runner in RUNNERS},
@@ -259,6 +276,7 @@ def main() -> None:
     parser.add_argument("--raw-root", help=argparse.SUPPRESS)
     parser.add_argument("--child-ceiling", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--procs", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--address", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_ceiling:

@@ -5,7 +5,8 @@ Cheap to import and Kedro-free: Keras is imported only inside :func:`dtype_polic
 :func:`dtype_policy` sets Keras' global dtype policy (e.g. ``mixed_float16``) for a block and restores
 the previous one on exit, so a later architecture trained in the same process does not inherit it.
 
-:func:`retained_heap` tunes the C allocator for training on the CPU.
+:func:`retained_heap` tunes the C allocator for training on the CPU; :func:`release_free_heap`
+hands memory that is free inside the process back to the kernel (a long-lived worker between tasks).
 
 Why: with the default glibc ``malloc`` settings, every large tensor that TensorFlow frees during a
 ``model.fit`` step goes back to the kernel (``munmap`` of mmap-served blocks, trimming of the heap
@@ -175,3 +176,23 @@ def dtype_policy(name: str | None) -> Iterator[str]:
         yield keras.config.dtype_policy().name
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def release_free_heap() -> bool:
+    """Give the kernel back the memory that is free inside this process (glibc's ``malloc_trim(0)``).
+
+    For long-lived processes between units of work (a Dask worker after each task): glibc keeps
+    what a task freed, and fragments of it pile up over hundreds of tasks. Unlike the
+    ``MALLOC_TRIM_THRESHOLD_`` setting, it leaves glibc's dynamic mmap threshold on, so a task's
+    own allocations stay as fast as in a plain process. Returns False, doing nothing, when the C
+    library is not glibc or a :func:`retained_heap` block is running (a training that keeps its
+    memory on purpose).
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    with _lock:
+        if _active:
+            return False
+        libc.malloc_trim(0)
+    return True

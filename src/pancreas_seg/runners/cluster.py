@@ -66,6 +66,8 @@ class ClusterSettings:
             ``dask_jobqueue.SLURMCluster`` (each worker is a batch job); None: LocalCluster.
         cluster_kwargs: keyword arguments of ``cluster_class`` (queue, cores, memory, walltime ...).
         cluster_workers: how many workers (jobs, for dask-jobqueue) ``cluster_class`` is scaled to.
+        trim_worker_memory: after each task, every worker hands the memory the task freed back to
+            the kernel (glibc ``malloc_trim``), so its resident memory does not creep up over a run.
     """
 
     scheduler_address: str | None = None
@@ -78,6 +80,7 @@ class ClusterSettings:
     cluster_class: str | None = None
     cluster_kwargs: dict[str, Any] = field(default_factory=dict)
     cluster_workers: int = 1
+    trim_worker_memory: bool = True
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> ClusterSettings:
@@ -89,7 +92,7 @@ class ClusterSettings:
         config = dict(config or {})
         local = dict(config.pop("local_cluster", None) or {})
         manager = dict(config.pop("cluster", None) or {})
-        known_top = {"scheduler_address", "resources_by_tag"}
+        known_top = {"scheduler_address", "resources_by_tag", "trim_worker_memory"}
         known_local = {"n_workers", "threads_per_worker", "memory_limit", "resources", "dashboard_address"}
         known_manager = {"class", "kwargs", "n_workers"}
         unknown = (sorted(set(config) - known_top) + sorted(f"local_cluster.{k}" for k in set(local) - known_local)
@@ -109,6 +112,7 @@ class ClusterSettings:
             cluster_class=manager.get("class") or None,
             cluster_kwargs=dict(manager.get("kwargs") or {}),
             cluster_workers=int(manager.get("n_workers", 1)),
+            trim_worker_memory=bool(config.get("trim_worker_memory", cls.trim_worker_memory)),
         )
         settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
         if settings.n_workers < 1 or settings.threads_per_worker < 1:
@@ -133,8 +137,7 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
     Raises:
         ValueError: a node tag asks for resources that no LocalCluster worker offers.
     """
-    import dask  # noqa: PLC0415
-    from distributed import Client, LocalCluster  # noqa: PLC0415
+    from distributed import Client  # noqa: PLC0415
 
     # Dask sets its loggers to INFO when imported; keep its cluster start/stop chatter out of the run's
     # log (conf/logging.yml does the same in the workers). Its warnings and errors still show.
@@ -150,6 +153,23 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
             yield client
         return
 
+    with local_cluster(settings) as cluster, Client(cluster) as client:
+        yield client
+
+
+@contextmanager
+def local_cluster(settings: ClusterSettings, scheduler_port: int = 0) -> Iterator[Any]:
+    """A ``distributed.LocalCluster`` of ``settings.n_workers`` worker processes on 127.0.0.1 (its
+    scheduler on ``scheduler_port``; 0: any free port), with this project's worker settings
+    (:data:`LOCAL_WORKER_CONFIG`); closed on exit.
+
+    Raises:
+        ValueError: a node tag asks for resources that no worker offers.
+    """
+    import dask  # noqa: PLC0415
+    from distributed import LocalCluster  # noqa: PLC0415
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # as in cluster_client
     offered = set(settings.worker_resources)
     for tag, resources in settings.resources_by_tag.items():
         missing = set(resources) - offered
@@ -158,11 +178,12 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
                              f"local_cluster worker offers (local_cluster.resources: {sorted(offered)})")
     logger.info("Dask: starting a LocalCluster of %d worker process(es) x %d thread(s), resources %s",
                 settings.n_workers, settings.threads_per_worker, settings.worker_resources or "none")
-    with _driver_environ_restored(), dask.config.set(LOCAL_WORKER_CONFIG), LocalCluster(n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
-                      processes=True, memory_limit=settings.memory_limit or 0, host="127.0.0.1",
-                      dashboard_address=settings.dashboard_address,
-                      resources=settings.worker_resources or None) as cluster, Client(cluster) as client:
-        yield client
+    with _driver_environ_restored(), dask.config.set(LOCAL_WORKER_CONFIG), LocalCluster(
+            n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker, processes=True,
+            memory_limit=settings.memory_limit or 0, host="127.0.0.1", scheduler_port=scheduler_port,
+            dashboard_address=settings.dashboard_address,
+            resources=settings.worker_resources or None) as cluster:
+        yield cluster
 
 
 @contextmanager

@@ -29,8 +29,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -46,7 +47,7 @@ from kedro.pipeline.node import Node
 from kedro.runner import AbstractRunner
 from kedro.runner.task import Task
 
-from pancreas_seg.runners.cluster import ClusterSettings, cluster_client, project_config
+from pancreas_seg.runners.cluster import ClusterSettings, cluster_client, local_cluster, project_config
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +66,19 @@ class DaskRunner(AbstractRunner):
     """Run the pipeline's nodes as tasks on a Dask cluster (see the module docstring)."""
 
     def __init__(self, address: str | None = None, n_workers: int | None = None,
-                 threads_per_worker: int | None = None, is_async: bool = False) -> None:
+                 threads_per_worker: int | None = None, trim_worker_memory: bool | None = None,
+                 is_async: bool = False) -> None:
         """
         Args:
             address: scheduler address; overrides ``dask.scheduler_address`` of ``dask.yml``.
             n_workers: LocalCluster worker processes; overrides ``dask.local_cluster.n_workers``.
             threads_per_worker: overrides ``dask.local_cluster.threads_per_worker``.
+            trim_worker_memory: overrides ``dask.trim_worker_memory``.
             is_async: load and save each node's datasets with threads (Kedro's ``--async``).
         """
         super().__init__(is_async=is_async)
         self._overrides = {"scheduler_address": address, "n_workers": n_workers,
-                           "threads_per_worker": threads_per_worker}
+                           "threads_per_worker": threads_per_worker, "trim_worker_memory": trim_worker_memory}
 
     def _get_executor(self, max_workers: int) -> None:
         return None  # the cluster is the executor (see _run)
@@ -89,7 +92,10 @@ class DaskRunner(AbstractRunner):
                   if not _is_parameter(name) and isinstance(catalog.get(name, fallback_to_runtime_pattern=True),
                                                             MemoryDataset)}
         with cluster_client(settings) as client:
-            client.register_plugin(_ProjectOnWorker(_package_name(), str(Path.cwd())), name="pancreas_seg-project")
+            client.register_plugin(
+                ProjectOnWorker(_package_name(), str(Path.cwd()), warm_modules=node_modules(pipeline.nodes),
+                                mlflow_parent=parent, trim_after_task=settings.trim_worker_memory),
+                name=ProjectOnWorker.NAME)
             logger.info("Dask: %d node(s) on %d worker(s) (dashboard: %s)", len(pipeline.nodes),
                         len(client.scheduler_info().get("workers", {})), client.dashboard_link or "off")
             self._schedule(pipeline, catalog, hooks, run_id, client, settings, parent, memory)
@@ -319,18 +325,58 @@ def _package_name() -> str | None:
     return PACKAGE_NAME
 
 
-class _ProjectOnWorker(WorkerPlugin):
-    """Worker plugin: configure the Kedro project (settings, logging) in each worker process, work
-    from the project folder when the worker can see it (LocalCluster, shared file systems), and keep
-    Python's global random generator to the node being run (:func:`deterministic_collection_sizeof`).
+def serve_local_cluster(settings: ClusterSettings, scheduler_port: int, on_ready: Callable[[str], None],
+                        stop: threading.Event) -> None:
+    """Run a LocalCluster for many ``kedro run``s until ``stop`` is set (blocks).
+
+    The workers start with the project configured (:class:`ProjectOnWorker`). A run that connects
+    to the scheduler (``--runner-params address=...``) does not pay the cluster's start-up, and
+    each of its node modules is imported once per worker, by the first run that needs it (the
+    runner's warm-up). ``on_ready`` gets the scheduler address once the workers are ready.
+    """
+    from distributed import Client  # noqa: PLC0415
+
+    with local_cluster(settings, scheduler_port) as cluster, Client(cluster) as client:
+        client.register_plugin(ProjectOnWorker(_package_name(), str(Path.cwd()),
+                                               trim_after_task=settings.trim_worker_memory),
+                               name=ProjectOnWorker.NAME)
+        on_ready(cluster.scheduler_address)
+        while not stop.wait(0.5):
+            pass
+
+
+def node_modules(nodes: Iterable[Node]) -> tuple[str, ...]:
+    """The modules that define ``nodes``' functions (what unpickling a node imports), sorted."""
+    modules = {getattr(getattr(node.func, "func", node.func), "__module__", None) for node in nodes}
+    return tuple(sorted(name for name in modules if name and name != "__main__"))
+
+
+class ProjectOnWorker(WorkerPlugin):
+    """Worker plugin: the Kedro project in each worker process.
+
+    On registration (every run of the runner, in all workers at once) it works from the project
+    folder when the worker can see it (LocalCluster, shared file systems), configures the project's
+    settings and logging, and keeps Python's global random generator to the node being run
+    (:func:`deterministic_collection_sizeof`). It then warms the worker up: it imports the modules of
+    the run's node functions and, when the run has an MLflow parent run, opens its tracking store.
+    Fresh workers do that side by side, instead of each on its first task, one after the other as
+    the pipeline reaches them (a fresh worker's first task took 2-5 s more). After each task it
+    hands the memory the task freed back to the kernel (:func:`pancreas_seg.runtime.release_free_heap`),
+    so a worker's resident memory does not creep up over hundreds of tasks.
     """
 
-    def __init__(self, package_name: str | None, project_path: str) -> None:
+    NAME = "pancreas_seg-project"
+
+    def __init__(self, package_name: str | None, project_path: str, warm_modules: Iterable[str] = (),
+                 mlflow_parent: MlflowParent | None = None, trim_after_task: bool = True) -> None:
         from kedro.framework.project import LOGGING  # noqa: PLC0415
 
         self.package_name = package_name
         self.project_path = project_path
         self.logging_config = dict(LOGGING)  # the driver's (conf/logging.yml or KEDRO_LOGGING_CONFIG)
+        self.warm_modules = tuple(warm_modules)
+        self.mlflow_parent = mlflow_parent
+        self.trim_after_task = trim_after_task
 
     def setup(self, worker: Any) -> None:
         from kedro.framework.project import configure_logging, configure_project  # noqa: PLC0415
@@ -345,3 +391,32 @@ class _ProjectOnWorker(WorkerPlugin):
             configure_project(self.package_name)
         if self.logging_config:
             configure_logging(self.logging_config)
+        self.warm_up(worker)
+
+    def warm_up(self, worker: Any) -> None:
+        """Import the node modules and open the MLflow store now. A module the worker cannot import
+        (a function shipped by value, say) is skipped: the task that needs it raises the real error."""
+        import importlib  # noqa: PLC0415
+
+        for name in self.warm_modules:
+            try:
+                importlib.import_module(name)
+            except Exception as error:  # noqa: BLE001 - the node's own task reports it properly
+                logger.debug("Dask worker %s: importing %s failed (%s: %s)", worker.address, name,
+                               type(error).__name__, error)
+        if self.mlflow_parent is not None:
+            try:
+                import mlflow  # noqa: PLC0415
+
+                mlflow.MlflowClient(tracking_uri=self.mlflow_parent.tracking_uri).get_experiment(
+                    self.mlflow_parent.experiment_id)
+            except Exception as error:  # noqa: BLE001
+                logger.warning("Dask worker %s: MLflow store %s not reachable (%s: %s)", worker.address,
+                               self.mlflow_parent.tracking_uri, type(error).__name__, error)
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if self.trim_after_task and start in {"executing", "long-running"} and finish not in {"executing",
+                                                                                            "long-running"}:
+            from pancreas_seg.runtime import release_free_heap  # noqa: PLC0415
+
+            release_free_heap()
