@@ -37,6 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+from pancreas_seg.project_copy import DATA_LAYERS, copy_project  # noqa: E402
 
 REPO_ROOT = _common.REPO_ROOT
 #: Where the phantoms go unless ``--data-root`` says otherwise (git-ignored; several GiB at 281).
@@ -51,8 +52,6 @@ SLICE_RANGE = (40, 150)
 SIZES = (30, 100, 281)
 ENV = "msd"              # real-data settings: ingestion.source msd, preprocessing at 256 px
 IMAGE_SIZE_PX = 256
-DATA_LAYERS = ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input",
-               "06_models", "07_model_output", "08_reporting")
 KEDRO_ENV_VARS = {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1"}
 #: How the LocalCluster's worker processes start (``distributed.worker.multiprocessing-method``
 #: is ``spawn`` by default); workers started otherwise would be listed under ``others``.
@@ -172,17 +171,7 @@ def slice_counts(root: Path) -> list[int]:
 def make_project(destination: Path) -> Path:
     """A throwaway project: ``conf/`` (empty ``conf/local``), ``pyproject.toml``, an empty
     ``src/`` (the package is imported from this checkout) and the ``data/`` skeleton."""
-    destination.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(REPO_ROOT / "conf", destination / "conf",
-                    ignore=lambda folder, names: names if Path(folder).name == "local" else [])
-    (destination / "conf" / "local").mkdir(exist_ok=True)
-    for name in ("pyproject.toml", ".telemetry"):
-        if (REPO_ROOT / name).is_file():
-            shutil.copy2(REPO_ROOT / name, destination / name)
-    (destination / "src").mkdir(exist_ok=True)
-    for layer in DATA_LAYERS:
-        (destination / "data" / layer).mkdir(parents=True, exist_ok=True)
-    return destination.resolve()
+    return copy_project(REPO_ROOT, destination)
 
 
 #: The runs' logging (``KEDRO_LOGGING_CONFIG``; the DaskRunner hands it to its workers): the

@@ -1,5 +1,6 @@
-"""Shared fixtures: a small, valid, SYNTHETIC Task07 folder written once per test session, and
-the REAL CT files (``../shared/realdata``) with the rule for when they are missing.
+"""Shared fixtures: a small, valid, SYNTHETIC Task07 folder written once per test session, the
+REAL CT files (``../shared/realdata``) with the rule for when they are missing, and a runner for
+Python scripts under ``KERAS_BACKEND=jax`` in a fresh interpreter (:class:`JaxScript`).
 
 Tests that change files copy it first (:func:`fresh_task07`), so the pristine copy stays valid.
 """
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,83 @@ def require_realdata() -> Callable[..., Path]:
 def realdata(require_realdata: Callable[..., Path]) -> Path:
     """The real-data folder holding the CT and its pancreas mask (skip locally / fail under CI)."""
     return require_realdata(*REALDATA_FILES)
+
+
+# --------------------------------------------------------------------------------------------
+# Python scripts under KERAS_BACKEND=jax, each in a fresh interpreter
+# --------------------------------------------------------------------------------------------
+SRC = Path(__file__).resolve().parents[1] / "src"
+#: Exit status of a JAX script whose ``import jax`` failed (it prints ``NOJAX <error>`` first).
+NO_JAX_EXIT = 77
+#: What :meth:`JaxScript.write` puts before every script: without JAX, exit with NO_JAX_EXIT.
+JAX_SCRIPT_PREAMBLE = f"""import sys
+
+try:
+    import jax  # noqa: F401
+except ImportError as error:
+    print(f"NOJAX {{error}}", flush=True)
+    sys.exit({NO_JAX_EXIT})
+
+"""
+
+
+class JaxScript:
+    """Runs Python scripts in a NEW interpreter under ``KERAS_BACKEND=jax`` on CPU.
+
+    Keras' backend and XLA's flags (``--xla_force_host_platform_device_count``) take effect only
+    before Keras/JAX are imported, and this pytest process keeps its own backend (TensorFlow by
+    default), so such code runs as a script in a subprocess. Without JAX installed the test skips.
+    """
+
+    @staticmethod
+    def write(path: Path, body: str) -> Path:
+        """Write :data:`JAX_SCRIPT_PREAMBLE` + ``body`` to ``path``; returns ``path``."""
+        path.write_text(JAX_SCRIPT_PREAMBLE + body)
+        return path
+
+    @staticmethod
+    def environment(xla_flags: Sequence[str] = (), **extra: str) -> dict[str, str]:
+        """This process's environment for a JAX child, plus ``extra``.
+
+        ``KERAS_BACKEND=jax``, ``JAX_PLATFORMS=cpu``, ``TF_CPP_MIN_LOG_LEVEL=2``, this checkout's
+        ``src/`` first on ``PYTHONPATH`` (the code under test, not whatever checkout is installed)
+        and ``XLA_FLAGS``: the inherited ones, then ``--xla_backend_optimization_level=0`` (XLA:CPU
+        spends seconds optimising each small program; level 0 builds several times faster and
+        computes the same thing: both sides of every comparison use it), then ``xla_flags``.
+        """
+        flags = [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0", *xla_flags]
+        return {
+            **os.environ,
+            "KERAS_BACKEND": "jax",
+            "JAX_PLATFORMS": "cpu",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "XLA_FLAGS": " ".join(flag for flag in flags if flag),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+            **extra,
+        }
+
+    @staticmethod
+    def skip_without_jax(returncode: int, output: str) -> None:
+        """Skip the test if a script ended through the preamble's ``import jax`` failure."""
+        if returncode == NO_JAX_EXIT and "NOJAX" in output:  # pragma: no cover - depends on the environment
+            pytest.skip(f"`import jax` fails in this environment: {output.strip()[-500:]}")
+
+    def run(self, script: Path, body: str, *args: str, xla_flags: Sequence[str] = (), timeout: float = 300,
+            **extra_env: str) -> subprocess.CompletedProcess[str]:
+        """Write ``body`` to ``script`` and run ``python <script> <args>`` in :meth:`environment`.
+
+        Skips without JAX; a non-zero exit fails the test with the end of the script's stderr.
+        Returns the finished process (stdout and stderr as text).
+        """
+        self.write(script, body)
+        process = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                                 env=self.environment(xla_flags, **extra_env), timeout=timeout, check=False)
+        self.skip_without_jax(process.returncode, process.stdout)
+        assert process.returncode == 0, process.stderr[-4000:]
+        return process
+
+
+@pytest.fixture(scope="session")
+def jax_script() -> JaxScript:
+    """:class:`JaxScript`: write and run Python scripts under ``KERAS_BACKEND=jax`` in a new process."""
+    return JaxScript()

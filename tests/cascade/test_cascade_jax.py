@@ -4,25 +4,14 @@ training through the CropLoader and fit_with_resume, then the cascade on a scan 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-NO_JAX = 77
-
+# Run by the ``jax_script`` fixture (tests/conftest.py), which puts the ``import jax`` check first.
 SCRIPT = r'''
 import json, sys
 from pathlib import Path
-
-try:
-    import jax  # noqa: F401
-except ImportError as error:
-    print(f"NOJAX {error}", flush=True)
-    sys.exit(77)
 
 import keras
 import numpy as np
@@ -77,16 +66,8 @@ print("RESULT " + json.dumps({
 '''
 
 
-def test_cascade_trains_and_segments_under_jax(tmp_path: Path) -> None:
-    script = tmp_path / "cascade_jax.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()}
-    process = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True,
-                             text=True, timeout=300, check=False)
-    if process.returncode == NO_JAX:
-        pytest.skip(f"`import jax` fails in this environment: {process.stdout.strip()}")
-    assert process.returncode == 0, process.stderr[-4000:]
+def test_cascade_trains_and_segments_under_jax(tmp_path: Path, jax_script) -> None:
+    process = jax_script.run(tmp_path / "cascade_jax.py", SCRIPT, str(tmp_path))
     (line,) = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     result = json.loads(line[len("RESULT "):])
     assert result["backend"] == "jax"

@@ -29,7 +29,6 @@ train the same model as one device.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -37,9 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-SRC = Path(__file__).resolve().parents[2] / "src"
-NO_JAX = 77
 
 # Float32 summation order (per-device partial sums, then a cross-device reduction) is all that
 # differs between one and two devices (the tests print the measured differences with -s).
@@ -51,16 +47,12 @@ RTOL, ATOL = 1e-4, 1e-5
 # step by a visible fraction of it. Absolute 2e-4, a tenth of one step; measured 6.5e-5.
 RESUMED_WEIGHT_ATOL = 2e-4
 
+# Scripts for the ``jax_script`` fixture (tests/conftest.py), which puts the ``import jax`` check first.
 COMMON = r'''
 import json, os, sys, time
 from pathlib import Path
 
-try:
-    import jax
-except ImportError as error:
-    print(f"NOJAX {error}", flush=True)
-    sys.exit(77)
-
+import jax
 import keras
 import numpy as np
 
@@ -216,25 +208,6 @@ report["resumed"] = fit("shared", "data_parallel", tag=tag)
 '''
 
 
-def _environment(**extra: str) -> dict[str, str]:
-    """This process's environment for a JAX child: CPU devices, the project's sources."""
-    return {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "JAX_PLATFORMS": "cpu",
-        # XLA:CPU spends seconds optimising each small program; level 0 builds several times faster
-        # and does not change what is computed (both sides of every comparison use it).
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
-        **extra,
-    }
-
-
-def _skip_without_jax(returncode: int, stdout: str) -> None:
-    if returncode == NO_JAX and "NOJAX" in stdout:  # pragma: no cover - depends on the environment
-        pytest.skip(f"JAX is not installed: {stdout.strip()}")
-
-
 def _weights(directory: Path, name: str) -> list[np.ndarray]:
     with np.load(directory / f"{name}.npz") as archive:
         return [archive[f"arr_{i}"] for i in range(len(archive.files))]
@@ -246,14 +219,11 @@ def _max_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 @pytest.fixture(scope="module")
-def two_devices(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+def two_devices(tmp_path_factory: pytest.TempPathFactory, jax_script) -> tuple[dict, Path]:
     """The report of the one-device, two-device and resumed runs, and the folder of their weights."""
     out = tmp_path_factory.mktemp("distribution")
-    env = _environment(XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
-    result = subprocess.run([sys.executable, "-c", MAIN, str(out)], env=env, capture_output=True, text=True,
-                            timeout=600, check=False)
-    _skip_without_jax(result.returncode, result.stdout)
-    assert result.returncode == 0, result.stderr[-4000:]
+    jax_script.run(out / "main.py", MAIN, str(out), xla_flags=["--xla_force_host_platform_device_count=2"],
+                   timeout=600)
     return json.loads((out / "report.json").read_text()), out
 
 
@@ -401,7 +371,8 @@ def test_several_processes_need_a_distribution(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.slow
-def test_two_processes_train_what_one_device_trains(two_devices: tuple[dict, Path], tmp_path: Path) -> None:
+def test_two_processes_train_what_one_device_trains(two_devices: tuple[dict, Path], tmp_path: Path,
+                                                     jax_script) -> None:
     """Two processes with one CPU device each, joined through the Kedro hook as under SLURM
     (docs/distributed_training.md), share one checkpoint folder that holds a checkpoint of other
     settings: process 0 moves it aside, both train epoch 1 as one device would (each feeding half
@@ -418,14 +389,16 @@ def test_two_processes_train_what_one_device_trains(two_devices: tuple[dict, Pat
     with socket.socket() as probe:  # a free port for the coordinator
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    script = jax_script.write(tmp_path / "process.py", PROCESS)
     logs = [tmp_path / f"process{rank}.log" for rank in range(2)]
     processes = []
     for rank, log in enumerate(logs):
         with log.open("w") as output:
             processes.append(subprocess.Popen(
-                [sys.executable, "-c", PROCESS, str(tmp_path)], stdout=output, stderr=subprocess.STDOUT,
-                env=_environment(KERAS_DISTRIBUTION_NUM_PROCESSES="2", KERAS_DISTRIBUTION_PROCESS_ID=str(rank),
-                                 KERAS_DISTRIBUTION_JOB_ADDRESSES=f"127.0.0.1:{port}")))
+                [sys.executable, str(script), str(tmp_path)], stdout=output, stderr=subprocess.STDOUT,
+                env=jax_script.environment(KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+                                           KERAS_DISTRIBUTION_PROCESS_ID=str(rank),
+                                           KERAS_DISTRIBUTION_JOB_ADDRESSES=f"127.0.0.1:{port}")))
     # A process that fails leaves the other waiting in a collective: stop both then.
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and any(p.poll() is None for p in processes):
@@ -437,7 +410,7 @@ def test_two_processes_train_what_one_device_trains(two_devices: tuple[dict, Pat
             p.kill()
         p.wait()
     for p, log in zip(processes, logs, strict=True):
-        _skip_without_jax(p.returncode, log.read_text())
+        jax_script.skip_without_jax(p.returncode, log.read_text())
         assert p.returncode == 0, log.read_text()[-4000:]
     assert (tmp_path / "shared.stale-other" / "state.json").is_file()  # moved aside once, by process 0
     one = reference_report["one"]["history"]

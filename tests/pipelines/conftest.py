@@ -1,13 +1,14 @@
 """End-to-end fixtures: ONE real ``train`` run (``--env smoke``) in a throwaway project copy.
 
-The copy holds ``conf/`` (without ``conf/local`` contents), ``pyproject.toml``, ``.telemetry``, an
-empty ``src/`` (Kedro checks that the source folder exists; the package itself is imported from
-this checkout's ``src/``, see :func:`kedro_subprocess_env`, or the editable install) and the
-``data/01_raw`` .. ``data/08_reporting`` skeleton. The train pipeline runs there once per test
-session as ``python -m kedro run`` in a NEW PROCESS, as a user would start it, so every test that
-reads its models also checks that they load where nothing was built or trained before. It writes
-its own ``mlflow.db`` (sqlite store) and ``mlruns/`` artifact folder, so the repository stays
-untouched. Later steps may run in-process (:func:`run_kedro_session`) or as further processes
+The copy (:func:`pancreas_seg.project_copy.copy_project`) holds ``conf/`` (without ``conf/local``
+contents), ``pyproject.toml``, ``.telemetry``, an empty ``src/`` (Kedro checks that the source
+folder exists; the package itself is imported from this checkout's ``src/``, see
+:func:`kedro_subprocess_env`, or the editable install) and the ``data/01_raw`` ..
+``data/08_reporting`` skeleton. The train pipeline runs there once per test session as
+``python -m kedro run`` in a NEW PROCESS, as a user would start it, so every test that reads its
+models also checks that they load where nothing was built or trained before. It writes its own
+``mlflow.db`` (sqlite store) and ``mlruns/`` artifact folder, so the repository stays untouched.
+Later steps may run in-process (:func:`run_kedro_session`) or as further processes
 (:func:`run_kedro_cli`).
 
 Every test that uses it is marked ``slow``; the whole ``tests/pipelines`` set takes a few
@@ -16,9 +17,9 @@ minutes on 2 CPU cores (the train run dominates).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -28,27 +29,12 @@ from typing import Any
 
 import pytest
 
+from pancreas_seg.project_copy import copy_project
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOKE_ENV = "smoke"
 #: Environment of every Kedro call (in-process sessions and subprocesses): no telemetry.
 KEDRO_ENV_VARS = {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1"}
-DATA_LAYERS = ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input",
-               "06_models", "07_model_output", "08_reporting")
-
-
-def make_project_copy(destination: Path) -> Path:
-    """Copy the project's configuration into ``destination`` (see the module docstring)."""
-    destination.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(REPO_ROOT / "conf", destination / "conf",
-                    ignore=lambda folder, names: names if Path(folder).name == "local" else [])
-    (destination / "conf" / "local").mkdir(exist_ok=True)
-    for name in ("pyproject.toml", ".telemetry"):
-        if (REPO_ROOT / name).is_file():
-            shutil.copy2(REPO_ROOT / name, destination / name)
-    (destination / "src").mkdir(exist_ok=True)
-    for layer in DATA_LAYERS:
-        (destination / "data" / layer).mkdir(parents=True, exist_ok=True)
-    return destination.resolve()
 
 
 def kedro_subprocess_env(**extra: str) -> dict[str, str]:
@@ -192,7 +178,7 @@ def smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Treat it as read-only: tests that change training state work on a copy of it.
     """
-    project = make_project_copy(tmp_path_factory.mktemp("smoke_project") / "pancreas_seg")
+    project = copy_project(REPO_ROOT, tmp_path_factory.mktemp("smoke_project") / "pancreas_seg")
     run_kedro_cli(project, "--pipelines=train")
     return project
 
@@ -223,8 +209,9 @@ def model_card_reader() -> Callable[[Path, str], dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def project_copier() -> Callable[[Path], Path]:
-    """:func:`make_project_copy`, for tests that need an empty project copy."""
-    return make_project_copy
+    """``copier(destination)``: :func:`~pancreas_seg.project_copy.copy_project` of this checkout, for
+    tests that need an empty project copy."""
+    return functools.partial(copy_project, REPO_ROOT)
 
 
 @pytest.fixture(scope="session")
