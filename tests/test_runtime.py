@@ -263,3 +263,39 @@ def test_dtype_policy_is_restored_on_exit_and_on_error():
         assert keras.layers.Dense(2).compute_dtype == "bfloat16"
     finally:
         keras.config.set_dtype_policy(original)
+
+
+_FRAGMENTED_HEAP = """
+import numpy as np
+from pancreas_seg.runtime import release_free_heap, retained_heap
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+blocks = [np.ones(2**14, dtype=np.float32) for _ in range(3200)]  # 3200 x 64 KiB, heap-served
+top = blocks[-1]   # keeps the heap's top in use, so glibc's automatic trimming cannot give anything back
+del blocks
+freed = rss_mib()
+with retained_heap(enabled=MODE == "inside_retained_heap"):
+    released = release_free_heap()
+    after = rss_mib()
+print(released, freed, after)
+"""
+
+
+@glibc_only
+@pytest.mark.parametrize("mode", ["plain", "inside_retained_heap"])
+def test_release_free_heap_returns_freed_heap_pages_except_inside_retained_heap(mode: str):
+    """200 MiB of freed 64 KiB blocks below a live one stay resident until release_free_heap;
+    inside a retained_heap block (a training keeping its memory) it leaves them alone."""
+    out = subprocess.run([sys.executable, "-c", f"MODE = {mode!r}\n" + _FRAGMENTED_HEAP], check=True,
+                         capture_output=True, text=True, env=_clean_env())
+    released, freed, after = out.stdout.split()
+    assert float(freed) > 220, "the freed blocks should still be resident before the release"
+    if mode == "plain":
+        assert released == "True"
+        assert float(freed) - float(after) > 150
+    else:
+        assert released == "False"
+        assert abs(float(freed) - float(after)) < 20

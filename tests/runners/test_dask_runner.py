@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from pancreas_seg.parallel import LazyCaseParts, group_lazy_case_parts, map_over
 from pancreas_seg.pipelines import MODEL_TRAINING_TAG
 from pancreas_seg.runners import DaskRunner
 from pancreas_seg.runners.cluster import ClusterSettings, cluster_client, use_project_config
+from pancreas_seg.runners.dask_runner import ProjectOnWorker, serve_local_cluster
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -313,3 +316,52 @@ def test_worker_size_estimates_leave_the_global_random_generator_alone() -> None
     assert random.getstate() == state
     assert abs(ours - dasks_own) / dasks_own < 0.1
     assert deterministic_collection_sizeof(tuple(items[:5])) == sizeof(tuple(items[:5]))  # small: exact
+
+
+PROBE_MODULE = """
+import os
+
+
+def stamp(n_rows: int) -> dict:
+    return {"pid": os.getpid(), "n_rows": n_rows}
+"""
+
+
+def test_a_running_cluster_serves_runs_and_every_worker_is_warmed_up(tmp_path: Path, dask_config,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``kedro dask-cluster`` runs (:func:`serve_local_cluster`) stays up across runs that
+    connect to it, and each run imports its node modules in every worker before the first task,
+    also in the worker that never runs the node."""
+    import importlib  # noqa: PLC0415
+
+    from distributed import Client  # noqa: PLC0415
+
+    module_name = f"warm_probe_{os.getpid()}"
+    (tmp_path / f"{module_name}.py").write_text(PROBE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get this process's sys.path
+    probe = importlib.import_module(module_name)   # so the node is pickled by reference, as a project's is
+    ready: queue.Queue[str] = queue.Queue()
+    stop = threading.Event()
+    server = threading.Thread(target=serve_local_cluster,
+                              args=(ClusterSettings.from_config(CLUSTER), 0, ready.put, stop), daemon=True)
+    server.start()
+    try:
+        address = ready.get(timeout=120)
+        with Client(address) as client:
+            workers = client.run(os.getpid)
+            assert client.run(lambda: module_name in sys.modules) == dict.fromkeys(workers, False)
+        pipeline = Pipeline([Node(probe.stamp, "params:n_rows", "first", name="stamp")])
+        stamps = []
+        for _ in range(2):
+            DaskRunner(address=address).run(pipeline, _catalog(tmp_path))  # one task, on one worker
+            stamps.append(json.loads((tmp_path / "first.json").read_text()))
+            with Client(address) as client:
+                assert client.run(os.getpid) == workers   # the same worker processes serve every run
+                assert client.run(lambda: module_name in sys.modules) == dict.fromkeys(workers, True)
+                plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
+                assert all(ProjectOnWorker.NAME in names for names in plugins.values())
+        assert {s["pid"] for s in stamps} <= set(workers.values()) and stamps[0]["n_rows"] == 4
+    finally:
+        stop.set()
+        server.join(timeout=60)
+    assert not server.is_alive()
