@@ -89,15 +89,43 @@ def log_text(run_id: str, text: str, artifact_file: str) -> None:
     mlflow.MlflowClient().log_text(run_id, text, artifact_file)
 
 
+def logged_model_of_run(run_id: str, model_name: str) -> mlflow.entities.LoggedModel | None:
+    """The newest MLflow 3 logged model ``model_name`` (e.g. ``segmenter``) of run ``run_id``, or None.
+
+    MLflow 3 stores a model logged with ``log_model(name=...)`` as a *logged model* with its own id
+    (``models:/m-...``), not under the run's artifact path ``<name>``. A run that logged the name
+    twice (a node re-run into the same run) gives the later one."""
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    found = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{model_name}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1)
+    return found[0] if found else None
+
+
 def register_model(model_uri: str, name: str, tags: Mapping[str, str]) -> str:
     """Register a logged model (``runs:/<run_id>/segmenter``, ``models:/m-...``) as a new version of
-    ``name`` with ``tags``; returns the version. Creates the registered model when needed."""
+    ``name`` with ``tags``; returns the version. Creates the registered model when needed.
+
+    ``runs:/<run_id>/<model name>`` is first resolved to that run's logged model,
+    ``models:/<model_id>``, which is what MLflow 3 registers for it anyway (the version's source
+    run is the same). Passing the ``runs:/`` URI itself makes ``mlflow.register_model`` look for
+    the model under the run's artifact path, find nothing there (MLflow 3 keeps logged models
+    outside it) and warn "Run with id ... has no artifacts at artifact path 'segmenter',
+    registering model based on models:/m-... instead" (``_register_model``,
+    mlflow/tracking/_model_registry/fluent.py:226, mlflow 3.17.2)."""
     client = mlflow.MlflowClient()
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description="pancreas_seg segmentation models: MLflow pyfunc models "
                                        "(CT NIfTI in, label map out); load with inference.model=models:/<name>@<alias>")
+    if model_uri.startswith("runs:/"):
+        run_id, _, model_name = model_uri.removeprefix("runs:/").strip("/").partition("/")
+        logged = logged_model_of_run(run_id, model_name) if model_name else None
+        if logged is not None:
+            model_uri = f"models:/{logged.model_id}"
     version = mlflow.register_model(model_uri, name, tags=dict(tags))
     return str(version.version)
 
