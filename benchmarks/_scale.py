@@ -263,6 +263,9 @@ class TreeSampler(threading.Thread):
                     info = self.processes[proc.pid] = {
                         "pid": proc.pid, "cmdline": cmdline, "parent": proc.ppid(), "peak_rss_mib": 0.0,
                         "max_sampled_rss_mib": 0.0, "first_seen_s": time.monotonic() - self.started}
+                if proc.pid in self.extra_workers and "cpu_base_s" not in info:
+                    times = proc.cpu_times()   # a running cluster's worker: count this run's CPU only
+                    info["cpu_base_s"] = times.user + times.system
                 rss = proc.memory_info().rss / 2**20
                 hwm = _vm_hwm_mib(proc.pid) or rss
                 if hwm > info["peak_rss_mib"]:
@@ -270,7 +273,7 @@ class TreeSampler(threading.Thread):
                     info["peak_at_unix"] = time.time()   # when the peak was last raised (+- one interval)
                 info["max_sampled_rss_mib"] = max(info["max_sampled_rss_mib"], rss)
                 times = proc.cpu_times()
-                info["cpu_s"] = times.user + times.system   # at the last sample
+                info["cpu_s"] = times.user + times.system - info.get("cpu_base_s", 0.0)   # at the last sample
                 info["last_seen_s"] = time.monotonic() - self.started
             except psutil.Error:
                 continue
