@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from pancreas_seg.imaging.geometry import ScanGeometry, axial_axis, axial_view
-from pancreas_seg.imaging.resize import body_bounding_box
+from pancreas_seg.imaging.geometry import MODEL_CHUNK_SLICES, ScanGeometry, axial_axis, axial_view
+from pancreas_seg.imaging.resize import body_bounding_box, resize_image_slices
 
 #: (permutation, flips): file axis i holds RAS axis perm[i], reversed where flips[i].
 AXIS_ORDERS = [(perm, flips) for perm in itertools.permutations(range(3))
@@ -113,3 +113,22 @@ def test_from_dict_reads_the_old_layout_and_refuses_inconsistent_records() -> No
         ScanGeometry.from_dict(geometry.to_dict() | {"axial_axis": 0})
     with pytest.raises(ValueError, match="model grid|model-grid"):
         geometry.label_from_model(np.zeros((6, 9, 8), np.uint8))
+
+
+@pytest.mark.parametrize(("output_px", "body_box"), [((32, 32), None), ((24, 24), (5, 60, 3, 58)),
+                                                      ((80, 80), None)])
+@pytest.mark.parametrize(("perm", "flips"), [((0, 1, 2), (False, False, False)), ((2, 0, 1), (True, False, True))])
+def test_image_to_model_in_chunks_equals_the_whole_stack_at_once(perm, flips, output_px, body_box) -> None:
+    """Resampling a few slices at a time (bounded memory) gives exactly the one-pass result:
+    area means (64 -> 32 px), Gaussian + linear downsampling and placing (framed on a body box),
+    and upsampling; int16 HU in, over a slice count that is not a multiple of the chunk."""
+    n_slices = 2 * MODEL_CHUNK_SLICES + 5
+    rng = np.random.default_rng(3)
+    ras = rng.integers(-1024, 2000, size=(64, 64, n_slices)).astype(np.int16)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    array, file_affine = _reorient(ras, affine, perm, flips)
+    geometry = ScanGeometry.plan(array.shape, file_affine, output_px, body_box_hw=body_box, body_margin_mm=4.0)
+    chunked = geometry.image_to_model(array, -1000.0)
+    whole = resize_image_slices(geometry.to_slices(array.astype(np.float32)), geometry.grid, fill_value=-1000.0)
+    assert chunked.dtype == np.float32 and chunked.shape == (n_slices, *output_px)
+    np.testing.assert_array_equal(chunked, whole)

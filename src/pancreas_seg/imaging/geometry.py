@@ -101,6 +101,10 @@ def axial_view(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return _to_slices(volume, lps_orientation(affine))
 
 
+#: Slices resampled per step by :meth:`ScanGeometry.image_to_model` (bounds its memory, not its result).
+MODEL_CHUNK_SLICES = 16
+
+
 def _as_box(box: Any) -> tuple[int, int, int, int] | None:
     return None if box is None else tuple(int(v) for v in box)  # type: ignore[return-value]
 
@@ -223,10 +227,16 @@ class ScanGeometry:
         """(X, Y, Z) image (e.g. HU) -> float32 (Z, *output_hw) on the model grid.
 
         Area/linear in-plane interpolation; ``fill_value`` (same unit as the image) where the model
-        grid extends beyond the scan.
+        grid extends beyond the scan. Works through :data:`MODEL_CHUNK_SLICES` slices at a time:
+        the interpolation is in-plane only, so the result is the same as for the whole stack at
+        once, while the float32 copies stay a few slices big instead of the whole scan's size.
         """
-        slices = self.to_slices(np.asarray(volume, dtype=np.float32))
-        return resize_image_slices(slices, self.grid, fill_value=fill_value)
+        slices = self.to_slices(np.asarray(volume))  # a view, the file's dtype
+        out = np.empty(self.model_shape, dtype=np.float32)
+        for start in range(0, len(slices), MODEL_CHUNK_SLICES):
+            chunk = np.asarray(slices[start:start + MODEL_CHUNK_SLICES], dtype=np.float32)
+            out[start:start + MODEL_CHUNK_SLICES] = resize_image_slices(chunk, self.grid, fill_value=fill_value)
+        return out
 
     def label_to_model(self, volume: np.ndarray) -> np.ndarray:
         """(X, Y, Z) integer labels -> (Z, *output_hw), same dtype, nearest neighbour, 0 outside."""
