@@ -68,6 +68,19 @@ def run_kedro_cli(project_path: Path, *args: str, env: str = SMOKE_ENV, check: b
     return result
 
 
+def rerun_evaluation(project_path: Path) -> subprocess.CompletedProcess[str]:
+    """Delete a trained project's evaluation outputs and predictions, then run ``evaluation`` in a
+    NEW process (:func:`run_kedro_cli`), so every output read afterwards was written by it."""
+    import shutil  # noqa: PLC0415
+
+    from pancreas_seg.models.names import MODEL_NAMES  # noqa: PLC0415
+
+    shutil.rmtree(project_path / "data" / "08_reporting" / "evaluation")
+    for name in MODEL_NAMES:
+        shutil.rmtree(project_path / "data" / "07_model_output" / name)
+    return run_kedro_cli(project_path, "--pipelines=evaluation")
+
+
 def latest_model_card(project_path: Path, architecture: str) -> dict[str, Any]:
     """The newest ``data/06_models/<arch>/model_card.json/<version>/model_card.json`` (with its
     ``version``); the model file of that same version must exist."""
@@ -199,6 +212,12 @@ def kedro_session_runner() -> Callable[..., dict[str, Any]]:
 def kedro_cli_runner() -> Callable[..., subprocess.CompletedProcess[str]]:
     """:func:`run_kedro_cli`, for tests that start ``kedro run`` as new processes."""
     return run_kedro_cli
+
+
+@pytest.fixture(scope="session")
+def evaluation_rerunner() -> Callable[[Path], subprocess.CompletedProcess[str]]:
+    """:func:`rerun_evaluation`: evaluation again, in a new process, over fresh outputs."""
+    return rerun_evaluation
 
 
 @pytest.fixture(scope="session")

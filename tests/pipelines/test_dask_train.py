@@ -13,7 +13,6 @@ and ``--pipelines=inference``, each in a NEW process on the sequential runner.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +96,7 @@ def _labels(path: Path) -> np.ndarray:
 
 
 def test_evaluation_and_inference_in_new_processes_after_the_dask_train(
-        dask_project: tuple[Path, str], smoke_project: Path, kedro_cli_runner, model_card_reader,
+        dask_project: tuple[Path, str], smoke_project: Path, kedro_cli_runner, evaluation_rerunner, model_card_reader,
         tmp_path: Path) -> None:
     """Evaluation re-run in its own process from the Dask-trained models gives the sequential
     project's per-case metrics and predicted label maps; inference on one held-out scan with a
@@ -108,11 +107,7 @@ def test_evaluation_and_inference_in_new_processes_after_the_dask_train(
     project, _ = dask_project
     evaluation = project / "data" / "08_reporting" / "evaluation"
     predictions = project / "data" / "07_model_output"
-    shutil.rmtree(evaluation)  # written by the Dask run: this process must write them again
-    for name in MODEL_NAMES:
-        shutil.rmtree(predictions / name)
-
-    kedro_cli_runner(project, "--pipelines=evaluation")
+    evaluation_rerunner(project)  # the Dask run wrote them: this new process must write them again
 
     manifest = pd.read_csv(project / "data" / "03_primary" / "case_manifest.csv")
     test_ids = sorted(manifest.loc[manifest["split"] == "test", "case_id"])

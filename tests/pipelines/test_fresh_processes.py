@@ -72,14 +72,10 @@ def test_train_persisted_the_split_and_versioned_cards(trained_project: Path, mo
     assert cascade["preprocessing_fingerprint"] == stage1["preprocessing_fingerprint"]
 
 
-def test_evaluation_in_a_fresh_process(trained_project: Path, kedro_cli_runner, model_card_reader) -> None:
+def test_evaluation_in_a_fresh_process(trained_project: Path, evaluation_rerunner, model_card_reader) -> None:
     evaluation = trained_project / "data" / "08_reporting" / "evaluation"
     predictions = trained_project / "data" / "07_model_output"
-    shutil.rmtree(evaluation)  # written by the train run: this process must write them again
-    for arch in MODEL_NAMES:
-        shutil.rmtree(predictions / arch)
-
-    kedro_cli_runner(trained_project, "--pipelines=evaluation")
+    evaluation_rerunner(trained_project)  # the train run wrote them: this new process must write them again
 
     manifest = _manifest(trained_project)
     test_cases = manifest[manifest["split"] == "test"]
