@@ -67,7 +67,7 @@ class ClusterSettings:
         cluster_kwargs: keyword arguments of ``cluster_class`` (queue, cores, memory, walltime ...).
         cluster_workers: how many workers (jobs, for dask-jobqueue) ``cluster_class`` is scaled to.
         trim_worker_memory: after each task, every worker hands the memory the task freed back to
-            the kernel (glibc ``malloc_trim``), so its resident memory does not creep up over a run.
+            the kernel (glibc ``malloc_trim``), so freed memory does not pile up in it over a run.
     """
 
     scheduler_address: str | None = None

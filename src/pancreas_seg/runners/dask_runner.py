@@ -362,7 +362,7 @@ class ProjectOnWorker(WorkerPlugin):
     Fresh workers do that side by side, instead of each on its first task, one after the other as
     the pipeline reaches them (a fresh worker's first task took 2-5 s more). After each task it
     hands the memory the task freed back to the kernel (:func:`pancreas_seg.runtime.release_free_heap`),
-    so a worker's resident memory does not creep up over hundreds of tasks.
+    so what its tasks freed does not pile up in a worker over hundreds of tasks.
     """
 
     NAME = "pancreas_seg-project"
