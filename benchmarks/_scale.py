@@ -223,6 +223,12 @@ def _vm_hwm_mib(pid: int) -> float | None:
     return None
 
 
+def is_worker_process(cmdline: str) -> bool:
+    """A LocalCluster worker process (multiprocessing's spawn), not a resource tracker."""
+    return (any(m in cmdline for m in WORKER_PROCESS_MARKERS)
+            and not any(m in cmdline for m in HELPER_PROCESS_MARKERS))
+
+
 class TreeSampler(threading.Thread):
     """Samples a process and all its descendants every ``interval`` s until :meth:`stop`.
 
@@ -294,9 +300,7 @@ class TreeSampler(threading.Thread):
         tracker, ``git`` started by MLflow, short-lived forks ...)."""
         driver = [p for p in self.processes.values() if p["pid"] == self.root]
         others = [p for p in self.processes.values() if p["pid"] != self.root]
-        workers = [p for p in others if p["pid"] in self.extra_workers
-                   or (any(m in p["cmdline"] for m in WORKER_PROCESS_MARKERS)
-                       and not any(m in p["cmdline"] for m in HELPER_PROCESS_MARKERS))]
+        workers = [p for p in others if p["pid"] in self.extra_workers or is_worker_process(p["cmdline"])]
         return {"driver": driver, "workers": workers, "others": [p for p in others if p not in workers]}
 
 
@@ -405,8 +409,7 @@ class RunningCluster:
         self.log_path = Path(log_path)
         self.address = address_file.read_text().strip()
         children = psutil.Process(self.process.pid).children(recursive=True)
-        self.worker_pids = [p.pid for p in children if any(m in " ".join(p.cmdline()) for m in WORKER_PROCESS_MARKERS)
-                            and not any(m in " ".join(p.cmdline()) for m in HELPER_PROCESS_MARKERS)]
+        self.worker_pids = [p.pid for p in children if is_worker_process(" ".join(p.cmdline()))]
         if len(self.worker_pids) != n_workers:
             self.close()
             raise RuntimeError(f"kedro dask-cluster started {len(self.worker_pids)} worker(s), expected {n_workers} "

@@ -139,9 +139,7 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
     """
     from distributed import Client  # noqa: PLC0415
 
-    # Dask sets its loggers to INFO when imported; keep its cluster start/stop chatter out of the run's
-    # log (conf/logging.yml does the same in the workers). Its warnings and errors still show.
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    _quiet_dask_logs()
     if settings.scheduler_address:
         logger.info("Dask: connecting to the scheduler at %s", settings.scheduler_address)
         with Client(settings.scheduler_address) as client:
@@ -169,7 +167,7 @@ def local_cluster(settings: ClusterSettings, scheduler_port: int = 0) -> Iterato
     import dask  # noqa: PLC0415
     from distributed import LocalCluster  # noqa: PLC0415
 
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # as in cluster_client
+    _quiet_dask_logs()
     offered = set(settings.worker_resources)
     for tag, resources in settings.resources_by_tag.items():
         missing = set(resources) - offered
@@ -212,6 +210,12 @@ def start_cluster_manager(settings: ClusterSettings) -> Iterator[Any]:
             yield cluster
         finally:
             cluster.close()
+
+
+def _quiet_dask_logs() -> None:
+    """Dask sets its loggers to INFO when imported; keep its cluster start/stop chatter out of the
+    run's log (conf/logging.yml does the same in the workers). Its warnings and errors still show."""
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 @contextmanager

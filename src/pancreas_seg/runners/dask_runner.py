@@ -403,7 +403,7 @@ class ProjectOnWorker(WorkerPlugin):
                 importlib.import_module(name)
             except Exception as error:  # noqa: BLE001 - the node's own task reports it properly
                 logger.debug("Dask worker %s: importing %s failed (%s: %s)", worker.address, name,
-                               type(error).__name__, error)
+                             type(error).__name__, error)
         if self.mlflow_parent is not None:
             try:
                 import mlflow  # noqa: PLC0415
@@ -415,8 +415,11 @@ class ProjectOnWorker(WorkerPlugin):
                                self.mlflow_parent.tracking_uri, type(error).__name__, error)
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        if self.trim_after_task and start in {"executing", "long-running"} and finish not in {"executing",
-                                                                                            "long-running"}:
+        if self.trim_after_task and start in _TASK_RUNNING and finish not in _TASK_RUNNING:  # a task ended
             from pancreas_seg.runtime import release_free_heap  # noqa: PLC0415
 
             release_free_heap()
+
+
+#: Worker task states in which a task is running (``long-running``: seceded, e.g. with worker_client).
+_TASK_RUNNING = frozenset({"executing", "long-running"})
