@@ -88,7 +88,9 @@ class DaskRunner(AbstractRunner):
         settings = ClusterSettings.from_config(project_config(), **self._overrides)
         hooks = hook_manager or _NullPluginManager()
         parent = _active_mlflow_run()
-        memory = {name for name in pipeline.datasets()
+        # MemoryDatasets that nodes produce move as task results; a free input held in memory (data
+        # put in the catalog by the caller) travels, with its data, in the catalog of each node reading it
+        memory = {name for name in pipeline.datasets() - pipeline.inputs()
                   if not _is_parameter(name) and isinstance(catalog.get(name, fallback_to_runtime_pattern=True),
                                                             MemoryDataset)}
         with cluster_client(settings) as client:
