@@ -125,7 +125,11 @@ def copies(realdata: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataF
 
 
 def _manifest(copies: pd.DataFrame) -> pd.DataFrame:
-    return copies.assign(split="train")[["case_id", "split", "image_path", "label_path"]]
+    """The case-manifest columns the preprocessing node reads (the file's array shape, as ingestion records it)."""
+    shapes = pd.DataFrame([nib.load(path).shape for path in copies["image_path"]],
+                          columns=["shape_x", "shape_y", "shape_z"], index=copies.index)
+    return copies.assign(split="train").join(shapes)[["case_id", "split", "image_path", "label_path",
+                                                      "shape_x", "shape_y", "shape_z"]]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -82,6 +82,21 @@ def lazy_cases(table: pd.DataFrame) -> dict[str, Any]:
     return partitions
 
 
+def _started(value: int) -> dict[str, Any]:
+    return {"value": value, "started": time.perf_counter(), "pid": os.getpid()}
+
+
+def costliest_first_on_the_cluster(table: pd.DataFrame) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Mapped and lazy per-case work whose cost is the row's value (the rows are not in cost order)."""
+    values = [int(v) for v in table["value"]]
+    started = map_over_cases(_started, values, what="Timing", names=list(table["case"]), costs=values)
+    partitions: dict[str, Any] = {}
+    for row in table.itertuples():
+        partitions.update(LazyCaseParts(_case_parts, (row.case, int(row.value)), ("image", "label"),
+                                        f"case {row.case}", cost=int(row.value)).partitions(row.case))
+    return started, partitions
+
+
 def summarise(meta: dict[str, Any], first: dict[str, Any], second: dict[str, Any],
               squares: list[dict[str, int]]) -> dict[str, Any]:
     return {"meta": meta, "workers": sorted({first["worker"], second["worker"]}),
@@ -175,6 +190,45 @@ def test_lazy_case_parts_compute_once_and_group_by_case() -> None:
     assert group_lazy_case_parts({"x": lambda: 1}) is None  # not LazyCaseParts: never shipped
     assert map_over_cases(_square, [2, 3], what="Squaring") == [
         {"x": 2, "square": 4, "pid": os.getpid()}, {"x": 3, "square": 9, "pid": os.getpid()}]
+
+
+def test_cases_are_grouped_costliest_first_and_costs_must_match_the_items() -> None:
+    partitions: dict[str, Any] = {}
+    for case, cost in (("a", 5), ("b", 9), ("c", 5), ("d", 1)):
+        partitions.update(LazyCaseParts(_case_parts, (case, 0), ("image", "label"), case, cost=cost).partitions(case))
+    groups = group_lazy_case_parts(partitions)
+    # the costliest case first; equal costs (a, c) keep their key order; each group in key order
+    assert [list(g) for g in groups] == [[f"{case}/image", f"{case}/label"] for case in "bacd"]
+    # without a cluster the items run in their own order, whatever the costs
+    assert [r["x"] for r in map_over_cases(_square, [1, 3, 2], what="Squaring", costs=[1, 3, 2])] == [1, 3, 2]
+    with pytest.raises(ValueError, match=r"Squaring: 2 cost\(s\) for 3 item\(s\)"):
+        map_over_cases(_square, [1, 3, 2], what="Squaring", costs=[1, 3])
+
+
+def test_a_worker_runs_the_costliest_cases_first(tmp_path: Path, dask_config) -> None:
+    """One worker with one thread runs tasks one at a time: their start order is the order given."""
+    values = [2, 7, 1, 9, 4, 6, 3]
+    catalog = DataCatalog(datasets={
+        # a free input held in memory (as a notebook user puts data in the catalog) reaches the worker
+        "table": MemoryDataset(pd.DataFrame({"case": [f"c{v}" for v in values], "value": values})),
+        "started": JSONDataset(filepath=str(tmp_path / "started.json")),
+        "cases": PartitionedDataset(path=str(tmp_path / "cases"), dataset="pickle.PickleDataset",
+                                    filename_suffix=".pkl", overwrite=True)})
+    pipeline = Pipeline([Node(costliest_first_on_the_cluster, "table", ["started", "cases"], name="by_cost")])
+    DaskRunner(n_workers=1).run(pipeline, catalog)
+
+    started = json.loads((tmp_path / "started.json").read_text())
+    assert [s["value"] for s in started] == values           # results in the items' order
+    assert os.getpid() not in {s["pid"] for s in started}      # computed on the worker
+    by_start = sorted(started, key=lambda s: s["started"])
+    assert [s["value"] for s in by_start] == sorted(values, reverse=True)
+    # the per-case saves ran costliest first too: the worker's call counter rises as the cost falls
+    cases = PartitionedDataset(path=str(tmp_path / "cases"), dataset="pickle.PickleDataset",
+                               filename_suffix=".pkl").load()
+    stamps = [cases[f"c{v}/image"]() for v in values]
+    assert len({int(stamp[0]) for stamp in stamps}) == 1 and int(stamps[0][0]) != os.getpid()
+    by_call = sorted(stamps, key=lambda stamp: int(stamp[1]))
+    assert [int(stamp[2]) for stamp in by_call] == sorted(values, reverse=True)
 
 
 def test_runs_the_pipeline_on_two_workers(tmp_path: Path, dask_config) -> None:

@@ -19,6 +19,10 @@ class CaseFiles:
     label: Path | None
     subset: str  # "training" (imagesTr + labelsTr) or "test" (imagesTs, no label)
 
+    def stored_bytes(self) -> int:
+        """Bytes of the case's files on disk (image + label): a cheap measure of the work of reading it."""
+        return sum(path.stat().st_size for path in (self.image, self.label) if path is not None)
+
 
 def case_id_from_path(path: str | Path) -> str:
     """``.../pancreas_001.nii.gz`` -> ``pancreas_001``."""

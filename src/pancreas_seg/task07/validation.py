@@ -201,9 +201,9 @@ def validate_task07(root: str | Path, affine_atol_mm: float = 1e-3,
                     map_cases: Callable[..., list[Any]] | None = None) -> ValidationResult:
     """Validate a whole Task07 folder. Never modifies anything under ``root``.
 
-    ``map_cases(function, cases, names=case_ids)`` may run the per-case checks elsewhere (e.g.
-    :func:`pancreas_seg.parallel.map_over_cases`, on a Dask cluster); it must return the results in
-    order. Without it the cases are checked here, one by one, reporting to ``progress``.
+    ``map_cases(function, cases, names=case_ids, costs=bytes_on_disk)`` may run the per-case checks
+    elsewhere (e.g. :func:`pancreas_seg.parallel.map_over_cases`, on a Dask cluster, the largest
+    files first); it must return the results in order. Without it the cases are checked here, one by one, reporting to ``progress``.
     """
     root = Path(root).resolve()
     dataset_json = read_dataset_json(root)
@@ -212,7 +212,8 @@ def validate_task07(root: str | Path, affine_atol_mm: float = 1e-3,
     unlisted_or_missing = {f.case_id for f in findings}
     check = functools.partial(validate_case, affine_atol_mm=affine_atol_mm)
     if map_cases is not None:
-        outcomes = map_cases(check, cases, names=[case.case_id for case in cases])
+        outcomes = map_cases(check, cases, names=[case.case_id for case in cases],
+                             costs=[case.stored_bytes() for case in cases])
     else:
         outcomes = []
         for index, case in enumerate(cases, start=1):

@@ -104,7 +104,8 @@ def prepare_training_crops(case_manifest: pd.DataFrame, intensity_stats: dict[st
         index_entries[row.case_id] = {"crop": geometry.to_dict(), "slack_px": slack}
         case = LazyCaseParts(cut_training_crop, (row.image_path, row.label_path, geometry, config, stats),
                              ("image", "label"),
-                             f"{CASCADE_NAME}: cutting training crop {index}/{len(cases)}: {row.case_id}")
+                             f"{CASCADE_NAME}: cutting training crop {index}/{len(cases)}: {row.case_id}",
+                             cost=float(label.array.size))   # the cut reads the whole scan
         partitions.update(case.partitions(row.case_id))
     return partitions, index_entries
 

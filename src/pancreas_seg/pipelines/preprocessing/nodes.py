@@ -64,7 +64,8 @@ def preprocess_cases(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any
 
     The shards of a case are made with exactly the :class:`ScanGeometry` recorded for it. Under
     :class:`pancreas_seg.runners.DaskRunner` the planning is mapped over the cluster's workers and
-    each case's partitions are saved by a task of their own (``<case_id>/`` is the group).
+    each case's partitions are saved by a task of their own (``<case_id>/`` is the group), the
+    largest scans (voxels) first.
 
     Returns:
         ``{"<case_id>/image": fn, "<case_id>/label": fn}`` for the PartitionedDataset (each fn
@@ -74,14 +75,16 @@ def preprocess_cases(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any
     config = PreprocessingConfig.from_params(preprocessing)
     stats = intensity_stats_from_dict(intensity_stats)
     cases = labelled_cases(case_manifest)
+    voxels = list(cases["shape_x"] * cases["shape_y"] * cases["shape_z"])   # a case's cost: its voxels
     plans = map_over_cases(functools.partial(plan_case_geometry, config=config), list(cases["image_path"]),
-                           what="Planning geometry", names=list(cases["case_id"]))
+                           what="Planning geometry", names=list(cases["case_id"]), costs=voxels)
     geometries = dict(zip(cases["case_id"], plans, strict=True))
 
     partitions: dict[str, Callable[[], np.ndarray]] = {}
     for position, row in enumerate(cases.itertuples(), start=1):
         case = LazyCaseParts(preprocess_case_parts,
                              (row.image_path, row.label_path, config, stats, geometries[row.case_id]),
-                             ("image", "label"), f"Preprocessing case {position}/{len(cases)}: {row.case_id}")
+                             ("image", "label"), f"Preprocessing case {position}/{len(cases)}: {row.case_id}",
+                             cost=float(np.prod(geometries[row.case_id].shape)))
         partitions.update(case.partitions(row.case_id))
     return partitions, {case_id: geometry.to_dict() for case_id, geometry in geometries.items()}
