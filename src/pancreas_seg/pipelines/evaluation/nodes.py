@@ -22,11 +22,6 @@ from pancreas_seg.evaluation.metrics import (
     summarise,
     summarise_lesions,
 )
-from pancreas_seg.evaluation.plots import (
-    pick_representative_slices,
-    plot_dice_boxplots,
-    plot_overlays,
-)
 from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
@@ -372,6 +367,8 @@ def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str
     metrics = pd.concat(frames, ignore_index=True).reindex(columns=METRIC_COLUMNS)
     table = comparison_table(summaries)
     markdown = markdown_table(table)
+    from pancreas_seg.evaluation.plots import plot_dice_boxplots  # noqa: PLC0415 - matplotlib when plotting only
+
     figure = plot_dice_boxplots(metrics)
     for summary in summaries:
         tracking.log_figure(summary["mlflow_run_id"], figure, "plots/dice_boxplots.png")
@@ -420,6 +417,8 @@ def plot_test_overlays(case_manifest: pd.DataFrame, evaluation: dict[str, Any], 
 
     Inputs after the parameters: each architecture's evaluation summary, then its test predictions.
     """
+    from pancreas_seg.evaluation.plots import pick_representative_slices, plot_overlays  # noqa: PLC0415
+
     n = len(inputs) // 2
     summaries, predictions = inputs[:n], inputs[n:]
     manifest = case_manifest.set_index("case_id")

@@ -11,9 +11,7 @@ from typing import Any
 import numpy as np
 
 from pancreas_seg.atomic import atomic_write_bytes
-from pancreas_seg.evaluation.plots import pick_representative_slices, plot_overlays
 from pancreas_seg.imaging.dicom_io import DicomVolume, read_dicom_folder
-from pancreas_seg.imaging.dicom_seg import write_dicom_seg
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti, save_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
@@ -45,6 +43,8 @@ def collect_inputs(input_path: str | Path) -> list[Path]:
 def save_overlay(ct: NiftiVolume, labels: np.ndarray, path: Path,
                  window_hu: tuple[float, float], title: str) -> None:
     """PNG of representative axial slices (radiological view) with the predicted mask."""
+    from pancreas_seg.evaluation.plots import pick_representative_slices, plot_overlays  # noqa: PLC0415
+
     label_slices = axial_view(labels, ct.affine)
     chosen = pick_representative_slices(np.moveaxis(label_slices, 0, -1), 3)
     ct_slices = axial_view(ct.array, ct.affine)[chosen].astype(np.float32)   # only the shown slices
@@ -85,6 +85,8 @@ def segment_volume_to_files(segment: Callable[[np.ndarray, np.ndarray, str], np.
            "voxels_pancreas": int(np.count_nonzero(labels == PANCREAS)),
            "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
     if isinstance(ct, DicomVolume) and inference.get("output_format", "nifti") == "dicom_seg":
+        from pancreas_seg.imaging.dicom_seg import write_dicom_seg  # noqa: PLC0415 - highdicom for DICOM-SEG only
+
         seg_path = output_dir / f"{case_id}_seg.dcm"
         write_dicom_seg(labels, ct.datasets, seg_path, model=architecture)
         row["dicom_seg"] = str(seg_path)
