@@ -5,25 +5,14 @@ Dice + cross-entropy loss and per-class Dice metrics -> fit_with_resume with .ke
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-NO_JAX = 77
-
 SCRIPT = r'''
 import json, sys
 from pathlib import Path
-
-try:
-    import jax  # noqa: F401
-except ImportError as error:
-    print(f"NOJAX {error}", flush=True)
-    sys.exit(77)
 
 import keras
 import numpy as np
@@ -68,7 +57,7 @@ print("RESULT " + json.dumps({
 '''
 
 
-def test_one_epoch_through_loader_and_checkpoints_under_jax(tmp_path: Path) -> None:
+def test_one_epoch_through_loader_and_checkpoints_under_jax(tmp_path: Path, jax_script) -> None:
     rng = np.random.default_rng(0)
     for case_id, n_slices in (("train_a", 8), ("train_b", 6), ("val_a", 5)):
         label = np.zeros((n_slices, 32, 32), np.uint8)
@@ -77,18 +66,8 @@ def test_one_epoch_through_loader_and_checkpoints_under_jax(tmp_path: Path) -> N
         image = (rng.normal(0.0, 0.3, label.shape) + label).astype(np.float32)
         np.save(tmp_path / f"{case_id}_image.npy", image)
         np.save(tmp_path / f"{case_id}_label.npy", label)
-    script = tmp_path / "fit_jax.py"
-    script.write_text(SCRIPT)
     checkpoint_dir = tmp_path / "checkpoints"
-    # XLA's CPU backend at optimisation level 0 compiles the many small per-shape programs
-    # (weight initialisers, train/eval steps) about 5x faster; results are the same programs.
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()}
-    process = subprocess.run([sys.executable, str(script), str(tmp_path), str(checkpoint_dir)], env=env,
-                             capture_output=True, text=True, timeout=300, check=False)
-    if process.returncode == NO_JAX:
-        pytest.skip(f"`import jax` fails in this environment: {process.stdout.strip()}")
-    assert process.returncode == 0, process.stderr[-4000:]
+    process = jax_script.run(tmp_path / "fit_jax.py", SCRIPT, str(tmp_path), str(checkpoint_dir))
     (line,) = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     result = json.loads(line[len("RESULT "):])
 

@@ -5,16 +5,8 @@ values are Dice scores, reports are per epoch."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
-
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 SCRIPT = r"""
 import json
@@ -55,15 +47,8 @@ print("RESULT " + json.dumps({"backend": keras.backend.backend(),
 """
 
 
-def test_trials_run_and_prune_under_jax() -> None:
-    if importlib.util.find_spec("jax") is None:  # pragma: no cover - depends on the environment
-        pytest.skip("JAX is not installed: the KERAS_BACKEND=jax check cannot run here")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-           "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"])),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
+def test_trials_run_and_prune_under_jax(tmp_path: Path, jax_script) -> None:
+    result = jax_script.run(tmp_path / "objective_jax.py", SCRIPT)
     [line] = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
     outcome = json.loads(line.removeprefix("RESULT "))
     assert outcome["backend"] == "jax"
