@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 def on_dask_worker() -> bool:
     """True inside a task that a ``dask.distributed`` worker is executing."""
+    if "distributed" not in sys.modules:   # a worker process has imported it; this saves the import
+        return False
     try:
         from distributed import get_worker  # noqa: PLC0415
     except ImportError:  # pragma: no cover - distributed is a project dependency
