@@ -1,13 +1,18 @@
-"""Tests of the project's Kedro datasets (NiftiDataset, NumpyDataset) on real files, no mocks.
+"""Tests of the project's Kedro datasets (NiftiDataset, NumpyDataset, FigureDataset) on real files, no mocks.
 
 KerasModelDataset is covered by the model tests.
 """
 
 from __future__ import annotations
 
+import base64
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import nibabel as nib
@@ -17,7 +22,7 @@ from kedro.io.core import DatasetError, Version
 from kedro_datasets.partitions import PartitionedDataset
 
 from pancreas_seg.atomic import atomic_write_bytes
-from pancreas_seg.datasets import NiftiDataset, NumpyDataset
+from pancreas_seg.datasets import FigureDataset, NiftiDataset, NumpyDataset
 from pancreas_seg.imaging.nifti_io import NiftiVolume, orientation_code
 
 
@@ -324,3 +329,76 @@ def test_numpy_dataset_on_memory_filesystem(memory_root: str) -> None:
     assert dataset.exists()
     loaded = dataset.load()
     assert loaded.dtype == np.float16 and np.array_equal(loaded, array)
+
+
+# ---- FigureDataset ----
+
+def _figure(width_in: float = 3.0) -> Any:
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    figure = Figure(figsize=(width_in, 2.0))
+    figure.add_subplot().plot([0, 1, 2], [0, 1, 4])
+    return figure
+
+
+def _png_size(payload: bytes) -> tuple[int, int]:
+    assert payload[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(payload[16:20], "big"), int.from_bytes(payload[20:24], "big")
+
+
+def test_figure_dataset_writes_the_image_with_its_save_args_and_previews_it(tmp_path: Path) -> None:
+    path = tmp_path / "plots" / "curves.png"
+    FigureDataset(filepath=str(path), save_args={"dpi": 50}).save(_figure())
+    assert _png_size(path.read_bytes()) == (150, 100)          # 3 x 2 in at 50 dpi
+    FigureDataset(filepath=str(path), save_args={"dpi": 100}).save(_figure())
+    assert _png_size(path.read_bytes()) == (300, 200)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["curves.png"]    # no temporary files left
+    dataset = FigureDataset(filepath=str(path))
+    assert dataset.exists()
+    assert base64.b64decode(dataset.preview()) == path.read_bytes()
+    # the format follows the suffix
+    svg = tmp_path / "curves.svg"
+    FigureDataset(filepath=str(svg)).save(_figure())
+    assert b"<svg" in svg.read_bytes()[:2000]
+
+
+def test_figure_dataset_errors_name_the_file_and_a_failed_save_keeps_the_previous_image(tmp_path: Path) -> None:
+    path = tmp_path / "boxplots.png"
+    FigureDataset(filepath=str(path)).save(_figure())
+    before = path.read_bytes()
+    with pytest.raises(DatasetError, match=r"boxplots\.png: expected a matplotlib Figure to save, got dict"):
+        FigureDataset(filepath=str(path)).save({"not": "a figure"})
+    with pytest.raises(DatasetError, match=r"boxplots\.png.*(?i:format)"):   # matplotlib rejects the format
+        FigureDataset(filepath=str(path), save_args={"format": "no-such-format"}).save(_figure())
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["boxplots.png"]
+    with pytest.raises(DatasetError, match=r"boxplots\.png: FigureDataset only saves figures"):
+        FigureDataset(filepath=str(path)).load()
+
+
+def test_versioned_figure_dataset_keeps_every_version(tmp_path: Path) -> None:
+    path = tmp_path / "overlay.png"
+    for save_version in ("2026-12-04T10.00.00.000Z", "2026-12-04T11.00.00.000Z"):
+        FigureDataset(filepath=str(path), version=Version(None, save_version)).save(_figure())
+    assert sorted(p.name for p in path.iterdir()) == ["2026-12-04T10.00.00.000Z", "2026-12-04T11.00.00.000Z"]
+    assert all(_png_size((v / "overlay.png").read_bytes()) for v in path.iterdir())
+
+
+def test_declaring_figure_datasets_does_not_import_matplotlib() -> None:
+    """kedro-mlflow builds every catalog entry when a run starts; plots cost nothing until saved."""
+    code = ("import sys; from kedro.io import AbstractDataset; "
+            "AbstractDataset.from_config('plot', {'type': 'pancreas_seg.datasets.FigureDataset', "
+            "'filepath': 'data/08_reporting/x.png', 'save_args': {'dpi': 110}}); "
+            "print('matplotlib' in sys.modules)")
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                             check=False)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_every_plot_in_the_catalogs_is_written_atomically() -> None:
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    text = "\n".join(path.read_text() for path in sorted(conf.rglob("catalog*.yml")))
+    assert "pancreas_seg.datasets.FigureDataset" in text
+    assert "matplotlib.MatplotlibDataset" not in text   # Kedro's writes the file in place

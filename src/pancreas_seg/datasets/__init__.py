@@ -1,11 +1,12 @@
-"""Kedro datasets for NIfTI volumes, NumPy arrays and Keras models (thin, fsspec-based).
+"""Kedro datasets for NIfTI volumes, NumPy arrays, Keras models and figures (thin, fsspec-based).
 
 Use them in ``conf/*/catalog.yml`` as ``pancreas_seg.datasets.NiftiDataset`` and so on.
 """
 
+from pancreas_seg.datasets.figure_dataset import FigureDataset
 from pancreas_seg.datasets.keras_model_dataset import KerasModelDataset
 from pancreas_seg.datasets.nifti_dataset import NiftiDataset
 from pancreas_seg.datasets.numpy_dataset import NumpyDataset
 from pancreas_seg.datasets.optional_partitions import OptionalPartitionedDataset
 
-__all__ = ["KerasModelDataset", "NiftiDataset", "NumpyDataset", "OptionalPartitionedDataset"]
+__all__ = ["FigureDataset", "KerasModelDataset", "NiftiDataset", "NumpyDataset", "OptionalPartitionedDataset"]

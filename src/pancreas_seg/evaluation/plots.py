@@ -1,8 +1,8 @@
 """Report figures: training curves, Dice and HD95 box plots, CT overlays (Matplotlib, no pyplot state).
 
 Every ``plot_*`` function builds a :class:`matplotlib.figure.Figure` directly (no ``pyplot``
-global state, no GUI backend) and returns it; the caller saves it (``fig.savefig(path)``, or a
-Kedro ``matplotlib.MatplotlibDataset``).
+global state, no GUI backend) and returns it; the caller saves it (``fig.savefig(path)``, or the
+catalog's :class:`pancreas_seg.datasets.FigureDataset`).
 """
 
 from __future__ import annotations
