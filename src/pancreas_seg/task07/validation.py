@@ -203,7 +203,8 @@ def validate_task07(root: str | Path, affine_atol_mm: float = 1e-3,
 
     ``map_cases(function, cases, names=case_ids, costs=bytes_on_disk)`` may run the per-case checks
     elsewhere (e.g. :func:`pancreas_seg.parallel.map_over_cases`, on a Dask cluster, the largest
-    files first); it must return the results in order. Without it the cases are checked here, one by one, reporting to ``progress``.
+    files first); it must return the results in order. Without it the cases are checked here, one
+    by one, reporting to ``progress``.
     """
     root = Path(root).resolve()
     dataset_json = read_dataset_json(root)

@@ -81,10 +81,10 @@ def preprocess_cases(case_manifest: pd.DataFrame, intensity_stats: dict[str, Any
     geometries = dict(zip(cases["case_id"], plans, strict=True))
 
     partitions: dict[str, Callable[[], np.ndarray]] = {}
-    for position, row in enumerate(cases.itertuples(), start=1):
+    for position, (row, cost) in enumerate(zip(cases.itertuples(), voxels, strict=True), start=1):
         case = LazyCaseParts(preprocess_case_parts,
                              (row.image_path, row.label_path, config, stats, geometries[row.case_id]),
                              ("image", "label"), f"Preprocessing case {position}/{len(cases)}: {row.case_id}",
-                             cost=float(np.prod(geometries[row.case_id].shape)))
+                             cost=cost)
         partitions.update(case.partitions(row.case_id))
     return partitions, {case_id: geometry.to_dict() for case_id, geometry in geometries.items()}
