@@ -2,7 +2,8 @@
 
 A file is written next to its target under a temporary name and renamed into place with
 ``os.replace``, so an interrupted run (even ``kill -9``) never leaves a half-written file that
-looks complete.
+looks complete. The file gets the permissions a plain ``open(path, "w")`` would give it (0666
+less the process's umask), not the owner-only 0600 of the temporary file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,20 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _new_file_mode() -> int:
+    """The permission bits ``open(path, "w")`` gives a new file: 0666 less the umask.
+
+    Read once, when this module is imported: reading the umask means setting it for a moment,
+    which is only safe before other threads create files.
+    """
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+NEW_FILE_MODE = _new_file_mode()
 
 
 @contextmanager
@@ -29,6 +44,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.is_file():
+            tmp.chmod(NEW_FILE_MODE)   # mkstemp made it owner-only
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

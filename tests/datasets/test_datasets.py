@@ -21,7 +21,7 @@ import pytest
 from kedro.io.core import DatasetError, Version
 from kedro_datasets.partitions import PartitionedDataset
 
-from pancreas_seg.atomic import atomic_write_bytes
+from pancreas_seg.atomic import atomic_path, atomic_write_bytes
 from pancreas_seg.datasets import FigureDataset, NiftiDataset, NumpyDataset
 from pancreas_seg.imaging.nifti_io import NiftiVolume, orientation_code
 
@@ -402,3 +402,17 @@ def test_every_plot_in_the_catalogs_is_written_atomically() -> None:
     text = "\n".join(path.read_text() for path in sorted(conf.rglob("catalog*.yml")))
     assert "pancreas_seg.datasets.FigureDataset" in text
     assert "matplotlib.MatplotlibDataset" not in text   # Kedro's writes the file in place
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
+    """Not mkstemp's owner-only 0600: shared outputs stay readable as any other file the run writes."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    expected = plain.stat().st_mode & 0o777
+    atomic_write_bytes(tmp_path / "atomic.bin", b"x")
+    with atomic_path(tmp_path / "model.keras") as tmp:
+        tmp.write_bytes(b"x")
+    NumpyDataset(filepath=str(tmp_path / "array.npy")).save(np.zeros(3))
+    FigureDataset(filepath=str(tmp_path / "figure.png")).save(_figure())
+    for name in ("atomic.bin", "model.keras", "array.npy", "figure.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
