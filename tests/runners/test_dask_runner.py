@@ -172,6 +172,15 @@ def test_settings_from_config_overrides_and_errors() -> None:
         ClusterSettings.from_config({"local_cluster": {"n_worker": 2}})
     with pytest.raises(ValueError, match="n_workers"):
         ClusterSettings.from_config({"local_cluster": {"n_workers": 0}})
+    # the workers' glibc arenas: 1 by default, glibc's own default with null, never below 1
+    environ = "distributed.nanny.pre-spawn-environ"
+    assert settings.malloc_arena_max == 1 and settings.local_worker_config()[environ]["MALLOC_ARENA_MAX"] == 1
+    glibc_default = ClusterSettings.from_config({"local_cluster": {"malloc_arena_max": None}})
+    assert glibc_default.malloc_arena_max is None
+    assert "MALLOC_ARENA_MAX" not in glibc_default.local_worker_config()[environ]
+    assert glibc_default.local_worker_config()[environ]["OMP_NUM_THREADS"] == 1
+    with pytest.raises(ValueError, match=r"local_cluster.malloc_arena_max \(0\) must be >= 1"):
+        ClusterSettings.from_config({"local_cluster": {"malloc_arena_max": 0}})
     needs_gpu = ClusterSettings.from_config({"resources_by_tag": {MODEL_TRAINING_TAG: {"GPU": 1}}})
     with pytest.raises(ValueError, match=r"needs \['GPU'\], which no local_cluster worker offers"), \
             cluster_client(needs_gpu):
@@ -405,6 +414,8 @@ def test_a_running_cluster_serves_runs_and_every_worker_is_warmed_up(tmp_path: P
         with Client(address) as client:
             workers = client.run(os.getpid)
             assert client.run(lambda: module_name in sys.modules) == dict.fromkeys(workers, False)
+            # the project's worker settings reached the worker processes' environment
+            assert client.run(lambda: os.environ.get("MALLOC_ARENA_MAX")) == dict.fromkeys(workers, "1")
         pipeline = Pipeline([Node(probe.stamp, "params:n_rows", "first", name="stamp")])
         stamps = []
         for _ in range(2):

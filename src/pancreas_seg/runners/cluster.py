@@ -27,6 +27,8 @@ _project_config: dict[str, Any] = {}
 #:   first touch: preprocessing was slower in a worker than in a plain process
 #:   (benchmarks/preprocessing_throughput.py), and training's ``retain_heap`` stood aside. The
 #:   one-thread limits of numerical libraries stay: several tasks may share a worker's cores.
+#: ``local_cluster.malloc_arena_max`` (:attr:`ClusterSettings.malloc_arena_max`) adds
+#: ``MALLOC_ARENA_MAX`` to the workers' environment.
 LOCAL_WORKER_CONFIG: dict[str, Any] = {
     "distributed.worker.daemon": False,
     "distributed.nanny.pre-spawn-environ": {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1,
@@ -66,6 +68,11 @@ class ClusterSettings:
             ``dask_jobqueue.SLURMCluster`` (each worker is a batch job); None: LocalCluster.
         cluster_kwargs: keyword arguments of ``cluster_class`` (queue, cores, memory, walltime ...).
         cluster_workers: how many workers (jobs, for dask-jobqueue) ``cluster_class`` is scaled to.
+        malloc_arena_max: glibc malloc arenas per LocalCluster worker process (its
+            ``MALLOC_ARENA_MAX``). 1: a task's thread allocates from the process's main heap, as in
+            a plain single-threaded process; otherwise each task thread gets an arena of its own,
+            which keeps what a task freed (a 512 x 512 scan's preprocessing peaked about 25 MiB
+            higher, docs/dask.md). None: glibc's default (8 per core).
         trim_worker_memory: after each task, every worker hands the memory the task freed back to
             the kernel (glibc ``malloc_trim``), so freed memory does not pile up in it over a run.
     """
@@ -76,6 +83,7 @@ class ClusterSettings:
     memory_limit: str | int | None = "auto"
     worker_resources: dict[str, float] = field(default_factory=dict)
     dashboard_address: str | None = None
+    malloc_arena_max: int | None = 1
     resources_by_tag: dict[str, dict[str, float]] = field(default_factory=dict)
     cluster_class: str | None = None
     cluster_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -93,13 +101,15 @@ class ClusterSettings:
         local = dict(config.pop("local_cluster", None) or {})
         manager = dict(config.pop("cluster", None) or {})
         known_top = {"scheduler_address", "resources_by_tag", "trim_worker_memory"}
-        known_local = {"n_workers", "threads_per_worker", "memory_limit", "resources", "dashboard_address"}
+        known_local = {"n_workers", "threads_per_worker", "memory_limit", "resources", "dashboard_address",
+                       "malloc_arena_max"}
         known_manager = {"class", "kwargs", "n_workers"}
         unknown = (sorted(set(config) - known_top) + sorted(f"local_cluster.{k}" for k in set(local) - known_local)
                    + sorted(f"cluster.{k}" for k in set(manager) - known_manager))
         if unknown:
             raise ValueError(f"dask.yml: unknown setting(s) {unknown}; known: {sorted(known_top)}, "
                              f"local_cluster.{sorted(known_local)} and cluster.{sorted(known_manager)}")
+        arenas = local.get("malloc_arena_max", cls.malloc_arena_max)
         settings = cls(
             scheduler_address=config.get("scheduler_address") or None,
             n_workers=int(local.get("n_workers", cls.n_workers)),
@@ -107,6 +117,7 @@ class ClusterSettings:
             memory_limit=local.get("memory_limit", cls.memory_limit),
             worker_resources={str(k): float(v) for k, v in (local.get("resources") or {}).items()},
             dashboard_address=local.get("dashboard_address") or None,
+            malloc_arena_max=None if arenas is None else int(arenas),
             resources_by_tag={str(tag): {str(k): float(v) for k, v in (res or {}).items()}
                               for tag, res in (config.get("resources_by_tag") or {}).items()},
             cluster_class=manager.get("class") or None,
@@ -118,7 +129,18 @@ class ClusterSettings:
         if settings.n_workers < 1 or settings.threads_per_worker < 1:
             raise ValueError(f"dask.yml: local_cluster.n_workers ({settings.n_workers}) and "
                              f"threads_per_worker ({settings.threads_per_worker}) must be >= 1")
+        if settings.malloc_arena_max is not None and settings.malloc_arena_max < 1:
+            raise ValueError(f"dask.yml: local_cluster.malloc_arena_max ({settings.malloc_arena_max}) must be "
+                             ">= 1, or null for glibc's default")
         return settings
+
+    def local_worker_config(self) -> dict[str, Any]:
+        """The Dask configuration that LocalCluster workers start with: :data:`LOCAL_WORKER_CONFIG`
+        plus ``MALLOC_ARENA_MAX`` in their environment (glibc reads it when a process starts)."""
+        environ = dict(LOCAL_WORKER_CONFIG["distributed.nanny.pre-spawn-environ"])
+        if self.malloc_arena_max is not None:
+            environ["MALLOC_ARENA_MAX"] = self.malloc_arena_max
+        return {**LOCAL_WORKER_CONFIG, "distributed.nanny.pre-spawn-environ": environ}
 
     def resources_for(self, tags: set[str] | frozenset[str]) -> dict[str, float] | None:
         """The Dask resources a node with ``tags`` needs (summed over its tags); None if none."""
@@ -159,7 +181,7 @@ def cluster_client(settings: ClusterSettings) -> Iterator[Any]:
 def local_cluster(settings: ClusterSettings, scheduler_port: int = 0) -> Iterator[Any]:
     """A ``distributed.LocalCluster`` of ``settings.n_workers`` worker processes on 127.0.0.1 (its
     scheduler on ``scheduler_port``; 0: any free port), with this project's worker settings
-    (:data:`LOCAL_WORKER_CONFIG`); closed on exit.
+    (:meth:`ClusterSettings.local_worker_config`); closed on exit.
 
     Raises:
         ValueError: a node tag asks for resources that no worker offers.
@@ -176,7 +198,7 @@ def local_cluster(settings: ClusterSettings, scheduler_port: int = 0) -> Iterato
                              f"local_cluster worker offers (local_cluster.resources: {sorted(offered)})")
     logger.info("Dask: starting a LocalCluster of %d worker process(es) x %d thread(s), resources %s",
                 settings.n_workers, settings.threads_per_worker, settings.worker_resources or "none")
-    with _driver_environ_restored(), dask.config.set(LOCAL_WORKER_CONFIG), LocalCluster(
+    with _driver_environ_restored(), dask.config.set(settings.local_worker_config()), LocalCluster(
             n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker, processes=True,
             memory_limit=settings.memory_limit or 0, host="127.0.0.1", scheduler_port=scheduler_port,
             dashboard_address=settings.dashboard_address,
