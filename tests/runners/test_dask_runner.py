@@ -29,7 +29,7 @@ from kedro_datasets.pandas import CSVDataset
 from kedro_datasets.partitions import PartitionedDataset
 
 from pancreas_seg.parallel import LazyCaseParts, group_lazy_case_parts, map_over_cases
-from pancreas_seg.pipelines import MODEL_TRAINING_TAG
+from pancreas_seg.pipelines import MODEL_TRAINING_TAG, NO_MLFLOW_RUN_TAG
 from pancreas_seg.runners import DaskRunner
 from pancreas_seg.runners.cluster import ClusterSettings, cluster_client, use_project_config
 from pancreas_seg.runners.dask_runner import ProjectOnWorker, serve_local_cluster
@@ -320,6 +320,52 @@ def test_nested_mlflow_runs_from_workers_land_under_the_driver_run(tmp_path: Pat
         mlflow.set_tracking_uri(saved_uri)
 
 
+def modules_loaded(table: pd.DataFrame) -> dict[str, Any]:
+    """A data node: whether its worker process has loaded MLflow."""
+    return {"pid": os.getpid(), "rows": len(table), "mlflow_loaded": "mlflow" in sys.modules}
+
+
+def logs_anyway(table: pd.DataFrame) -> dict[str, Any]:
+    import mlflow  # noqa: PLC0415
+
+    mlflow.log_metric("rows", len(table))
+    return {"rows": len(table)}
+
+
+def test_nodes_tagged_no_mlflow_run_leave_mlflow_off_the_workers(tmp_path: Path, dask_config) -> None:
+    """Under an active MLflow run, a pipeline of tagged nodes (as ingestion and preprocessing are)
+    runs on workers that never load MLflow; a tagged node that logs all the same fails, naming itself,
+    and the run MLflow started for it is ended as FAILED."""
+    import mlflow  # noqa: PLC0415
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    saved_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.set_experiment("dask_runner_untracked")
+        with mlflow.start_run(run_name="parent") as parent:
+            untracked = Pipeline([Node(make_table, "params:n_rows", ["table", "meta"], name="make_table"),
+                                  Node(modules_loaded, "table", "first", name="modules_loaded")],
+                                 tags=NO_MLFLOW_RUN_TAG)
+            DaskRunner().run(untracked, _catalog(tmp_path))
+            report = json.loads((tmp_path / "first.json").read_text())
+            assert report["pid"] != os.getpid() and report["rows"] == 4
+            assert report["mlflow_loaded"] is False
+            misused = Pipeline([Node(make_table, "params:n_rows", ["table", "meta"], name="make_table"),
+                                Node(logs_anyway, "table", "second", name="logs_anyway")], tags=NO_MLFLOW_RUN_TAG)
+            with pytest.raises(RuntimeError, match=r"Node 'logs_anyway' is tagged 'no_mlflow_run' but logged to "
+                                                   r"MLflow, which started run \w+ outside the pipeline's run"):
+                DaskRunner().run(misused, _catalog(tmp_path))
+        # nothing was logged into the pipeline's run; the run MLflow started for the node was ended
+        assert mlflow.get_run(parent.info.run_id).data.metrics == {}
+        runs = mlflow.search_runs(experiment_ids=[experiment.experiment_id], output_format="list")
+        stray = [r for r in runs if r.info.run_id != parent.info.run_id]
+        assert len(stray) == 1 and stray[0].data.metrics == {"rows": 4.0} and stray[0].info.status == "FAILED"
+        assert "mlflow.parentRunId" not in stray[0].data.tags
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+
+
 def test_a_cluster_manager_class_from_config_runs_the_pipeline(tmp_path: Path) -> None:
     """``dask.cluster.class`` (here distributed's own LocalCluster, the SLURM config's code path)."""
     environ = dict(os.environ)
@@ -360,6 +406,7 @@ def test_the_slurm_environment_builds_a_slurm_job_per_gpu_worker() -> None:
     assert "#SBATCH -p gpu" in script and "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 12:00:00" in script
     assert "--resources accelerator=1" in script and "cd /path/to/pancreas_seg" in script
     assert "export KERAS_BACKEND=jax" in script and "--no-nanny" in script
+    assert "export MALLOC_ARENA_MAX=1\n" in script  # what a LocalCluster's workers get from the runner
 
 
 def test_worker_size_estimates_leave_the_global_random_generator_alone() -> None:

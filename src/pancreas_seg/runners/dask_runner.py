@@ -18,7 +18,9 @@ How it works:
   label are computed together, once). Per-case loops inside a node use
   :func:`pancreas_seg.parallel.map_over_cases` and are mapped over the workers the same way.
 * MLflow: each task re-opens the driver's active run (kedro-mlflow's parent run) in its worker, so
-  nested runs and metrics land where the sequential runner puts them. Node hooks
+  nested runs and metrics land where the sequential runner puts them; a node tagged
+  ``no_mlflow_run`` (:data:`pancreas_seg.pipelines.NO_MLFLOW_RUN_TAG`: ingestion, preprocessing)
+  runs without it, and a worker that runs only such nodes never loads MLflow. Node hooks
   (``before_node_run``/``after_node_run``/``on_node_error``) run in the driver with the node's
   parameter inputs (kedro-mlflow logs them from there); the node's datasets are never loaded in
   the driver. Dataset hooks do not run, as with Kedro's own ParallelRunner.
@@ -47,6 +49,7 @@ from kedro.pipeline.node import Node
 from kedro.runner import AbstractRunner
 from kedro.runner.task import Task
 
+from pancreas_seg.pipelines import NO_MLFLOW_RUN_TAG
 from pancreas_seg.runners.cluster import ClusterSettings, cluster_client, local_cluster, project_config
 
 logger = logging.getLogger(__name__)
@@ -93,10 +96,12 @@ class DaskRunner(AbstractRunner):
         memory = {name for name in pipeline.datasets() - pipeline.inputs()
                   if not _is_parameter(name) and isinstance(catalog.get(name, fallback_to_runtime_pattern=True),
                                                             MemoryDataset)}
+        tracked = any(NO_MLFLOW_RUN_TAG not in node.tags for node in pipeline.nodes)
         with cluster_client(settings) as client:
             client.register_plugin(
                 ProjectOnWorker(_package_name(), str(Path.cwd()), warm_modules=node_modules(pipeline.nodes),
-                                mlflow_parent=parent, trim_after_task=settings.trim_worker_memory),
+                                mlflow_parent=parent if tracked else None,
+                                trim_after_task=settings.trim_worker_memory),
                 name=ProjectOnWorker.NAME)
             logger.info("Dask: %d node(s) on %d worker(s) (dashboard: %s)", len(pipeline.nodes),
                         len(client.scheduler_info().get("workers", {})), client.dashboard_link or "off")
@@ -174,10 +179,38 @@ def run_node_on_worker(node: Node, catalog: DataCatalog, upstream: Mapping[str, 
         catalog[name] = MemoryDataset(result[name])
     for name in memory_outputs:
         catalog[name] = MemoryDataset()
-    with _reopened_mlflow_run(parent):
-        Task(node=node, catalog=catalog, is_async=is_async, hook_manager=_NullPluginManager(),
-             run_id=run_id).execute()
+    if NO_MLFLOW_RUN_TAG in node.tags:
+        with _no_mlflow_run(node):
+            Task(node=node, catalog=catalog, is_async=is_async, hook_manager=_NullPluginManager(),
+                 run_id=run_id).execute()
+    else:
+        with _reopened_mlflow_run(parent):
+            Task(node=node, catalog=catalog, is_async=is_async, hook_manager=_NullPluginManager(),
+                 run_id=run_id).execute()
     return {name: catalog.load(name) for name in memory_outputs}
+
+
+@contextmanager
+def _no_mlflow_run(node: Node) -> Iterator[None]:
+    """Run a node tagged :data:`~pancreas_seg.pipelines.NO_MLFLOW_RUN_TAG` without an MLflow run.
+
+    Raises:
+        RuntimeError: the node logged to MLflow after all (MLflow then started a run of its own,
+            outside the pipeline's run); that run is ended as FAILED.
+    """
+    yield
+    if "mlflow" not in sys.modules:  # the node never imported it
+        return
+    import mlflow  # noqa: PLC0415
+
+    stray = mlflow.active_run()
+    if stray is None:
+        return
+    while mlflow.active_run() is not None:
+        mlflow.end_run("FAILED")
+    raise RuntimeError(f"Node {node.name!r} is tagged {NO_MLFLOW_RUN_TAG!r} but logged to MLflow, which started "
+                       f"run {stray.info.run_id} outside the pipeline's run; remove the tag so that the node "
+                       "logs into the pipeline's run")
 
 
 def _node_catalog(catalog: Any, node: Node, memory: set[str]) -> DataCatalog:

@@ -2,6 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from pancreas_seg.pipelines import NO_MLFLOW_RUN_TAG
 from pancreas_seg.pipelines.ingestion import nodes
 
 
@@ -16,4 +17,4 @@ def create_pipeline(**kwargs) -> Pipeline:
              "case_splits", name="plan_split"),
         Node(nodes.build_case_manifest, ["valid_cases", "case_splits", "raw_task07_root"], "case_manifest",
              name="build_case_manifest"),
-    ])
+    ], tags=NO_MLFLOW_RUN_TAG)  # they never log to MLflow: no MLflow on the Dask workers
