@@ -393,7 +393,8 @@ class ProjectOnWorker(WorkerPlugin):
     folder when the worker can see it (LocalCluster, shared file systems), configures the project's
     settings and logging, and keeps Python's global random generator to the node being run
     (:func:`deterministic_collection_sizeof`). It then warms the worker up: it imports the modules of
-    the run's node functions and, when the run has an MLflow parent run, opens its tracking store.
+    the run's node functions and, when the run has an MLflow parent run and a node that may log to it
+    (one without the ``no_mlflow_run`` tag), opens its tracking store.
     Fresh workers do that side by side, instead of each on its first task, one after the other as
     the pipeline reaches them (a fresh worker's first task took 2-5 s more). After each task it
     hands the memory the task freed back to the kernel (:func:`pancreas_seg.runtime.release_free_heap`),
@@ -429,8 +430,9 @@ class ProjectOnWorker(WorkerPlugin):
         self.warm_up(worker)
 
     def warm_up(self, worker: Any) -> None:
-        """Import the node modules and open the MLflow store now. A module the worker cannot import
-        (a function shipped by value, say) is skipped: the task that needs it raises the real error."""
+        """Import the node modules and open the MLflow store (if given) now. A module the worker
+        cannot import (a function shipped by value, say) is skipped: the task that needs it raises
+        the real error."""
         import importlib  # noqa: PLC0415
 
         for name in self.warm_modules:
