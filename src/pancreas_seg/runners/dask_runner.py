@@ -179,14 +179,10 @@ def run_node_on_worker(node: Node, catalog: DataCatalog, upstream: Mapping[str, 
         catalog[name] = MemoryDataset(result[name])
     for name in memory_outputs:
         catalog[name] = MemoryDataset()
-    if NO_MLFLOW_RUN_TAG in node.tags:
-        with _no_mlflow_run(node):
-            Task(node=node, catalog=catalog, is_async=is_async, hook_manager=_NullPluginManager(),
-                 run_id=run_id).execute()
-    else:
-        with _reopened_mlflow_run(parent):
-            Task(node=node, catalog=catalog, is_async=is_async, hook_manager=_NullPluginManager(),
-                 run_id=run_id).execute()
+    mlflow_scope = _no_mlflow_run(node) if NO_MLFLOW_RUN_TAG in node.tags else _reopened_mlflow_run(parent)
+    with mlflow_scope:
+        Task(node=node, catalog=catalog, is_async=is_async, hook_manager=_NullPluginManager(),
+             run_id=run_id).execute()
     return {name: catalog.load(name) for name in memory_outputs}
 
 
