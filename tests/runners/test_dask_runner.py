@@ -156,6 +156,17 @@ class RecordingHooks:
 
 
 @pytest.fixture
+def sqlite_tracking(tmp_path: Path):
+    """MLflow (the module) tracking to a real sqlite store in ``tmp_path``; the previous URI after."""
+    import mlflow  # noqa: PLC0415
+
+    saved_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield mlflow
+    mlflow.set_tracking_uri(saved_uri)
+
+
+@pytest.fixture
 def dask_config():
     use_project_config(CLUSTER)
     yield
@@ -290,34 +301,29 @@ def test_a_failing_node_stops_the_run_with_its_error(tmp_path: Path, dask_config
     assert hooks.errors == ["fail: /data/broken_case.nii.gz: not a NIfTI file (4 rows seen)"]
 
 
-def test_nested_mlflow_runs_from_workers_land_under_the_driver_run(tmp_path: Path, dask_config) -> None:
-    import mlflow  # noqa: PLC0415
-
+def test_nested_mlflow_runs_from_workers_land_under_the_driver_run(tmp_path: Path, dask_config,
+                                                                     sqlite_tracking) -> None:
     from pancreas_seg import tracking  # noqa: PLC0415
+
+    mlflow = sqlite_tracking
 
     def log_child(table: pd.DataFrame) -> dict[str, Any]:
         with tracking.architecture_run("child") as run:
             mlflow.log_metric("rows", len(table))
             return {"run_id": run.info.run_id}
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    saved_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        experiment = mlflow.set_experiment("dask_runner_test")
-        with mlflow.start_run(run_name="parent") as parent:
-            pipeline = Pipeline([Node(make_table, "params:n_rows", ["table", "meta"], name="make_table"),
-                                 Node(log_child, "table", "first", name="log_child")])
-            DaskRunner().run(pipeline, _catalog(tmp_path))
-            assert mlflow.get_run(parent.info.run_id).info.status == "RUNNING"  # workers left it open
-        child_id = json.loads((tmp_path / "first.json").read_text())["run_id"]
-        child = mlflow.get_run(child_id)
-        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert child.info.experiment_id == experiment.experiment_id
-        assert child.data.metrics == {"rows": 4.0} and child.info.status == "FINISHED"
-        assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
-    finally:
-        mlflow.set_tracking_uri(saved_uri)
+    experiment = mlflow.set_experiment("dask_runner_test")
+    with mlflow.start_run(run_name="parent") as parent:
+        pipeline = Pipeline([Node(make_table, "params:n_rows", ["table", "meta"], name="make_table"),
+                             Node(log_child, "table", "first", name="log_child")])
+        DaskRunner().run(pipeline, _catalog(tmp_path))
+        assert mlflow.get_run(parent.info.run_id).info.status == "RUNNING"  # workers left it open
+    child_id = json.loads((tmp_path / "first.json").read_text())["run_id"]
+    child = mlflow.get_run(child_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.info.experiment_id == experiment.experiment_id
+    assert child.data.metrics == {"rows": 4.0} and child.info.status == "FINISHED"
+    assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 def modules_loaded(table: pd.DataFrame) -> dict[str, Any]:
@@ -332,38 +338,32 @@ def logs_anyway(table: pd.DataFrame) -> dict[str, Any]:
     return {"rows": len(table)}
 
 
-def test_nodes_tagged_no_mlflow_run_leave_mlflow_off_the_workers(tmp_path: Path, dask_config) -> None:
+def test_nodes_tagged_no_mlflow_run_leave_mlflow_off_the_workers(tmp_path: Path, dask_config,
+                                                                  sqlite_tracking) -> None:
     """Under an active MLflow run, a pipeline of tagged nodes (as ingestion and preprocessing are)
     runs on workers that never load MLflow; a tagged node that logs all the same fails, naming itself,
     and the run MLflow started for it is ended as FAILED."""
-    import mlflow  # noqa: PLC0415
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    saved_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        experiment = mlflow.set_experiment("dask_runner_untracked")
-        with mlflow.start_run(run_name="parent") as parent:
-            untracked = Pipeline([Node(make_table, "params:n_rows", ["table", "meta"], name="make_table"),
-                                  Node(modules_loaded, "table", "first", name="modules_loaded")],
-                                 tags=NO_MLFLOW_RUN_TAG)
-            DaskRunner().run(untracked, _catalog(tmp_path))
-            report = json.loads((tmp_path / "first.json").read_text())
-            assert report["pid"] != os.getpid() and report["rows"] == 4
-            assert report["mlflow_loaded"] is False
-            misused = Pipeline([Node(make_table, "params:n_rows", ["table", "meta"], name="make_table"),
-                                Node(logs_anyway, "table", "second", name="logs_anyway")], tags=NO_MLFLOW_RUN_TAG)
-            with pytest.raises(RuntimeError, match=r"Node 'logs_anyway' is tagged 'no_mlflow_run' but logged to "
-                                                   r"MLflow, which started run \w+ outside the pipeline's run"):
-                DaskRunner().run(misused, _catalog(tmp_path))
-        # nothing was logged into the pipeline's run; the run MLflow started for the node was ended
-        assert mlflow.get_run(parent.info.run_id).data.metrics == {}
-        runs = mlflow.search_runs(experiment_ids=[experiment.experiment_id], output_format="list")
-        stray = [r for r in runs if r.info.run_id != parent.info.run_id]
-        assert len(stray) == 1 and stray[0].data.metrics == {"rows": 4.0} and stray[0].info.status == "FAILED"
-        assert "mlflow.parentRunId" not in stray[0].data.tags
-    finally:
-        mlflow.set_tracking_uri(saved_uri)
+    mlflow = sqlite_tracking
+    experiment = mlflow.set_experiment("dask_runner_untracked")
+    with mlflow.start_run(run_name="parent") as parent:
+        untracked = Pipeline([Node(make_table, "params:n_rows", ["table", "meta"], name="make_table"),
+                              Node(modules_loaded, "table", "first", name="modules_loaded")],
+                             tags=NO_MLFLOW_RUN_TAG)
+        DaskRunner().run(untracked, _catalog(tmp_path))
+        report = json.loads((tmp_path / "first.json").read_text())
+        assert report["pid"] != os.getpid() and report["rows"] == 4
+        assert report["mlflow_loaded"] is False
+        misused = Pipeline([Node(make_table, "params:n_rows", ["table", "meta"], name="make_table"),
+                            Node(logs_anyway, "table", "second", name="logs_anyway")], tags=NO_MLFLOW_RUN_TAG)
+        with pytest.raises(RuntimeError, match=r"Node 'logs_anyway' is tagged 'no_mlflow_run' but logged to "
+                                               r"MLflow, which started run \w+ outside the pipeline's run"):
+            DaskRunner().run(misused, _catalog(tmp_path))
+    # nothing was logged into the pipeline's run; the run MLflow started for the node was ended
+    assert mlflow.get_run(parent.info.run_id).data.metrics == {}
+    runs = mlflow.search_runs(experiment_ids=[experiment.experiment_id], output_format="list")
+    stray = [r for r in runs if r.info.run_id != parent.info.run_id]
+    assert len(stray) == 1 and stray[0].data.metrics == {"rows": 4.0} and stray[0].info.status == "FAILED"
+    assert "mlflow.parentRunId" not in stray[0].data.tags
 
 
 def test_a_cluster_manager_class_from_config_runs_the_pipeline(tmp_path: Path) -> None:
