@@ -110,8 +110,8 @@ def untrained_single_stage_model(architecture: str, model_settings: dict[str, An
     card bound to its weights, preprocessing as :func:`single_stage_preprocessing` at ``size_px``;
     and facts about it (parameters, settings, size)."""
     from pancreas_seg.imaging.preprocess import PreprocessingConfig  # noqa: PLC0415
-    from pancreas_seg.model_card import preprocessing_fingerprint  # noqa: PLC0415
-    from pancreas_seg.model_store import TrainedModel  # noqa: PLC0415
+    from pancreas_seg.inference.model_card import preprocessing_fingerprint  # noqa: PLC0415
+    from pancreas_seg.inference.model_store import TrainedModel  # noqa: PLC0415
 
     preprocessing = single_stage_preprocessing(size_px)
     input_shape = (*size_px, PreprocessingConfig.from_params(preprocessing).context_slices)

@@ -8,7 +8,7 @@ phantoms with the default generator settings (``conf/base/parameters_ingestion.y
 seed (``--seed``), so they are new anatomy from the same distribution. Every one gets a tumour by
 default (``--tumour-probability 1``); the tumour-free cases of the test split already show false
 alarms. The script segments them with the trained models as the inference pipeline does
-(:func:`pancreas_seg.segmenter.load_segmenter`, the same preprocessing, cascade
+(:func:`pancreas_seg.inference.segmenter.load_segmenter`, the same preprocessing, cascade
 and checks). It scores them with the evaluation's own metrics.
 
 Train first (``kedro run --pipelines=train``), then, from the repository root:
@@ -66,9 +66,9 @@ def main() -> None:
         summarise,
         summarise_lesions,
     )
-    from pancreas_seg.model_store import resolve_model  # noqa: PLC0415
+    from pancreas_seg.inference.model_store import resolve_model  # noqa: PLC0415
     from pancreas_seg.phantoms import case_seed, make_phantom  # noqa: PLC0415
-    from pancreas_seg.segmenter import load_segmenter  # noqa: PLC0415
+    from pancreas_seg.inference.segmenter import load_segmenter  # noqa: PLC0415
 
     config = phantom_config(args.tumour_probability)
     cases = []

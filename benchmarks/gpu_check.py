@@ -335,8 +335,8 @@ def run_check(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa
     from pancreas_seg.learning.setup import compile_model, make_loaders  # noqa: PLC0415
     from pancreas_seg.models.io import load_model, save_model  # noqa: PLC0415
     from pancreas_seg.models.registry import build_model  # noqa: PLC0415
-    from pancreas_seg.prediction import predict_slices  # noqa: PLC0415
-    from pancreas_seg.runtime import dtype_policy  # noqa: PLC0415
+    from pancreas_seg.inference.prediction import predict_slices  # noqa: PLC0415
+    from pancreas_seg.core.runtime import dtype_policy  # noqa: PLC0415
 
     config = PreprocessingConfig.from_params(preprocessing)
     shards = {}
@@ -418,7 +418,7 @@ def run_check(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa
             for volume in volumes:
                 predict_slices(model, volume, config.context_slices, batch_size)
             infer_rates.append(n_slices / (time.perf_counter() - t))
-        report["inference"] = {"function": "pancreas_seg.prediction.predict_slices", "batch_size": batch_size,
+        report["inference"] = {"function": "pancreas_seg.inference.prediction.predict_slices", "batch_size": batch_size,
                                "slices_per_pass": n_slices, "slices_per_s": round(_common.median(infer_rates), 1),
                                "passes_slices_per_s": [round(r, 1) for r in infer_rates]}
 
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check runs under JAX; KERAS_BACKEND is {backend!r}: unset it or set KERAS_BACKEND=jax",
               file=sys.stderr)
         return 2
-    from pancreas_seg.atomic import atomic_write_text  # noqa: PLC0415
+    from pancreas_seg.core.atomic import atomic_write_text  # noqa: PLC0415
 
     t = time.perf_counter()
     try:

@@ -131,7 +131,7 @@ def find_stage1(models_dir: Path, version: str | None = None) -> Any:
     ``version``: the one the parent found; a newer one appearing during the run (a training job
     finishing) would change what stage 2 runs on, so the child refuses it.
     """
-    from pancreas_seg.model_store import latest_trained_model  # noqa: PLC0415 - no Keras
+    from pancreas_seg.inference.model_store import latest_trained_model  # noqa: PLC0415 - no Keras
     from pancreas_seg.models.names import CASCADE_STAGE1  # noqa: PLC0415
 
     try:
@@ -157,7 +157,7 @@ def cascade_model(models_dir: Path, folder: Path, stage1_version: str | None) ->
     """The cascade ``TrainedModel``: the trained stage 1 + an untrained study-width stage 2 + card."""
     from pancreas_seg.cascade.crops import CropConfig  # noqa: PLC0415
     from pancreas_seg.imaging.preprocess import PreprocessingConfig  # noqa: PLC0415
-    from pancreas_seg.model_store import TrainedModel  # noqa: PLC0415
+    from pancreas_seg.inference.model_store import TrainedModel  # noqa: PLC0415
     from pancreas_seg.models.names import CASCADE_NAME  # noqa: PLC0415
 
     stage1 = find_stage1(models_dir, stage1_version)
@@ -264,13 +264,13 @@ def child(variant: str, repeats: int, case_index: int, settings: dict, models_di
           retain_heap: bool = False, stage1_version: str | None = None) -> None:
     import keras  # noqa: PLC0415
 
-    from pancreas_seg import prediction  # noqa: PLC0415
+    from pancreas_seg.inference import prediction  # noqa: PLC0415
     from pancreas_seg.cascade import crops  # noqa: PLC0415
     from pancreas_seg.cascade import predict as cascade_predict  # noqa: PLC0415
-    from pancreas_seg.model_card import check_card_consistent  # noqa: PLC0415
-    from pancreas_seg import segmenter  # noqa: PLC0415
+    from pancreas_seg.inference.model_card import check_card_consistent  # noqa: PLC0415
+    from pancreas_seg.inference import segmenter  # noqa: PLC0415
     from pancreas_seg.pipelines.inference import nodes  # noqa: PLC0415
-    from pancreas_seg.runtime import retained_heap  # noqa: PLC0415
+    from pancreas_seg.core.runtime import retained_heap  # noqa: PLC0415
 
     rss_after_imports = _common.peak_rss_mib()
     keras.utils.set_random_seed(0)
@@ -460,7 +460,7 @@ def main() -> None:
                         help="slices per forward pass (default: inference.batch_size of conf/base)")
     parser.add_argument("--no-xla", dest="xla", action="store_false", help="predict without XLA (inference.xla: false)")
     parser.add_argument("--retain-heap", action="store_true",
-                        help="run each case inside pancreas_seg.runtime.retained_heap (not what inference does)")
+                        help="run each case inside pancreas_seg.core.runtime.retained_heap (not what inference does)")
     args = parser.parse_args()
     if min(args.repeats, args.rounds) < 1:
         parser.error("--repeats and --rounds must be >= 1")

@@ -312,7 +312,7 @@ def child_data(args: argparse.Namespace) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
-    from pancreas_seg.runtime import retained_heap  # noqa: PLC0415
+    from pancreas_seg.core.runtime import retained_heap  # noqa: PLC0415
 
     if args.variant == "data":
         result = child_data(args)

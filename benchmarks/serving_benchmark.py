@@ -25,7 +25,7 @@ mask is a worst case for restore and writing, the same on both sides.
     ``inference`` block (batch 4, no TTA, no largest-component, XLA). The model is loaded once and one
     warm-up call (the whole scan; XLA compile) is made before timing. ``run_inference``'s input
     validation (one more read of the scan) is NOT in this time.
-(b) ``served``: the model is logged with ``pancreas_seg.serving.log_segmentation_model`` into a
+(b) ``served``: the model is logged with ``pancreas_seg.inference.serving.log_segmentation_model`` into a
     temporary sqlite MLflow store (its artifacts in the same temporary folder), served with
     ``mlflow models serve -m models:/m-... --env-manager local -h 127.0.0.1 -p <free port>`` in a
     subprocess (the project's venv, ``/ping`` awaited), and one scan is one HTTP request, timed on
@@ -94,7 +94,7 @@ def log_model(trained: Any, folder: Path) -> tuple[str, str]:
     """Log ``trained`` as the pyfunc model into a sqlite store under ``folder``: (tracking URI, model URI)."""
     import mlflow  # noqa: PLC0415
 
-    from pancreas_seg.serving import log_segmentation_model  # noqa: PLC0415
+    from pancreas_seg.inference.serving import log_segmentation_model  # noqa: PLC0415
 
     tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
@@ -138,7 +138,7 @@ class Server(LocalServer):
 def serve_one(server: Server, image_path: Path, mask_path: Path) -> dict[str, Any]:
     """One scan through the endpoint as a client does it: seconds per client stage, payload sizes,
     and CPU seconds of the server and of this (waiting) client during the request."""
-    from pancreas_seg.serving import INPUT_BASE64, OUTPUT_BASE64  # noqa: PLC0415
+    from pancreas_seg.inference.serving import INPUT_BASE64, OUTPUT_BASE64  # noqa: PLC0415
 
     server_cpu0 = server.cpu_s()
     t0 = time.perf_counter()
@@ -215,8 +215,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
 
     import keras  # noqa: PLC0415
 
-    from pancreas_seg import serving  # noqa: PLC0415
-    from pancreas_seg.segmenter import load_segmenter  # noqa: PLC0415
+    from pancreas_seg.inference import serving  # noqa: PLC0415
+    from pancreas_seg.inference.segmenter import load_segmenter  # noqa: PLC0415
 
     same_settings = (settings["batch_size"] == serving.BATCH_SIZE and bool(settings["xla"])
                      and all(bool(settings[k]) == v for k, v in serving.REQUEST_PARAMS.items()))

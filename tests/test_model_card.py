@@ -1,4 +1,4 @@
-"""Model cards (``pancreas_seg.model_card``): the preprocessing fingerprint and the checks that
+"""Model cards (``pancreas_seg.inference.model_card``): the preprocessing fingerprint and the checks that
 refuse a model used on data or settings it is not bound to."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from pancreas_seg.model_card import (
+from pancreas_seg.inference.model_card import (
     ModelMismatchError,
     check_card_consistent,
     check_cascade_weights,

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pytest
 
-from pancreas_seg.runtime import glibc_version, retained_heap
+from pancreas_seg.core.runtime import glibc_version, retained_heap
 
 glibc_only = pytest.mark.skipif(glibc_version() is None, reason="retained_heap acts on glibc only")
 
@@ -66,7 +66,7 @@ def test_memory_is_handed_back_when_the_block_ends():
     # In a fresh process: RSS right after the block is back near its value before the block.
     script = """
 import numpy as np
-from pancreas_seg.runtime import retained_heap
+from pancreas_seg.core.runtime import retained_heap
 
 def rss_mib():
     with open("/proc/self/statm") as f:
@@ -114,7 +114,7 @@ def mmapped(size):
     return served == 1
 
 
-from pancreas_seg.runtime import retained_heap
+from pancreas_seg.core.runtime import retained_heap
 MiB = 2**20
 """
 
@@ -171,7 +171,7 @@ with retained_heap() as again:
 print(json.dumps({"applied": [applied, again], "before": before, "inside": inside, "after": mmapped(64 * MiB)}))
 """, **env)
     assert seen == {"applied": [False, False], "before": False, "inside": False, "after": False}
-    notes = [line for line in stderr.splitlines() if line.startswith("INFO pancreas_seg.runtime")]
+    notes = [line for line in stderr.splitlines() if line.startswith("INFO pancreas_seg.core.runtime")]
     assert len(notes) == 1 and "leaving it alone" in notes[0], stderr  # logged once
 
 
@@ -223,7 +223,7 @@ print(json.dumps({"applied": [outer, inner], "between": between, "after": mmappe
 
 
 def test_user_malloc_settings_reads_env_and_tunables():
-    from pancreas_seg.runtime import user_malloc_settings  # noqa: PLC0415
+    from pancreas_seg.core.runtime import user_malloc_settings  # noqa: PLC0415
 
     assert user_malloc_settings({}) == []
     assert user_malloc_settings({"MALLOC_ARENA_MAX": "2",
@@ -236,7 +236,7 @@ def test_user_malloc_settings_reads_env_and_tunables():
 # -- dtype_policy ----------------------------------------------------------------------------------
 
 def test_runtime_imports_without_keras_or_kedro():
-    out = subprocess.run([sys.executable, "-c", "import sys, pancreas_seg.runtime; "
+    out = subprocess.run([sys.executable, "-c", "import sys, pancreas_seg.core.runtime; "
                           "print(sorted(m for m in ('keras', 'kedro', 'tensorflow') if m in sys.modules))"],
                          check=True, capture_output=True, text=True)
     assert out.stdout.strip() == "[]"
@@ -245,7 +245,7 @@ def test_runtime_imports_without_keras_or_kedro():
 def test_dtype_policy_is_restored_on_exit_and_on_error():
     import keras  # noqa: PLC0415
 
-    from pancreas_seg.runtime import dtype_policy  # noqa: PLC0415
+    from pancreas_seg.core.runtime import dtype_policy  # noqa: PLC0415
 
     original = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")  # a non-default outer policy must come back too
@@ -267,7 +267,7 @@ def test_dtype_policy_is_restored_on_exit_and_on_error():
 
 _FRAGMENTED_HEAP = """
 import numpy as np
-from pancreas_seg.runtime import release_free_heap, retained_heap
+from pancreas_seg.core.runtime import release_free_heap, retained_heap
 
 def rss_mib():
     with open("/proc/self/statm") as f:

@@ -1,4 +1,4 @@
-"""Logging and registering the pyfunc model (``pancreas_seg.serving``, ``tracking.register_model``)
+"""Logging and registering the pyfunc model (``pancreas_seg.inference.serving``, ``tracking.register_model``)
 without the MLflow warnings a ``kedro run --pipelines=train`` used to print.
 
 The model is a placeholder bundle (MLflow does not load the model while logging it, as no input
@@ -65,8 +65,9 @@ def _unwanted(texts: list[str]) -> list[str]:
 
 def test_logging_and_registering_a_model_warns_nothing(tracking_store: str, mlflow_log: _Records,
                                                        tmp_path: Path) -> None:
-    from pancreas_seg import serving, tracking
-    from pancreas_seg.model_store import TrainedModel
+    from pancreas_seg import tracking
+from pancreas_seg.inference import serving
+    from pancreas_seg.inference.model_store import TrainedModel
 
     run_id = mlflow.MlflowClient().create_run(tracking_store).info.run_id
     placeholder = tmp_path / "model.keras"
@@ -94,6 +95,6 @@ def test_defining_the_pyfunc_model_asks_for_no_type_hints() -> None:
     and warns once per process, so this needs a fresh one. ``serving.py`` postpones annotations:
     ``pd.DataFrame`` must stay importable at run time for MLflow to resolve the hint."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-W", "always", "-c", "import pancreas_seg.serving_model"],
+    result = subprocess.run([sys.executable, "-W", "always", "-c", "import pancreas_seg.inference.serving_model"],
                             capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300, check=True)
     assert _unwanted([result.stderr, result.stdout]) == []

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pancreas_seg import warnings_filter
-from pancreas_seg.warnings_filter import KNOWN_HARMLESS, KnownWarningLogFilter, install
+from pancreas_seg.core import warnings_filter
+from pancreas_seg.core.warnings_filter import KNOWN_HARMLESS, KnownWarningLogFilter, install
 
 #: message regex of a KNOWN_HARMLESS entry -> the real warnings it stands for (text, module)
 SAMPLES: dict[str, list[tuple[str, str]]] = {

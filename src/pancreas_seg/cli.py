@@ -32,7 +32,7 @@ def dask_cluster(env: str | None, port: int, address_file: Path | None) -> None:
     """Start a LocalCluster from dask.yml for many runs; stop it with Ctrl-C (or SIGTERM)."""
     from kedro.framework.session import KedroSession  # noqa: PLC0415
 
-    from pancreas_seg.atomic import atomic_write_text  # noqa: PLC0415
+    from pancreas_seg.core.atomic import atomic_write_text  # noqa: PLC0415
     from pancreas_seg.runners.cluster import ClusterSettings, project_config  # noqa: PLC0415
     from pancreas_seg.runners.dask_runner import serve_local_cluster  # noqa: PLC0415
 

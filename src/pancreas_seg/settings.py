@@ -2,7 +2,7 @@
 
 from kedro.config import OmegaConfigLoader
 
-from pancreas_seg.warnings_filter import install as install_warning_filters
+from pancreas_seg.core.warnings_filter import install as install_warning_filters
 
 install_warning_filters()  # known-harmless third-party warnings off, in one place
 

@@ -25,7 +25,7 @@ from pancreas_seg.cascade.crops import (
 )
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.resize import InPlaneGrid
-from pancreas_seg.labels import PANCREAS, TUMOUR
+from pancreas_seg.core.labels import PANCREAS, TUMOUR
 
 SPACING_MM = (0.8, 0.8, 2.5)   # RAS voxel size (x, y, z), mm: in-plane isotropic, thick slices
 ORDERS = [(perm, flips) for perm in itertools.permutations(range(3))

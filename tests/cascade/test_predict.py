@@ -24,8 +24,8 @@ from pancreas_seg.cascade.predict import (
     segment_volume_cascade,
 )
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
-from pancreas_seg.labels import PANCREAS
-from pancreas_seg.prediction import predict_slices
+from pancreas_seg.core.labels import PANCREAS
+from pancreas_seg.inference.prediction import predict_slices
 
 PREPROCESSING = PreprocessingConfig(image_size_px=(32, 32), window_hu=(-100.0, 240.0))
 

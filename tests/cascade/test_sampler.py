@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pancreas_seg.cascade.sampler import CropLoader
-from pancreas_seg.labels import PANCREAS, TUMOUR
+from pancreas_seg.core.labels import PANCREAS, TUMOUR
 from pancreas_seg.learning.augmentation import AugmentationConfig
 
 WINDOW = (16, 24)

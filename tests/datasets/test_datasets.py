@@ -21,7 +21,7 @@ import pytest
 from kedro.io.core import DatasetError, Version
 from kedro_datasets.partitions import PartitionedDataset
 
-from pancreas_seg.atomic import atomic_path, atomic_write_bytes
+from pancreas_seg.core.atomic import atomic_path, atomic_write_bytes
 from pancreas_seg.datasets import FigureDataset, NiftiDataset, NumpyDataset
 from pancreas_seg.imaging.nifti_io import NiftiVolume, orientation_code
 

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from pancreas_seg.prediction import average_probabilities, predict_slices, use_xla
+from pancreas_seg.inference.prediction import average_probabilities, predict_slices, use_xla
 
 
 class ShapeRecorder(keras.Model):

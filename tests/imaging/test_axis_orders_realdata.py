@@ -29,7 +29,7 @@ from pancreas_seg.imaging.geometry import ScanGeometry, axial_axis
 from pancreas_seg.imaging.nifti_io import load_nifti, save_nifti
 from pancreas_seg.imaging.preprocess import PreprocessingConfig, plan_case_geometry
 from pancreas_seg.pipelines.preprocessing.nodes import preprocess_cases
-from pancreas_seg.prediction import segment_volume
+from pancreas_seg.inference.prediction import segment_volume
 
 CT_NAME, MASK_NAME = "ct_abdomen_3mm.nii.gz", "ct_abdomen_3mm_pancreas.nii.gz"
 REFERENCE = "ref"   # case id of the untouched RAS source files

@@ -27,7 +27,7 @@ from pancreas_seg.imaging.preprocess import (
     preprocess_label,
     restore_label_volume,
 )
-from pancreas_seg.labels import probabilities_to_labels, to_training_target
+from pancreas_seg.core.labels import probabilities_to_labels, to_training_target
 from pancreas_seg.phantoms import PhantomConfig, make_phantom
 
 SMALL = PhantomConfig(shape_xy_px=64, spacing_xy_mm=(5.0, 5.5), slice_thickness_mm=(6.0, 8.0),

@@ -12,7 +12,7 @@ from pancreas_seg.imaging.preprocess import (
     restore_label_volume,
 )
 from pancreas_seg.imaging.resize import linear_taps, resize_linear, restore_probability_slices
-from pancreas_seg.labels import probabilities_to_labels
+from pancreas_seg.core.labels import probabilities_to_labels
 
 
 def _every_slice(probs: np.ndarray, geometry, label_mode: str) -> np.ndarray:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
-from pancreas_seg.labels import to_training_target
+from pancreas_seg.core.labels import to_training_target
 from pancreas_seg.learning.augmentation import AugmentationConfig
 from pancreas_seg.learning.loader import SliceLoader
 from pancreas_seg.learning.setup import make_loaders, split_cases

@@ -139,7 +139,7 @@ def _check_ensemble_is_mean_softmax(cv_project: Path, output_dir: Path, architec
         preprocess_image,
     )
     from pancreas_seg.models.io import load_model  # noqa: PLC0415
-    from pancreas_seg.prediction import labels_from_probabilities, predict_slices  # noqa: PLC0415
+    from pancreas_seg.inference.prediction import labels_from_probabilities, predict_slices  # noqa: PLC0415
 
     folds = cv_project / "data" / "06_models" / architecture / "folds"
     card = json.loads((folds / "cards" / "fold0.json").read_text())

@@ -173,7 +173,7 @@ def test_probe_model_with_the_trained_models_card_is_refused(smoke_project: Path
                                                              kedro_session_runner, model_card_reader,
                                                              real_ct: Path) -> None:
     """The smoke unet's card next to another model (the probe) does not describe its weights."""
-    from pancreas_seg.model_card import ModelMismatchError  # noqa: PLC0415
+    from pancreas_seg.inference.model_card import ModelMismatchError  # noqa: PLC0415
 
     card = model_card_reader(smoke_project, "unet")
     models_dir = tmp_path / "probe_models"

@@ -28,7 +28,7 @@ from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import CSVDataset
 from kedro_datasets.partitions import PartitionedDataset
 
-from pancreas_seg.parallel import LazyCaseParts, group_lazy_case_parts, map_over_cases
+from pancreas_seg.runners.parallel import LazyCaseParts, group_lazy_case_parts, map_over_cases
 from pancreas_seg.pipelines import MODEL_TRAINING_TAG, NO_MLFLOW_RUN_TAG
 from pancreas_seg.runners import DaskRunner
 from pancreas_seg.runners.cluster import ClusterSettings, cluster_client, use_project_config

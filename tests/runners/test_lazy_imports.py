@@ -15,7 +15,7 @@ SEQUENTIAL = """
 import sys
 from pancreas_seg.hooks import DaskConfigHook
 from pancreas_seg.runners.cluster import project_config, use_project_config
-from pancreas_seg.parallel import map_over_cases, on_dask_worker
+from pancreas_seg.runners.parallel import map_over_cases, on_dask_worker
 
 use_project_config({"local_cluster": {"n_workers": 3}})
 assert project_config()["local_cluster"]["n_workers"] == 3

@@ -29,14 +29,14 @@ from pancreas_seg.imaging.preprocess import (
     preprocess_image,
     restore_label_volume,
 )
-from pancreas_seg.labels import (
+from pancreas_seg.core.labels import (
     PANCREAS,
     PANCREAS_REGION,
     TUMOUR,
     output_channels,
     probabilities_to_labels,
 )
-from pancreas_seg.prediction import predict_slices
+from pancreas_seg.inference.prediction import predict_slices
 
 logger = logging.getLogger(__name__)
 

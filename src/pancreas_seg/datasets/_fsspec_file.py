@@ -9,7 +9,7 @@ from typing import Any
 import fsspec
 from kedro.io.core import AbstractVersionedDataset, Version, get_filepath_str, get_protocol_and_path
 
-from pancreas_seg.atomic import atomic_write_bytes
+from pancreas_seg.core.atomic import atomic_write_bytes
 
 
 class FsspecFileDataset(AbstractVersionedDataset[Any, Any]):

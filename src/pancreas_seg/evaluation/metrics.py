@@ -81,7 +81,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from pancreas_seg.labels import CLASS_LABELS, class_mask
+from pancreas_seg.core.labels import CLASS_LABELS, class_mask
 
 HD_PERCENTILE = 95.0
 LESION_CONNECTIVITY = 3
@@ -281,7 +281,7 @@ def case_metrics(pred_labels: np.ndarray, truth_labels: np.ndarray, spacing_mm: 
         tolerance_mm: NSD tolerance in mm.
 
     Returns:
-        One dict per class, in :data:`~pancreas_seg.labels.CLASS_LABELS` order:
+        One dict per class, in :data:`~pancreas_seg.core.labels.CLASS_LABELS` order:
         ``{"class", "dice", "hd95_mm", "nsd", "hd95_surfel_mm", "nsd_surfel"}``.
     """
     pred_labels, truth_labels = np.asarray(pred_labels), np.asarray(truth_labels)
@@ -309,7 +309,7 @@ def slice_dice(pred_labels: np.ndarray, truth_labels: np.ndarray, class_name: st
 
     Args:
         pred_labels, truth_labels: integer label maps of equal shape (X, Y, Z), file voxel order.
-        class_name: a key of :data:`~pancreas_seg.labels.CLASS_LABELS` (``"pancreas"`` or ``"tumour"``).
+        class_name: a key of :data:`~pancreas_seg.core.labels.CLASS_LABELS` (``"pancreas"`` or ``"tumour"``).
         axis: the slicing array axis, required: for axial slices the file's axial axis,
             :func:`pancreas_seg.imaging.geometry.axial_axis` of its affine (``ScanGeometry.axial_axis``);
             it is axis 2 only for files stored with the third axis inferior-superior.
@@ -348,7 +348,7 @@ def lesion_detection(pred_labels: np.ndarray, truth_labels: np.ndarray, class_na
     Args:
         pred_labels, truth_labels: integer label maps of equal shape (X, Y, Z) on the original grid
             (0 background, 1 pancreas, 2 tumour); any integer dtype.
-        class_name: a key of :data:`~pancreas_seg.labels.CLASS_LABELS`; ``"tumour"`` (label 2) for
+        class_name: a key of :data:`~pancreas_seg.core.labels.CLASS_LABELS`; ``"tumour"`` (label 2) for
             lesion counting.
         connectivity: neighbourhood of ``scipy.ndimage.generate_binary_structure``, 1..ndim
             (1 = faces only, 6-connectivity in 3D; 2 = faces and edges, 18; 3 = full, 26).

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from pancreas_seg.labels import CLASS_LABELS, LABEL_NAMES, PANCREAS, TUMOUR, class_mask
+from pancreas_seg.core.labels import CLASS_LABELS, LABEL_NAMES, PANCREAS, TUMOUR, class_mask
 
 from .metrics import dice
 

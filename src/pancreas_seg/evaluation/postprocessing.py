@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from pancreas_seg.labels import PANCREAS_REGION
+from pancreas_seg.core.labels import PANCREAS_REGION
 
 
 def keep_largest_component(mask: np.ndarray, connectivity: int = 3) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Write a predicted label map as a DICOM Segmentation (SEG) of the CT series it was predicted on.
 
-Segments (from :mod:`pancreas_seg.labels`, the one place label meanings live)
+Segments (from :mod:`pancreas_seg.core.labels`, the one place label meanings live)
 ------------------------------------------------------------------------------
 The project evaluates two classes, ``pancreas`` = label 1 ∪ 2 (the whole organ, its mass included)
 and ``tumour`` = label 2, and the SEG carries exactly those as two BINARY segments:
@@ -44,8 +44,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pancreas_seg import __version__
-from pancreas_seg.atomic import atomic_path
-from pancreas_seg.labels import CLASS_LABELS, LABEL_VALUES
+from pancreas_seg.core.atomic import atomic_path
+from pancreas_seg.core.labels import CLASS_LABELS, LABEL_VALUES
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from pancreas_seg.atomic import atomic_write_bytes
+from pancreas_seg.core.atomic import atomic_write_bytes
 
 
 class InvalidNiftiError(ValueError):

@@ -19,7 +19,7 @@ from pancreas_seg.imaging.geometry import ScanGeometry, axial_view
 from pancreas_seg.imaging.intensity import ForegroundIntensityStats, normalise_hu
 from pancreas_seg.imaging.nifti_io import load_nifti, read_nifti_header
 from pancreas_seg.imaging.resize import body_bounding_box
-from pancreas_seg.labels import (
+from pancreas_seg.core.labels import (
     check_label_mode,
     output_channels,
     probabilities_to_labels,

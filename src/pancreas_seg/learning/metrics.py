@@ -12,7 +12,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from pancreas_seg.labels import CLASS_LABELS
+from pancreas_seg.core.labels import CLASS_LABELS
 from pancreas_seg.models.blocks import validate_label_mode
 
 CLASS_NAMES: tuple[str, ...] = tuple(CLASS_LABELS)

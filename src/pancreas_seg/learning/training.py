@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import keras
 
-from pancreas_seg.atomic import atomic_write_bytes
+from pancreas_seg.core.atomic import atomic_write_bytes
 from pancreas_seg.learning.distribution import DistributionConfig, placement
 from pancreas_seg.models.io import load_model, save_model
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-from pancreas_seg.labels import LABEL_MODES, check_label_mode
-from pancreas_seg.labels import output_channels as label_output_channels
+from pancreas_seg.core.labels import LABEL_MODES, check_label_mode
+from pancreas_seg.core.labels import output_channels as label_output_channels
 
 __all__ = ["LABEL_MODES"]  # re-exported: the registry lists it next to the builders
 
@@ -33,7 +33,7 @@ def validate_label_mode(label_mode: str) -> str:
 
 
 def output_channels(label_mode: str) -> int:
-    """Number of output channels for a label mode (see :mod:`pancreas_seg.labels`)."""
+    """Number of output channels for a label mode (see :mod:`pancreas_seg.core.labels`)."""
     return label_output_channels(label_mode)
 
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pancreas_seg.atomic import atomic_path
+from pancreas_seg.core.atomic import atomic_path
 
 if TYPE_CHECKING:  # Keras (and TensorFlow, ~9 s) is imported by load_model only, not on import:
     import keras  # the pipeline registry imports this module for every `kedro` command

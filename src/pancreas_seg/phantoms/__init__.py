@@ -2,7 +2,7 @@
 
 It draws procedural anatomy (no patient data) so the pipeline can be built, tested and benchmarked
 without the real data set. It uses :mod:`pancreas_seg.imaging` to write NIfTI files and
-:mod:`pancreas_seg.labels` for the label values; nothing here imports Kedro, Keras or MLflow.
+:mod:`pancreas_seg.core.labels` for the label values; nothing here imports Kedro, Keras or MLflow.
 """
 
 from pancreas_seg.phantoms.generator import (

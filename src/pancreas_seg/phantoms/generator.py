@@ -10,7 +10,7 @@ coverage from :class:`PhantomConfig`, its own body habitus, organ positions, con
 (with ``tumour_probability``) a hypo-attenuating pancreatic tumour.
 
 Conventions: arrays are in NIfTI voxel order ``(X, Y, Z)``; HU images are ``int16`` clipped to
-[-1024, 3071]; labels are ``uint8`` with the values of :mod:`pancreas_seg.labels` (0 background,
+[-1024, 3071]; labels are ``uint8`` with the values of :mod:`pancreas_seg.core.labels` (0 background,
 1 pancreas, 2 tumour; tumour voxels always lie inside the pancreas); affines are float64 ``(4, 4)`` mapping voxel indices to mm.
 
 Everything is float32 and vectorised: each structure is evaluated by broadcasting 1-D world
@@ -38,7 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from pancreas_seg.imaging.nifti_io import save_nifti
-from pancreas_seg.labels import MSD_DATASET_LABELS, PANCREAS, TUMOUR
+from pancreas_seg.core.labels import MSD_DATASET_LABELS, PANCREAS, TUMOUR
 
 logger = logging.getLogger(__name__)
 

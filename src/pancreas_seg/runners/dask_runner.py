@@ -13,10 +13,10 @@ How it works:
   worker through their fsspec paths (local disk, NFS, ``s3://``...): nothing assumes the workers
   share memory with the driver or with each other. MemoryDatasets between nodes travel as Dask
   task results (over the network when the nodes run on different machines).
-* A node that returns per-case lazy partitions (:class:`pancreas_seg.parallel.LazyCaseParts`) for
+* A node that returns per-case lazy partitions (:class:`pancreas_seg.runners.parallel.LazyCaseParts`) for
   a ``PartitionedDataset`` has them saved by one task per case on the cluster (a case's image and
   label are computed together, once). Per-case loops inside a node use
-  :func:`pancreas_seg.parallel.map_over_cases` and are mapped over the workers the same way.
+  :func:`pancreas_seg.runners.parallel.map_over_cases` and are mapped over the workers the same way.
 * MLflow: each task re-opens the driver's active run (kedro-mlflow's parent run) in its worker, so
   nested runs and metrics land where the sequential runner puts them; a node tagged
   ``no_mlflow_run`` (:data:`pancreas_seg.pipelines.NO_MLFLOW_RUN_TAG`: ingestion, preprocessing)
@@ -227,7 +227,7 @@ def _node_catalog(catalog: Any, node: Node, memory: set[str]) -> DataCatalog:
 class ClusterPartitionedSave(AbstractDataset):
     """A ``PartitionedDataset`` whose per-case lazy partitions are saved by tasks on the cluster.
 
-    ``save(partitions)`` of :class:`pancreas_seg.parallel.LazyCaseParts` partitions saves each case
+    ``save(partitions)`` of :class:`pancreas_seg.runners.parallel.LazyCaseParts` partitions saves each case
     in one task (its callables run there, so a case's image and label come from one computation).
     Any other data, or a save outside a Dask worker, is saved here exactly as the wrapped dataset
     saves it.
@@ -240,7 +240,7 @@ class ClusterPartitionedSave(AbstractDataset):
         return self._dataset.load()
 
     def save(self, data: Any) -> None:
-        from pancreas_seg.parallel import group_lazy_case_parts, on_dask_worker  # noqa: PLC0415
+        from pancreas_seg.runners.parallel import group_lazy_case_parts, on_dask_worker  # noqa: PLC0415
 
         groups = group_lazy_case_parts(data) if on_dask_worker() else None
         if not groups:
@@ -393,7 +393,7 @@ class ProjectOnWorker(WorkerPlugin):
     (one without the ``no_mlflow_run`` tag), opens its tracking store.
     Fresh workers do that side by side, instead of each on its first task, one after the other as
     the pipeline reaches them (a fresh worker's first task took 2-5 s more). After each task it
-    hands the memory the task freed back to the kernel (:func:`pancreas_seg.runtime.release_free_heap`),
+    hands the memory the task freed back to the kernel (:func:`pancreas_seg.core.runtime.release_free_heap`),
     so what its tasks freed does not pile up in a worker over hundreds of tasks.
     """
 
@@ -449,7 +449,7 @@ class ProjectOnWorker(WorkerPlugin):
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
         if self.trim_after_task and start in _TASK_RUNNING and finish not in _TASK_RUNNING:  # a task ended
-            from pancreas_seg.runtime import release_free_heap  # noqa: PLC0415
+            from pancreas_seg.core.runtime import release_free_heap  # noqa: PLC0415
 
             release_free_heap()
 

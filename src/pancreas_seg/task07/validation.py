@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pancreas_seg.imaging.nifti_io import InvalidNiftiError, NiftiVolume, load_nifti, orientation_code
-from pancreas_seg.labels import LABEL_VALUES, PANCREAS, TUMOUR
+from pancreas_seg.core.labels import LABEL_VALUES, PANCREAS, TUMOUR
 from pancreas_seg.task07.layout import (
     CaseFiles,
     case_id_from_path,
@@ -202,7 +202,7 @@ def validate_task07(root: str | Path, affine_atol_mm: float = 1e-3,
     """Validate a whole Task07 folder. Never modifies anything under ``root``.
 
     ``map_cases(function, cases, names=case_ids, costs=bytes_on_disk)`` may run the per-case checks
-    elsewhere (e.g. :func:`pancreas_seg.parallel.map_over_cases`, on a Dask cluster, the largest
+    elsewhere (e.g. :func:`pancreas_seg.runners.parallel.map_over_cases`, on a Dask cluster, the largest
     files first); it must return the results in order. Without it the cases are checked here, one
     by one, reporting to ``progress``.
     """

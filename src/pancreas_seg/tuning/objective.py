@@ -155,7 +155,7 @@ class KerasObjective:
         from pancreas_seg.learning.setup import compile_model, make_loaders  # noqa: PLC0415
         from pancreas_seg.learning.training import FitConfig  # noqa: PLC0415
         from pancreas_seg.models.registry import build_model  # noqa: PLC0415
-        from pancreas_seg.runtime import dtype_policy, retained_heap  # noqa: PLC0415
+        from pancreas_seg.core.runtime import dtype_policy, retained_heap  # noqa: PLC0415
         from pancreas_seg.tuning.pruning import OptunaPruning  # noqa: PLC0415
 
         context = self.context

@@ -44,7 +44,7 @@ from optuna.storages._heartbeat import BaseHeartbeat  # the interface study.opti
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from pancreas_seg.atomic import atomic_write_bytes
+from pancreas_seg.core.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

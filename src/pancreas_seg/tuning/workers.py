@@ -138,7 +138,7 @@ def worker_main(spec: WorkerSpec) -> None:
     label = f"tune worker {spec.index}"
     logging.basicConfig(level=spec.log_level, stream=sys.stderr, force=True,
                         format=f"%(asctime)s %(levelname)s [{label}] %(name)s: %(message)s")
-    from pancreas_seg.warnings_filter import install  # noqa: PLC0415
+    from pancreas_seg.core.warnings_filter import install  # noqa: PLC0415
 
     install()
     configure_threads(spec.threads, spec.cores)

@@ -33,10 +33,10 @@ from pancreas_seg.imaging.preprocess import (
     intensity_stats_from_dict,
     preprocess_crop_image,
 )
-from pancreas_seg.labels import PANCREAS_REGION, probabilities_to_labels
-from pancreas_seg.model_card import check_cascade_weights, check_stage1, check_weights
+from pancreas_seg.core.labels import PANCREAS_REGION, probabilities_to_labels
+from pancreas_seg.inference.model_card import check_cascade_weights, check_stage1, check_weights
 from pancreas_seg.models.names import CASCADE_NAME
-from pancreas_seg.parallel import LazyCaseParts
+from pancreas_seg.runners.parallel import LazyCaseParts
 from pancreas_seg.pipelines.evaluation.nodes import test_case_ids
 from pancreas_seg.learning.setup import architecture_settings, compile_model, resume_fingerprint
 from pancreas_seg.pipelines.training.nodes import (
@@ -45,8 +45,8 @@ from pancreas_seg.pipelines.training.nodes import (
     log_training_result,
     split_case_ids,
 )
-from pancreas_seg.runtime import dtype_policy, retained_heap
-from pancreas_seg.serving import log_model_objects
+from pancreas_seg.core.runtime import dtype_policy, retained_heap
+from pancreas_seg.inference.serving import log_model_objects
 from pancreas_seg.task07.splits import manifest_dataset
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def measure_stage1_localisation(stage1_model: Any, stage1_model_card: dict[str, 
     per-case errors and their summary (``stage1_localisation.json``, logged with the cascade).
     """
     from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415 - lazy: Keras
-    from pancreas_seg.prediction import predict_slices, use_xla  # noqa: PLC0415
+    from pancreas_seg.inference.prediction import predict_slices, use_xla  # noqa: PLC0415
 
     check_stage1(stage1_model_card, manifest_dataset(case_manifest), split_case_ids(case_manifest),
                  test_case_ids(case_manifest), preprocessing, intensity_stats)
@@ -294,7 +294,7 @@ def predict_test_cases_cascade(model: Any, stage1_model: Any, model_check: dict[
     """
     from pancreas_seg.cascade.predict import cascade_from_card, segment_volume_cascade  # noqa: PLC0415
     from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415
-    from pancreas_seg.prediction import use_xla  # noqa: PLC0415
+    from pancreas_seg.inference.prediction import use_xla  # noqa: PLC0415
 
     check_weights(model_check, weights_sha256(model))
     check_cascade_weights(model_card, weights_sha256(stage1_model), weights_sha256(model))

@@ -3,7 +3,7 @@
 Thin wrappers: training is the training pipeline's :func:`train_model` on a fold manifest
 (:func:`pancreas_seg.task07.splits.fold_manifest`), scoring is the evaluation pipeline's
 :func:`score_cases`, and ensembles average softmax outputs with
-:func:`pancreas_seg.prediction.average_probabilities`.
+:func:`pancreas_seg.inference.prediction.average_probabilities`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pancreas_seg import tracking
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.nifti_io import NiftiVolume
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
-from pancreas_seg.model_card import (
+from pancreas_seg.inference.model_card import (
     ModelMismatchError,
     check_dataset,
     check_disjoint,
@@ -29,7 +29,7 @@ from pancreas_seg.model_card import (
     check_weights,
     describe,
 )
-from pancreas_seg.model_store import ENSEMBLE_SUFFIX
+from pancreas_seg.inference.model_store import ENSEMBLE_SUFFIX
 from pancreas_seg.pipelines.evaluation.nodes import (
     build_summary,
     mlflow_test_metrics,
@@ -37,8 +37,8 @@ from pancreas_seg.pipelines.evaluation.nodes import (
     test_case_ids,
 )
 from pancreas_seg.pipelines.training.nodes import train_model
-from pancreas_seg.prediction import average_probabilities, labels_from_probabilities, use_xla
-from pancreas_seg.serving import MODEL_NAME, log_ensemble_objects, log_model_objects
+from pancreas_seg.inference.prediction import average_probabilities, labels_from_probabilities, use_xla
+from pancreas_seg.inference.serving import MODEL_NAME, log_ensemble_objects, log_model_objects
 from pancreas_seg.task07.splits import fold_manifest, manifest_dataset, manifest_folds
 
 logger = logging.getLogger(__name__)

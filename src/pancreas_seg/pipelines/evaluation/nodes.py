@@ -1,6 +1,6 @@
 """Evaluation nodes: predict the held-out test split, score it in 3D, compare and plot.
 
-Thin wrappers around :mod:`pancreas_seg.prediction` and :mod:`pancreas_seg.evaluation`.
+Thin wrappers around :mod:`pancreas_seg.inference.prediction` and :mod:`pancreas_seg.evaluation`.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
     axial_view,
 )
-from pancreas_seg.labels import class_mask
-from pancreas_seg.model_card import (
+from pancreas_seg.core.labels import class_mask
+from pancreas_seg.inference.model_card import (
     check_dataset,
     check_disjoint,
     check_preprocessing,
     check_weights,
 )
-from pancreas_seg.prediction import labels_from_probabilities, predict_slices, use_xla
+from pancreas_seg.inference.prediction import labels_from_probabilities, predict_slices, use_xla
 from pancreas_seg.task07.splits import manifest_dataset
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def check_model_binding(model_card: dict[str, Any], case_manifest: pd.DataFrame,
                         intensity_stats: dict[str, Any], preprocessing: dict[str, Any]) -> dict[str, Any]:
     """Refuse to score a model on its own training data or with other preprocessing.
 
-    Raises :class:`~pancreas_seg.model_card.ModelMismatchError` naming the cases or settings when
+    Raises :class:`~pancreas_seg.inference.model_card.ModelMismatchError` naming the cases or settings when
     the model was trained on another dataset, when its training or validation cases are among the
     test cases of the current split, or when its preprocessing differs from the one in use.
     Returns what was checked (saved as ``<architecture>/model_check.json``).

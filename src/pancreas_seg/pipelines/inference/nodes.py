@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pancreas_seg.atomic import atomic_write_bytes
+from pancreas_seg.core.atomic import atomic_write_bytes
 from pancreas_seg.imaging.dicom_io import DicomVolume, read_dicom_folder
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti, save_nifti
 from pancreas_seg.imaging.preprocess import (
@@ -18,9 +18,9 @@ from pancreas_seg.imaging.preprocess import (
     axial_view,
     intensity_stats_from_dict,
 )
-from pancreas_seg.labels import PANCREAS, TUMOUR
-from pancreas_seg.model_store import members, resolve_model
-from pancreas_seg.segmenter import check_trained_model, load_segmenter, model_name
+from pancreas_seg.core.labels import PANCREAS, TUMOUR
+from pancreas_seg.inference.model_store import members, resolve_model
+from pancreas_seg.inference.segmenter import check_trained_model, load_segmenter, model_name
 from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
 from pancreas_seg.task07.validation import validate_case
 

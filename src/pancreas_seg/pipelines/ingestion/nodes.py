@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from pancreas_seg.parallel import map_over_cases
+from pancreas_seg.runners.parallel import map_over_cases
 from pancreas_seg.phantoms import PhantomConfig, write_synthetic_task07
 from pancreas_seg.task07.archive import extract_task07_archive
 from pancreas_seg.task07.layout import is_synthetic, read_dataset_json

@@ -19,7 +19,7 @@ from pancreas_seg.imaging.preprocess import (
     plan_case_geometry,
     preprocess_case,
 )
-from pancreas_seg.parallel import LazyCaseParts, map_over_cases
+from pancreas_seg.runners.parallel import LazyCaseParts, map_over_cases
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from pancreas_seg.learning.setup import (
     make_loaders,
     resume_fingerprint,
 )
-from pancreas_seg.model_card import preprocessing_fingerprint
-from pancreas_seg.runtime import dtype_policy, retained_heap
-from pancreas_seg.serving import log_model_objects
+from pancreas_seg.inference.model_card import preprocessing_fingerprint
+from pancreas_seg.core.runtime import dtype_policy, retained_heap
+from pancreas_seg.inference.serving import log_model_objects
 from pancreas_seg.task07.splits import manifest_dataset
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def train_model(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case
     Process-wide settings (mixed precision, malloc tuning) are restored when the node ends.
 
     Returns the best model (by ``monitor``), the training history, the training-curve figure and
-    the model card (see :mod:`pancreas_seg.model_card`).
+    the model card (see :mod:`pancreas_seg.inference.model_card`).
     """
     import keras  # noqa: PLC0415
 

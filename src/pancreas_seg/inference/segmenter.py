@@ -1,7 +1,7 @@
 """A trained model (single, cascade or ensemble) as one function: CT in HU -> MSD label map.
 
 The one place that loads models for use: the inference pipeline, the MLflow pyfunc model
-(:mod:`pancreas_seg.serving`) and the benchmarks all call :func:`load_segmenter`, so a scan goes
+(:mod:`pancreas_seg.inference.serving`) and the benchmarks all call :func:`load_segmenter`, so a scan goes
 through the same preprocessing, prediction, map-back and post-processing wherever it is segmented.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from pancreas_seg.imaging.preprocess import PreprocessingConfig, intensity_stats_from_dict
-from pancreas_seg.model_card import (
+from pancreas_seg.inference.model_card import (
     ModelMismatchError,
     check_card_consistent,
     check_cascade_weights,
@@ -21,8 +21,8 @@ from pancreas_seg.model_card import (
     check_fold_ensemble,
     check_weights,
 )
-from pancreas_seg.model_store import TrainedEnsemble, TrainedModel, members
-from pancreas_seg.prediction import segment_volume, use_xla
+from pancreas_seg.inference.model_store import TrainedEnsemble, TrainedModel, members
+from pancreas_seg.inference.prediction import segment_volume, use_xla
 
 Segment = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
 """``segment(hu (X, Y, Z) in file order, affine 4x4 mm, case_id) -> uint8 labels of hu's shape``."""

@@ -45,7 +45,7 @@ def _versions(folder: Path, filename: str) -> dict[str, Path]:
 
 ENSEMBLE_SUFFIX = ".ensemble"
 SERVING_MODEL_NAME = "segmenter"
-"""The name of the pyfunc model logged to each training run (``pancreas_seg.serving.MODEL_NAME``)."""
+"""The name of the pyfunc model logged to each training run (``pancreas_seg.inference.serving.MODEL_NAME``)."""
 BUNDLE_FILE = "bundle.json"
 
 
@@ -84,7 +84,7 @@ def fold_models(models_dir: str | Path, architecture: str) -> TrainedEnsemble:
 
 
 BUNDLE_IN_MLFLOW_MODEL = ("artifacts", "bundle")
-"""Where a bundle lies inside an MLflow pyfunc model folder (see :mod:`pancreas_seg.serving`)."""
+"""Where a bundle lies inside an MLflow pyfunc model folder (see :mod:`pancreas_seg.inference.serving`)."""
 
 
 def write_bundle(folder: str | Path, name: str, trained: TrainedModel | TrainedEnsemble) -> Path:

@@ -1,9 +1,9 @@
 """The MLflow pyfunc model: CT scans in, label maps out, through the inference pipeline's own code.
 
 Every trained model (single, cascade, fold ensemble) is logged as an MLflow 3 pyfunc model whose
-``predict`` runs :func:`pancreas_seg.segmenter.load_segmenter`'s segmenter, the same validation,
+``predict`` runs :func:`pancreas_seg.inference.segmenter.load_segmenter`'s segmenter, the same validation,
 preprocessing, prediction, map-back and post-processing as ``kedro run --pipelines=inference``.
-The model's artifact ``bundle`` (see :func:`pancreas_seg.model_store.write_bundle`) holds the
+The model's artifact ``bundle`` (see :func:`pancreas_seg.inference.model_store.write_bundle`) holds the
 ``.keras`` file(s) and model card(s); ``bundle.json`` also records the inference settings used.
 
 Input, a DataFrame with one row per scan and one of the columns:
@@ -40,7 +40,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from pancreas_seg.imaging.nifti_io import save_nifti
-from pancreas_seg.model_store import (
+from pancreas_seg.inference.model_store import (
     SERVING_MODEL_NAME,
     TrainedEnsemble,
     TrainedModel,
@@ -78,7 +78,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper of a pancreas_seg segmenter (see the module docstring for the signature)."""
 
     def load_context(self, context: Any) -> None:
-        from pancreas_seg.segmenter import check_trained_model  # noqa: PLC0415 - Keras
+        from pancreas_seg.inference.segmenter import check_trained_model  # noqa: PLC0415 - Keras
 
         folder = Path(context.artifacts[BUNDLE_ARTIFACT])
         self.trained = read_bundle(folder, f"pyfunc bundle {folder}")
@@ -87,7 +87,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self._segmenter(REQUEST_PARAMS)   # load the models now, not on the first request
 
     def _segmenter(self, params: Mapping[str, Any]) -> Any:
-        from pancreas_seg.segmenter import load_segmenter  # noqa: PLC0415 - Keras
+        from pancreas_seg.inference.segmenter import load_segmenter  # noqa: PLC0415 - Keras
 
         key = tuple(bool(params.get(name, default)) for name, default in REQUEST_PARAMS.items())
         if key not in self._segmenters:
