@@ -66,17 +66,22 @@ def _unwanted(texts: list[str]) -> list[str]:
 def test_logging_and_registering_a_model_warns_nothing(tracking_store: str, mlflow_log: _Records,
                                                        tmp_path: Path) -> None:
     from pancreas_seg import tracking
-from pancreas_seg.inference import serving
+    from pancreas_seg.inference import serving
+    from pancreas_seg.inference.model_card import CaseSplit, ModelCard
     from pancreas_seg.inference.model_store import TrainedModel
+    from pancreas_seg.inference.predictor import PredictionSettings
 
     run_id = mlflow.MlflowClient().create_run(tracking_store).info.run_id
     placeholder = tmp_path / "model.keras"
     placeholder.write_bytes(b"not loaded while logging")
-    trained = TrainedModel(placeholder, {"architecture": "unet", "mlflow_run_id": run_id})
+    card = ModelCard.for_trained_model("unet", "multiclass", {"image_size_px": 96}, None, "Task07_Pancreas",
+                                       CaseSplit(("t0",), ("v0",)), "a" * 64, mlflow_run_id=run_id)
+    trained = TrainedModel(placeholder, card)
+    settings = PredictionSettings(batch_size=4, flip_tta=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         filters = list(warnings.filters)
-        uri = serving.log_segmentation_model(run_id, trained, "unet")
+        uri = serving.log_segmentation_model(run_id, trained, "unet", settings)
         # the filter for MLflow's input-example message is confined to the logging call
         assert warnings.filters == filters
         version = tracking.register_model(f"runs:/{run_id}/{serving.MODEL_NAME}", "pancreas_seg", {"architecture": "unet"})
@@ -87,7 +92,13 @@ from pancreas_seg.inference import serving
     assert registered.run_id == run_id and registered.source == uri      # the run's logged model "segmenter"
     logged = client.get_logged_model(uri.removeprefix("models:/"))
     assert logged.name == serving.MODEL_NAME and logged.source_run_id == run_id
-    assert mlflow.models.get_model_info(uri).signature == serving.SIGNATURE
+    signature = mlflow.models.get_model_info(uri).signature
+    assert signature == serving.signature(settings)
+    # the request parameters default to the recorded settings, not to copies in code
+    assert {p.name: p.default for p in signature.params.params} == {"flip_tta": True, "keep_largest_component": False}
+    # the registry's description is markdown: no <...> placeholder that the UI would drop as an HTML tag
+    description = client.get_registered_model("pancreas_seg").description
+    assert "models:/pancreas_seg@champion" in description and "<" not in description
 
 
 def test_defining_the_pyfunc_model_asks_for_no_type_hints() -> None:

@@ -9,10 +9,30 @@ are namespaces of the ``training`` and ``evaluation`` pipelines. Run a subset wi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from kedro.pipeline import Pipeline
 
-from pancreas_seg.models.names import ARCHITECTURE_NAMES, CASCADE_NAME, CASCADE_STAGE1
-from pancreas_seg.pipelines import cv, evaluation, inference, ingestion, preprocessing, training, tuning
+from pancreas_seg.models.names import ARCHITECTURE_NAMES, CASCADE_NAME, CASCADE_STAGE1, MODEL_NAMES
+from pancreas_seg.pipelines import (
+    cascade,
+    cv,
+    evaluation,
+    inference,
+    ingestion,
+    preprocessing,
+    training,
+    tuning,
+)
+
+
+def training_of(models: Iterable[str] = MODEL_NAMES) -> Pipeline:
+    """Training of ``models`` (architectures and/or ``cascade``) and their registration."""
+    names = list(models)
+    pipeline = training.create_pipeline([name for name in names if name != CASCADE_NAME])
+    if CASCADE_NAME in names:
+        pipeline += cascade.create_pipeline()
+    return pipeline + training.create_registration_pipeline(names)
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -27,12 +47,12 @@ def register_pipelines() -> dict[str, Pipeline]:
     studies on prepared data). Neither ``cv`` nor ``tune`` is part of the default ``train``.
     """
     data = ingestion.create_pipeline() + preprocessing.create_pipeline()
-    train = data + training.create_pipeline() + evaluation.create_pipeline()
+    train = data + training_of() + evaluation.create_pipeline()
     per_model = {
-        f"train_{name}": data + training.create_pipeline([name]) + evaluation.create_pipeline([name])
+        f"train_{name}": data + training_of([name]) + evaluation.create_pipeline([name])
         for name in ARCHITECTURE_NAMES
     }
-    per_model[f"train_{CASCADE_NAME}"] = (data + training.create_pipeline([CASCADE_STAGE1, CASCADE_NAME])
+    per_model[f"train_{CASCADE_NAME}"] = (data + training_of([CASCADE_STAGE1, CASCADE_NAME])
                                           + evaluation.create_pipeline([CASCADE_NAME]))
     cross_validation = {f"cv_{name}": data + cv.create_pipeline([name]) for name in ARCHITECTURE_NAMES}
     per_model.update({f"tune_{name}": data + tuning.create_pipeline([name]) for name in ARCHITECTURE_NAMES})
@@ -40,7 +60,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "ingestion": ingestion.create_pipeline(),
         "preprocessing": preprocessing.create_pipeline(),
         "data": data,
-        "training": training.create_pipeline(),
+        "training": training_of(),
         "evaluation": evaluation.create_pipeline(),
         "inference": inference.create_pipeline(),
         "tuning": tuning.create_pipeline(),

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from pancreas_seg.cascade.crops import CropConfig
-from pancreas_seg.cascade.predict import Cascade, segment_volume_cascade
+from pancreas_seg.inference.cascade import Cascade, segment_cascade
 from pancreas_seg.cascade.sampler import CropLoader
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
 from pancreas_seg.learning.training import FitConfig, fit_with_resume
@@ -57,7 +57,7 @@ affine = np.array([[0, 0, 0.8, 0], [0, 0.8, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]]
 cascade = Cascade(stage1=stage1, stage2=stage2, preprocessing=PreprocessingConfig(image_size_px=(32, 32)),
                   stage1_label_mode="multiclass", stage2_label_mode="multiclass",
                   crop=CropConfig(spacing_mm=0.8, size_px=(16, 32), margin_mm=4.0, z_margin_mm=2.5))
-labels, report = segment_volume_cascade(cascade, hu, affine, batch_size=4)
+labels, report = segment_cascade(cascade, hu, affine, batch_size=4)
 print("RESULT " + json.dumps({
     "backend": keras.backend.backend(), "tumour_windows": tumour_windows,
     "loss": result.history["loss"], "val_dice_tumour": result.history["val_dice_tumour"],

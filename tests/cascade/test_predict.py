@@ -17,15 +17,15 @@ import pytest
 from nibabel import orientations as ornt_lib
 
 from pancreas_seg.cascade.crops import CropConfig
-from pancreas_seg.cascade.predict import (
+from pancreas_seg.inference.cascade import (
     Cascade,
     background_probabilities,
     predict_tiled,
-    segment_volume_cascade,
+    segment_cascade,
 )
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
 from pancreas_seg.core.labels import PANCREAS
-from pancreas_seg.inference.prediction import predict_slices
+from pancreas_seg.inference.forward import predict_slices
 
 PREPROCESSING = PreprocessingConfig(image_size_px=(32, 32), window_hu=(-100.0, 240.0))
 
@@ -66,7 +66,7 @@ ORDERS = list(itertools.product(itertools.permutations(range(3)), [(1, 1, 1), (-
 @pytest.mark.parametrize(("perm", "flips"), ORDERS, ids=lambda v: "".join(map(str, v)))
 def test_cascade_returns_the_pancreas_on_the_file_grid_in_any_axis_order(perm, flips) -> None:
     hu, pancreas, affine = _scan(perm, flips)
-    labels, report = segment_volume_cascade(_cascade(_threshold_model()), hu, affine, batch_size=4)
+    labels, report = segment_cascade(_cascade(_threshold_model()), hu, affine, batch_size=4)
     assert labels.shape == hu.shape and labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, np.where(pancreas, PANCREAS, 0))
     assert report["stage1_found"] and report["stage2_slices"] < hu.shape[int(np.argmax(np.abs(affine[2, :3])))]
@@ -77,18 +77,18 @@ def test_stage2_only_sees_the_crop() -> None:
     hu, pancreas, affine = _scan()
     hu[2:6, 2:6, 8:10] = 200.0   # bright, far from the pancreas: a small component for stage 1
     cascade = _cascade(_threshold_model())
-    labels, _ = segment_volume_cascade(cascade, hu, affine, batch_size=4)
+    labels, _ = segment_cascade(cascade, hu, affine, batch_size=4)
     np.testing.assert_array_equal(labels, np.where(pancreas, PANCREAS, 0))   # outside every crop
     everything = Cascade(**{**cascade.__dict__, "crop": CropConfig(spacing_mm=0.8, size_px=(16, 24),
                                                                    min_component_fraction=0.0)})
-    stretched, _ = segment_volume_cascade(everything, hu, affine, batch_size=4)
+    stretched, _ = segment_cascade(everything, hu, affine, batch_size=4)
     assert stretched[2:6, 2:6, 8:10].all()   # kept as a component, the box (and stage 2) reaches it
 
 
 def test_an_empty_stage1_gives_an_empty_mask_and_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     hu, _, affine = _scan()
-    with caplog.at_level(logging.WARNING, logger="pancreas_seg.cascade.predict"):
-        labels, report = segment_volume_cascade(_cascade(_threshold_model(always_background=True)), hu, affine,
+    with caplog.at_level(logging.WARNING, logger="pancreas_seg.inference.cascade"):
+        labels, report = segment_cascade(_cascade(_threshold_model(always_background=True)), hu, affine,
                                                 name="case_x")
     assert labels.shape == hu.shape and not labels.any() and report["stage1_found"] is False
     assert any("case_x" in r.getMessage() and "no pancreas" in r.getMessage() for r in caplog.records)
@@ -126,6 +126,6 @@ def test_small_predicted_tumours_become_pancreas() -> None:
                       stage1_label_mode="multiclass", stage2_label_mode="multiclass",
                       crop=CropConfig(spacing_mm=0.8, size_px=(16, 24), margin_mm=4.0, z_margin_mm=50.0),
                       min_tumour_volume_mm3=50.0)
-    labels, report = segment_volume_cascade(cascade, hu, affine, batch_size=4)
+    labels, report = segment_cascade(cascade, hu, affine, batch_size=4)
     assert report["small_tumour_components_removed"] == 1
     assert (labels[pancreas] == 2).all() and labels[20, 30, 18] == PANCREAS

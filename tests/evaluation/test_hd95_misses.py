@@ -20,15 +20,16 @@ from pancreas_seg.evaluation.metrics import LESION_KEYS
 from pancreas_seg.evaluation.plots import hd95_counts, hd95_miss_caption, plot_dice_boxplots
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.nifti_io import NiftiVolume, save_nifti
-from pancreas_seg.pipelines.evaluation import nodes
-from pancreas_seg.pipelines.evaluation.nodes import (
+from pancreas_seg.evaluation.scoring import (
     METRIC_COLUMNS,
     build_summary,
     comparison_table,
+    flat_test_metrics,
     markdown_table,
-    mlflow_test_metrics,
-    score_test_cases,
 )
+from pancreas_seg.inference.model_card import CaseSplit, ModelCard
+from pancreas_seg.pipelines.evaluation import nodes
+from pancreas_seg.pipelines.evaluation.nodes import score_test_cases
 
 INF, NAN = np.inf, np.nan
 #: Per architecture: pancreas HD95 and tumour HD95 of cases c0..c4 (the LCC column is the same
@@ -66,13 +67,19 @@ def _frame(arch: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
-def _card(arch: str) -> dict:
-    return {"architecture": arch, "mlflow_run_id": f"run-{arch}", "data_source": "synthetic"}
+def _card(arch: str) -> ModelCard:
+    return ModelCard.for_trained_model(arch, "multiclass", {"image_size_px": 96}, None, "Task07_Pancreas",
+                                       CaseSplit(("t0",), ("v0",)), "a" * 64, mlflow_run_id=f"run-{arch}",
+                                       data_source="synthetic")
+
+
+def _summary(frame: pd.DataFrame, arch: str) -> dict:
+    return build_summary(frame, arch, f"run-{arch}", "synthetic")
 
 
 @pytest.fixture
 def summaries() -> list[dict]:
-    return [build_summary(_frame(arch), _card(arch)) for arch in HD95]
+    return [_summary(_frame(arch), arch) for arch in HD95]
 
 
 @pytest.fixture
@@ -121,12 +128,12 @@ def test_markdown_shows_misses_and_both_empty_counts(summaries: list[dict]) -> N
 def test_markdown_all_missed_reads_na_with_count() -> None:
     frame = _frame("missy")
     frame.loc[frame["class"] == "pancreas", ["hd95_mm", "hd95_mm_lcc"]] = INF
-    text = markdown_table(comparison_table([build_summary(frame, _card("missy"))]))
+    text = markdown_table(comparison_table([_summary(frame, "missy")]))
     assert "n/a (5 misses of 5)" in text
 
 
 def test_mlflow_metrics_carry_miss_counts(summaries: list[dict]) -> None:
-    flat = mlflow_test_metrics(summaries[0])
+    flat = flat_test_metrics(summaries[0])
     for metric in ("hd95_mm", "hd95_mm_lcc"):
         assert flat[f"test_{metric}_pancreas_n_inf"] == 1
         assert flat[f"test_{metric}_pancreas_n_finite"] == 4
@@ -175,7 +182,7 @@ def test_compare_architectures_reports_misses_everywhere(monkeypatch: pytest.Mon
     monkeypatch.setattr(nodes.tracking, "log_figure", lambda *args: None)
     monkeypatch.setattr(nodes.tracking, "log_text", lambda run_id, text, name: logged_text.update({run_id: text}))
     frames = [_frame(arch) for arch in HD95]
-    summaries = [build_summary(frame, _card(arch)) for frame, arch in zip(frames, HD95, strict=True)]
+    summaries = [_summary(frame, arch) for frame, arch in zip(frames, HD95, strict=True)]
     metrics, table, markdown, figure = nodes.compare_architectures(*frames, *summaries)
     assert len(metrics) == 20 and int(np.isinf(metrics["hd95_mm"]).sum()) == 3
     assert table.set_index(["architecture", "class"]).loc[("missy", "pancreas"), "hd95_mm_n_inf"] == 1
@@ -211,7 +218,7 @@ def test_score_test_cases_writes_truth_present_and_lesion_columns(tmp_path) -> N
     predictions = {"c0": lambda: NiftiVolume(pred_0, affine), "c1": lambda: NiftiVolume(pred_1, affine)}
     geometry = ScanGeometry.plan(shape, affine, (16, 16)).to_dict()
     frame = score_test_cases(predictions, manifest, {"c0": geometry, "c1": geometry},
-                             {"architecture": "probe"}, {"nsd_tolerance_mm": 2.0})
+                             _card("probe"), {"nsd_tolerance_mm": 2.0})
 
     assert list(frame.columns) == METRIC_COLUMNS
     assert METRIC_COLUMNS[-6:] == ["truth_present", "lesions_true", "lesions_found", "lesions_predicted",
@@ -229,9 +236,8 @@ def test_score_test_cases_writes_truth_present_and_lesion_columns(tmp_path) -> N
     frame.to_csv(tmp_path / "metrics.csv", index=False)
     loaded = pd.read_csv(tmp_path / "metrics.csv")
     assert loaded["truth_present"].dtype == bool
-    card = {"architecture": "probe", "mlflow_run_id": "run", "data_source": "synthetic"}
-    summary = build_summary(loaded, card)
-    assert json.dumps(summary, sort_keys=True) == json.dumps(build_summary(frame, card), sort_keys=True)
+    summary = _summary(loaded, "probe")
+    assert json.dumps(summary, sort_keys=True) == json.dumps(_summary(frame, "probe"), sort_keys=True)
     tumour = summary["classes"]["tumour"]
     assert tumour["dice_truth_present"]["n"] == 1
     assert tumour["dice_truth_present"]["mean"] == pytest.approx(rows.loc[("c0", "tumour"), "dice"])
@@ -296,13 +302,13 @@ def test_markdown_without_true_lesions_reads_na() -> None:
     frame.loc[tumour, ["lesions_true", "lesions_found", "lesions_predicted", "fp_components"]] = [0, 0, 1, 1]
     frame.loc[tumour, "lesion_sensitivity"] = NAN
     frame.loc[tumour, "truth_present"] = False
-    text = markdown_table(comparison_table([build_summary(frame, _card("steady"))]))
+    text = markdown_table(comparison_table([_summary(frame, "steady")]))
     tumour_row = next(line for line in text.splitlines() if line.startswith("| steady | tumour"))
     assert tumour_row.endswith("| n/a (n=0) | n/a (0/0) | 1.00 (5 in 5 cases) |")
 
 
 def test_mlflow_metrics_carry_lesion_metrics(summaries: list[dict]) -> None:
-    flat = mlflow_test_metrics(summaries[0])
+    flat = flat_test_metrics(summaries[0])
     assert flat["test_dice_truth_present_tumour_mean"] == pytest.approx(1.4 / 3)
     assert flat["test_dice_truth_present_tumour_n"] == 3
     assert flat["test_lesion_sensitivity_tumour"] == pytest.approx(0.5)
@@ -331,13 +337,13 @@ def test_compare_architectures_reads_per_case_frames_from_before_the_lesion_colu
     monkeypatch.setattr(nodes.tracking, "log_figure", lambda *args: None)
     monkeypatch.setattr(nodes.tracking, "log_text", lambda *args: None)
     old_frame = _frame("steady").drop(columns=["truth_present", *LESION_KEYS])
-    old_summary = build_summary(_frame("steady"), _card("steady"))
+    old_summary = _summary(_frame("steady"), "steady")
     del old_summary["lesions"]
     for stats in old_summary["classes"].values():
         del stats["dice_truth_present"]
     new_frame = _frame("missy")
     metrics, table, markdown, _ = nodes.compare_architectures(
-        new_frame, old_frame, build_summary(new_frame, _card("missy")), old_summary)
+        new_frame, old_frame, _summary(new_frame, "missy"), old_summary)
     assert list(metrics.columns) == METRIC_COLUMNS
     assert metrics.loc[metrics["architecture"] == "steady", "lesions_true"].isna().all()
     assert "| steady | tumour |" in markdown

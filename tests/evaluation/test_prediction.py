@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from pancreas_seg.inference.prediction import average_probabilities, predict_slices, use_xla
+from pancreas_seg.inference.forward import mean_probabilities, predict_slices, use_xla
 
 
 class ShapeRecorder(keras.Model):
@@ -58,17 +58,20 @@ def test_use_xla_keeps_predictions() -> None:
     assert use_xla(model, enabled=False) is False
 
 
-def test_average_probabilities_is_the_mean_of_each_models_softmax() -> None:
+def test_mean_probabilities_is_the_mean_of_each_models_softmax() -> None:
     rng = np.random.default_rng(1)
     slices = rng.random((5, 16, 16), dtype=np.float32)
     first, second = ShapeRecorder(), ShapeRecorder()
     first(slices[..., None]), second(slices[..., None])          # build both
     second.conv.kernel.assign(np.asarray(second.conv.kernel) * -2.0)   # a different model
     expected = (np.asarray(first(slices[..., None])) + np.asarray(second(slices[..., None]))) / 2
-    mean = average_probabilities([first, second], slices, context_slices=1, batch_size=2)
+    per_model = [predict_slices(model, slices, context_slices=1, batch_size=2) for model in (first, second)]
+    originals = [p.copy() for p in per_model]
+    mean = mean_probabilities(per_model)
     np.testing.assert_allclose(mean, expected, atol=1e-5)
     np.testing.assert_allclose(mean.sum(axis=-1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(average_probabilities([first], slices, 1, 2),
-                               predict_slices(first, slices, 1, 2), atol=0)
-    with pytest.raises(ValueError, match="at least one model"):
-        average_probabilities([], slices, 1, 2)
+    for given, original in zip(per_model, originals, strict=True):   # the inputs are not modified
+        np.testing.assert_array_equal(given, original)
+    np.testing.assert_array_equal(mean_probabilities(iter(per_model[:1])), per_model[0])
+    with pytest.raises(ValueError, match="at least one array"):
+        mean_probabilities([])

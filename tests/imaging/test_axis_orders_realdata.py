@@ -29,7 +29,8 @@ from pancreas_seg.imaging.geometry import ScanGeometry, axial_axis
 from pancreas_seg.imaging.nifti_io import load_nifti, save_nifti
 from pancreas_seg.imaging.preprocess import PreprocessingConfig, plan_case_geometry
 from pancreas_seg.pipelines.preprocessing.nodes import preprocess_cases
-from pancreas_seg.inference.prediction import segment_volume
+from pancreas_seg.inference.model_card import CaseSplit, ModelCard
+from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 
 CT_NAME, MASK_NAME = "ct_abdomen_3mm.nii.gz", "ct_abdomen_3mm_pancreas.nii.gz"
 REFERENCE = "ref"   # case id of the untouched RAS source files
@@ -178,15 +179,19 @@ def _intensity_model():
 
 @pytest.fixture(scope="module")
 def masks(copies: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """segment_volume on every copy (crop_to_body on): ``{case_id: saved mask path}``."""
+    """The predictor on every copy (crop_to_body on): ``{case_id: saved mask path}``."""
+    from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415
 
     model = _intensity_model()
-    config = PreprocessingConfig.from_params({**CONFIGS["crop_to_body"], "intensity": WINDOW})
+    preprocessing = {**CONFIGS["crop_to_body"], "intensity": WINDOW}
+    card = ModelCard.for_trained_model("probe", PreprocessingConfig.from_params(preprocessing).label_mode,
+                                       preprocessing, None, "realdata", CaseSplit((), ()), weights_sha256(model))
+    predictor = Predictor.from_models([model], [card], PredictionSettings(batch_size=16, flip_tta=False, xla=False))
     folder = tmp_path_factory.mktemp("axis_order_masks")
     paths = {}
     for row in copies.itertuples():
         ct = load_nifti(row.image_path)
-        labels = segment_volume(model, ct.array, ct.affine, config, batch_size=16)
+        labels = predictor.segment(ct.array, ct.affine, row.case_id)
         assert labels.shape == ct.array.shape and labels.dtype == np.uint8, row.axcodes
         paths[row.case_id] = folder / f"{row.case_id}.nii.gz"
         save_nifti(paths[row.case_id], labels, ct.affine, ct.header)   # as the inference node does
@@ -217,7 +222,7 @@ SCORED_ORDERS = ("RAS", "LPS", "SAR", "IPL", *ODD_HEADERS)
 
 def test_slice_dice_along_the_axial_axis_is_the_same_in_every_axis_order(copies, masks) -> None:
     """Slice Dice over the geometry's axial axis is order-independent, as are the node's metrics."""
-    from pancreas_seg.pipelines.evaluation.nodes import score_test_cases  # noqa: PLC0415
+    from pancreas_seg.evaluation.scoring import score_cases  # noqa: PLC0415
 
     config = PreprocessingConfig(image_size_px=(64, 64))
     values, fixed_axis_2 = {}, []
@@ -240,8 +245,8 @@ def test_slice_dice_along_the_axial_axis_is_the_same_in_every_axis_order(copies,
     # 4 mm: no surface distance (0, 3, 4.24, ... mm on this 3 mm grid) sits on the tolerance, so
     # float32 rounding of a quaternion affine's spacing cannot tip the NSD
     geometries = {row.case_id: plan_case_geometry(row.image_path, config).to_dict() for row in scored.itertuples()}
-    scores = score_test_cases(predictions, scored.assign(split="test"), geometries, {"architecture": "probe"},
-                              {"nsd_tolerance_mm": 4.0}).set_index(["case_id", "class"])
+    scores = score_cases(predictions, sorted(scored["case_id"]), scored.assign(split="test"), geometries, "probe",
+                         4.0).set_index(["case_id", "class"])
     assert scores.loc[(REFERENCE, "pancreas"), "slice_dice"] == pytest.approx(reference, rel=1e-12)
     for case_id in scored["case_id"]:
         for class_name in ("pancreas", "tumour"):

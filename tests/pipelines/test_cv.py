@@ -139,7 +139,7 @@ def _check_ensemble_is_mean_softmax(cv_project: Path, output_dir: Path, architec
         preprocess_image,
     )
     from pancreas_seg.models.io import load_model  # noqa: PLC0415
-    from pancreas_seg.inference.prediction import labels_from_probabilities, predict_slices  # noqa: PLC0415
+    from pancreas_seg.inference.forward import predict_slices, to_file_grid  # noqa: PLC0415
 
     folds = cv_project / "data" / "06_models" / architecture / "folds"
     card = json.loads((folds / "cards" / "fold0.json").read_text())
@@ -149,6 +149,6 @@ def _check_ensemble_is_mean_softmax(cv_project: Path, output_dir: Path, architec
     image, geometry = preprocess_image(ct.array, ct.affine, config, intensity_stats_from_dict(card["intensity_stats"]))
     probabilities = [predict_slices(load_model(folds / "models" / f"fold{k}.keras", compile=False), image,
                                     config.context_slices, batch_size=4) for k in (0, 1)]
-    expected = labels_from_probabilities((probabilities[0] + probabilities[1]) / 2, geometry, config.label_mode)
+    expected = to_file_grid((probabilities[0] + probabilities[1]) / 2, geometry, config.label_mode)
     inferred = output_dir / scan.name
     assert np.array_equal(np.asarray(nib.load(inferred).dataobj), expected)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -328,6 +328,14 @@ def _warning_lines(table: pd.DataFrame, width: int = 110) -> list[str]:
             pairs_by_warning.setdefault(row.warning, []).append(f"{row.model_a} − {row.model_b}")
     return [textwrap.fill(f"† {', '.join(pairs)}: {warning}", width=width, subsequent_indent="   ")
             for warning, pairs in pairs_by_warning.items()]
+
+
+def plot_paired_comparison(table: pd.DataFrame, statistics: Mapping[str, Any]) -> Figure:
+    """:func:`plot_paired_differences` of the first configured comparison (``statistics["comparisons"][0]``)
+    in a :func:`~.statistics.paired_comparisons` table."""
+    first = statistics["comparisons"][0]
+    rows = table[(table["metric"] == first["metric"]) & (table["class"] == first["class"])].reset_index(drop=True)
+    return plot_paired_differences(rows, f"paired differences: {first['metric']}, {first['class']}")
 
 
 def plot_paired_differences(table: pd.DataFrame, title: str) -> Figure:

@@ -43,7 +43,8 @@ Verdict
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -314,3 +315,22 @@ def comparison_markdown(table: pd.DataFrame) -> str:
               "Legend: p = two-sided paired Wilcoxon signed-rank test; Holm = Holm-adjusted p; "
               "CI = percentile bootstrap of the mean difference.")
     return "\n".join([title, "", *lines, "", legend]) + "\n"
+
+
+def paired_comparisons(metrics_per_case: pd.DataFrame, statistics: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
+    """Paired tests of every two models on the same cases, for each configured (metric, class).
+
+    For each entry of ``statistics["comparisons"]`` (``metric``, ``class``, optional
+    ``higher_is_better``): :func:`compare_pairs` over the ``architecture`` column with the
+    bootstrap and test settings of ``statistics``. Returns the tables of all entries in one frame
+    and their markdown (a section per entry).
+    """
+    tables, sections = [], []
+    for entry in statistics["comparisons"]:
+        table = compare_pairs(metrics_per_case, metric=entry["metric"], class_name=entry["class"],
+                              model_column="architecture", higher_is_better=bool(entry.get("higher_is_better", True)),
+                              n_bootstrap=int(statistics["n_bootstrap"]), confidence=float(statistics["confidence"]),
+                              alpha=float(statistics["alpha"]), seed=int(statistics["seed"]))
+        tables.append(table)
+        sections.append(f"### {entry['metric']}, {entry['class']}\n\n{comparison_markdown(table)}")
+    return pd.concat(tables, ignore_index=True), "\n\n".join(sections) + "\n"

@@ -15,25 +15,29 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pancreas_seg.inference.model_card import ModelCard
 from pancreas_seg.models.names import CASCADE_NAME, MODEL_NAMES
+
+if TYPE_CHECKING:
+    from pancreas_seg.inference.predictor import PredictionSettings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """A model file and its card (``card["version"]`` is the Kedro version or the MLflow run).
+    """A model file and its card (``card.version`` is the Kedro version or the MLflow reference).
 
     For the cascade, ``model_file`` is stage 2 and ``stage1_file`` stage 1 (None otherwise).
     """
 
     model_file: Path
-    card: dict[str, Any]
+    card: ModelCard
     stage1_file: Path | None = None
 
 
@@ -57,7 +61,7 @@ class TrainedEnsemble:
     members: tuple[TrainedModel, ...]
 
     @property
-    def cards(self) -> list[dict[str, Any]]:
+    def cards(self) -> list[ModelCard]:
         return [member.card for member in self.members]
 
 
@@ -78,7 +82,8 @@ def fold_models(models_dir: str | Path, architecture: str) -> TrainedEnsemble:
         card_file = root / "cards" / f"{model_file.stem}.json"
         if not card_file.is_file():
             raise FileNotFoundError(f"{model_file}: its model card {card_file} is missing; rerun the cv pipeline")
-        card = {**json.loads(card_file.read_text()), "version": f"{architecture}{ENSEMBLE_SUFFIX}/{model_file.stem}"}
+        card = ModelCard.from_json(card_file.read_text(), str(card_file),
+                                   version=f"{architecture}{ENSEMBLE_SUFFIX}/{model_file.stem}")
         trained.append(TrainedModel(model_file, card))
     return TrainedEnsemble(f"{architecture}{ENSEMBLE_SUFFIX}", tuple(trained))
 
@@ -87,11 +92,13 @@ BUNDLE_IN_MLFLOW_MODEL = ("artifacts", "bundle")
 """Where a bundle lies inside an MLflow pyfunc model folder (see :mod:`pancreas_seg.inference.serving`)."""
 
 
-def write_bundle(folder: str | Path, name: str, trained: TrainedModel | TrainedEnsemble) -> Path:
+def write_bundle(folder: str | Path, name: str, trained: TrainedModel | TrainedEnsemble,
+                 prediction_settings: Mapping[str, Any]) -> Path:
     """Copy a model (or the members of an ensemble) with their cards into ``folder`` as a bundle.
 
-    The bundle is ``bundle.json`` (kind, name, members) next to each member's ``.keras`` file,
-    card and, for the cascade, stage-1 file. Returns ``folder``.
+    The bundle is ``bundle.json`` (kind, name, members, the prediction settings to apply by
+    default) next to each member's ``.keras`` file, card and, for the cascade, stage-1 file.
+    Returns ``folder``.
     """
     import shutil  # noqa: PLC0415
 
@@ -101,24 +108,41 @@ def write_bundle(folder: str | Path, name: str, trained: TrainedModel | TrainedE
     for index, member in enumerate(members(trained)):
         stem = f"member{index}"
         shutil.copyfile(member.model_file, folder / f"{stem}.keras")
-        card = {k: v for k, v in member.card.items() if k != "version"}
-        (folder / f"{stem}.json").write_text(json.dumps(card, indent=2))
+        (folder / f"{stem}.json").write_text(member.card.to_json())
         entry = {"model": f"{stem}.keras", "card": f"{stem}.json"}
         if member.stage1_file is not None:
             shutil.copyfile(member.stage1_file, folder / f"{stem}_stage1.keras")
             entry["stage1"] = f"{stem}_stage1.keras"
         entries.append(entry)
     kind = "ensemble" if isinstance(trained, TrainedEnsemble) else "single"
-    (folder / BUNDLE_FILE).write_text(json.dumps({"kind": kind, "name": name, "members": entries}, indent=2))
+    index = {"kind": kind, "name": name, "members": entries, "prediction_settings": dict(prediction_settings)}
+    (folder / BUNDLE_FILE).write_text(json.dumps(index, indent=2))
     return folder
+
+
+def _bundle_folder(folder: Path) -> Path:
+    """``folder`` itself, or the bundle inside an MLflow pyfunc model folder."""
+    if not (folder / BUNDLE_FILE).is_file() and (folder.joinpath(*BUNDLE_IN_MLFLOW_MODEL) / BUNDLE_FILE).is_file():
+        return folder.joinpath(*BUNDLE_IN_MLFLOW_MODEL)
+    return folder
+
+
+def read_bundle_settings(folder: str | Path, reference: str) -> PredictionSettings:
+    """The prediction settings a bundle was logged with (the ``inference`` parameters of its run)."""
+    from pancreas_seg.inference.predictor import PredictionSettings  # noqa: PLC0415 - predictor imports this module
+
+    index_file = _bundle_folder(Path(folder)) / BUNDLE_FILE
+    settings = json.loads(index_file.read_text()).get("prediction_settings")
+    if not settings:
+        raise ValueError(f"{reference}: {index_file} records no prediction settings (logged by an earlier "
+                         "version of pancreas_seg); retrain the model to log it again")
+    return PredictionSettings.from_params(settings)
 
 
 def read_bundle(folder: str | Path, reference: str) -> TrainedModel | TrainedEnsemble:
     """A model or ensemble stored as a bundle folder (``bundle.json`` + its members' files), or an
     MLflow pyfunc model folder holding one (``artifacts/bundle/``)."""
-    folder = Path(folder)
-    if not (folder / BUNDLE_FILE).is_file() and (folder.joinpath(*BUNDLE_IN_MLFLOW_MODEL) / BUNDLE_FILE).is_file():
-        folder = folder.joinpath(*BUNDLE_IN_MLFLOW_MODEL)
+    folder = _bundle_folder(Path(folder))
     index_file = folder / BUNDLE_FILE
     if not index_file.is_file():
         raise FileNotFoundError(f"{reference}: no {BUNDLE_FILE} in {folder} (not a pancreas_seg model bundle)")
@@ -129,8 +153,8 @@ def read_bundle(folder: str | Path, reference: str) -> TrainedModel | TrainedEns
         stage1_file = folder / member["stage1"] if member.get("stage1") else None
         if not (model_file.is_file() and card_file.is_file()) or (stage1_file and not stage1_file.is_file()):
             raise FileNotFoundError(f"{reference}: bundle member {member} is missing from {folder}")
-        trained.append(TrainedModel(model_file, {**json.loads(card_file.read_text()), "version": reference},
-                                    stage1_file))
+        card = ModelCard.from_json(card_file.read_text(), f"{reference}: {member['card']}", version=reference)
+        trained.append(TrainedModel(model_file, card, stage1_file))
     if index["kind"] == "ensemble":
         return TrainedEnsemble(str(index["name"]), tuple(trained))
     return trained[0]
@@ -149,14 +173,14 @@ def latest_trained_model(models_dir: str | Path, architecture: str) -> TrainedMo
         raise FileNotFoundError(f"{models[version]}: no model card of the same version "
                                 f"({root / 'model_card.json' / version / 'model_card.json'} is missing); "
                                 "the model cannot be used without it. Retrain it.")
-    card = json.loads(cards[version].read_text())
+    card = ModelCard.from_json(cards[version].read_text(), str(cards[version]), version=version)
     stage1_file = None
     if architecture == CASCADE_NAME:
         stage1_file = root / "stage1_model.keras" / version / "stage1_model.keras"
         if not stage1_file.is_file():
             raise FileNotFoundError(f"{models[version]}: the cascade's stage-1 model of the same version "
                                     f"({stage1_file}) is missing; retrain the cascade.")
-    return TrainedModel(models[version], {**card, "version": version}, stage1_file)
+    return TrainedModel(models[version], card, stage1_file)
 
 
 def run_model(reference: str) -> TrainedModel | TrainedEnsemble:
@@ -188,8 +212,8 @@ def _legacy_run_model(reference: str, run_id: str) -> TrainedModel:
     if not card_file.is_file():
         raise FileNotFoundError(f"{reference}: the run has no logged model '{SERVING_MODEL_NAME}' and no "
                                 "model_card.json artifact (is it a training run of this project?)")
-    card = {**json.loads(card_file.read_text()), "version": reference}
-    if card.get("architecture") == CASCADE_NAME:
+    card = ModelCard.from_json(card_file.read_text(), f"{reference}: model_card.json", version=reference)
+    if card.is_cascade:
         stage1, stage2 = run_root / "keras" / "stage1.keras", run_root / "keras" / "stage2.keras"
         if not (stage1.is_file() and stage2.is_file()):
             raise FileNotFoundError(f"{reference}: expected artifacts keras/stage1.keras and keras/stage2.keras")

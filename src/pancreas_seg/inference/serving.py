@@ -1,10 +1,11 @@
 """The MLflow pyfunc model: CT scans in, label maps out, through the inference pipeline's own code.
 
 Every trained model (single, cascade, fold ensemble) is logged as an MLflow 3 pyfunc model whose
-``predict`` runs :func:`pancreas_seg.inference.segmenter.load_segmenter`'s segmenter, the same validation,
+``predict`` runs the one predictor, :class:`pancreas_seg.inference.predictor.Predictor`: the same validation,
 preprocessing, prediction, map-back and post-processing as ``kedro run --pipelines=inference``.
 The model's artifact ``bundle`` (see :func:`pancreas_seg.inference.model_store.write_bundle`) holds the
-``.keras`` file(s) and model card(s); ``bundle.json`` also records the inference settings used.
+``.keras`` file(s) and model card(s); ``bundle.json`` also records the prediction settings
+(``inference`` parameters of the run that logged it: batch size, XLA, flip TTA, post-processing).
 
 Input, a DataFrame with one row per scan and one of the columns:
 
@@ -12,7 +13,7 @@ Input, a DataFrame with one row per scan and one of the columns:
 * ``path``: a local NIfTI file path (for in-process use).
 
 Parameters (optional, per request): ``flip_tta`` and ``keep_largest_component``, as in the
-inference pipeline's ``inference`` settings (both ``false`` by default there and here).
+inference pipeline's ``inference`` settings; their defaults are the recorded settings.
 
 Output, one row per input row: ``mask_nifti_base64``, the label map (uint8, 0 background,
 1 pancreas, 2 tumour) as a base64-encoded ``.nii.gz`` with the input's shape, affine and header,
@@ -40,13 +41,16 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from pancreas_seg.imaging.nifti_io import save_nifti
+from pancreas_seg.inference.model_card import ModelCard
 from pancreas_seg.inference.model_store import (
     SERVING_MODEL_NAME,
     TrainedEnsemble,
     TrainedModel,
     read_bundle,
+    read_bundle_settings,
     write_bundle,
 )
+from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 from pancreas_seg.task07.layout import case_id_from_path
 from pancreas_seg.task07.validation import check_image
 
@@ -55,15 +59,19 @@ OUTPUT_BASE64, OUTPUT_CASE = "mask_nifti_base64", "case_id"
 BUNDLE_ARTIFACT = "bundle"
 MODEL_NAME = SERVING_MODEL_NAME
 """The logged model's name in its run (what the UI shows under *Models*)."""
-REQUEST_PARAMS = {"flip_tta": False, "keep_largest_component": False}
-"""Per-request settings (the scoring server's ``params``), defaults as ``conf/base`` ``inference``."""
-BATCH_SIZE = 4
-"""Slices per forward pass, as ``inference.batch_size`` in ``conf/base``."""
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", INPUT_BASE64, required=False), ColSpec("string", INPUT_PATH, required=False)]),
-    outputs=Schema([ColSpec("string", OUTPUT_CASE), ColSpec("string", OUTPUT_BASE64)]),
-    params=ParamSchema([ParamSpec(name, "boolean", default) for name, default in REQUEST_PARAMS.items()]),
-)
+REQUEST_PARAMS = ("flip_tta", "keep_largest_component")
+"""Prediction settings a request may change (the scoring server's ``params``); the defaults are the
+settings recorded in the bundle."""
+
+
+def signature(settings: PredictionSettings) -> ModelSignature:
+    """The pyfunc signature: NIfTI in, label maps out, :data:`REQUEST_PARAMS` defaulting to ``settings``."""
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", INPUT_BASE64, required=False),
+                       ColSpec("string", INPUT_PATH, required=False)]),
+        outputs=Schema([ColSpec("string", OUTPUT_CASE), ColSpec("string", OUTPUT_BASE64)]),
+        params=ParamSchema([ParamSpec(name, "boolean", getattr(settings, name)) for name in REQUEST_PARAMS]),
+    )
 
 
 def _bad_request(message: str) -> MlflowException:
@@ -78,22 +86,14 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper of a pancreas_seg segmenter (see the module docstring for the signature)."""
 
     def load_context(self, context: Any) -> None:
-        from pancreas_seg.inference.segmenter import check_trained_model  # noqa: PLC0415 - Keras
-
         folder = Path(context.artifacts[BUNDLE_ARTIFACT])
-        self.trained = read_bundle(folder, f"pyfunc bundle {folder}")
-        check_trained_model(self.trained, None)
-        self._segmenters: dict[tuple[bool, bool], Any] = {}
-        self._segmenter(REQUEST_PARAMS)   # load the models now, not on the first request
+        trained = read_bundle(folder, f"pyfunc bundle {folder}")
+        # the models are loaded and checked now, not on the first request
+        self.predictor = Predictor.from_trained(trained, read_bundle_settings(folder, f"pyfunc bundle {folder}"))
 
-    def _segmenter(self, params: Mapping[str, Any]) -> Any:
-        from pancreas_seg.inference.segmenter import load_segmenter  # noqa: PLC0415 - Keras
-
-        key = tuple(bool(params.get(name, default)) for name, default in REQUEST_PARAMS.items())
-        if key not in self._segmenters:
-            self._segmenters[key] = load_segmenter(self.trained, {"batch_size": BATCH_SIZE, "xla": True,
-                                                                  **dict(zip(REQUEST_PARAMS, key, strict=True))})
-        return self._segmenters[key]
+    def _predictor(self, params: Mapping[str, Any]) -> Predictor:
+        changes = {name: bool(params[name]) for name in REQUEST_PARAMS if params.get(name) is not None}
+        return self.predictor.with_settings(**changes) if changes else self.predictor
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
@@ -101,7 +101,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         if not ({INPUT_BASE64, INPUT_PATH} & set(model_input.columns)):
             raise _bad_request(f"the request has neither a '{INPUT_BASE64}' column (base64 NIfTI bytes) nor a "
                                f"'{INPUT_PATH}' column (a local NIfTI file)")
-        segment = self._segmenter(params or {})
+        predictor = self._predictor(params or {})
         rows = []
         with tempfile.TemporaryDirectory(prefix="pancreas_seg_serving_") as tmp:
             for index, row in enumerate(model_input.to_dict(orient="records")):
@@ -111,7 +111,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                 if ct is None or findings:
                     problems = "; ".join(f.message.replace(str(path), "the uploaded file") for f in findings)
                     raise _bad_request(f"row {index}: {problems}")
-                labels = segment(ct.array, ct.affine, case_id)
+                labels = predictor.segment(ct.array, ct.affine, case_id)
                 mask_path = Path(tmp) / f"mask{index}.nii.gz"
                 save_nifti(mask_path, labels, ct.affine, ct.header)
                 rows.append({OUTPUT_CASE: case_id,
@@ -158,19 +158,21 @@ def pip_requirements() -> list[str]:
     return [r for r in requirements if "extra ==" not in r]
 
 
-def log_segmentation_model(run_id: str, trained: TrainedModel | TrainedEnsemble, name: str) -> str:
+def log_segmentation_model(run_id: str, trained: TrainedModel | TrainedEnsemble, name: str,
+                           settings: PredictionSettings) -> str:
     """Log ``trained`` as the pyfunc model ``segmenter`` of MLflow run ``run_id``; returns its URI.
 
-    The model carries a bundle of the ``.keras`` file(s) and card(s). Serve it with
+    The model carries a bundle of the ``.keras`` file(s), card(s) and the prediction ``settings``
+    it applies by default (the ``inference`` parameters). Serve it with
     ``mlflow models serve -m <uri> --env-manager local`` from the project's environment (the
     ``pancreas_seg`` package must be importable; it is not on PyPI).
     """
     with tempfile.TemporaryDirectory(prefix="pancreas_seg_bundle_") as tmp:
-        folder = write_bundle(Path(tmp) / BUNDLE_ARTIFACT, name, trained)
+        folder = write_bundle(Path(tmp) / BUNDLE_ARTIFACT, name, trained, settings.to_dict())
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), warnings.catch_warnings():
             # mlflow 3.17.2 warns "An input example was not provided when logging the model" whenever
             # a signature comes without an input example (mlflow/pyfunc/__init__.py:3344, in
-            # mlflow.pyfunc.save_model). SIGNATURE is complete (inputs, outputs, params), and an
+            # mlflow.pyfunc.save_model). The signature is complete (inputs, outputs, params), and an
             # input example is not free: with one, Model.log loads the logged model and runs predict
             # on it (mlflow/models/model.py:1250, _validate_serving_input), with no switch in
             # pyfunc.log_model to skip that (pyfunc.save_model refuses extra keyword arguments,
@@ -182,12 +184,13 @@ def log_segmentation_model(run_id: str, trained: TrainedModel | TrainedEnsemble,
             warnings.filterwarnings("ignore", message=r"(\x1b\[[0-9;]*m)?An input example was not provided",
                                     category=UserWarning, module=r"mlflow\.pyfunc\Z")
             info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(Path(__file__).with_name("serving_model.py")),
-                                           artifacts={BUNDLE_ARTIFACT: str(folder)}, signature=SIGNATURE,
+                                           artifacts={BUNDLE_ARTIFACT: str(folder)}, signature=signature(settings),
                                            pip_requirements=pip_requirements())
     return info.model_uri
 
 
-def log_model_objects(run_id: str, name: str, model: Any, card: dict[str, Any], stage1_model: Any = None) -> str:
+def log_model_objects(run_id: str, name: str, model: Any, card: ModelCard, settings: PredictionSettings,
+                      stage1_model: Any = None) -> str:
     """:func:`log_segmentation_model` for an in-memory Keras model (and the cascade's stage 1)."""
     from pancreas_seg.models.io import save_model  # noqa: PLC0415 - Keras
 
@@ -198,10 +201,11 @@ def log_model_objects(run_id: str, name: str, model: Any, card: dict[str, Any], 
         if stage1_model is not None:
             stage1_file = Path(tmp) / "stage1.keras"
             save_model(stage1_model, stage1_file)
-        return log_segmentation_model(run_id, TrainedModel(model_file, card, stage1_file), name)
+        return log_segmentation_model(run_id, TrainedModel(model_file, card, stage1_file), name, settings)
 
 
-def log_ensemble_objects(run_id: str, name: str, models: Mapping[str, Any], cards: Mapping[str, dict[str, Any]]) -> str:
+def log_ensemble_objects(run_id: str, name: str, models: Mapping[str, Any], cards: Mapping[str, ModelCard],
+                         settings: PredictionSettings) -> str:
     """:func:`log_segmentation_model` for in-memory fold models (``{"fold0": model}``, same keys in ``cards``)."""
     from pancreas_seg.models.io import save_model  # noqa: PLC0415 - Keras
 
@@ -210,4 +214,4 @@ def log_ensemble_objects(run_id: str, name: str, models: Mapping[str, Any], card
         for key in sorted(models):
             save_model(models[key], Path(tmp) / f"{key}.keras")
             trained.append(TrainedModel(Path(tmp) / f"{key}.keras", cards[key]))
-        return log_segmentation_model(run_id, TrainedEnsemble(name, tuple(trained)), name)
+        return log_segmentation_model(run_id, TrainedEnsemble(name, tuple(trained)), name, settings)

@@ -222,3 +222,17 @@ def fold_manifest(case_manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
     development = manifest["split"].isin(["train", "validation"])
     manifest.loc[development, "split"] = np.where(manifest.loc[development, "fold"] == fold, "validation", "train")
     return manifest
+
+
+def test_case_ids(case_manifest: pd.DataFrame) -> list[str]:
+    """The sorted held-out test case ids of a case manifest."""
+    return sorted(case_manifest.loc[case_manifest["split"] == "test", "case_id"])
+
+
+def split_case_ids(case_manifest: pd.DataFrame) -> dict[str, list[str]]:
+    """``{"train": [...], "validation": [...]}``: the sorted case ids a model is trained on."""
+    return {split: sorted(case_manifest.loc[case_manifest["split"] == split, "case_id"].astype(str))
+            for split in ("train", "validation")}
+
+
+test_case_ids.__test__ = False   # a helper, not a test: pytest collects test_* names imported into test modules

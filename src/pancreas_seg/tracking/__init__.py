@@ -119,8 +119,7 @@ def register_model(model_uri: str, name: str, tags: Mapping[str, str]) -> str:
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description="pancreas_seg segmentation models: MLflow pyfunc models "
-                                       "(CT NIfTI in, label map out); load with inference.model=models:/<name>@<alias>")
+        client.create_registered_model(name, description=registered_model_description(name))
     if model_uri.startswith("runs:/"):
         run_id, _, model_name = model_uri.removeprefix("runs:/").strip("/").partition("/")
         logged = logged_model_of_run(run_id, model_name) if model_name else None
@@ -128,6 +127,24 @@ def register_model(model_uri: str, name: str, tags: Mapping[str, str]) -> str:
             model_uri = f"models:/{logged.model_id}"
     version = mlflow.register_model(model_uri, name, tags=dict(tags))
     return str(version.version)
+
+
+def registered_model_description(name: str) -> str:
+    """The registered model's description (markdown in the MLflow UI: no ``<...>`` placeholders,
+    which the UI would take for HTML tags and drop)."""
+    return (f"pancreas_seg segmentation models: MLflow pyfunc models (CT NIfTI in, label map out). "
+            f"Load one with `inference.model=models:/{name}@champion` (or another alias), or "
+            f"`models:/{name}/VERSION` for a version number.")
+
+
+def log_paired_comparison(table: Any, markdown: str, figure: Any) -> None:
+    """Log a paired comparison (table, markdown, forest plot) to the active MLflow run, if any."""
+    run = mlflow.active_run()
+    if run is None:
+        return
+    log_text(run.info.run_id, markdown, "statistics/paired_comparison.md")
+    log_figure(run.info.run_id, figure, "statistics/paired_comparison.png")
+    log_json(run.info.run_id, table.to_dict(orient="records"), "statistics/paired_comparison.json")
 
 
 def set_registered_alias(name: str, alias: str, version: str) -> None:

@@ -1,14 +1,13 @@
 """Cascade nodes: thin wrappers around :mod:`pancreas_seg.cascade`.
 
 Stage 1 is the model trained in another namespace (its ``model_<architecture>`` and card); these
-nodes measure where it puts the pancreas box on validation cases, cut the stage-2 training crops,
-train stage 2 and predict the held-out test cases with both stages. Scoring and the comparison are
-the evaluation pipeline's own nodes.
+nodes measure where it puts the pancreas box on validation cases, cut the stage-2 training crops
+and train stage 2. The evaluation pipeline evaluates the trained cascade like any other model
+(:class:`pancreas_seg.inference.predictor.Predictor` runs both stages).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,7 +25,7 @@ from pancreas_seg.cascade.localisation import (
 )
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.intensity import normalise_hu
-from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
+from pancreas_seg.imaging.nifti_io import load_nifti
 from pancreas_seg.imaging.preprocess import (
     AIR_HU,
     PreprocessingConfig,
@@ -34,20 +33,15 @@ from pancreas_seg.imaging.preprocess import (
     preprocess_crop_image,
 )
 from pancreas_seg.core.labels import PANCREAS_REGION, probabilities_to_labels
-from pancreas_seg.inference.model_card import check_cascade_weights, check_stage1, check_weights
+from pancreas_seg.inference.model_card import CascadeSpec, CaseSplit, ModelCard
+from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 from pancreas_seg.models.names import CASCADE_NAME
 from pancreas_seg.runners.parallel import LazyCaseParts
-from pancreas_seg.pipelines.evaluation.nodes import test_case_ids
 from pancreas_seg.learning.setup import architecture_settings, compile_model, resume_fingerprint
-from pancreas_seg.pipelines.training.nodes import (
-    build_model_card,
-    log_run_setup,
-    log_training_result,
-    split_case_ids,
-)
+from pancreas_seg.tracking.training_run import log_run_setup, log_training_result, training_card
 from pancreas_seg.core.runtime import dtype_policy, retained_heap
 from pancreas_seg.inference.serving import log_model_objects
-from pancreas_seg.task07.splits import manifest_dataset
+from pancreas_seg.task07.splits import manifest_dataset, split_case_ids, test_case_ids
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +104,7 @@ def prepare_training_crops(case_manifest: pd.DataFrame, intensity_stats: dict[st
     return partitions, index_entries
 
 
-def measure_stage1_localisation(stage1_model: Any, stage1_model_card: dict[str, Any],
+def measure_stage1_localisation(stage1_model: Any, stage1_model_card: ModelCard,
                                 model_input_slices: Mapping[str, Callable[[], np.ndarray]],
                                 slice_geometry: dict[str, Any], case_manifest: pd.DataFrame,
                                 intensity_stats: dict[str, Any], preprocessing: dict[str, Any],
@@ -120,22 +114,18 @@ def measure_stage1_localisation(stage1_model: Any, stage1_model_card: dict[str, 
     Also checks that stage 1 is bound to the current dataset, split and preprocessing. Returns
     per-case errors and their summary (``stage1_localisation.json``, logged with the cascade).
     """
-    from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415 - lazy: Keras
-    from pancreas_seg.inference.prediction import predict_slices, use_xla  # noqa: PLC0415
-
-    check_stage1(stage1_model_card, manifest_dataset(case_manifest), split_case_ids(case_manifest),
-                 test_case_ids(case_manifest), preprocessing, intensity_stats)
-    check_weights(stage1_model_card, weights_sha256(stage1_model))
-    config = PreprocessingConfig.from_params(preprocessing)
+    stage1_model_card.check_stage1(manifest_dataset(case_manifest), CaseSplit.from_dict(split_case_ids(case_manifest)),
+                                   test_case_ids(case_manifest), preprocessing, intensity_stats)
+    # the box is measured without test-time augmentation, as stage 1 runs inside the cascade
+    stage1 = Predictor.from_models([stage1_model], [stage1_model_card],
+                                   PredictionSettings.from_params(evaluation, flip_tta=False))
     crop_config = CropConfig.from_params(crop)
-    use_xla(stage1_model, bool(evaluation.get("xla", True)))
     cases = _labelled(case_manifest, ("validation",))
     per_case = {}
     for index, row in enumerate(cases.itertuples(), start=1):
         geometry = ScanGeometry.from_dict(slice_geometry[row.case_id])
-        probabilities = predict_slices(stage1_model, model_input_slices[f"{row.case_id}/image"](),
-                                       config.context_slices, int(evaluation["batch_size"]))
-        labels = probabilities_to_labels(probabilities, stage1_model_card["label_mode"])
+        probabilities = stage1.predict_probabilities(model_input_slices[f"{row.case_id}/image"]())
+        labels = probabilities_to_labels(probabilities, stage1.label_mode)
         predicted = locate_pancreas(labels, geometry, crop_config.min_component_fraction)
         truth_mask = _truth_slices(load_nifti(row.label_path).array, geometry)
         truth = mask_box(truth_mask)
@@ -149,7 +139,7 @@ def measure_stage1_localisation(stage1_model: Any, stage1_model_card: dict[str, 
                     [round(v, 1) for v in per_case[row.case_id]["centre_error_mm"]], per_case[row.case_id]["coverage"])
     summary = summarise_localisation(list(per_case.values()))
     logger.info("%s: stage-1 localisation on %d validation case(s): %s", CASCADE_NAME, len(per_case), summary)
-    return {"stage1": stage1_model_card["architecture"], "axes": ["z", "h", "w"], "summary": summary,
+    return {"stage1": stage1_model_card.architecture, "axes": ["z", "h", "w"], "summary": summary,
             "cases": per_case}
 
 
@@ -188,10 +178,10 @@ def make_crop_loaders(crop_slices, crop_index: dict[str, Any], case_manifest: pd
 
 
 def train_stage2(crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index: dict[str, Any],
-                 stage1_localisation: dict[str, Any], stage1_model: Any, stage1_model_card: dict[str, Any],
+                 stage1_localisation: dict[str, Any], stage1_model: Any, stage1_model_card: ModelCard,
                  case_manifest: pd.DataFrame, intensity_stats: dict[str, Any], preprocessing: dict[str, Any],
                  training: dict[str, Any], crop: dict[str, Any],
-                 stage2: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], Any, dict[str, Any]]:
+                 stage2: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], Any, ModelCard]:
     """Train stage 2 on jittered, tumour-guaranteed crops; log it as the ``cascade`` MLflow run.
 
     Returns the best stage-2 model, the stage-1 model (saved again in the cascade's version folder,
@@ -235,7 +225,7 @@ def train_stage2(crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index
         log_run_setup(CASCADE_NAME, settings, preprocessing, source, label_mode)
         import mlflow  # noqa: PLC0415
 
-        mlflow.set_tags({"stage1_architecture": stage1_model_card["architecture"], "stage2_architecture": name})
+        mlflow.set_tags({"stage1_architecture": stage1_model_card.architecture, "stage2_architecture": name})
         mlflow.log_params(tracking.flatten({"cascade": {"crop": crop_config.to_dict(), "jitter_std_mm": list(jitter),
                                                         "stage1_weights_sha256": stage1_sha}}))
         tracking.log_json(run_id, stage1_localisation, "stage1_localisation.json")
@@ -246,73 +236,39 @@ def train_stage2(crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index
                                      Path(settings["checkpoint_root"]) / CASCADE_NAME, fingerprint,
                                      label=CASCADE_NAME, callbacks=[epoch_logger])
         figure = log_training_result(run_id, CASCADE_NAME, result, source)
-    card = build_model_card(CASCADE_NAME, run_id, input_shape, config, preprocessing, intensity_stats,
-                            case_manifest, result, fit_config.monitor, weights_sha256(result.model))
-    card["label_mode"] = "multiclass"  # the cascade's output: stage 2's, completed by stage 1 if needed
-    card["cascade"] = {
-        "stage1": {key: stage1_model_card.get(key) for key in
-                   ("architecture", "label_mode", "mlflow_run_id", "trained_at", "input_shape")}
-        | {"weights_sha256": stage1_sha},
-        "stage2": {"architecture": name, "label_mode": label_mode, "input_shape": list(input_shape)},
-        "crop": crop_config.to_dict(), "jitter_std_mm": list(jitter),
-        "stage1_localisation": stage1_localisation["summary"],
-        "tumour_fraction": float(settings["tumour_fraction"]),
-        "min_tumour_volume_mm3": float(stage2.get("min_tumour_volume_mm3", 0.0)),
-    }
+    spec = CascadeSpec(
+        stage1={"architecture": stage1_model_card.architecture, "label_mode": stage1_model_card.label_mode,
+                "mlflow_run_id": stage1_model_card.mlflow_run_id, "trained_at": stage1_model_card.trained_at,
+                "input_shape": list(stage1_model_card.input_shape), "weights_sha256": stage1_sha},
+        stage2={"architecture": name, "label_mode": label_mode, "input_shape": list(input_shape)},
+        crop=crop_config.to_dict(), jitter_std_mm=tuple(jitter), stage1_localisation=stage1_localisation["summary"],
+        tumour_fraction=float(settings["tumour_fraction"]),
+        min_tumour_volume_mm3=float(stage2.get("min_tumour_volume_mm3", 0.0)))
+    # the cascade's output is multiclass: stage 2's, completed by stage 1 if needed
+    card = training_card(CASCADE_NAME, run_id, input_shape, "multiclass", preprocessing, intensity_stats,
+                         case_manifest, result, fit_config.monitor, weights_sha256(result.model), cascade=spec)
     return result.model, stage1_model, result.history, figure, card
 
 
 def validate_stage2(model: Any, crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index: dict[str, Any],
-                    case_manifest: pd.DataFrame, model_card: dict[str, Any], stage1_model: Any,
+                    case_manifest: pd.DataFrame, model_card: ModelCard, stage1_model: Any,
                     intensity_stats: dict[str, Any], preprocessing: dict[str, Any], training: dict[str, Any],
-                    crop: dict[str, Any], stage2: dict[str, Any]) -> dict[str, float]:
-    """Stage-2 Dice per class on the validation crops (centred windows); log both models and the card."""
+                    crop: dict[str, Any], stage2: dict[str, Any], inference: dict[str, Any]) -> dict[str, float]:
+    """Stage-2 Dice per class on the validation crops (centred windows); log both models and the card
+    (as the pyfunc model ``segmenter``, applying the ``inference`` settings by default)."""
     from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415
 
-    check_cascade_weights(model_card, weights_sha256(stage1_model), weights_sha256(model))
+    model_card.check_cascade_weights(weights_sha256(stage1_model), weights_sha256(model))
     settings = architecture_settings(training, stage2)
     _, val_loader = make_crop_loaders(crop_slices, crop_index, case_manifest, intensity_stats, settings,
                                       PreprocessingConfig.from_params(preprocessing), CropConfig.from_params(crop),
-                                      model_card["cascade"]["stage2"]["label_mode"], (0.0, 0.0))
+                                      model_card.cascade.stage2_label_mode, (0.0, 0.0))
     with retained_heap(bool(settings["retain_heap"])):
         scores = model.evaluate(val_loader, return_dict=True, verbose=0)
     metrics = {f"final_{k}" if k.startswith("val_") else f"final_val_{k}": float(v) for k, v in scores.items()}
     logger.info("%s: stage-2 validation (crops): %s", CASCADE_NAME, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    run_id = model_card["mlflow_run_id"]
+    run_id = model_card.mlflow_run_id
     tracking.log_final_metrics(run_id, metrics)
-    tracking.log_json(run_id, model_card, "model_card.json")
-    log_model_objects(run_id, CASCADE_NAME, model, model_card, stage1_model)
+    tracking.log_json(run_id, model_card.to_dict(), "model_card.json")
+    log_model_objects(run_id, CASCADE_NAME, model, model_card, PredictionSettings.from_params(inference), stage1_model)
     return metrics
-
-
-def predict_test_cases_cascade(model: Any, stage1_model: Any, model_check: dict[str, Any],
-                               case_manifest: pd.DataFrame, model_card: dict[str, Any],
-                               evaluation: dict[str, Any]) -> dict[str, Callable[[], NiftiVolume]]:
-    """Lazily run the whole cascade on every test case's CT file (the inference path).
-
-    Returns ``{case_id: fn}`` as :func:`pancreas_seg.pipelines.evaluation.nodes.predict_test_cases`.
-    """
-    from pancreas_seg.cascade.predict import cascade_from_card, segment_volume_cascade  # noqa: PLC0415
-    from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415
-    from pancreas_seg.inference.prediction import use_xla  # noqa: PLC0415
-
-    check_weights(model_check, weights_sha256(model))
-    check_cascade_weights(model_card, weights_sha256(stage1_model), weights_sha256(model))
-    cascade = cascade_from_card(model_card, stage1_model, model)
-    for stage in (stage1_model, model):
-        use_xla(stage, bool(evaluation.get("xla", True)))
-    manifest = case_manifest.set_index("case_id")
-    cases = test_case_ids(case_manifest)
-    if not cases:
-        raise ValueError("the manifest has no test split; set split.test_fraction > 0")
-
-    def predict(index: int, case_id: str) -> NiftiVolume:
-        logger.info("%s: predicting test case %d/%d: %s", CASCADE_NAME, index, len(cases), case_id)
-        ct = load_nifti(manifest.loc[case_id, "image_path"])
-        labels, report = segment_volume_cascade(cascade, ct.array, ct.affine, int(evaluation["batch_size"]),
-                                                bool(evaluation["flip_tta"]), name=case_id)
-        logger.info("%s: %s: stage 2 on %d slice(s), %s tile(s)", CASCADE_NAME, case_id, report["stage2_slices"],
-                    report.get("stage2_tiles", 0))
-        return NiftiVolume(labels, ct.affine)
-
-    return {case_id: functools.partial(predict, i, case_id) for i, case_id in enumerate(cases, start=1)}

@@ -1,9 +1,9 @@
 """Cross-validation nodes: one model per fold, out-of-fold scores, fold ensembles, comparison, selection.
 
-Thin wrappers: training is the training pipeline's :func:`train_model` on a fold manifest
-(:func:`pancreas_seg.task07.splits.fold_manifest`), scoring is the evaluation pipeline's
-:func:`score_cases`, and ensembles average softmax outputs with
-:func:`pancreas_seg.inference.prediction.average_probabilities`.
+Thin wrappers: training is :func:`pancreas_seg.tracking.training_run.train_model` on a fold
+manifest (:func:`pancreas_seg.task07.splits.fold_manifest`), prediction is the one
+:class:`~pancreas_seg.inference.predictor.Predictor` (a fold ensemble averages softmax outputs),
+and scoring is :func:`pancreas_seg.evaluation.scoring.score_cases`.
 """
 
 from __future__ import annotations
@@ -17,29 +17,16 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg import tracking
+from pancreas_seg.evaluation.scoring import build_summary, flat_test_metrics, score_cases
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.nifti_io import NiftiVolume
-from pancreas_seg.imaging.preprocess import PreprocessingConfig
-from pancreas_seg.inference.model_card import (
-    ModelMismatchError,
-    check_dataset,
-    check_disjoint,
-    check_fold_ensemble,
-    check_preprocessing,
-    check_weights,
-    describe,
-)
+from pancreas_seg.inference.forward import mean_probabilities
+from pancreas_seg.inference.model_card import ModelCard, ModelMismatchError, check_fold_ensemble
 from pancreas_seg.inference.model_store import ENSEMBLE_SUFFIX
-from pancreas_seg.pipelines.evaluation.nodes import (
-    build_summary,
-    mlflow_test_metrics,
-    score_cases,
-    test_case_ids,
-)
-from pancreas_seg.pipelines.training.nodes import train_model
-from pancreas_seg.inference.prediction import average_probabilities, labels_from_probabilities, use_xla
+from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 from pancreas_seg.inference.serving import MODEL_NAME, log_ensemble_objects, log_model_objects
-from pancreas_seg.task07.splits import fold_manifest, manifest_dataset, manifest_folds
+from pancreas_seg.task07.splits import fold_manifest, manifest_dataset, manifest_folds, test_case_ids
+from pancreas_seg.tracking.training_run import train_model
 
 logger = logging.getLogger(__name__)
 
@@ -65,18 +52,20 @@ def development_case_ids(case_manifest: pd.DataFrame) -> list[str]:
 # --------------------------------------------------------------------------- training
 def train_fold_models(model_input_slices: Mapping[str, Callable[[], np.ndarray]], case_manifest: pd.DataFrame,
                       intensity_stats: dict[str, Any], preprocessing: dict[str, Any], training: dict[str, Any],
-                      architecture: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+                      architecture: dict[str, Any], inference: dict[str, Any]) -> tuple[dict[str, Any], dict[str, ModelCard]]:
     """Train one model per fold of the persisted split, each validated on its own fold.
 
     All folds run under one MLflow run ``<architecture>.cv`` with a nested run per fold
     (``unet.fold0`` ...), each resumable from its own checkpoint folder. Each fold model is logged
-    as a pyfunc model to its fold's run, and the fold ensemble to the cv run (ready for the registry).
+    as a pyfunc model to its fold's run, and the fold ensemble to the cv run (ready for the registry),
+    both applying the ``inference`` prediction settings by default.
 
     Returns ``({"fold<k>": fn -> model}, {"fold<k>": model card})``; every card records ``fold``,
     ``n_folds`` and ``cv_run_id``.
     """
     name = architecture["name"]
     n_folds = manifest_folds(case_manifest)
+    settings = PredictionSettings.from_params(inference)
     models, cards = {}, {}
     with tracking.architecture_run(f"{name}.cv") as cv_run:
         import mlflow  # noqa: PLC0415
@@ -88,11 +77,11 @@ def train_fold_models(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
                                                  intensity_stats, preprocessing, training,
                                                  {**architecture, "fold": fold, "n_folds": n_folds})
             _close(figure)
-            card["cv_run_id"] = cv_run.info.run_id
-            tracking.log_json(card["mlflow_run_id"], card, "model_card.json")
-            log_model_objects(card["mlflow_run_id"], f"{name}.fold{fold}", model, card)
+            card = card.replace(cv_run_id=cv_run.info.run_id)
+            tracking.log_json(card.mlflow_run_id, card.to_dict(), "model_card.json")
+            log_model_objects(card.mlflow_run_id, f"{name}.fold{fold}", model, card, settings)
             models[FOLD_KEY.format(fold)], cards[FOLD_KEY.format(fold)] = model, card
-        log_ensemble_objects(cv_run.info.run_id, f"{name}{ENSEMBLE_SUFFIX}", models, cards)
+        log_ensemble_objects(cv_run.info.run_id, f"{name}{ENSEMBLE_SUFFIX}", models, cards, settings)
     # PartitionedDataset calls callable partitions to get their data, and a Keras model is callable
     return {key: functools.partial(_identity, model) for key, model in models.items()}, cards
 
@@ -108,40 +97,33 @@ def _close(figure: Any) -> None:
 
 
 # --------------------------------------------------------------------------- checks
-def check_fold_models(models: list[tuple[int, Any]], cards: list[tuple[int, dict[str, Any]]],
+def check_fold_models(models: list[tuple[int, Any]], cards: list[tuple[int, ModelCard]],
                       case_manifest: pd.DataFrame, preprocessing: dict[str, Any] | None = None,
                       intensity_stats: dict[str, Any] | None = None) -> None:
     """Refuse fold models that are not this split's cross-validation of one architecture.
 
-    Checks the cards form one ensemble, belong to this dataset and preprocessing, that fold k was
-    validated on exactly the manifest's fold-k cases and trained on none of them, and that each
-    model file is the one its card describes (weights hash).
+    Checks the cards form one ensemble, belong to this dataset and preprocessing, and that fold k
+    was validated on exactly the manifest's fold-k cases and trained on none of them. Each model
+    is checked against its card (weights hash) when its :class:`Predictor` is built.
     """
-    from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415 - lazy: Keras
-
     card_list = [card for _, card in cards]
     check_fold_ensemble(card_list)
     if [k for k, _ in models] != [k for k, _ in cards]:
         raise ModelMismatchError(f"fold models {[k for k, _ in models]} and cards {[k for k, _ in cards]} differ")
     n_folds = manifest_folds(case_manifest)
     if len(card_list) != n_folds:
-        raise ModelMismatchError(f"{describe(card_list[0])}: {len(card_list)} fold models for a split with "
+        raise ModelMismatchError(f"{card_list[0].describe()}: {len(card_list)} fold models for a split with "
                                  f"{n_folds} folds; rerun the cv pipeline")
     dataset = manifest_dataset(case_manifest)
-    for (fold, model), (_, card) in zip(models, cards, strict=True):
-        check_dataset(card, dataset)
+    for fold, card in cards:
+        card.check_dataset(dataset)
         if preprocessing is not None:
-            check_preprocessing(card, preprocessing, intensity_stats)
+            card.check_preprocessing(preprocessing, intensity_stats)
         in_fold = set(case_manifest.loc[case_manifest["fold"] == fold, "case_id"].astype(str))
-        if set(card["cases"]["validation"]) != in_fold or in_fold & set(card["cases"]["train"]):
-            raise ModelMismatchError(f"{describe(card)} (fold {fold}) was not validated on exactly the "
+        if set(card.cases.validation) != in_fold or in_fold & set(card.cases.train):
+            raise ModelMismatchError(f"{card.describe()} (fold {fold}) was not validated on exactly the "
                                      f"split's fold-{fold} cases: the folds changed since it was trained. "
                                      "Rerun the cv pipeline.")
-        check_weights(card, weights_sha256(model))
-
-
-def _prediction_config(card: dict[str, Any]) -> PreprocessingConfig:
-    return PreprocessingConfig.from_params(card["preprocessing"])
 
 
 # --------------------------------------------------------------------------- out of fold
@@ -155,22 +137,19 @@ def predict_out_of_fold(fold_models: Mapping[str, Any], fold_cards: Mapping[str,
     """
     models, cards = _fold_items(fold_models), _fold_items(fold_cards)
     check_fold_models(models, cards, case_manifest, preprocessing, intensity_stats)
-    config = _prediction_config(cards[0][1])
-    batch_size, flip_tta = int(evaluation["batch_size"]), bool(evaluation["flip_tta"])
+    settings = PredictionSettings.from_params(evaluation)
     fold_of = dict(zip(case_manifest["case_id"].astype(str), case_manifest["fold"].astype(int), strict=True))
-    by_fold = dict(models)
-    for model in by_fold.values():
-        use_xla(model, bool(evaluation.get("xla", True)))
+    by_fold = {fold: Predictor.from_models([model], [card], settings)
+               for (fold, model), (_, card) in zip(models, cards, strict=True)}
     cases = development_case_ids(case_manifest)
-    name = cards[0][1]["architecture"]
+    name = cards[0][1].architecture
 
     def predict(index: int, case_id: str) -> NiftiVolume:
         fold = fold_of[case_id]
         logger.info("%s: out-of-fold prediction %d/%d: %s (fold %d)", name, index, len(cases), case_id, fold)
         geometry = ScanGeometry.from_dict(slice_geometry[case_id])
-        probabilities = average_probabilities([by_fold[fold]], model_input_slices[f"{case_id}/image"](),
-                                              config.context_slices, batch_size, flip_tta)
-        return NiftiVolume(labels_from_probabilities(probabilities, geometry, config.label_mode), geometry.affine)
+        return NiftiVolume(by_fold[fold].segment_slices(model_input_slices[f"{case_id}/image"](), geometry),
+                           geometry.affine)
 
     return {case_id: functools.partial(predict, i, case_id) for i, case_id in enumerate(cases, start=1)}
 
@@ -180,7 +159,7 @@ def score_out_of_fold(oof_predictions: Mapping[str, Callable[[], NiftiVolume]], 
                       evaluation: dict[str, Any]) -> pd.DataFrame:
     """Score the out-of-fold predictions: the evaluation's per-case columns plus ``fold``."""
     cards = _fold_items(fold_cards)
-    name = cards[0][1]["architecture"]
+    name = cards[0][1].architecture
     cases = development_case_ids(case_manifest)
     metrics = score_cases(oof_predictions, cases, case_manifest, slice_geometry, name,
                           float(evaluation["nsd_tolerance_mm"]))
@@ -208,24 +187,20 @@ def evaluate_fold_ensemble(fold_models: Mapping[str, Any], fold_cards: Mapping[s
     cases = test_case_ids(case_manifest)
     if not cases:
         raise ValueError("the manifest has no test split; set split.test_fraction > 0")
-    for _, card in cards:
-        check_disjoint(card, cases, "scores as test cases")
-    config = _prediction_config(cards[0][1])
-    batch_size, flip_tta = int(evaluation["batch_size"]), bool(cv["ensemble_flip_tta"])
-    tolerance = float(evaluation["nsd_tolerance_mm"])
-    for _, model in models:
-        use_xla(model, bool(evaluation.get("xla", True)))
-    name = cards[0][1]["architecture"]
+    name = cards[0][1].architecture
     ensemble_name = f"{name}{ENSEMBLE_SUFFIX}"
+    ensemble = Predictor.from_models([model for _, model in models], [card for _, card in cards],
+                                     PredictionSettings.from_params(evaluation, flip_tta=cv["ensemble_flip_tta"]),
+                                     name=ensemble_name)
+    ensemble.check_disjoint(cases, "scores as test cases")
+    tolerance = float(evaluation["nsd_tolerance_mm"])
 
     def fold_probabilities(case_id: str) -> list[np.ndarray]:
-        image = model_input_slices[f"{case_id}/image"]()
-        return [average_probabilities([model], image, config.context_slices, batch_size, flip_tta)
-                for _, model in models]
+        return list(ensemble.member_probabilities(model_input_slices[f"{case_id}/image"]()))
 
     def volume(probabilities: np.ndarray, case_id: str) -> NiftiVolume:
         geometry = ScanGeometry.from_dict(slice_geometry[case_id])
-        return NiftiVolume(labels_from_probabilities(probabilities, geometry, config.label_mode), geometry.affine)
+        return NiftiVolume(ensemble.to_labels(probabilities, geometry), geometry.affine)
 
     frames = []
     for index, case_id in enumerate(cases, start=1):
@@ -233,13 +208,15 @@ def evaluate_fold_ensemble(fold_models: Mapping[str, Any], fold_cards: Mapping[s
                     len(cases), case_id, len(models))
         per_fold = fold_probabilities(case_id)
         scored = {f"{name}.fold{fold}": volume(p, case_id) for (fold, _), p in zip(models, per_fold, strict=True)}
-        scored[ensemble_name] = volume(np.mean(per_fold, axis=0), case_id)
+        scored[ensemble_name] = volume(mean_probabilities(per_fold), case_id)
         for model_name, prediction in scored.items():
             frames.append(score_cases({case_id: lambda v=prediction: v}, [case_id], case_manifest, slice_geometry,
                                       model_name, tolerance))
 
     def predict_ensemble(case_id: str) -> NiftiVolume:
-        return volume(np.mean(fold_probabilities(case_id), axis=0), case_id)
+        geometry = ScanGeometry.from_dict(slice_geometry[case_id])
+        return NiftiVolume(ensemble.segment_slices(model_input_slices[f"{case_id}/image"](), geometry),
+                           geometry.affine)
 
     predictions = {case_id: functools.partial(predict_ensemble, case_id) for case_id in cases}
     return predictions, pd.concat(frames, ignore_index=True)
@@ -260,29 +237,28 @@ def summarise_cross_validation(oof_metrics: pd.DataFrame, test_metrics: pd.DataF
     """
     cards = [card for _, card in _fold_items(fold_cards)]
     first = cards[0]
-    name = first["architecture"]
-    stub = {"architecture": name, "mlflow_run_id": first["cv_run_id"], "data_source": first["data_source"]}
-    summary: dict[str, Any] = {"architecture": name, "n_folds": len(cards), "mlflow_run_id": first["cv_run_id"],
-                               "cv": build_summary(oof_metrics, stub), "folds": {}, "test": {},
+    name, run_id = first.architecture, first.cv_run_id
+    summary: dict[str, Any] = {"architecture": name, "n_folds": len(cards), "mlflow_run_id": run_id,
+                               "cv": build_summary(oof_metrics, name, run_id, first.data_source), "folds": {}, "test": {},
                                "ensemble_vs_folds": {}}
     for fold, frame in oof_metrics.groupby("fold"):
         summary["folds"][f"fold{fold}"] = {c: float(frame.loc[frame["class"] == c, "dice"].mean())
                                            for c in CV_CLASSES}
     for model_name, frame in test_metrics.groupby("architecture"):
-        summary["test"][model_name] = build_summary(frame, {**stub, "architecture": model_name})
+        summary["test"][model_name] = build_summary(frame, model_name, run_id, first.data_source)
     ensemble_name = f"{name}{ENSEMBLE_SUFFIX}"
     for class_name in CV_CLASSES:
-        fold_means = [summary["test"][f"{name}.fold{c['fold']}"]["classes"][class_name]["dice"]["mean"] for c in cards]
+        fold_means = [summary["test"][f"{name}.fold{c.fold}"]["classes"][class_name]["dice"]["mean"] for c in cards]
         ensemble = summary["test"][ensemble_name]["classes"][class_name]["dice"]["mean"]
         fold_mean = float(np.nanmean(fold_means)) if np.isfinite(fold_means).any() else float("nan")
         summary["ensemble_vs_folds"][class_name] = {
             "ensemble_dice": ensemble, "fold_mean_dice": fold_mean, "fold_dice": fold_means,
             "ensemble_at_least_fold_mean": bool(ensemble >= fold_mean) if np.isfinite([ensemble, fold_mean]).all() else None}
-    metrics = {f"cv_{k.removeprefix('test_')}": v for k, v in mlflow_test_metrics(summary["cv"]).items()}
+    metrics = {f"cv_{k.removeprefix('test_')}": v for k, v in flat_test_metrics(summary["cv"]).items()}
     metrics |= {f"test_ensemble_dice_{c}_mean": v["ensemble_dice"] for c, v in summary["ensemble_vs_folds"].items()}
     metrics |= {f"test_fold_mean_dice_{c}_mean": v["fold_mean_dice"] for c, v in summary["ensemble_vs_folds"].items()}
-    tracking.log_final_metrics(first["cv_run_id"], metrics)
-    tracking.log_json(first["cv_run_id"], summary, "cv/summary.json")
+    tracking.log_final_metrics(run_id, metrics)
+    tracking.log_json(run_id, summary, "cv/summary.json")
     pancreas = summary["ensemble_vs_folds"]["pancreas"]
     logger.info("%s: cross-validation: out-of-fold pancreas Dice %.4f over %d cases; test pancreas Dice: "
                 "ensemble %.4f, fold models %s (mean %.4f)", name,
@@ -369,6 +345,20 @@ def select_best_configuration(cv_comparison: pd.DataFrame, cv: dict[str, Any]) -
         logger.info("Registered %s as %s version %s with alias %s (models:/%s@%s)", result["selected"], name,
                     versions[best], alias, name, alias)
     return result
+
+
+def compare_statistically(cv_metrics_per_case: pd.DataFrame,
+                          statistics: dict[str, Any]) -> tuple[pd.DataFrame, str, Any]:
+    """Paired tests of every two architectures on the same out-of-fold cases
+    (:func:`pancreas_seg.evaluation.statistics.paired_comparisons`), logged to the active MLflow run."""
+    from pancreas_seg.evaluation.plots import plot_paired_comparison  # noqa: PLC0415 - matplotlib
+    from pancreas_seg.evaluation.statistics import paired_comparisons  # noqa: PLC0415
+
+    table, markdown = paired_comparisons(cv_metrics_per_case, statistics)
+    figure = plot_paired_comparison(table, statistics)
+    tracking.log_paired_comparison(table, markdown, figure)
+    logger.info("Cross-validation paired comparison:\n%s", markdown)
+    return table, markdown, figure
 
 
 def combine_out_of_fold(*frames: pd.DataFrame) -> pd.DataFrame:

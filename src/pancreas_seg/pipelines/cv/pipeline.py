@@ -15,10 +15,9 @@ from kedro.pipeline import Node, Pipeline
 from pancreas_seg.models.names import ARCHITECTURE_NAMES
 from pancreas_seg.pipelines import MODEL_TRAINING_TAG
 from pancreas_seg.pipelines.cv import nodes
-from pancreas_seg.pipelines.evaluation import nodes as evaluation_nodes
 
 SHARED_INPUTS = {"model_input_slices", "slice_geometry", "case_manifest", "intensity_stats"}
-SHARED_PARAMETERS = {"params:preprocessing", "params:training", "params:evaluation", "params:cv"}
+SHARED_PARAMETERS = {"params:preprocessing", "params:training", "params:evaluation", "params:cv", "params:inference"}
 PUBLISHED_OUTPUTS = ("cv_summary", "cv_metrics_per_case", "cv_test_metrics")
 
 
@@ -26,7 +25,7 @@ def template() -> Pipeline:
     return Pipeline([
         Node(nodes.train_fold_models,
              ["model_input_slices", "case_manifest", "intensity_stats", "params:preprocessing", "params:training",
-              "params:architecture"],
+              "params:architecture", "params:inference"],
              ["fold_models", "fold_cards"], name="train_fold_models", tags=MODEL_TRAINING_TAG),
         Node(nodes.predict_out_of_fold,
              ["fold_models", "fold_cards", "model_input_slices", "slice_geometry", "case_manifest",
@@ -56,7 +55,7 @@ def create_pipeline(models: Iterable[str] = ARCHITECTURE_NAMES) -> Pipeline:
     comparison = Pipeline([
         Node(nodes.compare_cross_validation, [f"cv_summary_{a}" for a in archs],
              ["cv_comparison", "cv_comparison_markdown"], name="compare_cross_validation"),
-        Node(evaluation_nodes.compare_statistically,
+        Node(nodes.compare_statistically,
              ["cv_metrics_per_case", "params:statistics"],
              ["cv_paired_comparison", "cv_paired_comparison_markdown", "cv_paired_comparison_plot"],
              name="compare_cross_validation_statistically"),

@@ -1,6 +1,7 @@
 """Evaluation nodes: predict the held-out test split, score it in 3D, compare and plot.
 
-Thin wrappers around :mod:`pancreas_seg.inference.prediction` and :mod:`pancreas_seg.evaluation`.
+Thin wrappers around :class:`pancreas_seg.inference.predictor.Predictor`,
+:mod:`pancreas_seg.evaluation.scoring` and :mod:`pancreas_seg.tracking`.
 """
 
 from __future__ import annotations
@@ -14,50 +15,27 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg import tracking
-from pancreas_seg.evaluation.metrics import (
-    LESION_KEYS,
-    case_metrics,
-    lesion_detection,
-    slice_dice,
-    summarise,
-    summarise_lesions,
+from pancreas_seg.evaluation.scoring import (
+    LESION_CLASS,
+    METRIC_COLUMNS,
+    TRUTH_PRESENT_DICE,
+    build_summary,
+    comparison_table,
+    flat_test_metrics,
+    markdown_table,
+    score_cases,
 )
-from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
-from pancreas_seg.imaging.preprocess import (
-    PreprocessingConfig,
-    axial_view,
-)
-from pancreas_seg.core.labels import class_mask
-from pancreas_seg.inference.model_card import (
-    check_dataset,
-    check_disjoint,
-    check_preprocessing,
-    check_weights,
-)
-from pancreas_seg.inference.prediction import labels_from_probabilities, predict_slices, use_xla
-from pancreas_seg.task07.splits import manifest_dataset
+from pancreas_seg.imaging.preprocess import axial_view
+from pancreas_seg.inference.model_card import ModelCard
+from pancreas_seg.inference.predictor import PredictionSettings, Predictor
+from pancreas_seg.task07.splits import manifest_dataset, test_case_ids
 
 logger = logging.getLogger(__name__)
-SCORE_METRICS = ("dice", "hd95_mm", "nsd", "hd95_surfel_mm", "nsd_surfel", "slice_dice", "dice_lcc",
-                 "hd95_mm_lcc", "nsd_lcc")
-"""Per-case scores that :func:`build_summary` summarises per class (mean, median, std, counts).
-``hd95_mm``/``nsd`` count surface voxels; ``hd95_surfel_mm``/``nsd_surfel`` weight surface elements
-by area as DeepMind's surface-distance (and the MSD challenge) do: see :mod:`pancreas_seg.evaluation.metrics`."""
-LESION_CLASS = "tumour"
-"""The class whose connected components are counted as lesions (lesion columns, ``lesions`` block)."""
-METRIC_COLUMNS = ["case_id", "architecture", "class", *SCORE_METRICS, "truth_present", *LESION_KEYS]
-"""The per-case CSV: ``truth_present`` (the class is in that case's ground truth) on every row; the
-lesion counts of :func:`~pancreas_seg.evaluation.metrics.lesion_detection` on the
-:data:`LESION_CLASS` rows, NaN on the others."""
 
 
-def test_case_ids(case_manifest: pd.DataFrame) -> list[str]:
-    return sorted(case_manifest.loc[case_manifest["split"] == "test", "case_id"])
-
-
-def check_model_binding(model_card: dict[str, Any], case_manifest: pd.DataFrame,
+def check_model_binding(model_card: ModelCard, case_manifest: pd.DataFrame,
                         intensity_stats: dict[str, Any], preprocessing: dict[str, Any]) -> dict[str, Any]:
     """Refuse to score a model on its own training data or with other preprocessing.
 
@@ -68,291 +46,79 @@ def check_model_binding(model_card: dict[str, Any], case_manifest: pd.DataFrame,
     """
     cases = test_case_ids(case_manifest)
     dataset = manifest_dataset(case_manifest)
-    check_dataset(model_card, dataset)
-    check_disjoint(model_card, cases, "scores as test cases")
-    check_preprocessing(model_card, preprocessing, intensity_stats)
-    return {"architecture": model_card["architecture"], "dataset": dataset, "test_cases": cases,
-            "preprocessing_fingerprint": model_card["preprocessing_fingerprint"],
-            "weights_sha256": model_card["weights_sha256"], "trained_at": model_card.get("trained_at")}
+    model_card.check_dataset(dataset)
+    model_card.check_disjoint(cases, "scores as test cases")
+    model_card.check_preprocessing(preprocessing, intensity_stats)
+    return {"architecture": model_card.architecture, "dataset": dataset, "test_cases": cases,
+            "preprocessing_fingerprint": model_card.preprocessing_fingerprint,
+            "weights_sha256": model_card.weights_sha256, "trained_at": model_card.trained_at}
 
 
-def predict_test_cases(model: Any, model_check: dict[str, Any],
+def predict_test_cases(model: Any, model_card: ModelCard, model_check: dict[str, Any],
                        model_input_slices: Mapping[str, Callable[[], np.ndarray]],
-                       slice_geometry: dict[str, Any], case_manifest: pd.DataFrame,
-                       model_card: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Callable[[], NiftiVolume]]:
-    """Lazily predict every test case and map it back to the original file's grid and affine.
+                       slice_geometry: dict[str, Any], case_manifest: pd.DataFrame, evaluation: dict[str, Any],
+                       stage1_model: Any = None) -> dict[str, Callable[[], NiftiVolume]]:
+    """Lazily predict every test case on the original file's grid and affine, with the predictor.
 
-    ``model_check`` (from :func:`check_model_binding`) must describe this model's weights.
+    ``model_check`` (from :func:`check_model_binding`) is taken only so that the binding is
+    checked first. A single model predicts the preprocessed slices; the cascade (its card and
+    ``stage1_model``) runs both stages on each test case's CT file, as inference does.
     Returns ``{case_id: fn}``; Kedro calls each ``fn`` when it saves that partition, so only one
     case is in memory at a time. Saved predictions are not post-processed.
     """
-    from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415 - lazy: Keras
-
-    check_weights(model_check, weights_sha256(model))
-    config = PreprocessingConfig.from_params(model_card["preprocessing"])
+    predictor = Predictor.from_models([model], [model_card], PredictionSettings.from_params(evaluation),
+                                      stage1=stage1_model)
     cases = test_case_ids(case_manifest)
     if not cases:
         raise ValueError("the manifest has no test split; set split.test_fraction > 0")
-    use_xla(model, bool(evaluation.get("xla", True)))
+    image_paths = case_manifest.set_index("case_id")["image_path"]
 
     def predict(index: int, case_id: str) -> NiftiVolume:
-        logger.info("%s: predicting test case %d/%d: %s", model_card["architecture"], index, len(cases), case_id)
+        logger.info("%s: predicting test case %d/%d: %s", predictor.name, index, len(cases), case_id)
+        if predictor.is_cascade:
+            ct = load_nifti(image_paths.loc[case_id])
+            labels, report = predictor.segment_with_report(ct.array, ct.affine, case_id)
+            logger.info("%s: %s: stage 2 on %d slice(s), %s tile(s)", predictor.name, case_id,
+                        report["stage2_slices"], report.get("stage2_tiles", 0))
+            return NiftiVolume(labels, ct.affine)
         geometry = ScanGeometry.from_dict(slice_geometry[case_id])
-        probabilities = predict_slices(model, model_input_slices[f"{case_id}/image"](), config.context_slices,
-                                       int(evaluation["batch_size"]), bool(evaluation["flip_tta"]))
-        labels = labels_from_probabilities(probabilities, geometry, config.label_mode)
-        return NiftiVolume(labels, geometry.affine)
+        return NiftiVolume(predictor.segment_slices(model_input_slices[f"{case_id}/image"](), geometry),
+                           geometry.affine)
 
     return {case_id: functools.partial(predict, i, case_id) for i, case_id in enumerate(cases, start=1)}
 
 
-def score_cases(predictions: Mapping[str, Callable[[], NiftiVolume]], cases: list[str], case_manifest: pd.DataFrame,
-                slice_geometry: dict[str, Any], name: str, tolerance_mm: float) -> pd.DataFrame:
-    """Score ``cases`` (predictions on the original grid) against their labels: rows of :data:`METRIC_COLUMNS`.
-
-    Per case and class: Dice, HD95 (mm) and NSD (voxel-count and surfel-weighted) and slice Dice,
-    without and with largest-component post-processing. Slice Dice is taken along each scan's
-    axial axis, from its geometry in ``slice_geometry``. Every row also says whether the truth has
-    the class (``truth_present``); the tumour rows carry the lesion counts and sensitivity of the
-    raw (not post-processed) prediction, the other rows NaN there. ``name`` fills ``architecture``.
-    """
-    manifest = case_manifest.set_index("case_id")
-    rows = []
-    for index, case_id in enumerate(cases, start=1):
-        logger.info("%s: scoring case %d/%d: %s", name, index, len(cases), case_id)
-        prediction = predictions[case_id]()
-        truth = load_nifti(manifest.loc[case_id, "label_path"])
-        if prediction.array.shape != truth.array.shape or not np.allclose(prediction.affine, truth.affine, atol=1e-3):
-            raise ValueError(f"prediction for {case_id} is not on the label's grid "
-                             f"({prediction.array.shape} vs {truth.array.shape})")
-        spacing = truth.spacing_mm
-        # the scan geometry's axial axis: array axis 2 only for files stored in an axial-last order
-        axial = ScanGeometry.from_dict(slice_geometry[case_id]).axial_axis
-        raw = case_metrics(prediction.array, truth.array, spacing, tolerance_mm)
-        lcc = case_metrics(keep_largest_foreground(prediction.array), truth.array, spacing, tolerance_mm)
-        lesions = lesion_detection(prediction.array, truth.array, LESION_CLASS)
-        for plain, post in zip(raw, lcc, strict=True):
-            class_name = plain["class"]
-            rows.append({"case_id": case_id, "architecture": name, "class": class_name,
-                         **{key: plain[key] for key in ("dice", "hd95_mm", "nsd", "hd95_surfel_mm", "nsd_surfel")},
-                         "slice_dice": slice_dice(prediction.array, truth.array, class_name, axis=axial),
-                         "dice_lcc": post["dice"], "hd95_mm_lcc": post["hd95_mm"], "nsd_lcc": post["nsd"],
-                         "truth_present": bool(class_mask(truth.array, class_name).any()),
-                         **(lesions if class_name == LESION_CLASS else dict.fromkeys(LESION_KEYS, np.nan))})
-    return pd.DataFrame(rows, columns=METRIC_COLUMNS)
-
-
 def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], case_manifest: pd.DataFrame,
-                     slice_geometry: dict[str, Any], model_card: dict[str, Any],
+                     slice_geometry: dict[str, Any], model_card: ModelCard,
                      evaluation: dict[str, Any]) -> pd.DataFrame:
     """Score the held-out test cases with :func:`score_cases` (columns :data:`METRIC_COLUMNS`)."""
     return score_cases(test_predictions, test_case_ids(case_manifest), case_manifest, slice_geometry,
-                       model_card["architecture"], float(evaluation["nsd_tolerance_mm"]))
+                       model_card.architecture, float(evaluation["nsd_tolerance_mm"]))
 
 
-HD95_METRICS = ("hd95_mm", "hd95_surfel_mm", "hd95_mm_lcc")
-"""Columns whose mean/median never stand alone: misses (``inf``) and undefined cases (NaN) are
-counted next to them wherever they are reported (CSV, markdown, MLflow, plots)."""
-HD95_COUNTS = ("n_finite", "n_inf", "n_nan")
-TRUTH_PRESENT_DICE = "dice_truth_present"
-"""Summary entry: Dice over the cases whose ground truth has the class (``n`` = those cases)."""
-LESION_SUMMARY = ("lesion_sensitivity", "fp_components_per_case", "lesions_true", "lesions_found",
-                  "lesions_predicted", "fp_components")
-"""Entries of a summary's ``lesions`` block that go to MLflow and into the comparison table."""
-
-
-def build_summary(metrics_per_case: pd.DataFrame, model_card: dict[str, Any]) -> dict[str, Any]:
-    """Mean/median/std per class and metric (NaN excluded, inf counted separately), plus lesions.
-
-    ``classes[<class>]`` holds :func:`summarise` of every :data:`SCORE_METRICS` column and of
-    ``dice_truth_present`` (Dice over the cases where ``truth_present`` is true). ``lesions``
-    holds, for :data:`LESION_CLASS`, :func:`summarise_lesions` over all its rows (pooled lesion
-    sensitivity, false-positive components per case, counts).
-    """
-    summary: dict[str, Any] = {"architecture": model_card["architecture"],
-                               "mlflow_run_id": model_card["mlflow_run_id"],
-                               "n_cases": int(metrics_per_case["case_id"].nunique()),
-                               "data_source": model_card["data_source"], "classes": {}, "lesions": {}}
-    for class_name, frame in metrics_per_case.groupby("class"):
-        stats = {m: summarise(frame[m].to_numpy(dtype=float)) for m in SCORE_METRICS}
-        # eq(True): a bool column, also when read back from the CSV; NaN never counts as present
-        stats[TRUTH_PRESENT_DICE] = summarise(frame.loc[frame["truth_present"].eq(True), "dice"].to_numpy(dtype=float))
-        summary["classes"][class_name] = stats
-    lesion_rows = metrics_per_case[metrics_per_case["class"] == LESION_CLASS]
-    if not lesion_rows.empty:
-        summary["lesions"][LESION_CLASS] = summarise_lesions(lesion_rows[list(LESION_KEYS)].to_dict(orient="records"))
-    return summary
-
-
-def mlflow_test_metrics(summary: dict[str, Any]) -> dict[str, float | int]:
-    """The flat ``test_<metric>_<class>_<stat>`` dict that :func:`summarise_model` logs to MLflow.
-
-    Every metric gets its ``mean`` and ``median`` (over finite values); every HD95 column also gets
-    ``n_inf`` (misses: exactly one of prediction / truth empty), ``n_finite`` and ``n_nan`` (both
-    empty, undefined), so an HD95 mean is never logged without the number of misses behind it.
-    ``dice_truth_present`` (e.g. ``test_dice_truth_present_tumour_mean``) also gets ``n``, the
-    cases whose truth has the class. The pooled lesion values are not per-case statistics and
-    have no ``<stat>``: ``test_<name>_<class>`` for every name in :data:`LESION_SUMMARY`, e.g.
-    ``test_lesion_sensitivity_tumour`` and ``test_fp_components_per_case_tumour``.
-    """
-    flat: dict[str, float | int] = {}
-    for class_name, metrics in summary["classes"].items():
-        for metric, stats in metrics.items():
-            names = ("mean", "median") + (HD95_COUNTS if metric in HD95_METRICS else ())
-            names += ("n",) if metric == TRUTH_PRESENT_DICE else ()
-            for stat in names:
-                flat[f"test_{metric}_{class_name}_{stat}"] = stats[stat]
-    for class_name, lesions in summary.get("lesions", {}).items():
-        for name in LESION_SUMMARY:
-            flat[f"test_{name}_{class_name}"] = lesions[name]
-    return flat
-
-
-def summarise_model(metrics_per_case: pd.DataFrame, model_card: dict[str, Any]) -> dict[str, Any]:
+def summarise_model(metrics_per_case: pd.DataFrame, model_card: ModelCard) -> dict[str, Any]:
     """Build the model's summary and log it (and test metrics) to the model's MLflow run."""
-    summary = build_summary(metrics_per_case, model_card)
-    run_id = model_card["mlflow_run_id"]
-    tracking.log_final_metrics(run_id, mlflow_test_metrics(summary))
+    summary = build_summary(metrics_per_case, model_card.architecture, model_card.mlflow_run_id,
+                            model_card.data_source)
+    run_id = model_card.mlflow_run_id
+    tracking.log_final_metrics(run_id, flat_test_metrics(summary))
     tracking.log_json(run_id, summary, "evaluation/summary.json")
     tracking.log_json(run_id, metrics_per_case.to_dict(orient="records"), "evaluation/metrics_per_case.json")
     pancreas = summary["classes"].get("pancreas", {})
     dice_stats, hd95_stats = pancreas.get("dice", {}), pancreas.get("hd95_mm", {})
     logger.info("%s: test pancreas Dice: mean %.4f, median %.4f (n=%s); HD95 median %.1f mm over %s "
-                "finite case(s), %s miss(es)", model_card["architecture"],
+                "finite case(s), %s miss(es)", model_card.architecture,
                 dice_stats.get("mean", float("nan")), dice_stats.get("median", float("nan")), dice_stats.get("n"),
                 hd95_stats.get("median", float("nan")), hd95_stats.get("n_finite"), hd95_stats.get("n_inf"))
     present = summary["classes"].get(LESION_CLASS, {}).get(TRUTH_PRESENT_DICE, {})
     lesions = summary["lesions"].get(LESION_CLASS, {})
     logger.info("%s: test %s Dice over the %s case(s) with a %s: mean %.4f; lesion sensitivity %.3f "
                 "(%s of %s lesions found), %.2f false-positive component(s) per case over %s case(s)",
-                model_card["architecture"], LESION_CLASS, present.get("n"), LESION_CLASS,
+                model_card.architecture, LESION_CLASS, present.get("n"), LESION_CLASS,
                 present.get("mean", float("nan")), lesions.get("lesion_sensitivity", float("nan")),
                 lesions.get("lesions_found"), lesions.get("lesions_true"),
                 lesions.get("fp_components_per_case", float("nan")), lesions.get("n_cases"))
     return summary
-
-
-def comparison_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per architecture × class with mean ± std of each metric.
-
-    HD95 columns (:data:`HD95_METRICS`) also carry the median and the counts ``n_finite``
-    (the cases the mean/median/std are over), ``n_inf`` (misses) and ``n_nan`` (both empty).
-    ``dice_truth_present_{mean,std,n}`` is the Dice over the ``n`` cases whose truth has the
-    class. The lesion columns (:data:`LESION_SUMMARY`: ``lesion_sensitivity``,
-    ``fp_components_per_case``, ``lesions_true``, ...) are filled on the :data:`LESION_CLASS` rows
-    and NaN on the others (also for a summary written before lesions were counted).
-    """
-    rows = []
-    for summary in summaries:
-        for class_name, metrics in summary["classes"].items():
-            row = {"architecture": summary["architecture"], "class": class_name, "n_cases": summary["n_cases"]}
-            for metric, stats in metrics.items():
-                row[f"{metric}_mean"] = stats["mean"]
-                row[f"{metric}_std"] = stats["std"]
-                if metric in HD95_METRICS:
-                    row[f"{metric}_median"] = stats["median"]
-                    for count in HD95_COUNTS:
-                        row[f"{metric}_{count}"] = int(stats[count])
-                if metric == TRUTH_PRESENT_DICE:
-                    row[f"{metric}_n"] = int(stats["n"])
-            lesions = summary.get("lesions", {}).get(class_name, {})
-            row.update({name: lesions.get(name, np.nan) for name in LESION_SUMMARY})
-            rows.append(row)
-    table = pd.DataFrame(rows)
-    for column in (f"{TRUTH_PRESENT_DICE}_{s}" for s in ("mean", "std", "n")):
-        if column not in table:   # only summaries from before dice_truth_present existed
-            table[column] = np.nan
-    return table.sort_values(["class", "dice_mean"], ascending=[True, False])
-
-
-HD95_NOTE = (
-    "HD95 and NSD count surface voxels; the *surfel* columns weight surface elements by their area, as "
-    "DeepMind's surface-distance package and the MSD challenge do: compare those with published numbers. "
-    "HD95 (mm) is mean ± std over the cases with a finite HD95 (median in brackets). A **miss** is a case "
-    "where exactly one of prediction and truth has the structure (the model missed it, or predicted it "
-    "where the truth has none): its HD95 is infinite, it is not averaged in and is counted as "
-    "\"k misses of m\", m being the cases where the truth or the prediction has the structure. "
-    "Cases where both are empty (typical for the tumour class) have an undefined HD95 (NaN) and are "
-    "excluded; their number is given as \"both empty\". For the tumour class, absent from many "
-    "truths, a tumour predicted in a case without one is a miss, and a correct \"no tumour\" is a "
-    "both-empty case."
-)
-LESION_NOTE = (
-    "**Dice (cases with tumour)** is the tumour Dice over the test cases whose ground truth has a tumour "
-    "(their number n in brackets); the Dice column also counts a tumour predicted in a tumour-free case "
-    "(Dice 0) and leaves out correct \"no tumour\" cases (NaN). A **lesion** is a connected tumour "
-    "component (26-connectivity, in 3D on the original grid). **Lesion sensitivity** is found / true "
-    "pooled over the test cases: a true lesion is found if at least one predicted tumour voxel lies in "
-    "it (n/a when no test case has a tumour). **FP components / case** is the number of predicted "
-    "tumour components that overlap no true tumour voxel, divided by the number of test cases (all of "
-    "them, with or without a tumour; total and cases in brackets). Lesion metrics are taken on the raw "
-    "prediction (no largest-component step) and only for the tumour class (– on pancreas rows)."
-)
-
-
-def _hd95_cell(row: pd.Series, metric: str) -> str:
-    """``"5.4 ± 1.2 (median 5.1; 1 miss of 5; 2 both empty)"`` from a comparison-table row."""
-    mean, std, median = row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_median"]
-    n_finite, n_inf, n_nan = (int(row[f"{metric}_{c}"]) for c in HD95_COUNTS)
-    counts = [f"{n_inf} {'miss' if n_inf == 1 else 'misses'} of {n_finite + n_inf}"]
-    if n_nan:
-        counts.append(f"{n_nan} both empty")
-    if pd.isna(mean):
-        return f"n/a ({'; '.join(counts)})"
-    return f"{mean:.1f} ± {0 if pd.isna(std) else std:.1f} (median {median:.1f}; {'; '.join(counts)})"
-
-
-def _count(value: Any) -> str:
-    """An integer count from a table cell (float when the column also holds NaN)."""
-    return str(int(value))
-
-
-def _lesion_cells(row: pd.Series) -> tuple[str, str, str]:
-    """Markdown cells "Dice (cases with tumour)", "lesion sensitivity", "FP components / case".
-
-    "–" on rows of other classes, "n/a" on a tumour row without the values (an old summary).
-    """
-    if row["class"] != LESION_CLASS:
-        return "–", "–", "–"
-    mean, std, n = (row[f"{TRUTH_PRESENT_DICE}_{s}"] for s in ("mean", "std", "n"))
-    if pd.isna(n):
-        dice_cell = "n/a"
-    elif pd.isna(mean):
-        dice_cell = f"n/a (n={_count(n)})"
-    else:
-        dice_cell = f"{mean:.3f} ± {0 if pd.isna(std) else std:.3f} (n={_count(n)})"
-    if pd.isna(row["lesions_true"]):
-        return dice_cell, "n/a", "n/a"
-    found, true = _count(row["lesions_found"]), _count(row["lesions_true"])
-    sensitivity = row["lesion_sensitivity"]
-    sensitivity_cell = f"{'n/a' if pd.isna(sensitivity) else f'{sensitivity:.3f}'} ({found}/{true})"
-    fp_total = int(row["fp_components"])
-    fp_cell = (f"{row['fp_components_per_case']:.2f} ({fp_total} in {row['n_cases']} "
-               f"{'case' if row['n_cases'] == 1 else 'cases'})")
-    return dice_cell, sensitivity_cell, fp_cell
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-markdown version of the comparison table (mean ± std; HD95 with its miss counts).
-
-    The last three columns are for the tumour class only ("–" on pancreas rows): tumour Dice over
-    the cases with a tumour, pooled lesion sensitivity (found/true) and false-positive components
-    per case; :data:`HD95_NOTE` and :data:`LESION_NOTE` below the table define them.
-    """
-    header = ("| architecture | class | n | Dice | HD95 (mm) | NSD | HD95 (mm, surfel) | NSD (surfel) | slice Dice "
-              "| Dice (LCC) | HD95 (mm, LCC) | Dice (cases with tumour) | lesion sensitivity (found/true) "
-              "| FP components / case |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-
-    def fmt(row: pd.Series, metric: str) -> str:
-        mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
-        return "n/a" if pd.isna(mean) else f"{mean:.3f} ± {0 if pd.isna(std) else std:.3f}"
-
-    lines = [f"| {r['architecture']} | {r['class']} | {r['n_cases']} | {fmt(r, 'dice')} | {_hd95_cell(r, 'hd95_mm')} "
-             f"| {fmt(r, 'nsd')} | {_hd95_cell(r, 'hd95_surfel_mm')} | {fmt(r, 'nsd_surfel')} | {fmt(r, 'slice_dice')} | {fmt(r, 'dice_lcc')} | {_hd95_cell(r, 'hd95_mm_lcc')} "
-             f"| {' | '.join(_lesion_cells(r))} |"
-             for _, r in table.iterrows()]
-    return header + "\n".join(lines) + "\n\n" + HD95_NOTE + "\n\n" + LESION_NOTE + "\n"
 
 
 def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str, Any]:
@@ -379,37 +145,17 @@ def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str
 
 def compare_statistically(metrics_per_case: pd.DataFrame,
                           statistics: dict[str, Any]) -> tuple[pd.DataFrame, str, Any]:
-    """Paired tests of every two models on the same cases, for each configured (metric, class).
+    """Paired tests of every two models on the same cases
+    (:func:`pancreas_seg.evaluation.statistics.paired_comparisons`): the table, its markdown and a
+    forest plot of the first comparison, all three also logged to the active MLflow run."""
+    from pancreas_seg.evaluation.plots import plot_paired_comparison  # noqa: PLC0415 - matplotlib
+    from pancreas_seg.evaluation.statistics import paired_comparisons  # noqa: PLC0415
 
-    For each entry of ``statistics.comparisons``: per-case paired differences with bootstrap CIs
-    and a Wilcoxon signed-rank test, Holm-corrected across the pairs
-    (:func:`pancreas_seg.evaluation.statistics.compare_pairs`). Returns the table, its markdown and a
-    forest plot of the first comparison; all three are also logged to the active MLflow run.
-    """
-    from pancreas_seg.evaluation.plots import plot_paired_differences  # noqa: PLC0415
-    from pancreas_seg.evaluation.statistics import comparison_markdown, compare_pairs  # noqa: PLC0415
-
-    tables, sections = [], []
-    for entry in statistics["comparisons"]:
-        table = compare_pairs(metrics_per_case, metric=entry["metric"], class_name=entry["class"],
-                              model_column="architecture", higher_is_better=bool(entry.get("higher_is_better", True)),
-                              n_bootstrap=int(statistics["n_bootstrap"]), confidence=float(statistics["confidence"]),
-                              alpha=float(statistics["alpha"]), seed=int(statistics["seed"]))
-        tables.append(table)
-        sections.append(f"### {entry['metric']}, {entry['class']}\n\n{comparison_markdown(table)}")
-    combined = pd.concat(tables, ignore_index=True)
-    markdown = "\n\n".join(sections) + "\n"
-    first = statistics["comparisons"][0]
-    figure = plot_paired_differences(tables[0], f"paired differences: {first['metric']}, {first['class']}")
-    import mlflow  # noqa: PLC0415
-
-    if mlflow.active_run() is not None:
-        run_id = mlflow.active_run().info.run_id
-        tracking.log_text(run_id, markdown, "statistics/paired_comparison.md")
-        tracking.log_figure(run_id, figure, "statistics/paired_comparison.png")
-        tracking.log_json(run_id, combined.to_dict(orient="records"), "statistics/paired_comparison.json")
+    table, markdown = paired_comparisons(metrics_per_case, statistics)
+    figure = plot_paired_comparison(table, statistics)
+    tracking.log_paired_comparison(table, markdown, figure)
     logger.info("Paired comparison:\n%s", markdown)
-    return combined, markdown, figure
+    return table, markdown, figure
 
 
 def plot_test_overlays(case_manifest: pd.DataFrame, evaluation: dict[str, Any], *inputs: Any) -> Any:

@@ -1,6 +1,7 @@
-"""Evaluation wiring: per-architecture prediction and scoring, then a cross-model comparison.
+"""Evaluation wiring: per-model prediction and scoring, then a cross-model comparison.
 
-Each architecture's evaluation runs in its namespace (``unet.test_predictions`` ...). The two
+Each model's evaluation runs in its namespace (``unet.test_predictions`` ...); the cascade's
+prediction node also reads its stage-1 model (``cascade.stage1_model``). The two
 results the comparison reads across namespaces are published under plain names
 (``evaluation_summary_unet``, ``metrics_per_case_unet``, ``test_predictions_unet``), because Kedro
 reserves dotted names for a node's own namespace.
@@ -19,16 +20,15 @@ PUBLISHED_OUTPUTS = ("test_predictions", "metrics_per_case", "evaluation_summary
 MODEL_INPUTS = ("model", "model_card")   # published by the training pipeline as model_<name>, ...
 
 
-def template(predict: Node | None = None) -> Pipeline:
+def template(cascade: bool = False) -> Pipeline:
     """Check the model's binding, predict the held-out test cases, score and summarise them.
 
-    ``predict`` replaces the single-model prediction node (the cascade passes its own, which runs
-    both stages); it must turn ``model_check`` into ``test_predictions``.
+    With ``cascade``, prediction also takes the cascade's ``stage1_model`` and runs both stages.
     """
-    predict = predict or Node(nodes.predict_test_cases,
-                              ["model", "model_check", "model_input_slices", "slice_geometry", "case_manifest",
-                               "model_card", "params:evaluation"],
-                              "test_predictions", name="predict_test_cases")
+    predict = Node(nodes.predict_test_cases,
+                   ["model", "model_card", "model_check", "model_input_slices", "slice_geometry", "case_manifest",
+                    "params:evaluation"] + (["stage1_model"] if cascade else []),
+                   "test_predictions", name="predict_test_cases")
     return Pipeline([
         Node(nodes.check_model_binding,
              ["model_card", "case_manifest", "intensity_stats", "params:preprocessing"],
@@ -44,12 +44,9 @@ def template(predict: Node | None = None) -> Pipeline:
 
 def create_pipeline(models: Iterable[str] = MODEL_NAMES) -> Pipeline:
     """Evaluation of ``models`` (architecture names and/or ``cascade``), then their comparison."""
-    from pancreas_seg.pipelines.cascade.pipeline import create_evaluation_pipeline  # noqa: PLC0415
-
     archs = list(models)
     per_model = sum(
-        (create_evaluation_pipeline() if arch == CASCADE_NAME else
-         Pipeline(template(), namespace=arch, parameters=SHARED_PARAMETERS,
+        (Pipeline(template(cascade=arch == CASCADE_NAME), namespace=arch, parameters=SHARED_PARAMETERS,
                   inputs={name: name for name in SHARED_INPUTS} | {name: f"{name}_{arch}" for name in MODEL_INPUTS},
                   outputs={name: f"{name}_{arch}" for name in PUBLISHED_OUTPUTS})
          for arch in archs),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +12,9 @@ import numpy as np
 from pancreas_seg.core.atomic import atomic_write_bytes
 from pancreas_seg.imaging.dicom_io import DicomVolume, read_dicom_folder
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti, save_nifti
-from pancreas_seg.imaging.preprocess import (
-    PreprocessingConfig,
-    axial_view,
-    intensity_stats_from_dict,
-)
+from pancreas_seg.imaging.preprocess import axial_view
 from pancreas_seg.core.labels import PANCREAS, TUMOUR
-from pancreas_seg.inference.model_store import members, resolve_model
-from pancreas_seg.inference.segmenter import check_trained_model, load_segmenter, model_name
+from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
 from pancreas_seg.task07.validation import validate_case
 
@@ -55,27 +49,25 @@ def save_overlay(ct: NiftiVolume, labels: np.ndarray, path: Path,
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def segment_case(segment: Callable[[np.ndarray, np.ndarray, str], np.ndarray], path: Path, output_dir: Path,
-                 inference: dict[str, Any], architecture: str) -> dict[str, Any]:
+def segment_case(predictor: Predictor, path: Path, output_dir: Path, inference: dict[str, Any]) -> dict[str, Any]:
     """Segment one validated CT file: write ``<case>.nii.gz`` in its geometry and ``<case>_overlay.png``.
 
-    ``segment(hu, affine, case_id)`` returns uint8 labels of the input's shape (one model or the cascade).
     Returns the case's report row (paths, shape, predicted voxel counts).
     """
-    return segment_volume_to_files(segment, case_id_from_path(path), str(path), load_nifti(path), output_dir,
-                                   inference, architecture)
+    return segment_volume_to_files(predictor, case_id_from_path(path), str(path), load_nifti(path), output_dir,
+                                   inference)
 
 
-def segment_volume_to_files(segment: Callable[[np.ndarray, np.ndarray, str], np.ndarray], case_id: str, source: str,
-                            ct: NiftiVolume, output_dir: Path, inference: dict[str, Any],
-                            architecture: str) -> dict[str, Any]:
+def segment_volume_to_files(predictor: Predictor, case_id: str, source: str, ct: NiftiVolume, output_dir: Path,
+                            inference: dict[str, Any]) -> dict[str, Any]:
     """Segment one validated CT volume (from a NIfTI file or a DICOM series) and write its outputs.
 
     ``<case>.nii.gz`` (the volume's grid and affine) and ``<case>_overlay.png`` always; for a DICOM
     series (a :class:`~pancreas_seg.imaging.dicom_io.DicomVolume`) with ``inference.output_format:
     dicom_seg`` also ``<case>_seg.dcm``, a DICOM-SEG that references the source series.
     """
-    labels = segment(ct.array, ct.affine, case_id)
+    architecture = predictor.name
+    labels = predictor.segment(ct.array, ct.affine, case_id)
     mask_path = output_dir / f"{case_id}.nii.gz"
     save_nifti(mask_path, labels, ct.affine, ct.header)
     overlay_path = output_dir / f"{case_id}_overlay.png"
@@ -113,12 +105,21 @@ def is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and not list_nifti_files(path)
 
 
-def _resolve_checked(inference: dict[str, Any], case_ids: list[str]) -> tuple[Any, str, list[str]]:
-    reference = inference["model"]
-    reference = reference if isinstance(reference, str) else [str(r) for r in reference]
-    trained = resolve_model(reference, inference["models_dir"])
-    check_trained_model(trained, None if inference.get("allow_training_cases", False) else case_ids)
-    return trained, model_name(trained), [str(m.model_file) for m in members(trained)]
+def load_predictor(inference: dict[str, Any], case_ids: list[str]) -> Predictor:
+    """The predictor of ``inference.model``, refused when it was trained or validated on one of
+    ``case_ids`` (unless ``inference.allow_training_cases``)."""
+    predictor = Predictor.from_reference(inference["model"], inference["models_dir"],
+                                         PredictionSettings.from_params(inference))
+    if not inference.get("allow_training_cases", False):
+        predictor.check_disjoint(case_ids, "was asked to segment (set inference.allow_training_cases: true to "
+                                           "allow it)")
+    return predictor
+
+
+def _report(inference: dict[str, Any], predictor: Predictor) -> dict[str, Any]:
+    model_files = [str(path) for path in predictor.model_files]
+    return {"model": str(inference["model"]), "model_file": model_files[0] if len(model_files) == 1 else model_files,
+            "architecture": predictor.name, "trained_on": predictor.card.data_source}
 
 
 def run_dicom_inference(inference: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -133,20 +134,17 @@ def run_dicom_inference(inference: dict[str, Any], folder: Path) -> dict[str, An
         logger.error("Invalid DICOM series %s", problem)
     if not series:
         raise ValueError(f"inference.input_path: {folder} holds no valid CT series")
-    trained, name, model_files = _resolve_checked(inference, [uid for uid, _ in series])
-    segment = load_segmenter(trained, inference)
+    predictor = load_predictor(inference, [uid for uid, _ in series])
     output_dir = Path(inference["output_dir"])
-    logger.info("Inference with %s on %d DICOM series -> %s", name, len(series), output_dir)
+    logger.info("Inference with %s on %d DICOM series -> %s", predictor.name, len(series), output_dir)
     outputs = []
     for index, (uid, volume) in enumerate(series, start=1):
         logger.info("Segmenting series %d/%d: %s (%s, %d slices)", index, len(series), uid, volume.description,
                     volume.array.shape[2])
-        outputs.append(segment_volume_to_files(segment, uid, str(volume.folder), volume, output_dir, inference, name)
+        outputs.append(segment_volume_to_files(predictor, uid, str(volume.folder), volume, output_dir, inference)
                        | {"series_description": volume.description})
-    log_inference_run(inference, name, len(outputs), len(problems))
-    return {"model": str(inference["model"]), "model_file": model_files[0] if len(model_files) == 1 else model_files,
-            "architecture": name, "trained_on": members(trained)[0].card.get("data_source"), "input_kind": "dicom",
-            "outputs": outputs, "skipped": [{"file": str(p.folder), "series": p.series_uid, "reason": p.message}
+    log_inference_run(inference, predictor.name, len(outputs), len(problems))
+    return {**_report(inference, predictor), "input_kind": "dicom", "outputs": outputs, "skipped": [{"file": str(p.folder), "series": p.series_uid, "reason": p.message}
                                             for p in problems]}
 
 
@@ -168,7 +166,7 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"inference.output_format dicom_seg needs DICOM input, but {input_path} holds NIfTI; "
                          "use output_format: nifti or point input_path at a folder of DICOM series")
     inputs = collect_inputs(input_path)
-    trained, name, model_files = _resolve_checked(inference, [case_id_from_path(p) for p in inputs])
+    predictor = load_predictor(inference, [case_id_from_path(p) for p in inputs])
     output_dir = Path(inference["output_dir"])
     findings, valid = [], []
     for path in inputs:
@@ -182,13 +180,11 @@ def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
         listing = "\n".join(f"  - {f}" for f in findings)
         raise ValueError(f"{len(findings)} invalid inference input(s):\n{listing}\n"
                          "Fix them or set inference.on_invalid: skip")
-    segment = load_segmenter(trained, inference)
-    logger.info("Inference with %s (%s) on %d scan(s) -> %s", name, ", ".join(model_files), len(valid), output_dir)
+    logger.info("Inference with %s (%s) on %d scan(s) -> %s", predictor.name,
+                ", ".join(str(p) for p in predictor.model_files), len(valid), output_dir)
     outputs = []
     for index, path in enumerate(valid, start=1):
         logger.info("Segmenting %d/%d: %s", index, len(valid), path.name)
-        outputs.append(segment_case(segment, path, output_dir, inference, name))
-    log_inference_run(inference, name, len(outputs), len(findings))
-    return {"model": str(inference["model"]), "model_file": model_files[0] if len(model_files) == 1 else model_files,
-            "architecture": name, "trained_on": members(trained)[0].card.get("data_source"),
-            "outputs": outputs, "skipped": [{"file": f.file, "reason": f.message} for f in findings]}
+        outputs.append(segment_case(predictor, path, output_dir, inference))
+    log_inference_run(inference, predictor.name, len(outputs), len(findings))
+    return {**_report(inference, predictor), "outputs": outputs, "skipped": [{"file": f.file, "reason": f.message} for f in findings]}

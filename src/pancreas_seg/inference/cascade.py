@@ -1,4 +1,4 @@
-"""The cascade on one scan: HU volume (X, Y, Z) in any axis order -> labels on the same grid.
+"""The cascade on one scan (the predictor's two-stage path): HU volume (X, Y, Z) in any axis order -> labels on the same grid.
 
 1. Stage 1 segments the body-framed whole slices (the project's one preprocessing path).
 2. Its pancreas (main 3D components) gives a box on the source slices; an empty stage 1 ends here
@@ -20,15 +20,9 @@ from typing import Any
 import numpy as np
 
 from pancreas_seg.cascade.crops import CropConfig, CropGeometry, locate_pancreas, tile_starts
-from pancreas_seg.evaluation.postprocessing import keep_largest_foreground, remove_small_components
+from pancreas_seg.evaluation.postprocessing import remove_small_components
 from pancreas_seg.imaging.intensity import ForegroundIntensityStats
-from pancreas_seg.imaging.preprocess import (
-    PreprocessingConfig,
-    intensity_stats_from_dict,
-    preprocess_crop_image,
-    preprocess_image,
-    restore_label_volume,
-)
+from pancreas_seg.imaging.preprocess import PreprocessingConfig, preprocess_crop_image, preprocess_image
 from pancreas_seg.core.labels import (
     PANCREAS,
     PANCREAS_REGION,
@@ -36,7 +30,8 @@ from pancreas_seg.core.labels import (
     output_channels,
     probabilities_to_labels,
 )
-from pancreas_seg.inference.prediction import predict_slices
+from pancreas_seg.inference.forward import predict_slices, to_file_grid
+from pancreas_seg.inference.model_card import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +65,17 @@ class Cascade:
             raise ValueError("a cascade's stage 1 must localise the pancreas: its label mode must be "
                              "multiclass or pancreas, not tumour")
 
+    @classmethod
+    def from_card(cls, card: ModelCard, stage1: Any, stage2: Any) -> Cascade:
+        """The cascade a cascade model card describes, with its two loaded models."""
+        if card.cascade is None:
+            raise ValueError(f"{card.describe()} is not a cascade")
+        spec = card.cascade
+        return cls(stage1=stage1, stage2=stage2, preprocessing=card.preprocessing_config,
+                   stage1_label_mode=spec.stage1_label_mode, stage2_label_mode=spec.stage2_label_mode,
+                   crop=CropConfig.from_params(dict(spec.crop)), stats=card.foreground_stats,
+                   min_tumour_volume_mm3=spec.min_tumour_volume_mm3)
+
 
 def background_probabilities(label_mode: str) -> np.ndarray:
     """The (C,) model output that means certain background in ``label_mode``."""
@@ -102,9 +108,8 @@ def predict_tiled(model: Any, crop_image: np.ndarray, tile_hw: tuple[int, int], 
     return total / counts[None, :, :, None]
 
 
-def segment_volume_cascade(cascade: Cascade, hu: np.ndarray, affine: np.ndarray, batch_size: int = 16,
-                           flip_tta: bool = False, keep_largest_component: bool = False,
-                           name: str = "scan") -> tuple[np.ndarray, dict[str, Any]]:
+def segment_cascade(cascade: Cascade, hu: np.ndarray, affine: np.ndarray, batch_size: int = 16,
+                    flip_tta: bool = False, name: str = "scan") -> tuple[np.ndarray, dict[str, Any]]:
     """Raw CT (X, Y, Z) HU, any axis order -> uint8 labels of exactly the input's shape, and a report.
 
     The labels belong with ``affine``. The report says whether stage 1 found the pancreas, its box
@@ -123,26 +128,14 @@ def segment_volume_cascade(cascade: Cascade, hu: np.ndarray, affine: np.ndarray,
     probabilities = predict_tiled(cascade.stage2, crop_image, cascade.crop.size_px, cascade.crop.tile_overlap,
                                   config.context_slices, batch_size, flip_tta)
     full = crop.full_model_grid(probabilities, background_probabilities(cascade.stage2_label_mode))
-    labels = restore_label_volume(full, crop.scan, cascade.stage2_label_mode)
+    labels = to_file_grid(full, crop.scan, cascade.stage2_label_mode)
     if cascade.stage2_label_mode == "tumour":  # stage 2 adds the tumour to stage 1's pancreas
-        pancreas = np.isin(restore_label_volume(stage1_probabilities, geometry, cascade.stage1_label_mode),
-                           PANCREAS_REGION)
+        pancreas = np.isin(to_file_grid(stage1_probabilities, geometry, cascade.stage1_label_mode), PANCREAS_REGION)
         labels = np.where(labels == TUMOUR, TUMOUR, np.where(pancreas, PANCREAS, 0)).astype(np.uint8)
     labels, removed = remove_small_components(labels, TUMOUR, cascade.min_tumour_volume_mm3,
                                               abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))), PANCREAS)
-    if keep_largest_component:
-        labels = keep_largest_foreground(labels)
     n_tiles = (len(tile_starts(crop.region_hw[0], cascade.crop.size_px[0], cascade.crop.tile_overlap))
                * len(tile_starts(crop.region_hw[1], cascade.crop.size_px[1], cascade.crop.tile_overlap)))
     return labels, {"stage1_found": True, "stage1_box": box.to_list(), "stage2_slices": crop.crop_shape[0],
                     "stage2_region_hw": list(crop.region_hw), "stage2_tiles": n_tiles,
                     "small_tumour_components_removed": removed}
-
-
-def cascade_from_card(card: dict[str, Any], stage1: Any, stage2: Any) -> Cascade:
-    """The :class:`Cascade` a cascade model card describes, with its two loaded models."""
-    spec = card["cascade"]
-    return Cascade(stage1=stage1, stage2=stage2, preprocessing=PreprocessingConfig.from_params(card["preprocessing"]),
-                   stage1_label_mode=spec["stage1"]["label_mode"], stage2_label_mode=spec["stage2"]["label_mode"],
-                   crop=CropConfig.from_params(spec["crop"]), stats=intensity_stats_from_dict(card.get("intensity_stats")),
-                   min_tumour_volume_mm3=float(spec.get("min_tumour_volume_mm3", 0.0)))

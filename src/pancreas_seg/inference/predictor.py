@@ -1,0 +1,231 @@
+"""The one predictor: a trained model (single, fold ensemble, list or cascade) ready to segment scans.
+
+Every path that segments goes through :class:`Predictor`: the evaluation and cross-validation
+nodes (from preprocessed slices), the cascade's stage-1 localisation, the inference pipeline, the
+served MLflow model and the benchmarks. It owns
+
+* resolving the model (:meth:`Predictor.from_reference`: a name, ``<arch>.ensemble``, ``runs:/``,
+  ``models:/`` or a list) and loading it (:meth:`Predictor.from_trained`), or taking models
+  already in memory (:meth:`Predictor.from_models`);
+* checking the cards: consistent, of one ensemble, bound to these weights;
+* the settings (:class:`PredictionSettings`: batch size, XLA, flip TTA, post-processing), read
+  from the ``inference`` or ``evaluation`` parameters;
+* the forward pass, the ensemble average and the map-back to the file's grid.
+
+Modelled on nnU-Net's ``nnUNetPredictor`` (``initialize_from_trained_model_folder`` +
+``predict_from_files``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
+from pancreas_seg.imaging.geometry import ScanGeometry
+from pancreas_seg.imaging.intensity import ForegroundIntensityStats
+from pancreas_seg.imaging.preprocess import PreprocessingConfig, preprocess_image
+from pancreas_seg.inference.cascade import Cascade, segment_cascade
+from pancreas_seg.inference.forward import mean_probabilities, predict_slices, to_file_grid, use_xla
+from pancreas_seg.inference.model_card import ModelCard, ModelMismatchError, check_fold_ensemble
+from pancreas_seg.inference.model_store import TrainedEnsemble, TrainedModel, members, resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictionSettings:
+    """How a model is applied (the ``inference`` / ``evaluation`` parameters of ``conf/``).
+
+    Attributes:
+        batch_size: slices per forward pass.
+        flip_tta: also predict the left-right mirrored slices and average (test-time augmentation).
+        keep_largest_component: keep only the largest 3D foreground component of the labels.
+        xla: compile the forward pass with XLA (TensorFlow backend; JAX always compiles).
+    """
+
+    batch_size: int
+    flip_tta: bool
+    keep_largest_component: bool = False
+    xla: bool = True
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> PredictionSettings:
+        """From a parameter block with ``batch_size`` and ``flip_tta`` (``keep_largest_component``
+        and ``xla`` optional: off and on); ``overrides`` replace single values."""
+        values = {key: params[key] for key in ("batch_size", "flip_tta")}
+        values |= {key: params[key] for key in ("keep_largest_component", "xla") if key in params}
+        values |= overrides
+        return cls(batch_size=int(values["batch_size"]), flip_tta=bool(values["flip_tta"]),
+                   keep_largest_component=bool(values.get("keep_largest_component", cls.keep_largest_component)),
+                   xla=bool(values.get("xla", cls.xla)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Predictor:
+    """Loaded models with their cards, checked, and the settings to apply them with.
+
+    Args:
+        models: the loaded Keras models (one, or the members of an ensemble; stage 2 of the cascade).
+        cards: one card per model.
+        settings: how to apply them.
+        name: what reports call the model (default: the single card's architecture).
+        stage1: the cascade's loaded stage-1 model (cascade cards only).
+
+    Raises:
+        ModelMismatchError: a card was edited, belongs to other weights, the models of an
+            ensemble differ in preprocessing or label mode, or fold models are not one
+            cross-validation.
+    """
+
+    def __init__(self, models: Sequence[Any], cards: Sequence[ModelCard], settings: PredictionSettings,
+                 name: str | None = None, stage1: Any = None) -> None:
+        from pancreas_seg.models.io import weights_sha256  # noqa: PLC0415 - lazy: Keras
+
+        if not models or len(models) != len(cards):
+            raise ValueError(f"a predictor needs one card per model ({len(models)} models, {len(cards)} cards)")
+        self.models, self.cards, self.settings = list(models), list(cards), settings
+        self.model_files: list[Path] = []   # set by from_trained: the files the models came from
+        self.name = name or (cards[0].architecture if len(cards) == 1 else "+".join(c.architecture for c in cards))
+        for card in self.cards:
+            card.check_consistent()
+        self.cascade: Cascade | None = None
+        if any(card.is_cascade for card in self.cards):
+            if len(self.cards) > 1:
+                raise ValueError(f"{self.name}: the cascade cannot be part of an ensemble")
+            if stage1 is None:
+                raise ModelMismatchError(f"{self.card.describe()}: a cascade card without its stage-1 model")
+            self.card.check_cascade_weights(weights_sha256(stage1), weights_sha256(self.models[0]))
+            self.cascade = Cascade.from_card(self.card, stage1, self.models[0])
+        else:
+            if (len({c.preprocessing_fingerprint for c in self.cards}) != 1
+                    or len({c.label_mode for c in self.cards}) != 1):
+                raise ModelMismatchError(f"{self.name}: its models differ in preprocessing or label mode, so "
+                                         "their outputs cannot be averaged")
+            if len(self.cards) > 1 and all(card.fold is not None for card in self.cards):
+                check_fold_ensemble(self.cards)
+            for model, card in zip(self.models, self.cards, strict=True):
+                card.check_weights(weights_sha256(model))
+        for model in self._keras_models():
+            use_xla(model, settings.xla)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_models(cls, models: Sequence[Any], cards: Sequence[ModelCard], settings: PredictionSettings,
+                    name: str | None = None, stage1: Any = None) -> Predictor:
+        """Models already in memory (a Kedro node's inputs) with their cards."""
+        return cls(models, cards, settings, name, stage1)
+
+    @classmethod
+    def from_trained(cls, trained: TrainedModel | TrainedEnsemble, settings: PredictionSettings) -> Predictor:
+        """Load the model file(s) of a resolved model (both stages of the cascade, every member)."""
+        from pancreas_seg.models.io import load_model  # noqa: PLC0415 - lazy: Keras
+
+        parts = members(trained)
+        for member in parts:
+            member.card.check_consistent()   # before the (slow) model load
+        stage1 = None
+        if parts[0].card.is_cascade:
+            if parts[0].stage1_file is None:
+                raise FileNotFoundError(f"{parts[0].model_file}: a cascade card without its stage-1 model file")
+            stage1 = load_model(parts[0].stage1_file, compile=False)
+        models = [load_model(member.model_file, compile=False) for member in parts]
+        name = trained.name if isinstance(trained, TrainedEnsemble) else parts[0].card.architecture
+        predictor = cls(models, [member.card for member in parts], settings, name, stage1)
+        predictor.model_files = [member.model_file for member in parts]
+        return predictor
+
+    @classmethod
+    def from_reference(cls, reference: str | Sequence[str], models_dir: str | Path,
+                       settings: PredictionSettings) -> Predictor:
+        """Resolve ``reference`` (see :func:`pancreas_seg.inference.model_store.resolve_model`) and load it."""
+        reference = reference if isinstance(reference, str) else [str(r) for r in reference]
+        return cls.from_trained(resolve_model(reference, models_dir), settings)
+
+    def with_settings(self, **changes: Any) -> Predictor:
+        """The same loaded models with other settings (e.g. a request's ``flip_tta``), no reload."""
+        clone = object.__new__(Predictor)
+        clone.__dict__.update(self.__dict__)
+        clone.settings = replace(self.settings, **changes)
+        return clone
+
+    # ------------------------------------------------------------------ what it is
+    @property
+    def card(self) -> ModelCard:
+        """The first (for a single model, the) card."""
+        return self.cards[0]
+
+    @property
+    def preprocessing(self) -> PreprocessingConfig:
+        return self.card.preprocessing_config
+
+    @property
+    def foreground_stats(self) -> ForegroundIntensityStats | None:
+        return self.card.foreground_stats
+
+    @property
+    def label_mode(self) -> str:
+        return self.card.label_mode
+
+    @property
+    def is_cascade(self) -> bool:
+        return self.cascade is not None
+
+    def check_disjoint(self, case_ids: Iterable[str], purpose: str) -> None:
+        """Refuse when any member was trained or validated on one of ``case_ids``."""
+        for card in self.cards:
+            card.check_disjoint(case_ids, purpose)
+
+    def _keras_models(self) -> Iterator[Any]:
+        yield from self.models
+        if self.cascade is not None:
+            yield self.cascade.stage1
+
+    # ------------------------------------------------------------------ predicting
+    def member_probabilities(self, image_slices: np.ndarray) -> Iterator[np.ndarray]:
+        """Each member's (Z, H, W, C) float32 probabilities of preprocessed (Z, H, W) slices, lazily."""
+        if self.cascade is not None:
+            raise ValueError(f"{self.name}: the cascade predicts from the scan (segment), not from slices")
+        settings, context = self.settings, self.preprocessing.context_slices
+        for model in self.models:
+            yield predict_slices(model, image_slices, context, settings.batch_size, settings.flip_tta)
+
+    def predict_probabilities(self, image_slices: np.ndarray) -> np.ndarray:
+        """(Z, H, W, C) float32: the members' mean softmax (memory for two arrays, any member count)."""
+        return mean_probabilities(self.member_probabilities(image_slices))
+
+    def to_labels(self, probabilities: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
+        """Model-grid probabilities -> uint8 labels on the scan's file grid, post-processed as set."""
+        return self._postprocess(to_file_grid(probabilities, geometry, self.label_mode))
+
+    def segment_slices(self, image_slices: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
+        """Preprocessed (Z, H, W) slices of a scan with ``geometry`` -> uint8 labels of ``geometry.shape``."""
+        return self.to_labels(self.predict_probabilities(image_slices), geometry)
+
+    def segment(self, hu: np.ndarray, affine: np.ndarray, name: str = "scan") -> np.ndarray:
+        """Raw CT (X, Y, Z) HU in file order, any axis order -> uint8 labels of exactly its shape.
+
+        The labels belong with ``affine``; ``name`` is for log messages.
+        """
+        return self.segment_with_report(hu, affine, name)[0]
+
+    def segment_with_report(self, hu: np.ndarray, affine: np.ndarray,
+                            name: str = "scan") -> tuple[np.ndarray, dict[str, Any]]:
+        """:meth:`segment` and a report (for the cascade: where stage 1 found the pancreas, how
+        many slices and tiles stage 2 ran on; empty for other models)."""
+        if self.cascade is not None:
+            labels, report = segment_cascade(self.cascade, hu, affine, self.settings.batch_size,
+                                             self.settings.flip_tta, name)
+            return self._postprocess(labels), report
+        image, geometry = preprocess_image(hu, affine, self.preprocessing, self.foreground_stats)
+        return self.segment_slices(image, geometry), {}
+
+    def _postprocess(self, labels: np.ndarray) -> np.ndarray:
+        return keep_largest_foreground(labels) if self.settings.keep_largest_component else labels
