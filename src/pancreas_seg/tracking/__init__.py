@@ -55,6 +55,26 @@ def architecture_run(architecture: str, run_id: str | None = None) -> Iterator[m
         yield run
 
 
+def set_tags(tags: Mapping[str, Any]) -> None:
+    """Tag the active MLflow run (values as strings)."""
+    mlflow.set_tags({key: str(value) for key, value in tags.items()})
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log nested ``params`` to the active MLflow run, flattened to dotted names (see :func:`flatten`)."""
+    mlflow.log_params(flatten(params))
+
+
+def log_to_active_run(tags: Mapping[str, Any], params: Mapping[str, Any], metrics: Mapping[str, float]) -> bool:
+    """Tags, params (flattened) and metrics on the active MLflow run; False (nothing logged) without one."""
+    if mlflow.active_run() is None:
+        return False
+    set_tags(tags)
+    log_params(params)
+    mlflow.log_metrics(dict(metrics))
+    return True
+
+
 def log_epoch_metrics(run_id: str, logs: Mapping[str, float], epoch: int) -> None:
     """Log one epoch's metrics (step = 1-based epoch); NaN/inf are skipped."""
     client = mlflow.MlflowClient()

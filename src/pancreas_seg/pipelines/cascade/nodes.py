@@ -223,11 +223,9 @@ def train_stage2(crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index
     with tracking.architecture_run(CASCADE_NAME) as run, dtype_policy(policy):
         run_id = run.info.run_id
         log_run_setup(CASCADE_NAME, settings, preprocessing, source, label_mode)
-        import mlflow  # noqa: PLC0415
-
-        mlflow.set_tags({"stage1_architecture": stage1_model_card.architecture, "stage2_architecture": name})
-        mlflow.log_params(tracking.flatten({"cascade": {"crop": crop_config.to_dict(), "jitter_std_mm": list(jitter),
-                                                        "stage1_weights_sha256": stage1_sha}}))
+        tracking.set_tags({"stage1_architecture": stage1_model_card.architecture, "stage2_architecture": name})
+        tracking.log_params({"cascade": {"crop": crop_config.to_dict(), "jitter_std_mm": list(jitter),
+                                         "stage1_weights_sha256": stage1_sha}})
         tracking.log_json(run_id, stage1_localisation, "stage1_localisation.json")
         epoch_logger = keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: tracking.log_epoch_metrics(run_id, logs, epoch + 1))

@@ -68,9 +68,7 @@ def train_fold_models(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
     settings = PredictionSettings.from_params(inference)
     models, cards = {}, {}
     with tracking.architecture_run(f"{name}.cv") as cv_run:
-        import mlflow  # noqa: PLC0415
-
-        mlflow.set_tags({"architecture": name, "n_folds": n_folds, "kind": "cross_validation"})
+        tracking.set_tags({"architecture": name, "n_folds": n_folds, "kind": "cross_validation"})
         for fold in range(n_folds):
             logger.info("%s: cross-validation fold %d/%d", name, fold + 1, n_folds)
             model, _, figure, card = train_model(model_input_slices, fold_manifest(case_manifest, fold),

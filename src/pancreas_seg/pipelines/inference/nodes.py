@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from pancreas_seg import tracking
 from pancreas_seg.core.atomic import atomic_write_bytes
 from pancreas_seg.imaging.dicom_io import DicomVolume, read_dicom_folder
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti, save_nifti
@@ -87,14 +88,9 @@ def segment_volume_to_files(predictor: Predictor, case_id: str, source: str, ct:
 
 def log_inference_run(inference: dict[str, Any], name: str, n_segmented: int, n_invalid: int) -> None:
     """Log the settings and counts to the active MLflow run (the inference experiment's), if any."""
-    import mlflow  # noqa: PLC0415
-
-    run = mlflow.active_run()
-    if run is None:
-        return
-    mlflow.set_tags({"model_reference": str(inference["model"]), "model": name})
-    mlflow.log_params({f"inference.{k}": str(v)[:500] for k, v in inference.items()})
-    mlflow.log_metrics({"scans_segmented": n_segmented, "inputs_invalid": n_invalid})
+    tracking.log_to_active_run({"model_reference": inference["model"], "model": name},
+                               {"inference": {k: str(v)[:500] for k, v in inference.items()}},
+                               {"scans_segmented": n_segmented, "inputs_invalid": n_invalid})
 
 
 OUTPUT_FORMATS = ("nifti", "dicom_seg")

@@ -93,16 +93,14 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
         study = open_study(storage, name, study_settings)
         recover_stale_trials(study)
         with tracking.architecture_run(f"{name} study") as run:
-            import mlflow  # noqa: PLC0415
-
-            mlflow.set_tags({**mlflow_runs.study_run_tags(name), "optuna_storage": str(storage_path),
-                             "data_source": source, "git_commit": tracking.git_commit()})
+            tracking.set_tags({**mlflow_runs.study_run_tags(name), "optuna_storage": str(storage_path),
+                               "data_source": source, "git_commit": tracking.git_commit()})
             mlflow_runs.close_interrupted_study_runs(run.info.experiment_id, name, run.info.run_id)
-            mlflow.log_params(tracking.flatten({
+            tracking.log_params({
                 "tuning": {"n_trials": config.n_trials, "n_workers": config.n_workers,
                            "threads_per_worker": config.threads(), "seed": config.seed, "sampler": config.sampler,
                            "pruner": config.pruner, "trial": config.trial, "max_retry": config.max_retry},
-                "search_space": {p.name: p.describe().partition(": ")[2] for p in config.search_space}}))
+                "search_space": {p.name: p.describe().partition(": ")[2] for p in config.search_space}})
             logger.info("%s: tuning %s in %s (%d trials; %s)%s", name, ", ".join(config.search_space.names),
                         storage_path, config.n_trials, "; ".join(config.search_space.describe()),
                         " - SYNTHETIC phantoms" if source == "synthetic" else "")
