@@ -66,5 +66,10 @@ def test_viz_build_lists_pipelines_and_model_namespaces(viz_build: Path) -> None
     assert {p.name for p in (viz_build / "api" / "pipelines").iterdir()} >= PIPELINES
     inference = json.loads((viz_build / "api" / "pipelines" / "inference").read_text())
     assert inference["selected_pipeline"] == "inference"
-    assert "run_inference" in {n["name"] for n in inference["nodes"] if n["type"] == "task"}
+    # find -> load the predictor -> segment -> write, the outputs as datasets between the steps
+    inference_tasks = {n["name"] for n in inference["nodes"] if n["type"] == "task"}
+    assert inference_tasks == {"find_scans", "load_predictor", "segment_scans", "plot_overlays", "make_dicom_segs",
+                               "report_inference"}, inference_tasks
+    inference_data = {n["name"] for n in inference["nodes"] if n["type"] == "data"}
+    assert {"inference_masks", "inference_overlays", "inference_dicom_seg", "inference_report"} <= inference_data
     assert (viz_build / "index.html").is_file()

@@ -1,8 +1,9 @@
-"""Kedro datasets for NIfTI volumes, NumPy arrays, Keras models, model cards and figures (thin, fsspec-based).
+"""Kedro datasets for NIfTI volumes, DICOM files, NumPy arrays, Keras models, model cards and figures (thin, fsspec-based).
 
 Use them in ``conf/*/catalog.yml`` as ``pancreas_seg.datasets.NiftiDataset`` and so on.
 """
 
+from pancreas_seg.datasets.dicom_dataset import DicomDataset
 from pancreas_seg.datasets.figure_dataset import FigureDataset
 from pancreas_seg.datasets.keras_model_dataset import KerasModelDataset
 from pancreas_seg.datasets.model_card_dataset import ModelCardDataset
@@ -10,4 +11,4 @@ from pancreas_seg.datasets.nifti_dataset import NiftiDataset
 from pancreas_seg.datasets.numpy_dataset import NumpyDataset
 from pancreas_seg.datasets.optional_partitions import OptionalPartitionedDataset
 
-__all__ = ["FigureDataset", "KerasModelDataset", "ModelCardDataset", "NiftiDataset", "NumpyDataset", "OptionalPartitionedDataset"]
+__all__ = ["DicomDataset", "FigureDataset", "KerasModelDataset", "ModelCardDataset", "NiftiDataset", "NumpyDataset", "OptionalPartitionedDataset"]

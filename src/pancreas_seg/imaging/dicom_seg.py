@@ -37,6 +37,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -117,19 +118,17 @@ def _check_inputs(labels: np.ndarray, source_datasets: Sequence[Dataset]) -> Non
                                             f"expected a subset of {list(LABEL_VALUES)}")
 
 
-def write_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset], path: str | os.PathLike[str], *,
-                    model: str | None = None, series_number: int = DEFAULT_SERIES_NUMBER,
-                    series_description: str = "pancreas_seg segmentation",
+def build_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset], *, model: str | None = None,
+                    series_number: int = DEFAULT_SERIES_NUMBER, series_description: str = "pancreas_seg segmentation",
                     series_instance_uid: str | None = None, sop_instance_uid: str | None = None,
-                    content_label: str = "PANCREAS") -> Path:
-    """Write ``labels`` as a BINARY DICOM SEG referencing the source series; returns ``path``.
+                    content_label: str = "PANCREAS") -> hd.seg.Segmentation:
+    """``labels`` as a BINARY DICOM SEG (a highdicom ``Segmentation``) referencing the source series.
 
     Args:
         labels: (X, Y, Z) = (Columns, Rows, slices) MSD label values {0, 1, 2} on the series grid.
         source_datasets: the series' headers sorted as read_series sorted them
             (``DicomVolume.datasets``: slice k of ``labels`` is ``source_datasets[k]``). Headers
             without pixel data are enough.
-        path: the ``.dcm`` file to write (atomically).
         model: the model that made the prediction, recorded in the algorithm identification.
 
     Raises:
@@ -155,6 +154,13 @@ def write_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset], path
         omit_empty_frames=bool(labels.any()),   # an empty map keeps all frames (highdicom needs one)
     )
     segmentation.SeriesDescription = series_description
+    return segmentation
+
+
+def write_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset], path: str | os.PathLike[str],
+                    **options: Any) -> Path:
+    """:func:`build_dicom_seg` written to ``path`` (atomically); returns ``path``. ``options`` as there."""
+    segmentation = build_dicom_seg(labels, source_datasets, **options)
     target = Path(path)
     with atomic_path(target) as tmp:
         segmentation.save_as(tmp)

@@ -1,25 +1,53 @@
-"""Inference node: CT NIfTI file(s) -> label maps in each input's own geometry, plus overlays."""
+"""Inference nodes: CT scans (NIfTI files or DICOM series) -> label maps in each input's own geometry.
+
+The pipeline is find -> load the predictor -> segment -> write: the masks, overlay PNGs and
+DICOM-SEG objects are lazy partitions that the catalog saves one case at a time
+(``inference_masks``, ``inference_overlays``, ``inference_dicom_seg`` in ``inference.output_dir``);
+the report lists what was written and what was skipped.
+"""
 
 from __future__ import annotations
 
-import io
+import functools
 import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pancreas_seg import tracking
-from pancreas_seg.core.atomic import atomic_write_bytes
-from pancreas_seg.imaging.dicom_io import DicomVolume, read_dicom_folder
-from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti, save_nifti
-from pancreas_seg.imaging.preprocess import axial_view
 from pancreas_seg.core.labels import PANCREAS, TUMOUR
+from pancreas_seg.imaging.dicom_io import DicomVolume, read_dicom_folder
+from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
+from pancreas_seg.imaging.preprocess import axial_view
 from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
 from pancreas_seg.task07.validation import validate_case
 
 logger = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = ("nifti", "dicom_seg")
+OVERLAY_SLICES = 3
+"""Representative axial slices shown in each overlay PNG."""
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One input to segment: where it came from and how to read it.
+
+    Attributes:
+        source: the NIfTI file or the DICOM series folder.
+        load: reads the volume (a :class:`NiftiVolume`, or a :class:`DicomVolume` with its headers).
+        is_dicom: a DICOM series (else a NIfTI file).
+        description: the DICOM series description.
+    """
+
+    source: str
+    load: Callable[[], NiftiVolume]
+    is_dicom: bool = False
+    description: str | None = None
 
 
 def collect_inputs(input_path: str | Path) -> list[Path]:
@@ -35,152 +63,160 @@ def collect_inputs(input_path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"inference.input_path: {path} does not exist")
 
 
-def save_overlay(ct: NiftiVolume, labels: np.ndarray, path: Path,
-                 window_hu: tuple[float, float], title: str) -> None:
-    """PNG of representative axial slices (radiological view) with the predicted mask."""
-    from pancreas_seg.evaluation.plots import pick_representative_slices, plot_overlays  # noqa: PLC0415
-
-    label_slices = axial_view(labels, ct.affine)
-    chosen = pick_representative_slices(np.moveaxis(label_slices, 0, -1), 3)
-    ct_slices = axial_view(ct.array, ct.affine)[chosen].astype(np.float32)   # only the shown slices
-    figure = plot_overlays(ct_slices, None, {title: label_slices[chosen]}, window_hu,
-                           [f"{path.stem} slice {z}" for z in chosen])
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def segment_case(predictor: Predictor, path: Path, output_dir: Path, inference: dict[str, Any]) -> dict[str, Any]:
-    """Segment one validated CT file: write ``<case>.nii.gz`` in its geometry and ``<case>_overlay.png``.
-
-    Returns the case's report row (paths, shape, predicted voxel counts).
-    """
-    return segment_volume_to_files(predictor, case_id_from_path(path), str(path), load_nifti(path), output_dir,
-                                   inference)
-
-
-def segment_volume_to_files(predictor: Predictor, case_id: str, source: str, ct: NiftiVolume, output_dir: Path,
-                            inference: dict[str, Any]) -> dict[str, Any]:
-    """Segment one validated CT volume (from a NIfTI file or a DICOM series) and write its outputs.
-
-    ``<case>.nii.gz`` (the volume's grid and affine) and ``<case>_overlay.png`` always; for a DICOM
-    series (a :class:`~pancreas_seg.imaging.dicom_io.DicomVolume`) with ``inference.output_format:
-    dicom_seg`` also ``<case>_seg.dcm``, a DICOM-SEG that references the source series.
-    """
-    architecture = predictor.name
-    labels = predictor.segment(ct.array, ct.affine, case_id)
-    mask_path = output_dir / f"{case_id}.nii.gz"
-    save_nifti(mask_path, labels, ct.affine, ct.header)
-    overlay_path = output_dir / f"{case_id}_overlay.png"
-    save_overlay(ct, labels, overlay_path, tuple(inference["overlay_window_hu"]), architecture)
-    row = {"case_id": case_id, "input": source, "mask": str(mask_path),
-           "overlay": str(overlay_path), "shape": list(labels.shape),
-           "voxels_pancreas": int(np.count_nonzero(labels == PANCREAS)),
-           "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
-    if isinstance(ct, DicomVolume) and inference.get("output_format", "nifti") == "dicom_seg":
-        from pancreas_seg.imaging.dicom_seg import write_dicom_seg  # noqa: PLC0415 - highdicom for DICOM-SEG only
-
-        seg_path = output_dir / f"{case_id}_seg.dcm"
-        write_dicom_seg(labels, ct.datasets, seg_path, model=architecture)
-        row["dicom_seg"] = str(seg_path)
-    return row
-
-
-def log_inference_run(inference: dict[str, Any], name: str, n_segmented: int, n_invalid: int) -> None:
-    """Log the settings and counts to the active MLflow run (the inference experiment's), if any."""
-    tracking.log_to_active_run({"model_reference": inference["model"], "model": name},
-                               {"inference": {k: str(v)[:500] for k, v in inference.items()}},
-                               {"scans_segmented": n_segmented, "inputs_invalid": n_invalid})
-
-
-OUTPUT_FORMATS = ("nifti", "dicom_seg")
-
-
 def is_dicom_folder(path: Path) -> bool:
     """A folder with no NIfTI file in it (DICOM series are looked for there, recursively)."""
     return path.is_dir() and not list_nifti_files(path)
 
 
-def load_predictor(inference: dict[str, Any], case_ids: list[str]) -> Predictor:
-    """The predictor of ``inference.model``, refused when it was trained or validated on one of
-    ``case_ids`` (unless ``inference.allow_training_cases``)."""
-    predictor = Predictor.from_reference(inference["model"], inference["models_dir"],
-                                         PredictionSettings.from_params(inference))
-    if not inference.get("allow_training_cases", False):
-        predictor.check_disjoint(case_ids, "was asked to segment (set inference.allow_training_cases: true to "
-                                           "allow it)")
-    return predictor
-
-
-def _report(inference: dict[str, Any], predictor: Predictor) -> dict[str, Any]:
-    model_files = [str(path) for path in predictor.model_files]
-    return {"model": str(inference["model"]), "model_file": model_files[0] if len(model_files) == 1 else model_files,
-            "architecture": predictor.name, "trained_on": predictor.card.data_source}
-
-
-def run_dicom_inference(inference: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Segment every valid CT series in ``folder`` (see :func:`run_inference`); case id = SeriesInstanceUID.
-
-    Series are read with :func:`~pancreas_seg.imaging.dicom_io.read_dicom_folder`: bad series
-    (non-CT, localizers, mixed matrix sizes, gaps, non-uniform spacing ...) fail with one error
-    naming each, or are skipped with ``inference.on_invalid: skip``.
-    """
+def _dicom_scans(folder: Path, inference: Mapping[str, Any]) -> tuple[dict[str, Scan], list[dict[str, Any]]]:
     series, problems = read_dicom_folder(folder, on_invalid=inference.get("on_invalid", "fail"))
     for problem in problems:
         logger.error("Invalid DICOM series %s", problem)
     if not series:
         raise ValueError(f"inference.input_path: {folder} holds no valid CT series")
-    predictor = load_predictor(inference, [uid for uid, _ in series])
-    output_dir = Path(inference["output_dir"])
-    logger.info("Inference with %s on %d DICOM series -> %s", predictor.name, len(series), output_dir)
-    outputs = []
-    for index, (uid, volume) in enumerate(series, start=1):
-        logger.info("Segmenting series %d/%d: %s (%s, %d slices)", index, len(series), uid, volume.description,
-                    volume.array.shape[2])
-        outputs.append(segment_volume_to_files(predictor, uid, str(volume.folder), volume, output_dir, inference)
-                       | {"series_description": volume.description})
-    log_inference_run(inference, predictor.name, len(outputs), len(problems))
-    return {**_report(inference, predictor), "input_kind": "dicom", "outputs": outputs, "skipped": [{"file": str(p.folder), "series": p.series_uid, "reason": p.message}
-                                            for p in problems]}
+    scans = {uid: Scan(str(volume.folder), functools.partial(_identity, volume), True, volume.description)
+             for uid, volume in series}
+    return scans, [{"file": str(p.folder), "series": p.series_uid, "reason": p.message} for p in problems]
 
 
-def run_inference(inference: dict[str, Any]) -> dict[str, Any]:
-    """Segment every input CT; write ``<case>.nii.gz`` (same shape, affine, orientation) + overlay PNG.
-
-    The model is refused when its card does not match its weights or its own settings, or when it
-    was trained on one of the inputs (unless ``inference.allow_training_cases``). Invalid inputs
-    follow ``inference.on_invalid`` (``fail`` lists all of them, ``skip`` continues).
-    Returns a report of what was written.
-    """
-    output_format = inference.get("output_format", "nifti")
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"inference.output_format {output_format!r}: use one of {list(OUTPUT_FORMATS)}")
-    input_path = Path(inference["input_path"]).expanduser()
-    if is_dicom_folder(input_path):
-        return run_dicom_inference(inference, input_path)
-    if output_format == "dicom_seg":
-        raise ValueError(f"inference.output_format dicom_seg needs DICOM input, but {input_path} holds NIfTI; "
-                         "use output_format: nifti or point input_path at a folder of DICOM series")
-    inputs = collect_inputs(input_path)
-    predictor = load_predictor(inference, [case_id_from_path(p) for p in inputs])
-    output_dir = Path(inference["output_dir"])
-    findings, valid = [], []
-    for path in inputs:
-        record, problems = validate_case(CaseFiles(case_id_from_path(path), path, None, "inference"))
+def _nifti_scans(input_path: Path, inference: Mapping[str, Any]) -> tuple[dict[str, Scan], list[dict[str, Any]]]:
+    findings, scans = [], {}
+    for path in collect_inputs(input_path):
+        case_id = case_id_from_path(path)
+        record, problems = validate_case(CaseFiles(case_id, path, None, "inference"))
         findings.extend(problems)
         if record is not None:
-            valid.append(path)
+            scans[case_id] = Scan(str(path), functools.partial(load_nifti, path))
     for finding in findings:
         logger.error("Invalid input %s", finding)
     if findings and inference.get("on_invalid", "fail") == "fail":
         listing = "\n".join(f"  - {f}" for f in findings)
         raise ValueError(f"{len(findings)} invalid inference input(s):\n{listing}\n"
                          "Fix them or set inference.on_invalid: skip")
-    logger.info("Inference with %s (%s) on %d scan(s) -> %s", predictor.name,
-                ", ".join(str(p) for p in predictor.model_files), len(valid), output_dir)
+    return scans, [{"file": f.file, "reason": f.message} for f in findings]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def find_scans(inference: dict[str, Any]) -> tuple[dict[str, Scan], list[dict[str, Any]]]:
+    """The valid inputs of ``inference.input_path`` by case id, and the skipped ones.
+
+    A NIfTI file or folder (case id = file name) or a folder of DICOM series (searched
+    recursively; case id = SeriesInstanceUID). Invalid inputs follow ``inference.on_invalid``:
+    ``fail`` lists all of them in one error, ``skip`` leaves them out and reports them.
+    """
+    output_format = inference.get("output_format", "nifti")
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"inference.output_format {output_format!r}: use one of {list(OUTPUT_FORMATS)}")
+    input_path = Path(inference["input_path"]).expanduser()
+    if is_dicom_folder(input_path):
+        return _dicom_scans(input_path, inference)
+    if output_format == "dicom_seg":
+        raise ValueError(f"inference.output_format dicom_seg needs DICOM input, but {input_path} holds NIfTI; "
+                         "use output_format: nifti or point input_path at a folder of DICOM series")
+    return _nifti_scans(input_path, inference)
+
+
+def load_predictor(inference: dict[str, Any], scans: Mapping[str, Scan]) -> Predictor:
+    """The predictor of ``inference.model``, refused when it was trained or validated on one of the
+    scans' case ids (unless ``inference.allow_training_cases``)."""
+    predictor = Predictor.from_reference(inference["model"], inference["models_dir"],
+                                         PredictionSettings.from_params(inference))
+    if not inference.get("allow_training_cases", False):
+        predictor.check_disjoint(scans, "was asked to segment (set inference.allow_training_cases: true to "
+                                        "allow it)")
+    logger.info("Inference with %s (%s) on %d scan(s)", predictor.name,
+                ", ".join(str(p) for p in predictor.model_files), len(scans))
+    return predictor
+
+
+def segment_scans(predictor: Predictor, scans: Mapping[str, Scan]) -> dict[str, Callable[[], NiftiVolume]]:
+    """``{case_id: fn}``: each ``fn`` segments its scan; the catalog saves ``<case>.nii.gz`` with the
+    input's shape, affine and header, one case at a time."""
+
+    def segment(index: int, case_id: str) -> NiftiVolume:
+        scan = scans[case_id]
+        logger.info("Segmenting %d/%d: %s%s", index, len(scans), case_id,
+                    f" ({scan.description})" if scan.description else "")
+        ct = scan.load()
+        return NiftiVolume(predictor.segment(ct.array, ct.affine, case_id), ct.affine, ct.header)
+
+    return {case_id: functools.partial(segment, i, case_id) for i, case_id in enumerate(scans, start=1)}
+
+
+def overlay_figure(ct: NiftiVolume, labels: np.ndarray, window_hu: tuple[float, float], title: str,
+                   name: str) -> Any:
+    """A figure of representative axial slices (radiological view) with the predicted mask."""
+    from pancreas_seg.evaluation.plots import pick_representative_slices, plot_overlays  # noqa: PLC0415
+
+    label_slices = axial_view(labels, ct.affine)
+    chosen = pick_representative_slices(np.moveaxis(label_slices, 0, -1), OVERLAY_SLICES)
+    ct_slices = axial_view(ct.array, ct.affine)[chosen].astype(np.float32)   # only the shown slices
+    return plot_overlays(ct_slices, None, {title: label_slices[chosen]}, window_hu,
+                         [f"{name} slice {z}" for z in chosen])
+
+
+def plot_overlays(masks: Mapping[str, Callable[[], NiftiVolume]], scans: Mapping[str, Scan], predictor: Predictor,
+                  inference: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """``{case_id: fn -> figure}`` of every scan of this run with its saved mask (``<case>_overlay.png``)."""
+    window_hu = tuple(inference["overlay_window_hu"])
+
+    def plot(case_id: str) -> Any:
+        return overlay_figure(scans[case_id].load(), masks[case_id]().array, window_hu, predictor.name,
+                              f"{case_id}_overlay")
+
+    return {case_id: functools.partial(plot, case_id) for case_id in scans}
+
+
+def make_dicom_segs(masks: Mapping[str, Callable[[], NiftiVolume]], scans: Mapping[str, Scan],
+                    predictor: Predictor, inference: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """``{case_id: fn -> DICOM-SEG}`` referencing each source series (``<case>_seg.dcm``), for DICOM
+    input with ``inference.output_format: dicom_seg``; empty otherwise."""
+    if inference.get("output_format", "nifti") != "dicom_seg":
+        return {}
+
+    def build(case_id: str) -> Any:
+        from pancreas_seg.imaging.dicom_seg import build_dicom_seg  # noqa: PLC0415 - highdicom for DICOM-SEG only
+
+        volume = scans[case_id].load()
+        if not isinstance(volume, DicomVolume):
+            raise TypeError(f"{scans[case_id].source}: a DICOM-SEG needs a DICOM series")
+        return build_dicom_seg(masks[case_id]().array, volume.datasets, model=predictor.name)
+
+    return {case_id: functools.partial(build, case_id) for case_id in scans if scans[case_id].is_dicom}
+
+
+def report_inference(masks: Mapping[str, Callable[[], NiftiVolume]], overlays: Mapping[str, Any],
+                     dicom_segs: Mapping[str, Any], scans: Mapping[str, Scan], skipped: list[dict[str, Any]],
+                     predictor: Predictor, inference: dict[str, Any]) -> dict[str, Any]:
+    """What was written for every scan (paths, shape, predicted voxel counts) and what was skipped;
+    the settings and counts also go to the active MLflow run (the inference experiment's).
+
+    ``overlays`` and ``dicom_segs`` are taken so that the report comes after them; the report
+    lists only this run's scans, whatever else lies in ``inference.output_dir``.
+    """
+    output_dir = Path(inference["output_dir"])
+    dicom_seg = inference.get("output_format", "nifti") == "dicom_seg"
     outputs = []
-    for index, path in enumerate(valid, start=1):
-        logger.info("Segmenting %d/%d: %s", index, len(valid), path.name)
-        outputs.append(segment_case(predictor, path, output_dir, inference))
-    log_inference_run(inference, predictor.name, len(outputs), len(findings))
-    return {**_report(inference, predictor), "outputs": outputs, "skipped": [{"file": f.file, "reason": f.message} for f in findings]}
+    for case_id, scan in scans.items():
+        labels = masks[case_id]().array
+        row = {"case_id": case_id, "input": scan.source, "mask": str(output_dir / f"{case_id}.nii.gz"),
+               "overlay": str(output_dir / f"{case_id}_overlay.png"), "shape": list(labels.shape),
+               "voxels_pancreas": int(np.count_nonzero(labels == PANCREAS)),
+               "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
+        if scan.is_dicom and dicom_seg:
+            row["dicom_seg"] = str(output_dir / f"{case_id}_seg.dcm")
+        if scan.is_dicom:
+            row["series_description"] = scan.description
+        outputs.append(row)
+    tracking.log_to_active_run({"model_reference": inference["model"], "model": predictor.name},
+                               {"inference": {k: str(v)[:500] for k, v in inference.items()}},
+                               {"scans_segmented": len(outputs), "inputs_invalid": len(skipped)})
+    model_files = [str(path) for path in predictor.model_files]
+    report = {"model": str(inference["model"]), "model_file": model_files[0] if len(model_files) == 1 else model_files,
+              "architecture": predictor.name, "trained_on": predictor.card.data_source}
+    if any(scan.is_dicom for scan in scans.values()):
+        report["input_kind"] = "dicom"
+    return report | {"outputs": outputs, "skipped": skipped}
