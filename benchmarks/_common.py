@@ -2,18 +2,19 @@
 
 * :func:`ensure_phantoms_512` writes (once) and reuses the cached 30-case 512 x 512 x ~100
   SYNTHETIC phantom data set under ``data/01_raw/benchmark_phantoms_512/``.
-* :func:`run_variant` runs ``python <script> --variant ...`` in a fresh subprocess and returns the
+* :func:`run_variant` runs ``python -m <module> --variant ...`` in a fresh subprocess and returns the
   JSON the child prints on its last stdout line, plus the child's peak RSS, so variants never
   pollute each other's peak memory.
-* :func:`conf` / :func:`deep_merge` / :func:`inference_settings` / :func:`single_stage_preprocessing`:
-  the ``conf/base`` (and ``conf/msd``) settings as the pipelines get them.
+* :func:`conf` / :func:`inference_settings` / :func:`single_stage_preprocessing`: the ``conf/base``
+  settings as the pipelines get them (an environment over ``base``:
+  :func:`pancreas_seg.learning.setup.merge_settings`, the project's own deep merge).
 * :func:`untrained_single_stage_model`: an untrained model saved as ``.keras`` with a model card bound
   to its weights, as a ``TrainedModel`` for ``load_segmenter`` (inference and serving benchmarks).
 * :func:`peak_rss_mib` / :func:`write_report` / :func:`print_table` / :func:`median`.
 
-Every benchmark script imports this module as ``_common`` (the scripts put their own folder on
-``sys.path``), so run them from the repository root, e.g.
-``.venv/bin/python benchmarks/preprocessing_benchmark.py``.
+The benchmarks are modules of the dev-only ``benchmarks`` package (``from benchmarks import
+_common``): run them as modules from the repository root, e.g.
+``.venv/bin/python -m benchmarks.preprocessing_benchmark``.
 """
 
 from __future__ import annotations
@@ -63,15 +64,6 @@ def conf(env: str, name: str) -> dict[str, Any]:
     import yaml  # noqa: PLC0415
 
     return yaml.safe_load((REPO_ROOT / "conf" / env / name).read_text()) or {}
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """What Kedro's ``soft`` merge of an environment over ``base`` gives for nested keys."""
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = (deep_merge(merged[key], value)
-                       if isinstance(value, dict) and isinstance(merged.get(key), dict) else value)
-    return merged
 
 
 def inference_settings(batch_size: int | None = None, xla: bool = True) -> dict[str, Any]:
@@ -149,21 +141,22 @@ def emit_result(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_variant(script: Path, args: Sequence[str], timeout: float = 1800.0,
+def run_variant(module: str, args: Sequence[str], timeout: float = 1800.0,
                 env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Parent side: run ``python script *args`` in a fresh process and return its result dict.
+    """Parent side: run ``python -m module *args`` (from the repository root, so ``benchmarks`` is
+    importable) in a fresh process and return its result dict.
 
     ``peak_rss_mib`` is reported by the child from its own ``ru_maxrss`` (the parent's
     RUSAGE_CHILDREN would be the max over *all* children so far, not this one).
     """
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO_ROOT, env={**os.environ, **(env or {})},
                           check=False)
     wall = time.perf_counter() - start
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{script.name} {' '.join(args)} failed (rc={proc.returncode}):\n"
+        raise RuntimeError(f"{module} {' '.join(args)} failed (rc={proc.returncode}):\n"
                            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     result = json.loads(lines[-1][len(RESULT_PREFIX):])
     result["subprocess_wall_s"] = wall

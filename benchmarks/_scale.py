@@ -1,6 +1,6 @@
 """Shared helpers for the MSD-scale scripts (not a benchmark itself).
 
-Used by ``msd_scale_rehearsal.py`` and ``preprocessing_throughput.py``:
+Used by :mod:`benchmarks.msd_scale_rehearsal` and :mod:`benchmarks.preprocessing_throughput`:
 
 * :func:`msd_scale_config` / :func:`ensure_phantoms`: SYNTHETIC phantoms at the scale of MSD
   Task07 (512 x 512 in-plane, 0.6-0.98 mm pixels, 1.5-2.5 mm slices over 100-225 mm: 40-150
@@ -9,9 +9,10 @@ Used by ``msd_scale_rehearsal.py`` and ``preprocessing_throughput.py``:
   first ``n`` cases, hard-linked, with its own ``dataset.json``. Those are exactly the files the
   generator writes for ``n`` cases (same seeds, same LPS cases), so it carries the generator's own
   fingerprint for ``n``.
-* :func:`make_project`: a throwaway project copy (``conf/``, ``pyproject.toml``, an empty
-  ``src/``, the ``data/`` skeleton), as the end-to-end tests make one. The pipelines read the
-  phantoms in place as real data (``--env msd``, ``ingestion.msd_path``).
+* The runs happen in throwaway project copies (``conf/``, ``pyproject.toml``, an empty ``src/``,
+  the ``data/`` skeleton) made by :func:`benchmarks.support.project_copy.copy_project`, the helper
+  the end-to-end tests use too; :func:`child_env` is the environment of a process in one. The
+  pipelines read the phantoms in place as real data (``--env msd``, ``ingestion.msd_path``).
 * :func:`run_sampled`: runs a child process and samples the peak RSS of it and of every process
   it starts (``VmHWM`` from ``/proc``, the kernel's own high-water mark, read every 0.1 s), so
   the LocalCluster's worker processes are measured too.
@@ -34,10 +35,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
-from pancreas_seg.project_copy import DATA_LAYERS, copy_project  # noqa: E402
+from benchmarks import _common
+from benchmarks.support.project_copy import DATA_LAYERS, subprocess_env
 
 REPO_ROOT = _common.REPO_ROOT
 #: Where the phantoms go unless ``--data-root`` says otherwise (git-ignored; several GiB at 281).
@@ -52,7 +51,6 @@ SLICE_RANGE = (40, 150)
 SIZES = (30, 100, 281)
 ENV = "msd"              # real-data settings: ingestion.source msd, preprocessing at 256 px
 IMAGE_SIZE_PX = 256
-KEDRO_ENV_VARS = {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1"}
 #: How the LocalCluster's worker processes start (``distributed.worker.multiprocessing-method``
 #: is ``spawn`` by default); workers started otherwise would be listed under ``others``.
 WORKER_PROCESS_MARKERS = ("multiprocessing.spawn",)
@@ -166,14 +164,8 @@ def slice_counts(root: Path) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Project copies and child processes
+# Child processes (in project copies: benchmarks.support.project_copy.copy_project)
 # ------------------------------------------------------------------------------------------------
-def make_project(destination: Path) -> Path:
-    """A throwaway project: ``conf/`` (empty ``conf/local``), ``pyproject.toml``, an empty
-    ``src/`` (the package is imported from this checkout) and the ``data/`` skeleton."""
-    return copy_project(REPO_ROOT, destination)
-
-
 #: The runs' logging (``KEDRO_LOGGING_CONFIG``; the DaskRunner hands it to its workers): the
 #: project's loggers and levels, one plain line per record with the Unix time, so the phases of
 #: a run can be timed from its log (:func:`log_phases`).
@@ -194,14 +186,15 @@ def write_logging_config(folder: Path) -> Path:
 
 
 def child_env(logging_config: Path | None = None) -> dict[str, str]:
-    """This environment, no telemetry, this checkout's ``src/`` first on ``PYTHONPATH`` (the
-    LocalCluster's worker processes inherit it), and ``KEDRO_LOGGING_CONFIG`` if given."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(KEDRO_ENV_VARS)
+    """The environment of a process in a project copy:
+    :func:`benchmarks.support.project_copy.subprocess_env` (no telemetry, this checkout's ``src/``
+    first on ``PYTHONPATH``; the LocalCluster's worker processes inherit it), the repository root
+    last on ``PYTHONPATH`` (the benchmarks' own ``python -m benchmarks.<name>`` children run
+    there), and ``KEDRO_LOGGING_CONFIG`` if given."""
+    env = subprocess_env()
     if logging_config is not None:
         env["KEDRO_LOGGING_CONFIG"] = str(logging_config)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"),
-                                         *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(REPO_ROOT)])
     return env
 
 
@@ -313,7 +306,8 @@ def reset_peak_rss(pid: int) -> None:
 def run_sampled(args: Sequence[str], cwd: Path, log_path: Path, timeout: float = 7200.0,  # noqa: PLR0917
                 interval: float = 0.1, extra_workers: Sequence[int] = (), extra_log: Path | None = None
                 ) -> dict[str, Any]:
-    """Run ``python *args`` in ``cwd`` (output to ``log_path``), sampling its process tree.
+    """Run ``python *args`` (e.g. ``-m benchmarks.<name> ...``) in ``cwd`` (output to ``log_path``),
+    sampling its process tree.
 
     ``extra_workers``: worker processes of a cluster that runs on its own (not started by the
     child); their peak RSS is reset before the child starts, so it is this run's peak.

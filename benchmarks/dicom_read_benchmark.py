@@ -8,28 +8,23 @@ Prints the median and range of ``--repeats`` runs per transfer syntax (target: u
 
 From the repository root:
 
-    .venv/bin/python benchmarks/dicom_read_benchmark.py                # 5 repeats
-    .venv/bin/python benchmarks/dicom_read_benchmark.py --repeats 3 --slices 50
+    .venv/bin/python -m benchmarks.dicom_read_benchmark                # 5 repeats
+    .venv/bin/python -m benchmarks.dicom_read_benchmark --repeats 3 --slices 50
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-import _common  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless  # noqa: E402
-
-from pancreas_seg.imaging.dicom_io import find_series, read_series  # noqa: E402
-from pancreas_seg.imaging.dicom_series_writer import write_ct_series  # noqa: E402
+from benchmarks import _common
+from pancreas_seg.imaging.dicom_io import find_series, read_series
+from pancreas_seg.imaging.dicom_series_writer import write_ct_series
 
 TARGET_S = 2.0
 SYNTAXES = {"uncompressed": ExplicitVRLittleEndian, "jpeg2000_lossless": JPEG2000Lossless}

@@ -13,8 +13,8 @@ and checks). It scores them with the evaluation's own metrics.
 
 Train first (``kedro run --pipelines=train``), then, from the repository root:
 
-    .venv/bin/python benchmarks/extra_phantoms_check.py                      # cascade and unet, 20 phantoms
-    .venv/bin/python benchmarks/extra_phantoms_check.py --models cascade --n 40 --seed 9
+    .venv/bin/python -m benchmarks.extra_phantoms_check                      # cascade and unet, 20 phantoms
+    .venv/bin/python -m benchmarks.extra_phantoms_check --models cascade --n 40 --seed 9
 
 Prints per model: pancreas Dice, tumour Dice over the cases with a tumour, lesion sensitivity
 (found / true) and false-positive tumour components per case. Writes
@@ -24,16 +24,12 @@ Prints per model: pancreas Dice, tumour Dice over the cases with a tumour, lesio
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
+from benchmarks import _common
 
 
 def phantom_config(tumour_probability: float):

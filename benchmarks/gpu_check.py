@@ -41,13 +41,13 @@ How to run
 On a machine with a GPU, JAX (CUDA) and Keras (no TensorFlow, Kedro or MLflow needed), from the
 repository root (``PYTHONPATH=src`` if the project is not installed)::
 
-    KERAS_BACKEND=jax python benchmarks/gpu_check.py                 # about 2 minutes on an H200
-    KERAS_BACKEND=jax python benchmarks/gpu_check.py --epochs 20 --min-val-dice 0.8 --output /tmp/g.json
+    KERAS_BACKEND=jax python -m benchmarks.gpu_check                 # about 2 minutes on an H200
+    KERAS_BACKEND=jax python -m benchmarks.gpu_check --epochs 20 --min-val-dice 0.8 --output /tmp/g.json
 
 Without a GPU it stops (exit 2) and says so; ``--allow-cpu`` then runs a tiny version of the same
 code path (64 px, base 4, 1 epoch x 2 steps, 3 small phantoms, no Dice threshold) in about 30 s::
 
-    KERAS_BACKEND=jax python benchmarks/gpu_check.py --allow-cpu
+    KERAS_BACKEND=jax python -m benchmarks.gpu_check --allow-cpu
 
 Every setting can be overridden (``--help``); overridden settings are listed in the report.
 The report goes to ``--output`` (default ``data/08_reporting/gpu_check.json``), written atomically,
@@ -74,9 +74,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
+from benchmarks import _common
 
 #: Minimum best validation pancreas Dice of the default GPU run (12 phantoms, 12 x 80 steps). Two
 #: H200 runs (docs/gpu_check.md) passed 0.81-0.82 after 2 epochs and 0.85-0.87 after 3, and ended at

@@ -61,14 +61,14 @@ that a change of load in the middle of the run hits both, and takes medians over
 
 How to run (from the repository root)
 -------------------------------------
-    .venv/bin/python benchmarks/inference_benchmark.py                       # all 6, 3 repeats
-    .venv/bin/python benchmarks/inference_benchmark.py --archs unet cascade --repeats 3 --rounds 2  # the ratio
-    .venv/bin/python benchmarks/inference_benchmark.py --archs cascade --models-dir /other/data/06_models
-    .venv/bin/python benchmarks/inference_benchmark.py --archs unet unet_b16 --repeats 5
-    .venv/bin/python benchmarks/inference_benchmark.py --archs unet --batch-size 16   # padding cost
-    .venv/bin/python benchmarks/inference_benchmark.py --archs unet --no-xla   # without XLA
-    .venv/bin/python benchmarks/inference_benchmark.py --archs unet --retain-heap   # allocator experiment
-    .venv/bin/python benchmarks/inference_benchmark.py --variant unet        # one child by hand
+    .venv/bin/python -m benchmarks.inference_benchmark                       # all 6, 3 repeats
+    .venv/bin/python -m benchmarks.inference_benchmark --archs unet cascade --repeats 3 --rounds 2  # the ratio
+    .venv/bin/python -m benchmarks.inference_benchmark --archs cascade --models-dir /other/data/06_models
+    .venv/bin/python -m benchmarks.inference_benchmark --archs unet unet_b16 --repeats 5
+    .venv/bin/python -m benchmarks.inference_benchmark --archs unet --batch-size 16   # padding cost
+    .venv/bin/python -m benchmarks.inference_benchmark --archs unet --no-xla   # without XLA
+    .venv/bin/python -m benchmarks.inference_benchmark --archs unet --retain-heap   # allocator experiment
+    .venv/bin/python -m benchmarks.inference_benchmark --variant unet        # one child by hand
 
 Without ``--archs`` the cascade is skipped (with a note) when no trained stage 1 exists; asked for
 explicitly, it fails, naming the path and ``kedro run --pipelines=train_unet``.
@@ -80,15 +80,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
+from benchmarks import _common
 
 SIZE = (256, 256)
 STAGES = ("read", "preprocess", "predict", "restore", "write_mask", "overlay_png")  # in order
@@ -120,9 +117,11 @@ def single_stage_preprocessing() -> dict[str, Any]:
 
 
 def cascade_crop_settings() -> dict[str, Any]:
-    """``cascade.crop`` of conf/base overlaid with conf/msd (as ``--env msd`` gives it)."""
+    """``cascade.crop`` of conf/base overlaid with conf/msd (as ``--env msd`` gives it: the soft merge)."""
+    from pancreas_seg.learning.setup import merge_settings  # noqa: PLC0415
+
     base = _common.conf("base", "parameters_cascade.yml")["cascade"]["crop"]
-    return _common.deep_merge(base, _common.conf("msd", "parameters.yml").get("cascade", {}).get("crop", {}))
+    return merge_settings(base, _common.conf("msd", "parameters.yml").get("cascade", {}).get("crop", {}))
 
 
 def find_stage1(models_dir: Path, version: str | None = None) -> Any:
@@ -364,14 +363,14 @@ def parent(args: argparse.Namespace) -> None:
             print(f"note: no trained stage 1 under {args.models_dir}; the cascade variant is skipped "
                   "(train it with `kedro run --pipelines=train_unet`)", flush=True)
     _common.ensure_phantoms_512()
-    script = Path(__file__).resolve()
+    module = __spec__.name   # this module (also as __main__): each variant runs it with python -m
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow")}
     settings = inference_settings(args.batch_size, args.xla)
     t_start = time.perf_counter()
     per_arch: dict[str, list[dict[str, Any]]] = {arch: [] for arch in archs}
     for round_index in range(args.rounds):   # interleaved: a load change hits every variant alike
         for arch in archs:
-            r = _common.run_variant(script, ["--variant", arch, "--repeats", str(args.repeats),
+            r = _common.run_variant(module, ["--variant", arch, "--repeats", str(args.repeats),
                                              "--case-index", str(args.case_index),
                                              "--batch-size", str(settings["batch_size"]),
                                              "--models-dir", str(args.models_dir),

@@ -51,10 +51,10 @@ instead of one ``context_stack`` call per slice) as a candidate fix.
 
 How to run (from the repository root)
 -------------------------------------
-    .venv/bin/python benchmarks/loader_benchmark.py                       # all 4 architectures
-    .venv/bin/python benchmarks/loader_benchmark.py --archs unet fcn --steps 10 --epochs 5
+    .venv/bin/python -m benchmarks.loader_benchmark                       # all 4 architectures
+    .venv/bin/python -m benchmarks.loader_benchmark --archs unet fcn --steps 10 --epochs 5
     # a single child by hand (the parent passes --data-dir of the shards it built):
-    .venv/bin/python benchmarks/loader_benchmark.py --variant interleaved --arch unet --data-dir /tmp/x
+    .venv/bin/python -m benchmarks.loader_benchmark --variant interleaved --arch unet --data-dir /tmp/x
 
 The defaults (12 steps of 8 slices per timed epoch, 3 rounds) keep the total near 15 minutes on
 a 2-core CPU, where one U-Net training step at 96 px takes about half a second; the loader itself
@@ -67,15 +67,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import _common  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import _common
 
 ARCH_DEFAULTS = {  # conf/base/parameters_training.yml: training.model + per-architecture overrides
     "unet": {"base_filters": 16, "depth": 4, "dropout": 0.1, "l2_weight": 1e-4},
@@ -327,7 +325,7 @@ def child(args: argparse.Namespace) -> None:
 # Parent
 # ------------------------------------------------------------------------------------------------
 def parent(args: argparse.Namespace) -> None:
-    script = Path(__file__).resolve()
+    module = __spec__.name   # this module (also as __main__): each variant runs it with python -m
     folder = Path(tempfile.mkdtemp(prefix="bench_loader_shards_"))
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow")}
     t_start = time.perf_counter()
@@ -337,13 +335,13 @@ def parent(args: argparse.Namespace) -> None:
         print(f"  {dataset['n_slices']} slices", flush=True)
         base = ["--data-dir", str(folder), "--workers", str(args.workers)]
         common = [*base, *([] if args.retain_heap else ["--no-retain-heap"])]
-        data = _common.run_variant(script, ["--variant", "data", *common, "--steps", "20",
+        data = _common.run_variant(module, ["--variant", "data", *common, "--steps", "20",
                                             "--epochs", "3"], env=env)
         print(f"  data only: {data['no_aug_ms_per_batch']:.1f} ms/batch (no aug), "
               f"{data['aug_ms_per_batch']:.1f} ms/batch (aug)", flush=True)
         timing, rss, heap = [], [], []
         for k, arch in enumerate(args.archs):
-            result = _common.run_variant(script, ["--variant", "interleaved", "--arch", arch, *common,
+            result = _common.run_variant(module, ["--variant", "interleaved", "--arch", arch, *common,
                                                   "--steps", str(args.steps), "--epochs", str(args.epochs)],
                                          env=env)
             timing.append(result)
@@ -351,7 +349,7 @@ def parent(args: argparse.Namespace) -> None:
                   f"{result['memory_slices_per_s']:6.2f} sl/s, ratio {result['ratio_loader_over_memory']:.3f} "
                   f"(rounds {[round(x, 3) for x in result['round_ratios']]})", flush=True)
             for retain in (True, False) if k % 2 == 0 else (False, True):
-                r = _common.run_variant(script, ["--variant", "heap", "--arch", arch, *base,
+                r = _common.run_variant(module, ["--variant", "heap", "--arch", arch, *base,
                                                  "--steps", str(args.steps),
                                                  *([] if retain else ["--no-retain-heap"])], env=env)
                 heap.append(r)
@@ -359,7 +357,7 @@ def parent(args: argparse.Namespace) -> None:
                       f"{r['median_step_s']:.3f} s, {r['minor_faults_per_step']:.0f} minor faults/step", flush=True)
             order = ("loader", "memory") if k % 2 == 0 else ("memory", "loader")
             for variant in order:
-                r = _common.run_variant(script, ["--variant", variant, "--arch", arch, *common,
+                r = _common.run_variant(module, ["--variant", variant, "--arch", arch, *common,
                                                  "--steps", str(args.rss_steps)], env=env)
                 rss.append(r)
                 print(f"  {arch:<10} {variant:<7} own process: peak RSS {r['peak_rss_mib']:.0f} MiB "

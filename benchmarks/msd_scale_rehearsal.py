@@ -26,10 +26,10 @@ What it does
 
 How to run (from the repository root)
 -------------------------------------
-    .venv/bin/python benchmarks/msd_scale_rehearsal.py --data-root /big/disk/msd_scale --workdir /big/disk
-    .venv/bin/python benchmarks/msd_scale_rehearsal.py --sizes 30 100 --repeats 2
-    .venv/bin/python benchmarks/msd_scale_rehearsal.py --generate-only        # only write the phantoms
-    .venv/bin/python benchmarks/msd_scale_rehearsal.py --runner sequential    # the same, one process
+    .venv/bin/python -m benchmarks.msd_scale_rehearsal --data-root /big/disk/msd_scale --workdir /big/disk
+    .venv/bin/python -m benchmarks.msd_scale_rehearsal --sizes 30 100 --repeats 2
+    .venv/bin/python -m benchmarks.msd_scale_rehearsal --generate-only        # only write the phantoms
+    .venv/bin/python -m benchmarks.msd_scale_rehearsal --runner sequential    # the same, one process
 
 It needs about 6 GiB for the phantoms plus 8 GiB for the 281-case shards while they are measured
 (each project is deleted after its run unless ``--keep``). Results:
@@ -41,18 +41,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks import _common, _scale
+from benchmarks.support.project_copy import CHECKOUT, copy_project
 
-import _common  # noqa: E402
-import _scale  # noqa: E402
-
-SCRIPT = Path(__file__).resolve()
+#: This module's name (also as ``__main__``): the measured child runs ``python -m MODULE --child ...``.
+MODULE = __spec__.name
 
 
 def _fmt(seconds: float | None) -> str:
@@ -71,9 +69,9 @@ def child(args: argparse.Namespace) -> None:
 
 def run_one(raw_root: Path, n: int, repeat: int, workdir: Path, logs: Path,  # noqa: PLR0917
             args: argparse.Namespace) -> dict[str, Any]:
-    project = _scale.make_project(workdir / f"project_{n:03d}_{repeat}")
+    project = copy_project(CHECKOUT, workdir / f"project_{n:03d}_{repeat}")
     log = logs / f"data_{n:03d}_{repeat}.log"
-    result = _scale.run_sampled([str(SCRIPT), "--child", "--raw-root", str(raw_root), "--runner", args.runner,
+    result = _scale.run_sampled(["-m", MODULE, "--child", "--raw-root", str(raw_root), "--runner", args.runner,
                                  "--workers", str(args.workers), "--threads", str(args.threads)],
                                 cwd=project, log_path=log, timeout=args.timeout)
     shards = project / "data" / "05_model_input" / "slices"

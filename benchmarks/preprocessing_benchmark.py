@@ -31,10 +31,10 @@ uses >= 5x less peak memory (memory ratio naive/project).
 
 How to run (from the repository root)
 -------------------------------------
-    .venv/bin/python benchmarks/preprocessing_benchmark.py                  # 10 and 30 cases, 3 repeats
-    .venv/bin/python benchmarks/preprocessing_benchmark.py --repeats 5 --cases 10 30 --profile
+    .venv/bin/python -m benchmarks.preprocessing_benchmark                  # 10 and 30 cases, 3 repeats
+    .venv/bin/python -m benchmarks.preprocessing_benchmark --repeats 5 --cases 10 30 --profile
     # one variant by hand (what the parent runs in each subprocess):
-    .venv/bin/python benchmarks/preprocessing_benchmark.py --variant project --n-cases 10
+    .venv/bin/python -m benchmarks.preprocessing_benchmark --variant project --n-cases 10
 
 Results: ``data/08_reporting/benchmarks/preprocessing_benchmark.json`` and a table on stdout.
 """
@@ -46,15 +46,13 @@ import cProfile
 import io
 import pstats
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import _common  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import _common
 
 SIZE = (256, 256)
 
@@ -191,7 +189,7 @@ def parent(args: argparse.Namespace) -> None:
     shapes = [c["shape"] for c in json.loads((root / "dataset.json").read_text())["synthetic"]["cases"]]
     print(f"  {len(shapes)} cases, slices per case: min {min(s[2] for s in shapes)}, "
           f"median {int(np.median([s[2] for s in shapes]))}, max {max(s[2] for s in shapes)}")
-    script = Path(__file__).resolve()
+    module = __spec__.name   # this module (also as __main__): each variant runs it with python -m
     runs: list[dict] = []
     # warm the page cache once so the first timed run is not penalised by a cold disk
     for image_path, label_path in _common.phantom_pairs(root, max(args.cases)):
@@ -201,7 +199,7 @@ def parent(args: argparse.Namespace) -> None:
         for n in args.cases:
             order = ("project", "naive") if repeat % 2 == 0 else ("naive", "project")
             for variant in order:
-                result = _common.run_variant(script, ["--variant", variant, "--n-cases", str(n)])
+                result = _common.run_variant(module, ["--variant", variant, "--n-cases", str(n)])
                 result["repeat"] = repeat
                 runs.append(result)
                 print(f"  repeat {repeat} n={n:>2} {variant:<7}: {result['seconds']:7.2f} s, "
@@ -251,7 +249,7 @@ def parent(args: argparse.Namespace) -> None:
     profile = None
     if args.profile:
         print("Profiling the project variant (cProfile, separate subprocess)...", flush=True)
-        profile = _common.run_variant(script, ["--variant", "profile", "--n-cases", str(args.profile_cases)])
+        profile = _common.run_variant(module, ["--variant", "profile", "--n-cases", str(args.profile_cases)])
 
     print()
     _common.print_table(["variant", "cases", "median s", "cases/s", "slices/s", "peak RSS MiB",

@@ -40,8 +40,8 @@ counted), interleaved over the same rounds. Its ratio is the best the runner cou
 
 How to run (from the repository root)
 -------------------------------------
-    .venv/bin/python benchmarks/preprocessing_throughput.py --data-root /big/disk/msd_scale
-    .venv/bin/python benchmarks/preprocessing_throughput.py --rounds 3 --ceiling
+    .venv/bin/python -m benchmarks.preprocessing_throughput --data-root /big/disk/msd_scale
+    .venv/bin/python -m benchmarks.preprocessing_throughput --rounds 3 --ceiling
 
 Results: ``data/08_reporting/benchmarks/preprocessing_throughput.json`` (every run's log in
 ``preprocessing_throughput_logs/`` next to it) and a table on stdout.
@@ -53,18 +53,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks import _common, _scale
+from benchmarks.support.project_copy import CHECKOUT, copy_project
 
-import _common  # noqa: E402
-import _scale  # noqa: E402
-
-SCRIPT = Path(__file__).resolve()
+#: This module's name (also as ``__main__``): the measured child runs ``python -m MODULE --child ...``.
+MODULE = __spec__.name
 RUNNERS = ("sequential", "dask", "dask_running")
 PARALLEL = ("dask", "dask_running")
 
@@ -76,9 +74,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def ceiling_settings() -> dict[str, Any]:
-    """``preprocessing`` of ``conf/base`` + ``conf/msd`` at 256 px, as the runs get it."""
-    merged = _common.deep_merge(_common.conf("base", "parameters_preprocessing.yml")["preprocessing"],
-                                _common.conf(_scale.ENV, "parameters.yml").get("preprocessing", {}))
+    """``preprocessing`` of ``conf/base`` + ``conf/msd`` at 256 px, as the runs get it (the soft merge)."""
+    from pancreas_seg.learning.setup import merge_settings  # noqa: PLC0415
+
+    merged = merge_settings(_common.conf("base", "parameters_preprocessing.yml")["preprocessing"],
+                            _common.conf(_scale.ENV, "parameters.yml").get("preprocessing", {}))
     return {**merged, "image_size_px": _scale.IMAGE_SIZE_PX}
 
 
@@ -145,7 +145,7 @@ def clear_preprocessing_outputs(project: Path) -> None:
 def run_child(project: Path, raw_root: Path, pipeline: str, runner: str, log: Path,  # noqa: PLR0917
               args: argparse.Namespace, cluster: _scale.RunningCluster | None = None) -> dict[str, Any]:
     extra = ["--address", cluster.address] if runner == "dask_running" and cluster else []
-    return _scale.run_sampled([str(SCRIPT), "--child", "--pipeline", pipeline, "--runner", runner,
+    return _scale.run_sampled(["-m", MODULE, "--child", "--pipeline", pipeline, "--runner", runner,
                                "--raw-root", str(raw_root), "--workers", str(args.workers),
                                "--threads", str(args.threads), *extra], cwd=project, log_path=log,
                               timeout=args.timeout,
@@ -158,7 +158,7 @@ def parent(args: argparse.Namespace) -> None:
     raw_root = _scale.ensure_phantoms(Path(args.data_root).resolve(), args.cases, processes=args.processes)
     counts = _scale.slice_counts(raw_root)
     workdir = Path(tempfile.mkdtemp(prefix="preprocessing_throughput_", dir=args.workdir))
-    project = _scale.make_project(workdir / "project")
+    project = copy_project(CHECKOUT, workdir / "project")
     print(f"{args.cases} MSD-scale phantom cases ({sum(counts)} slices of 512 x 512, {min(counts)}-{max(counts)} "
           f"per case) from {raw_root}; project {project}", flush=True)
     runs: list[dict[str, Any]] = []
@@ -202,7 +202,7 @@ def parent(args: argparse.Namespace) -> None:
                 for procs in (1, args.workers) if round_index % 2 == 0 else (args.workers, 1):
                     out = workdir / "ceiling"
                     shutil.rmtree(out, ignore_errors=True)
-                    result = _scale.run_sampled([str(SCRIPT), "--child-ceiling", "--procs", str(procs), "--raw-root",
+                    result = _scale.run_sampled(["-m", MODULE, "--child-ceiling", "--procs", str(procs), "--raw-root",
                                                  str(raw_root), "--out", str(out)], cwd=project,
                                                 log_path=logs / f"ceiling_{round_index}_{procs}.log", timeout=args.timeout)
                     result["round"] = round_index

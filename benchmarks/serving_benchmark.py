@@ -46,9 +46,9 @@ also exits non-zero when the wall-clock ratio is above 1.2.
 
 How to run (from the repository root)
 -------------------------------------
-    .venv/bin/python benchmarks/serving_benchmark.py                      # conf/base U-Net, 5 rounds
-    .venv/bin/python benchmarks/serving_benchmark.py --base-filters 32    # the study's width
-    .venv/bin/python benchmarks/serving_benchmark.py --repeats 7 --check  # exit 1 if the ratio > 1.2
+    .venv/bin/python -m benchmarks.serving_benchmark                      # conf/base U-Net, 5 rounds
+    .venv/bin/python -m benchmarks.serving_benchmark --base-filters 32    # the study's width
+    .venv/bin/python -m benchmarks.serving_benchmark --repeats 7 --check  # exit 1 if the ratio > 1.2
 
 Results: ``data/08_reporting/benchmarks/serving_benchmark.json``, a table on stdout; the server's log
 is printed if it fails to start.
@@ -68,11 +68,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
-
-from pancreas_seg.local_server import LocalServer, free_port  # noqa: E402
+from benchmarks import _common
+from benchmarks.support.local_server import LocalServer, free_port
+from benchmarks.support.project_copy import subprocess_env
 
 TARGET_RATIO = 1.2
 ARCHITECTURE = "unet"
@@ -81,10 +79,12 @@ REQUEST_TIMEOUT_S = 900
 
 
 def unet_settings(base_filters: int | None) -> dict[str, Any]:
-    """``conf/base``'s U-Net: ``training.model`` with the ``unet`` overrides (and ``base_filters``)."""
+    """``conf/base``'s U-Net: ``training.model`` with the ``unet`` overrides (and ``base_filters``),
+    merged as the training pipeline merges them (``learning.setup.architecture_settings``)."""
+    from pancreas_seg.learning.setup import architecture_settings  # noqa: PLC0415
+
     params = _common.conf("base", "parameters_training.yml")
-    overrides = params.get(ARCHITECTURE, {}).get("architecture", {}).get("overrides", {}).get("model", {})
-    settings = _common.deep_merge(params["training"]["model"], overrides)
+    settings = architecture_settings(params["training"], params[ARCHITECTURE]["architecture"])["model"]
     if base_filters is not None:
         settings["base_filters"] = base_filters
     return settings
@@ -111,10 +111,9 @@ class Server(LocalServer):
 
     def __init__(self, model_uri: str, tracking_uri: str, folder: Path, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
-        src = str(_common.REPO_ROOT / "src")
-        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "TF_CPP_MIN_LOG_LEVEL": "2",
-               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-               "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        # as tests/pipelines/test_serving.py serves: this checkout's src/ first on PYTHONPATH
+        env = subprocess_env(MLFLOW_TRACKING_URI=tracking_uri, TF_CPP_MIN_LOG_LEVEL="2",
+                             PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
         super().__init__([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
                           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
                           "-t", str(REQUEST_TIMEOUT_S)],

@@ -35,8 +35,8 @@ times and also given per round. Target: >= 1.7.
 
 How to run (from the repository root)
 -------------------------------------
-    .venv/bin/python benchmarks/tuning_benchmark.py                      # 4 trials x 4 epochs x 30 steps, 3 rounds
-    .venv/bin/python benchmarks/tuning_benchmark.py --rounds 1 --epochs 2 --steps 20 --diagnose
+    .venv/bin/python -m benchmarks.tuning_benchmark                      # 4 trials x 4 epochs x 30 steps, 3 rounds
+    .venv/bin/python -m benchmarks.tuning_benchmark --rounds 1 --epochs 2 --steps 20 --diagnose
 
 Results: ``data/08_reporting/benchmarks/tuning_benchmark.json`` and a table on stdout. On a
 2-core CPU one round of the defaults takes about 4 minutes (``--diagnose`` doubles it).
@@ -48,17 +48,15 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import pandas as pd
 
-import _common  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from benchmarks import _common
 
 PHANTOM_SEED = 4242
 #: The fixed trials (dotted names of conf/base's search space); batch size 8 for all.

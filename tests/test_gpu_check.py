@@ -1,4 +1,4 @@
-"""``benchmarks/gpu_check.py``: the msd settings it reads, and a tiny CPU run end to end under JAX.
+"""``benchmarks.gpu_check``: the msd settings it reads, and a tiny CPU run end to end under JAX.
 
 The GPU machines have JAX but neither TensorFlow nor Kedro/MLflow, so the tiny run blocks those
 imports (a ``sitecustomize`` on the child's path) and the report must say none was imported.
@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import gpu_check as gpu_check_module
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
+#: Run as ``python -m benchmarks.gpu_check`` from the repository root, as on the GPU machines.
+MODULE = gpu_check_module.__name__
 SRC = REPO_ROOT / "src"
 
 BLOCKER = '''
@@ -36,15 +39,8 @@ sys.meta_path.insert(0, _Blocked())
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    """The script as a module (its folder goes on sys.path for ``_common`` only while loading)."""
-    saved = list(sys.path)
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
+    """The benchmark module (``benchmarks.gpu_check``)."""
+    return gpu_check_module
 
 
 def test_msd_parameters_are_what_kedro_gives(gpu_check) -> None:
@@ -94,13 +90,13 @@ def test_tiny_cpu_run_writes_the_report(tmp_path: Path) -> None:
     env = _env(tmp_path)
     output = tmp_path / "report" / "gpu_check.json"
 
-    refused = subprocess.run([sys.executable, str(SCRIPT), "--output", str(output)], env=env, cwd=REPO_ROOT,
+    refused = subprocess.run([sys.executable, "-m", MODULE, "--output", str(output)], env=env, cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=120, check=False)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "NO GPU" in refused.stderr and "--allow-cpu" in refused.stderr
     assert not output.exists()
 
-    result = subprocess.run([sys.executable, str(SCRIPT), "--allow-cpu", "--output", str(output)], env=env,
+    result = subprocess.run([sys.executable, "-m", MODULE, "--allow-cpu", "--output", str(output)], env=env,
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "NO GPU" in result.stdout

@@ -1,14 +1,24 @@
-"""``pancreas_seg.project_copy.copy_project``: configuration without ``conf/local`` contents, the data
-skeleton, an empty ``src/``, and the source project left as it was."""
+"""``benchmarks.support.project_copy.copy_project``: configuration without ``conf/local`` contents,
+the data skeleton, an empty ``src/``, and the source project left as it was; and
+``subprocess_env``, the environment of a process in such a copy."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from pancreas_seg.project_copy import DATA_LAYERS, copy_project
+from benchmarks.support.project_copy import (
+    CHECKOUT,
+    DATA_LAYERS,
+    KEDRO_ENV_VARS,
+    copy_project,
+    subprocess_env,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,3 +89,21 @@ def test_copy_of_this_checkout_reads_as_the_project(tmp_path: Path) -> None:
     assert (copy / catalog).read_bytes() == (REPO_ROOT / catalog).read_bytes()
     assert not any((copy / "conf" / "local").iterdir())
     assert tomllib.loads((copy / "pyproject.toml").read_text())["tool"]["kedro"]["package_name"] == "pancreas_seg"
+
+
+@pytest.mark.subprocess
+def test_a_process_in_a_copy_runs_this_checkouts_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``subprocess_env``: no telemetry, no inherited ``MLFLOW_TRACKING_URI``, this checkout's ``src/``
+    first on ``PYTHONPATH``; ``extra`` wins."""
+    assert CHECKOUT == REPO_ROOT
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = subprocess_env(COLUMNS="240")
+    assert "MLFLOW_TRACKING_URI" not in env and env["COLUMNS"] == "240"
+    assert KEDRO_ENV_VARS.items() <= env.items()
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO_ROOT / "src"), "/elsewhere"]
+    assert subprocess_env(MLFLOW_TRACKING_URI="sqlite:////x.db")["MLFLOW_TRACKING_URI"] == "sqlite:////x.db"
+    copy = copy_project(CHECKOUT, tmp_path / "project")
+    completed = subprocess.run([sys.executable, "-c", "import pancreas_seg; print(pancreas_seg.__file__)"],
+                               cwd=copy, env=env, capture_output=True, text=True, check=True)
+    assert completed.stdout.strip().startswith(str(REPO_ROOT / "src"))

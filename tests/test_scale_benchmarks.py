@@ -1,10 +1,9 @@
-"""Helpers of ``benchmarks/msd_scale_rehearsal.py`` and ``benchmarks/preprocessing_throughput.py``
-(``benchmarks/_scale.py``): the MSD-scale phantom settings, the subsets, the process-tree memory
-sampler and the summary arithmetic. The benchmarks themselves are scripts, not tests."""
+"""Helpers of ``benchmarks.msd_scale_rehearsal`` and ``benchmarks.preprocessing_throughput``
+(``benchmarks._scale``): the MSD-scale phantom settings, the subsets, the process-tree memory
+sampler and the summary arithmetic. The benchmarks themselves are not tests."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,37 +14,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import _scale
+from benchmarks import msd_scale_rehearsal as rehearsal_module
+from benchmarks.support.project_copy import DATA_LAYERS, copy_project
 from pancreas_seg.imaging.nifti_io import load_nifti
 from pancreas_seg.phantoms import PhantomConfig, case_seed, make_phantom, write_synthetic_task07
 from pancreas_seg.task07.validation import validate_task07
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "benchmarks" / "_scale.py"
 TINY = PhantomConfig(shape_xy_px=32, spacing_xy_mm=(9.0, 10.0), slice_thickness_mm=(10.0, 12.0),
                      z_extent_mm=(100.0, 120.0))
 
 
-def _load(path: Path, name: str):
-    saved = list(sys.path)
-    try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
-
-
 @pytest.fixture(scope="module")
 def rehearsal():
-    """``benchmarks/msd_scale_rehearsal.py`` as a module."""
-    return _load(REPO_ROOT / "benchmarks" / "msd_scale_rehearsal.py", "rehearsal_under_test")
+    """``benchmarks.msd_scale_rehearsal``."""
+    return rehearsal_module
 
 
 @pytest.fixture(scope="module")
 def scale():
-    """``benchmarks/_scale.py`` as a module (its folder is on sys.path only while it loads)."""
-    return _load(SCRIPT, "scale_under_test")
+    """``benchmarks._scale``."""
+    return _scale
 
 
 def test_msd_scale_settings_draw_512_px_and_40_to_150_slices(scale) -> None:
@@ -82,6 +72,7 @@ def test_a_subset_is_the_set_the_generator_writes_for_that_count(scale, tmp_path
         scale.subset_dataset(full, 5, tmp_path / "too_many")
 
 
+@pytest.mark.subprocess
 def test_ensure_phantoms_takes_a_subset_of_a_larger_set(scale, tmp_path: Path) -> None:
     big = scale.ensure_phantoms(tmp_path, 4, processes=2, progress=False, config=TINY, seed=5)
     assert big == scale.dataset_folder(tmp_path, 4) and big.name == "Task07_Pancreas_phantoms_004"
@@ -100,6 +91,7 @@ def test_ensure_phantoms_takes_a_subset_of_a_larger_set(scale, tmp_path: Path) -
     assert not os.path.samefile(other_seed / "imagesTr" / "pancreas_001.nii.gz", big / "imagesTr" / "pancreas_001.nii.gz")
 
 
+@pytest.mark.subprocess
 def test_tree_sampler_sees_the_peak_of_a_worker_process(scale, tmp_path: Path) -> None:
     """A child starts a worker process as the LocalCluster does (multiprocessing, spawn) that
     touches 300 MiB for a moment and exits before it is reaped, and a plain subprocess; the sampler
@@ -127,6 +119,7 @@ def test_tree_sampler_sees_the_peak_of_a_worker_process(scale, tmp_path: Path) -
     assert any("time.sleep(0.5)" in p["cmdline"] for p in result["processes"]["others"])
 
 
+@pytest.mark.subprocess
 def test_run_sampled_reports_a_failing_child(scale, tmp_path: Path) -> None:
     script = tmp_path / "fails.py"
     script.write_text("raise SystemExit('boom')\n")
@@ -209,15 +202,21 @@ def test_phases_from_a_run_log(scale) -> None:
     assert scale.log_phases(only_preprocessing, 1019.0, 1041.0)["ingestion"] is None
 
 
+@pytest.mark.subprocess
 def test_project_copy_has_conf_and_the_data_skeleton(scale, tmp_path: Path) -> None:
-    project = scale.make_project(tmp_path / "project")
+    """The benchmarks' project copy is the tests' one (``benchmarks.support.project_copy``); a child
+    in it runs this checkout's ``src/`` and finds the ``benchmarks`` package (``python -m``)."""
+    project = copy_project(REPO_ROOT, tmp_path / "project")
     assert (project / "conf" / "base" / "parameters_ingestion.yml").is_file()
     assert (project / "conf" / "msd" / "parameters.yml").is_file()
     assert list((project / "conf" / "local").iterdir()) == []
-    assert sorted(p.name for p in (project / "data").iterdir()) == list(scale.DATA_LAYERS)
+    assert sorted(p.name for p in (project / "data").iterdir()) == list(DATA_LAYERS)
     assert scale.disk_by_layer(project)["total"] == 0
     env = scale.child_env()
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT / "src")
-    completed = subprocess.run([sys.executable, "-c", "import pancreas_seg; print(pancreas_seg.__file__)"],
-                               cwd=project, env=env, capture_output=True, text=True, check=True)
-    assert completed.stdout.strip().startswith(str(REPO_ROOT / "src"))
+    code = "import pancreas_seg, benchmarks._scale as s; print(pancreas_seg.__file__); print(s.__file__)"
+    completed = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True,
+                               check=True)
+    package, scale_file = completed.stdout.split()
+    assert package.startswith(str(REPO_ROOT / "src"))
+    assert scale_file == str(REPO_ROOT / "benchmarks" / "_scale.py")

@@ -1,9 +1,9 @@
 """End-to-end fixtures: ONE real ``train`` run (``--env smoke``) in a throwaway project copy.
 
-The copy (:func:`pancreas_seg.project_copy.copy_project`) holds ``conf/`` (without ``conf/local``
-contents), ``pyproject.toml``, ``.telemetry``, an empty ``src/`` (Kedro checks that the source
-folder exists; the package itself is imported from this checkout's ``src/``, see
-:func:`kedro_subprocess_env`, or the editable install) and the ``data/01_raw`` ..
+The copy (:func:`benchmarks.support.project_copy.copy_project`, the one the benchmarks make too)
+holds ``conf/`` (without ``conf/local`` contents), ``pyproject.toml``, ``.telemetry``, an empty
+``src/`` (Kedro checks that the source folder exists; the package itself is imported from this
+checkout's ``src/``, see :func:`kedro_subprocess_env`, or the editable install) and the ``data/01_raw`` ..
 ``data/08_reporting`` skeleton. The train pipeline runs there once per test session as
 ``python -m kedro run`` in a NEW PROCESS, as a user would start it, so every test that reads its
 models also checks that they load where nothing was built or trained before. It writes its own
@@ -29,28 +29,11 @@ from typing import Any
 
 import pytest
 
-from pancreas_seg.project_copy import copy_project
+from benchmarks.support.project_copy import KEDRO_ENV_VARS, copy_project
+from benchmarks.support.project_copy import subprocess_env as kedro_subprocess_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOKE_ENV = "smoke"
-#: Environment of every Kedro call (in-process sessions and subprocesses): no telemetry.
-KEDRO_ENV_VARS = {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1"}
-
-
-def kedro_subprocess_env(**extra: str) -> dict[str, str]:
-    """``os.environ`` plus the no-telemetry variables, for ``kedro``/``mlflow`` subprocesses.
-
-    ``MLFLOW_TRACKING_URI`` is dropped: a relative ``sqlite:///mlflow.db`` exported by an
-    in-process kedro-mlflow setup would otherwise resolve against the subprocess' working dir.
-    This checkout's ``src/`` goes first on ``PYTHONPATH``: project copies have an empty ``src/``,
-    and the subprocess must run the code under test, not whatever checkout is installed.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(KEDRO_ENV_VARS)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"),
-                                         *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
-    env.update(extra)
-    return env
 
 
 def run_kedro_cli(project_path: Path, *args: str, env: str = SMOKE_ENV, check: bool = True,
@@ -228,7 +211,7 @@ def model_card_reader() -> Callable[[Path, str], dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def project_copier() -> Callable[[Path], Path]:
-    """``copier(destination)``: :func:`~pancreas_seg.project_copy.copy_project` of this checkout, for
+    """``copier(destination)``: :func:`~benchmarks.support.project_copy.copy_project` of this checkout, for
     tests that need an empty project copy."""
     return functools.partial(copy_project, REPO_ROOT)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pancreas_seg.local_server import LocalServer, ServerError, free_port
+from benchmarks.support.local_server import LocalServer, ServerError, free_port
 from pancreas_seg.models.names import MODEL_NAMES
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pancreas_seg.local_server import LocalServer, ServerError, free_port
+from benchmarks.support.local_server import LocalServer, ServerError, free_port
 
 pytestmark = pytest.mark.slow
 
