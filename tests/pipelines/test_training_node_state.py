@@ -52,7 +52,7 @@ def node_inputs(tmp_path: Path) -> dict:
 def test_mixed_precision_is_scoped_to_the_node(node_inputs: dict) -> None:
     import keras  # noqa: PLC0415
 
-    from pancreas_seg.pipelines.training.nodes import train_model  # noqa: PLC0415
+    from pancreas_seg.tracking.training_run import train_model  # noqa: PLC0415
 
     assert keras.config.dtype_policy().name == "float32"
     model, history, _, card = train_model(
@@ -61,6 +61,6 @@ def test_mixed_precision_is_scoped_to_the_node(node_inputs: dict) -> None:
         {"name": "unet_small", "overrides": {"model": {"depth": 2}}})
     # the model was built under mixed precision ...
     assert model.layers[1].dtype_policy.name == "mixed_float16"
-    assert len(history["loss"]) == 1 and card["architecture"] == "unet_small"
+    assert len(history["loss"]) == 1 and card.architecture == "unet_small"
     # ... and the process is back to float32 for whatever runs next (the next architecture)
     assert keras.config.dtype_policy().name == "float32"

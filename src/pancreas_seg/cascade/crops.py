@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from pancreas_seg.core.labels import PANCREAS_REGION
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.resize import resize_image_slices, resize_label_slices
-from pancreas_seg.core.labels import PANCREAS_REGION
 
 
 @dataclass(frozen=True)

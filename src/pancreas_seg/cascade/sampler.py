@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from pancreas_seg.cascade.crops import extract_window
-from pancreas_seg.imaging.preprocess import context_stack
 from pancreas_seg.core.labels import TUMOUR, to_training_target
+from pancreas_seg.imaging.preprocess import context_stack
 from pancreas_seg.learning.loader import CaseSliceDataset, encode_targets
 
 

@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from pancreas_seg.imaging.geometry import ScanGeometry, axial_view
-from pancreas_seg.imaging.intensity import ForegroundIntensityStats, normalise_hu
-from pancreas_seg.imaging.nifti_io import load_nifti, read_nifti_header
-from pancreas_seg.imaging.resize import body_bounding_box
 from pancreas_seg.core.labels import (
     check_label_mode,
     output_channels,
     probabilities_to_labels,
     to_training_target,
 )
+from pancreas_seg.imaging.geometry import ScanGeometry, axial_view
+from pancreas_seg.imaging.intensity import ForegroundIntensityStats, normalise_hu
+from pancreas_seg.imaging.nifti_io import load_nifti, read_nifti_header
+from pancreas_seg.imaging.resize import body_bounding_box
 
 __all__ = ["AIR_HU", "PreprocessedCase", "PreprocessingConfig", "ScanGeometry", "axial_view",
            "context_stack", "intensity_stats_from_dict", "plan_case_geometry", "plan_scan_geometry",

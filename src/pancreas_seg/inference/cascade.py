@@ -20,15 +20,19 @@ from typing import Any
 import numpy as np
 
 from pancreas_seg.cascade.crops import CropConfig, CropGeometry, locate_pancreas, tile_starts
-from pancreas_seg.evaluation.postprocessing import remove_small_components
-from pancreas_seg.imaging.intensity import ForegroundIntensityStats
-from pancreas_seg.imaging.preprocess import PreprocessingConfig, preprocess_crop_image, preprocess_image
 from pancreas_seg.core.labels import (
     PANCREAS,
     PANCREAS_REGION,
     TUMOUR,
     output_channels,
     probabilities_to_labels,
+)
+from pancreas_seg.evaluation.postprocessing import remove_small_components
+from pancreas_seg.imaging.intensity import ForegroundIntensityStats
+from pancreas_seg.imaging.preprocess import (
+    PreprocessingConfig,
+    preprocess_crop_image,
+    preprocess_image,
 )
 from pancreas_seg.inference.forward import predict_slices, to_file_grid
 from pancreas_seg.inference.model_card import ModelCard

@@ -18,7 +18,7 @@ Modelled on nnU-Net's ``nnUNetPredictor`` (``initialize_from_trained_model_folde
 
 from __future__ import annotations
 
-import logging
+import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,8 +34,6 @@ from pancreas_seg.inference.cascade import Cascade, segment_cascade
 from pancreas_seg.inference.forward import mean_probabilities, predict_slices, to_file_grid, use_xla
 from pancreas_seg.inference.model_card import ModelCard, ModelMismatchError, check_fold_ensemble
 from pancreas_seg.inference.model_store import TrainedEnsemble, TrainedModel, members, resolve_model
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -150,9 +148,13 @@ class Predictor:
         return cls.from_trained(resolve_model(reference, models_dir), settings)
 
     def with_settings(self, **changes: Any) -> Predictor:
-        """The same loaded models with other settings (e.g. a request's ``flip_tta``), no reload."""
-        clone = object.__new__(Predictor)
-        clone.__dict__.update(self.__dict__)
+        """The same loaded models with other settings (e.g. a request's ``flip_tta``), no reload.
+
+        ``xla`` cannot change here: it is applied to the models when they are loaded.
+        """
+        if "xla" in changes and changes["xla"] != self.settings.xla:
+            raise ValueError("xla is set when the models are loaded; build a new Predictor to change it")
+        clone = copy.copy(self)
         clone.settings = replace(self.settings, **changes)
         return clone
 

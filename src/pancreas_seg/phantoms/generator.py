@@ -37,8 +37,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from pancreas_seg.imaging.nifti_io import save_nifti
 from pancreas_seg.core.labels import MSD_DATASET_LABELS, PANCREAS, TUMOUR
+from pancreas_seg.imaging.nifti_io import save_nifti
 
 logger = logging.getLogger(__name__)
 

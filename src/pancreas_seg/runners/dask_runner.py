@@ -50,7 +50,12 @@ from kedro.runner import AbstractRunner
 from kedro.runner.task import Task
 
 from pancreas_seg.pipelines import NO_MLFLOW_RUN_TAG
-from pancreas_seg.runners.cluster import ClusterSettings, cluster_client, local_cluster, project_config
+from pancreas_seg.runners.cluster import (
+    ClusterSettings,
+    cluster_client,
+    local_cluster,
+    project_config,
+)
 
 logger = logging.getLogger(__name__)
 

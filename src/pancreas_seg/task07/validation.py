@@ -18,8 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from pancreas_seg.imaging.nifti_io import InvalidNiftiError, NiftiVolume, load_nifti, orientation_code
 from pancreas_seg.core.labels import LABEL_VALUES, PANCREAS, TUMOUR
+from pancreas_seg.imaging.nifti_io import (
+    InvalidNiftiError,
+    NiftiVolume,
+    load_nifti,
+    orientation_code,
+)
 from pancreas_seg.task07.layout import (
     CaseFiles,
     case_id_from_path,

@@ -151,11 +151,11 @@ class KerasObjective:
         import keras  # noqa: PLC0415
 
         from pancreas_seg import tracking  # noqa: PLC0415
+        from pancreas_seg.core.runtime import dtype_policy, retained_heap  # noqa: PLC0415
         from pancreas_seg.imaging.preprocess import PreprocessingConfig  # noqa: PLC0415
         from pancreas_seg.learning.setup import compile_model, make_loaders  # noqa: PLC0415
         from pancreas_seg.learning.training import FitConfig  # noqa: PLC0415
         from pancreas_seg.models.registry import build_model  # noqa: PLC0415
-        from pancreas_seg.core.runtime import dtype_policy, retained_heap  # noqa: PLC0415
         from pancreas_seg.tuning.pruning import OptunaPruning  # noqa: PLC0415
 
         context = self.context

@@ -35,8 +35,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pancreas_seg.tuning.config import TuningConfig
 from pancreas_seg.tuning import mlflow_runs
+from pancreas_seg.tuning.config import TuningConfig
 from pancreas_seg.tuning.objective import TrialContext
 
 logger = logging.getLogger(__name__)

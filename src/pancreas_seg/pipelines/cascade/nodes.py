@@ -23,6 +23,8 @@ from pancreas_seg.cascade.localisation import (
     localisation_error,
     summarise_localisation,
 )
+from pancreas_seg.core.labels import PANCREAS_REGION, probabilities_to_labels
+from pancreas_seg.core.runtime import dtype_policy, retained_heap
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.intensity import normalise_hu
 from pancreas_seg.imaging.nifti_io import load_nifti
@@ -32,16 +34,14 @@ from pancreas_seg.imaging.preprocess import (
     intensity_stats_from_dict,
     preprocess_crop_image,
 )
-from pancreas_seg.core.labels import PANCREAS_REGION, probabilities_to_labels
 from pancreas_seg.inference.model_card import CascadeSpec, CaseSplit, ModelCard
 from pancreas_seg.inference.predictor import PredictionSettings, Predictor
+from pancreas_seg.inference.serving import log_model_objects
+from pancreas_seg.learning.setup import architecture_settings, compile_model, resume_fingerprint
 from pancreas_seg.models.names import CASCADE_NAME
 from pancreas_seg.runners.parallel import LazyCaseParts
-from pancreas_seg.learning.setup import architecture_settings, compile_model, resume_fingerprint
-from pancreas_seg.tracking.training_run import log_run_setup, log_training_result, training_card
-from pancreas_seg.core.runtime import dtype_policy, retained_heap
-from pancreas_seg.inference.serving import log_model_objects
 from pancreas_seg.task07.splits import manifest_dataset, split_case_ids, test_case_ids
+from pancreas_seg.tracking.training_run import log_run_setup, log_training_result, training_card
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,12 @@ from pancreas_seg.inference.model_card import ModelCard, ModelMismatchError, che
 from pancreas_seg.inference.model_store import ENSEMBLE_SUFFIX
 from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 from pancreas_seg.inference.serving import MODEL_NAME, log_ensemble_objects, log_model_objects
-from pancreas_seg.task07.splits import fold_manifest, manifest_dataset, manifest_folds, test_case_ids
+from pancreas_seg.task07.splits import (
+    fold_manifest,
+    manifest_dataset,
+    manifest_folds,
+    test_case_ids,
+)
 from pancreas_seg.tracking.training_run import train_model
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-from pancreas_seg.runners.parallel import map_over_cases
 from pancreas_seg.phantoms import PhantomConfig, write_synthetic_task07
+from pancreas_seg.runners.parallel import map_over_cases
 from pancreas_seg.task07.archive import extract_task07_archive
 from pancreas_seg.task07.layout import is_synthetic, read_dataset_json
 from pancreas_seg.task07.splits import make_split, reconcile_split, split_assignment

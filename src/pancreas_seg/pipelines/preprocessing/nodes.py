@@ -11,7 +11,11 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg.imaging.geometry import ScanGeometry
-from pancreas_seg.imaging.intensity import ForegroundIntensityStats, fit_foreground_stats, sample_foreground_hu
+from pancreas_seg.imaging.intensity import (
+    ForegroundIntensityStats,
+    fit_foreground_stats,
+    sample_foreground_hu,
+)
 from pancreas_seg.imaging.nifti_io import load_nifti
 from pancreas_seg.imaging.preprocess import (
     PreprocessingConfig,
