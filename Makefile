@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DO_NOT_TRACK := 1          # kedro-telemetry: never phone home
 export KEDRO_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test smoke viz mlflow-ui benchmarks clean
+.PHONY: install run test test-fast smoke viz mlflow-ui benchmarks clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ run: install
 test: install
 	$(BIN)/python -m pytest
 
+## Fresh environment + the fast tier (about 2 min on 2 cores): every test marked neither `slow`
+## nor `subprocess`, all inside the one pytest process, so no training runs in a child process.
+## Each test gets 60 s here (pyproject's `timeout` is for the full suite).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not subprocess" --timeout=60
+
 smoke: install
 	$(BIN)/kedro run --pipelines=train --env smoke
 
@@ -32,10 +38,11 @@ viz: install
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+## The benchmarks are modules of the dev-only `benchmarks` package: run from the repository root
 benchmarks: install
-	$(BIN)/python benchmarks/preprocessing_benchmark.py
-	$(BIN)/python benchmarks/loader_benchmark.py
-	$(BIN)/python benchmarks/inference_benchmark.py
+	$(BIN)/python -m benchmarks.preprocessing_benchmark
+	$(BIN)/python -m benchmarks.loader_benchmark
+	$(BIN)/python -m benchmarks.inference_benchmark
 
 clean:
 	rm -rf $(VENV)

@@ -3,15 +3,20 @@ REAL CT files (``../shared/realdata``) with the rule for when they are missing, 
 Python scripts under ``KERAS_BACKEND=jax`` in a fresh interpreter (:class:`JaxScript`).
 
 Tests that change files copy it first (:func:`fresh_task07`), so the pristine copy stays valid.
+
+Test tiers: a test that is not ``slow`` may start another Python interpreter only when it is
+marked ``subprocess`` (:func:`pytest_runtest_protocol` fails it otherwise), so the fast tier
+``make test-fast`` (``-m "not slow and not subprocess"``) runs in this one process.
 """
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -169,3 +174,71 @@ class JaxScript:
 def jax_script() -> JaxScript:
     """:class:`JaxScript`: write and run Python scripts under ``KERAS_BACKEND=jax`` in a new process."""
     return JaxScript()
+
+
+# --------------------------------------------------------------------------------------------
+# Test tiers: `make test-fast` runs -m "not slow and not subprocess", all in this one process
+# --------------------------------------------------------------------------------------------
+#: Fixtures that start another Python interpreter: every test using one (directly or through
+#: another fixture) is marked ``subprocess``.
+SUBPROCESS_FIXTURES = frozenset({"jax_script"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that use a :data:`SUBPROCESS_FIXTURES` fixture ``subprocess``."""
+    for item in items:
+        if SUBPROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.subprocess)
+
+
+def starts_python(program: object) -> bool:
+    """True when ``program`` (a child's executable or ``argv[0]``) is a Python interpreter or a
+    script run by one (``#!...python`` first line: kedro, mlflow, optuna-dashboard ...)."""
+    if isinstance(program, bytes):
+        program = os.fsdecode(program)
+    if not isinstance(program, (str, os.PathLike)):
+        return False
+    path = shutil.which(os.fspath(program)) or os.fspath(program)
+    if Path(path).name.startswith("python") or os.path.realpath(path) == os.path.realpath(sys.executable):
+        return True
+    try:
+        with open(path, "rb") as file:
+            first_line = file.readline(256)
+    except OSError:
+        return False
+    return first_line.startswith(b"#!") and b"python" in first_line
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Fail a test (setup, call or teardown) that starts another Python process (``subprocess``
+    or ``multiprocessing``) unless it is marked ``subprocess`` or ``slow``: the fast tier
+    (``make test-fast``) must start none, so its 3-minute budget holds and no training runs in
+    a child process. Other programs (``dcm2niix``, ``ldconfig`` ...) may still be started."""
+    if item.get_closest_marker("subprocess") or item.get_closest_marker("slow"):
+        return (yield)
+
+    def refuse(what: str) -> None:
+        pytest.fail(f"{item.nodeid} starts another Python process ({what}) but is marked neither "
+                    "`subprocess` nor `slow`: add @pytest.mark.subprocess (or `pytestmark = "
+                    "pytest.mark.subprocess` for the module) so that `make test-fast` leaves it out",
+                    pytrace=True)
+
+    execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+    def guarded_execute_child(self, args, executable, *rest, **kwargs):
+        first = args.split()[0] if isinstance(args, (str, bytes)) and args.split() else (
+            args if isinstance(args, os.PathLike) else (list(args) or [None])[0])
+        for program in (executable, first):
+            if program is not None and starts_python(program):
+                refuse(f"subprocess: {os.fsdecode(os.fspath(program))}")
+        return execute_child(self, args, executable, *rest, **kwargs)
+
+    def guarded_start(process: multiprocessing.process.BaseProcess) -> None:
+        refuse(f"multiprocessing: {type(process).__name__}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "_execute_child", guarded_execute_child)
+        patch.setattr(multiprocessing.process.BaseProcess, "start", guarded_start)
+        return (yield)

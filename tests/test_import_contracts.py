@@ -16,6 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# lint-imports is a Python program: left out of `make test-fast`.
+pytestmark = pytest.mark.subprocess
+
 
 def test_every_import_contract_is_kept() -> None:
     lint_imports = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")

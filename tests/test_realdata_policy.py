@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Every test here starts another Python interpreter: left out of `make test-fast`.
+pytestmark = pytest.mark.subprocess
 ONE_REALDATA_TEST = "tests/imaging/test_realdata.py::test_validate_case_accepts_the_real_case"
 
 

@@ -62,6 +62,7 @@ def test_disabled_is_a_no_op():
 
 
 @glibc_only
+@pytest.mark.subprocess
 def test_memory_is_handed_back_when_the_block_ends():
     # In a fresh process: RSS right after the block is back near its value before the block.
     script = """
@@ -147,6 +148,7 @@ def _observe(body: str, **env: str) -> tuple[dict, str]:
 
 
 @needs_mallinfo2
+@pytest.mark.subprocess
 def test_large_blocks_are_heap_served_inside_and_mmapped_again_after():
     seen, _ = _observe("""
 before = mmapped(64 * MiB)
@@ -160,6 +162,7 @@ print(json.dumps({"applied": applied, "before": before, "inside": inside, "after
 @needs_mallinfo2
 @pytest.mark.parametrize("env", [{"MALLOC_MMAP_MAX_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}],
                          ids=["MALLOC_MMAP_MAX_", "GLIBC_TUNABLES"])
+@pytest.mark.subprocess
 def test_user_mmap_max_in_the_environment_is_left_alone(env: dict[str, str]):
     """The user turned mmap off: it stays off after the block (old code turned it back on)."""
     seen, stderr = _observe("""
@@ -176,6 +179,7 @@ print(json.dumps({"applied": [applied, again], "before": before, "inside": insid
 
 
 @needs_mallinfo2
+@pytest.mark.subprocess
 def test_user_trim_threshold_in_the_environment_is_left_alone():
     """MALLOC_TRIM_THRESHOLD_ alone: the block does not turn mmap off either."""
     seen, _ = _observe("""
@@ -187,6 +191,7 @@ print(json.dumps({"applied": applied, "inside": inside}))
 
 
 @needs_mallinfo2
+@pytest.mark.subprocess
 def test_dynamic_mmap_threshold_stays_off_after_first_use():
     """As documented: in a fresh process freeing a 1 MiB mmapped block raises the mmap threshold,
     so the next 1 MiB block comes from the heap; after retained_heap the threshold is fixed (at
@@ -211,6 +216,7 @@ print(json.dumps([mmapped(1 * MiB), mmapped(2 * MiB), mmapped(2 * MiB)]))
 
 
 @needs_mallinfo2
+@pytest.mark.subprocess
 def test_nested_block_leaves_the_restore_to_the_outer_one():
     seen, _ = _observe("""
 with retained_heap() as outer:
@@ -235,6 +241,7 @@ def test_user_malloc_settings_reads_env_and_tunables():
 
 # -- dtype_policy ----------------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_runtime_imports_without_keras_or_kedro():
     out = subprocess.run([sys.executable, "-c", "import sys, pancreas_seg.core.runtime; "
                           "print(sorted(m for m in ('keras', 'kedro', 'tensorflow') if m in sys.modules))"],
@@ -286,6 +293,7 @@ print(released, freed, after)
 
 @glibc_only
 @pytest.mark.parametrize("mode", ["plain", "inside_retained_heap"])
+@pytest.mark.subprocess
 def test_release_free_heap_returns_freed_heap_pages_except_inside_retained_heap(mode: str):
     """200 MiB of freed 64 KiB blocks below a live one stay resident until release_free_heap;
     inside a retained_heap block (a training keeping its memory) it leaves them alone."""

@@ -101,6 +101,7 @@ def test_logging_and_registering_a_model_warns_nothing(tracking_store: str, mlfl
     assert "models:/pancreas_seg@champion" in description and "<" not in description
 
 
+@pytest.mark.subprocess
 def test_defining_the_pyfunc_model_asks_for_no_type_hints() -> None:
     """MLflow checks ``predict``'s type hints when the class is defined (``PythonModel.__init_subclass__``)
     and warns once per process, so this needs a fresh one. ``serving.py`` postpones annotations:

@@ -383,6 +383,7 @@ def test_versioned_figure_dataset_keeps_every_version(tmp_path: Path) -> None:
     assert all(_png_size((v / "overlay.png").read_bytes()) for v in path.iterdir())
 
 
+@pytest.mark.subprocess
 def test_declaring_figure_datasets_does_not_import_matplotlib() -> None:
     """kedro-mlflow builds every catalog entry when a run starts; plots cost nothing until saved."""
     code = ("import sys; from kedro.io import AbstractDataset; "

@@ -458,6 +458,7 @@ def test_each_bad_series_raises_a_specific_error_naming_series_and_problem(ct, b
         assert expected in message, (expected, message)
 
 
+@pytest.mark.subprocess
 def test_a_missing_decoder_plugin_is_named_with_the_transfer_syntax(ct, tmp_path: Path) -> None:
     """A JPEG 2000 series read where no JPEG 2000 decoder is available (pydicom's plugins for it
     removed in a fresh interpreter): refused from the headers, naming the syntax and the package."""

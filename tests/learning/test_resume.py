@@ -22,6 +22,9 @@ import pytest
 
 from pancreas_seg.learning.training import committed_checkpoint, read_checkpoint_state
 
+# The trainings run in child processes (the `runs` fixture): left out of `make test-fast`.
+pytestmark = pytest.mark.subprocess
+
 # Runs fit_with_resume once per entry of the JSON list in argv[2] ({checkpoint_dir, fingerprint,
 # epochs, optional kill_after_epoch and FitConfig settings}) and prints one "RESULT {json}" line
 # per call. It imports what the training node

@@ -56,6 +56,7 @@ def test_registry_lists_all_architectures() -> None:
     assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES  # the Keras-free name list agrees
 
 
+@pytest.mark.subprocess
 def test_models_package_imports_without_keras() -> None:
     code = (
         "import sys; import pancreas_seg.models.names; import pancreas_seg.models; "

@@ -64,6 +64,7 @@ def test_written_files_are_byte_identical_and_case_seeds_are_order_independent(
     assert np.array_equal(load_nifti(dataset / "imagesTr/pancreas_002.nii.gz").array, case.hu)
 
 
+@pytest.mark.subprocess
 def test_two_processes_write_the_same_files(dataset: Path, tmp_path: Path) -> None:
     calls: list[tuple[int, int, str]] = []
     other = write_synthetic_task07(tmp_path / "Task07_Pancreas", N_TRAIN, N_TEST, SMALL, seed=SEED,
@@ -239,7 +240,7 @@ def test_refuses_to_overwrite_a_different_dataset(dataset: Path, tmp_path: Path)
     assert (real / "dataset.json").read_text() == '{"name": "Task07_Pancreas"}'
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.subprocess)])
 def test_interrupted_run_leaves_nothing(tmp_path: Path, processes: int) -> None:
     def stop(i: int, n: int, case_id: str) -> None:
         if i == 2:

@@ -9,7 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[2] / "src"
+
+# Every test here starts another Python interpreter: left out of `make test-fast`.
+pytestmark = pytest.mark.subprocess
 
 SEQUENTIAL = """
 import sys

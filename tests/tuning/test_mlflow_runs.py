@@ -23,6 +23,7 @@ def store(tmp_path: Path):
         mlflow.set_tracking_uri(previous)
 
 
+@pytest.mark.subprocess
 def test_interrupted_study_runs_are_closed(store: mlflow.MlflowClient) -> None:
     experiment = store.create_experiment("tuning")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

@@ -73,6 +73,7 @@ def _storage(path: Path):
     return open_storage(path, heartbeat_interval_s=1, grace_period_s=30, stale_trial_callback=retry_stale_trials(2))
 
 
+@pytest.mark.subprocess
 def test_a_trial_killed_mid_run_is_failed_retried_and_the_study_completes(tmp_path: Path) -> None:
     path, markers = tmp_path / "study.optuna.log", tmp_path / "markers"
     markers.mkdir()
@@ -131,6 +132,7 @@ def test_heartbeats_of_a_worker_elsewhere_age_out(tmp_path: Path) -> None:
     assert study.get_trials(deepcopy=False)[0].state == TrialState.FAIL   # no retry callback given
 
 
+@pytest.mark.subprocess
 def test_parallel_processes_start_exactly_n_trials(tmp_path: Path) -> None:
     path, markers = tmp_path / "study.optuna.log", tmp_path / "markers"
     markers.mkdir()
