@@ -9,7 +9,9 @@
   settings as the pipelines get them (an environment over ``base``:
   :func:`pancreas_seg.learning.setup.merge_settings`, the project's own deep merge).
 * :func:`untrained_single_stage_model`: an untrained model saved as ``.keras`` with a model card bound
-  to its weights, as a ``TrainedModel`` for ``load_segmenter`` (inference and serving benchmarks).
+  to its weights, as a ``TrainedModel`` for ``Predictor.from_trained`` (inference and serving benchmarks).
+* :func:`segment_case`: one NIfTI scan through the inference pipeline's nodes and catalog datasets
+  (read, segment, write the mask and the overlay PNG), as the inference and serving benchmarks time it.
 * :func:`peak_rss_mib` / :func:`write_report` / :func:`print_table` / :func:`median`.
 
 The benchmarks are modules of the dev-only ``benchmarks`` package (``from benchmarks import
@@ -37,6 +39,8 @@ PHANTOM_ROOT = REPO_ROOT / "data" / "01_raw" / "benchmark_phantoms_512"
 PHANTOM_SEED = 512
 N_PHANTOMS = 30
 RESULT_PREFIX = "BENCH_RESULT_JSON:"
+BENCHMARK_DATASET = "benchmark (untrained model)"
+"""The ``dataset`` of the cards of the benchmarks' untrained models (trained on no cases)."""
 
 
 def phantom_config() -> Any:
@@ -102,18 +106,51 @@ def untrained_single_stage_model(architecture: str, model_settings: dict[str, An
     card bound to its weights, preprocessing as :func:`single_stage_preprocessing` at ``size_px``;
     and facts about it (parameters, settings, size)."""
     from pancreas_seg.imaging.preprocess import PreprocessingConfig  # noqa: PLC0415
-    from pancreas_seg.inference.model_card import preprocessing_fingerprint  # noqa: PLC0415
+    from pancreas_seg.inference.model_card import CaseSplit, ModelCard  # noqa: PLC0415
     from pancreas_seg.inference.model_store import TrainedModel  # noqa: PLC0415
 
     preprocessing = single_stage_preprocessing(size_px)
     input_shape = (*size_px, PreprocessingConfig.from_params(preprocessing).context_slices)
     params, sha = save_untrained(architecture, input_shape, model_settings, path)
-    card = {"architecture": architecture, "label_mode": "multiclass",
-            "input_shape": list(input_shape), "preprocessing": preprocessing, "intensity_stats": None,
-            "preprocessing_fingerprint": preprocessing_fingerprint(preprocessing, None),
-            "weights_sha256": sha, "version": "benchmark (untrained)"}
+    card = ModelCard.for_trained_model(architecture, "multiclass", preprocessing, None, BENCHMARK_DATASET,
+                                       CaseSplit((), ()), sha, input_shape=input_shape,
+                                       version="benchmark (untrained)")
     return TrainedModel(path, card), {"params": params, "model_settings": model_settings,
                                       "image_size_px": list(size_px)}
+
+
+def overlay_save_args() -> dict[str, Any]:
+    """``savefig`` arguments of the ``inference_overlays`` partitions in ``conf/base/catalog.yml``."""
+    return dict(conf("base", "catalog.yml")["inference_overlays"]["dataset"].get("save_args") or {})
+
+
+def segment_case(predictor: Any, image_path: Path, output_dir: Path, window_hu: Sequence[float],
+                 save_args: dict[str, Any]) -> Any:
+    """One NIfTI scan from file to files through the inference pipeline's own code; the mask volume.
+
+    As ``kedro run --pipelines=inference`` handles each case: the scan as
+    :class:`~pancreas_seg.pipelines.inference.nodes.Scan`, segmented by the lazy partition of
+    ``nodes.segment_scans``, saved by the catalog's ``NiftiDataset`` as ``<case>.nii.gz``; the overlay
+    figure of ``nodes.overlay_figure`` (what ``nodes.plot_overlays`` draws per case) saved by the
+    catalog's ``FigureDataset`` as ``<case>_overlay.png``. The scan is read once (its ``load`` is
+    cached) and the overlay drawn from the scan and labels in memory; the pipeline itself reads the
+    scan again for the overlay and the saved mask back for the overlay and the report (lazy
+    partitions), which is not timed here, like the input validation of ``nodes.find_scans``.
+    Functions are looked up on their modules at call time, so a benchmark can wrap them to time phases.
+    """
+    import functools  # noqa: PLC0415
+
+    from pancreas_seg import datasets  # noqa: PLC0415
+    from pancreas_seg.pipelines.inference import nodes  # noqa: PLC0415
+    from pancreas_seg.task07.layout import case_id_from_path  # noqa: PLC0415
+
+    case_id = case_id_from_path(image_path)
+    scan = nodes.Scan(str(image_path), functools.cache(functools.partial(nodes.load_nifti, image_path)))
+    volume = nodes.segment_scans(predictor, {case_id: scan})[case_id]()
+    datasets.NiftiDataset(filepath=str(output_dir / f"{case_id}.nii.gz")).save(volume)
+    figure = nodes.overlay_figure(scan.load(), volume.array, tuple(window_hu), predictor.name, f"{case_id}_overlay")
+    datasets.FigureDataset(filepath=str(output_dir / f"{case_id}_overlay.png"), save_args=save_args).save(figure)
+    return volume
 
 
 def phantom_pairs(root: Path, n: int | None = None) -> list[tuple[str, str]]:

@@ -8,8 +8,9 @@ phantoms with the default generator settings (``conf/base/parameters_ingestion.y
 seed (``--seed``), so they are new anatomy from the same distribution. Every one gets a tumour by
 default (``--tumour-probability 1``); the tumour-free cases of the test split already show false
 alarms. The script segments them with the trained models as the inference pipeline does
-(:func:`pancreas_seg.inference.segmenter.load_segmenter`, the same preprocessing, cascade
-and checks). It scores them with the evaluation's own metrics.
+(:class:`pancreas_seg.inference.predictor.Predictor`: ``Predictor.from_reference`` with the
+``inference`` settings, then ``Predictor.segment``; the same preprocessing, cascade and checks).
+It scores them with the evaluation's own metrics.
 
 Train first (``kedro run --pipelines=train``), then, from the repository root:
 
@@ -62,9 +63,8 @@ def main() -> None:
         summarise,
         summarise_lesions,
     )
-    from pancreas_seg.inference.model_store import resolve_model  # noqa: PLC0415
+    from pancreas_seg.inference.predictor import PredictionSettings, Predictor  # noqa: PLC0415
     from pancreas_seg.phantoms import case_seed, make_phantom  # noqa: PLC0415
-    from pancreas_seg.inference.segmenter import load_segmenter  # noqa: PLC0415
 
     config = phantom_config(args.tumour_probability)
     cases = []
@@ -72,17 +72,16 @@ def main() -> None:
         case = make_phantom(case_seed(args.seed, index), config, store_non_ras=index % 3 == 2)
         cases.append((f"extra_{index + 1:03d}", case))
         print(f"drew phantom {index + 1}/{args.n}", flush=True)
-    settings = inference_settings()
+    settings = PredictionSettings.from_params(inference_settings())
     report = {"seed": args.seed, "n": args.n, "tumour_probability": args.tumour_probability,
               "models": {}, "machine": _common.machine_info()}
     rows = []
     for name in args.models:
-        trained = resolve_model(name, args.models_dir)
-        segment = load_segmenter(trained, settings)
+        predictor = Predictor.from_reference(name, args.models_dir, settings)
         per_case, seconds = [], []
         for index, (case_id, case) in enumerate(cases, start=1):
             start = time.perf_counter()
-            labels = segment(case.hu, case.affine, case_id)
+            labels = predictor.segment(case.hu, case.affine, case_id)
             seconds.append(time.perf_counter() - start)
             spacing = np.linalg.norm(case.affine[:3, :3], axis=0)
             scores = {row["class"]: row["dice"] for row in case_metrics(labels, case.label, spacing, 2.0)}
@@ -95,7 +94,9 @@ def main() -> None:
         pancreas = summarise(c["dice_pancreas"] for c in per_case)
         tumour = summarise(c["dice_tumour"] for c in per_case if c["tumour_present"])
         lesions = summarise_lesions(per_case)
-        report["models"][name] = {"model_file": str(trained.model_file), "version": trained.card.get("version"),
+        model_files = [str(path) for path in predictor.model_files]
+        report["models"][name] = {"model_file": model_files[0] if len(model_files) == 1 else model_files,
+                                  "version": predictor.card.version, "settings": settings.to_dict(),
                                   "pancreas_dice": pancreas, "tumour_dice_cases_with_tumour": tumour,
                                   "lesions": lesions, "seconds_per_case_median": _common.median(seconds),
                                   "cases": per_case}

@@ -28,9 +28,9 @@ What it measures
 * ``train_step_slices_per_s``: the compiled training step alone: ``train_on_batch`` on batches
   already on the device, after two warm-up steps, median over ``--timed-chunks`` chunks of
   ``--chunk-steps`` steps. ``train_on_batch`` returns its logs to the host, so each step syncs.
-* ``infer_slices_per_s``: ``prediction.predict_slices`` (what evaluation and inference run) over
-  the validation volumes, batch 16, float32 probabilities back on the host, after a warm-up call;
-  median over ``--infer-repeats`` passes.
+* ``infer_slices_per_s``: ``inference.forward.predict_slices`` (the forward pass of the predictor
+  that evaluation and inference run) over the validation volumes, batch 16, float32 probabilities
+  back on the host, after a warm-up call; median over ``--infer-repeats`` passes.
 * Peak device memory (JAX: ``memory_stats()["peak_bytes_in_use"]`` of the first device, after
   training and at the end), the device, JAX/jaxlib/Keras versions, wall time of every phase.
 
@@ -39,7 +39,9 @@ The thresholds and the numbers of one run on an H200 are in ``docs/gpu_check.md`
 How to run
 ----------
 On a machine with a GPU, JAX (CUDA) and Keras (no TensorFlow, Kedro or MLflow needed), from the
-repository root (``PYTHONPATH=src`` if the project is not installed)::
+repository root (``PYTHONPATH=src`` if the project is not installed). A copy of the project needs
+``src/``, ``conf/base`` (``globals.yml`` included), ``conf/msd`` and ``benchmarks/{__init__.py,
+_common.py,gpu_check.py}``, and runs the module from the folder that holds them::
 
     KERAS_BACKEND=jax python -m benchmarks.gpu_check                 # about 2 minutes on an H200
     KERAS_BACKEND=jax python -m benchmarks.gpu_check --epochs 20 --min-val-dice 0.8 --output /tmp/g.json
@@ -61,6 +63,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -105,14 +108,59 @@ class CheckFailed(Exception):
 # --------------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------------
-def _read_parameters(folder: Path) -> dict[str, Any]:
-    """Top-level keys of every ``parameters*.yml`` in ``folder``; a key in two files is an error (as Kedro)."""
+GLOBALS_FILE = "globals.yml"
+_GLOBALS_REFERENCE = re.compile(r"\$\{globals:([^,}]+)(?:,([^}]*))?\}")
+
+
+def _read_globals(conf_dir: Path, env: str) -> dict[str, Any]:
+    """``conf/base/globals.yml`` with the top-level keys of ``conf/<env>/globals.yml`` over it (Kedro's
+    default merge for ``globals``, the values ``${globals:...}`` reads)."""
+    merged: dict[str, Any] = {}
+    for folder in (conf_dir / "base", conf_dir / env):
+        if (folder / GLOBALS_FILE).is_file():
+            merged.update(yaml.safe_load((folder / GLOBALS_FILE).read_text()) or {})
+    return merged
+
+
+def _global_value(match: re.Match, globals_: Mapping[str, Any], path: Path) -> Any:
+    """The value of one ``${globals:key}`` / ``${globals:key,default}`` (``key`` may be dotted)."""
+    key, default = match.group(1).strip(), match.group(2)
+    value: Any = globals_
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            if default is None:
+                raise ValueError(f"{path}: globals key {key!r} is in no {GLOBALS_FILE} and has no default")
+            return yaml.safe_load(default)
+        value = value[part]
+    return value
+
+
+def _resolve_globals(value: Any, globals_: Mapping[str, Any], path: Path) -> Any:
+    """``value`` with every ``${globals:...}`` replaced, as OmegaConf's ``globals`` resolver does: a string
+    that is one reference takes the value's type. Any other interpolation is refused: PyYAML would
+    keep its raw string."""
+    if isinstance(value, Mapping):
+        return {key: _resolve_globals(item, globals_, path) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_resolve_globals(item, globals_, path) for item in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    whole = _GLOBALS_REFERENCE.fullmatch(value)
+    if whole:
+        return _global_value(whole, globals_, path)
+    resolved = _GLOBALS_REFERENCE.sub(lambda match: str(_global_value(match, globals_, path)), value)
+    if "${" in resolved:
+        raise ValueError(f"{path} uses OmegaConf interpolation other than ${{globals:...}} ({value!r}), "
+                         "which gpu_check's YAML reader does not resolve")
+    return resolved
+
+
+def _read_parameters(folder: Path, globals_: Mapping[str, Any]) -> dict[str, Any]:
+    """Top-level keys of every ``parameters*.yml`` in ``folder``, ``${globals:...}`` resolved from
+    ``globals_``; a key in two files is an error (as Kedro)."""
     merged: dict[str, Any] = {}
     for path in sorted(folder.glob("parameters*.yml")) + sorted(folder.glob("parameters*.yaml")):
-        text = path.read_text()
-        if "${" in text:  # OmegaConf interpolation / resolvers: PyYAML would keep the raw string
-            raise ValueError(f"{path} uses OmegaConf interpolation, which gpu_check's YAML reader does not resolve")
-        data = yaml.safe_load(text) or {}
+        data = _resolve_globals(yaml.safe_load(path.read_text()) or {}, globals_, path)
         duplicated = sorted(set(data) & set(merged))
         if duplicated:
             raise ValueError(f"{path}: top-level key(s) {duplicated} already defined in another file of {folder}")
@@ -124,11 +172,13 @@ def environment_parameters(conf_dir: Path, env: str = "msd") -> dict[str, Any]:
     """The parameters ``kedro run --env <env>`` sees: ``conf/base`` with ``conf/<env>`` deep-merged over it.
 
     Dictionaries merge key by key, anything else (lists too) is replaced: the project's
-    ``merge_strategy: {parameters: soft}``. The config files use no interpolation.
+    ``merge_strategy: {parameters: soft}``. The only interpolation read is ``${globals:...}``
+    (``globals.yml`` of ``conf/base`` and ``conf/<env>``); any other is refused.
     """
     from pancreas_seg.learning.setup import merge_settings  # noqa: PLC0415
 
-    return merge_settings(_read_parameters(conf_dir / "base"), _read_parameters(conf_dir / env))
+    globals_ = _read_globals(conf_dir, env)
+    return merge_settings(_read_parameters(conf_dir / "base", globals_), _read_parameters(conf_dir / env, globals_))
 
 
 def resolve_settings(params: Mapping[str, Any], args: argparse.Namespace) -> tuple[dict, dict, list[str]]:
@@ -329,12 +379,12 @@ def run_check(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa
     import keras  # noqa: PLC0415
     import pandas as pd  # noqa: PLC0415
 
+    from pancreas_seg.core.runtime import dtype_policy  # noqa: PLC0415
     from pancreas_seg.imaging.preprocess import PreprocessingConfig, context_stack  # noqa: PLC0415
+    from pancreas_seg.inference.forward import predict_slices  # noqa: PLC0415
     from pancreas_seg.learning.setup import compile_model, make_loaders  # noqa: PLC0415
     from pancreas_seg.models.io import load_model, save_model  # noqa: PLC0415
     from pancreas_seg.models.registry import build_model  # noqa: PLC0415
-    from pancreas_seg.inference.prediction import predict_slices  # noqa: PLC0415
-    from pancreas_seg.core.runtime import dtype_policy  # noqa: PLC0415
 
     config = PreprocessingConfig.from_params(preprocessing)
     shards = {}
@@ -404,7 +454,7 @@ def run_check(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa
         report["training"]["train_step_slices_per_s"] = round(_common.median(step_rates), 1)
         report["training"]["train_step_chunks_slices_per_s"] = [round(r, 1) for r in step_rates]
 
-        # 4. inference through prediction.predict_slices over the validation volumes
+        # 4. inference through forward.predict_slices over the validation volumes
         volumes = [image for (_, image, _, _), s in zip(cases, splits, strict=True) if s == "validation"]
         n_slices = sum(len(v) for v in volumes)
         t = time.perf_counter()
@@ -416,7 +466,7 @@ def run_check(args: argparse.Namespace, report: dict[str, Any]) -> None:  # noqa
             for volume in volumes:
                 predict_slices(model, volume, config.context_slices, batch_size)
             infer_rates.append(n_slices / (time.perf_counter() - t))
-        report["inference"] = {"function": "pancreas_seg.inference.prediction.predict_slices", "batch_size": batch_size,
+        report["inference"] = {"function": "pancreas_seg.inference.forward.predict_slices", "batch_size": batch_size,
                                "slices_per_pass": n_slices, "slices_per_s": round(_common.median(infer_rates), 1),
                                "passes_slices_per_s": [round(r, 1) for r in infer_rates]}
 

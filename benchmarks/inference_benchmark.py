@@ -5,16 +5,21 @@ What it measures
 One SYNTHETIC 512 x 512 x ~100 phantom (case ``pancreas_001`` of the cached set under
 ``data/01_raw/benchmark_phantoms_512/``, written on first use; a data set of its own, seed 512,
 not the phantoms the models are trained on) is segmented from file to files by the code
-``kedro run --pipelines=inference`` runs for every scan: ``load_segmenter`` (load the ``.keras``
-file(s), check them against the model card, XLA) once, then per scan
-``pancreas_seg.pipelines.inference.nodes.segment_case``: read the NIfTI, segment it, write
-``<case>.nii.gz`` and the overlay PNG. The ``inference`` settings (batch size, XLA, TTA,
-postprocessing) are those of ``conf/base/parameters_inference.yml``; ``--batch-size`` and
-``--no-xla`` override them.
+``kedro run --pipelines=inference`` runs for every scan: ``Predictor.from_trained`` (load the
+``.keras`` file(s), check them against the model card, XLA; what the ``load_predictor`` node does)
+once, then per scan ``_common.segment_case``: the scan as a ``nodes.Scan``, read and segmented by
+the lazy partition of ``nodes.segment_scans`` (``Predictor.segment``), ``<case>.nii.gz`` written by
+the catalog's ``NiftiDataset``, the overlay figure of ``nodes.overlay_figure`` written by the
+catalog's ``FigureDataset`` (``save_args`` of ``inference_overlays`` in ``conf/base/catalog.yml``).
+The scan is read once; the pipeline's second read of it and its reads of the saved mask (the
+overlay and report nodes load the partitions back) are not timed, nor is the input validation of
+``nodes.find_scans``. The ``inference`` settings (batch size, XLA, TTA, postprocessing) are those
+of ``conf/base/parameters_inference.yml`` (``PredictionSettings.from_params``); ``--batch-size``
+and ``--no-xla`` override them.
 
 Single-stage models, 256 x 256 input with the preprocessing of
 ``conf/base/parameters_preprocessing.yml`` (``crop_to_body``) except the size; segmenting is
-``segment_volume`` (preprocessing, slice-wise ``predict_on_batch``, labels back onto the
+``Predictor.segment`` (preprocessing, slice-wise ``predict_on_batch``, labels back onto the
 512 x 512 x Z grid). Untrained weights (timing does not depend on them; label_mode multiclass):
 ``unet`` with base_filters 32 and depth 4 (the study's width, ``conf/msd``), ``unet_b16`` (the
 U-Net width of ``conf/base/parameters_training.yml``: 16, depth 4); ``unet_small`` (16, depth 2),
@@ -22,8 +27,9 @@ U-Net width of ``conf/base/parameters_training.yml``: 16, depth 4); ``unet_small
 slice, so the restore step interpolates every slice: a worst case (a trained model skips the
 slices that are background everywhere).
 
-``cascade``: the coarse-to-fine cascade through the same ``segment_volume_cascade`` as
-``kedro run --pipelines=inference --params inference.model=cascade``. Stage 1 is the newest TRAINED
+``cascade``: the coarse-to-fine cascade through the same ``Predictor.segment`` (its
+``inference.cascade.segment_cascade``) as ``kedro run --pipelines=inference --params
+inference.model=cascade``. Stage 1 is the newest TRAINED
 ``unet`` under ``--models-dir`` (``<models-dir>/unet/model.keras/<version>/``, with the model card of
 that version; the ``conf/base`` U-Net: base 16, depth 4, 96 px body-framed slices), because an
 untrained stage 1 finds nothing or everything and the timing would not be representative. The
@@ -35,22 +41,26 @@ stage 2 predicts foreground everywhere in its crop, so its restore step (and the
 worst case; the trained stage 1 decides where the crop is and how many slices and tiles stage 2
 runs on, which is what the time depends on. The variant fails when stage 1 finds no pancreas.
 
-Each model is built, saved to a temporary ``.keras`` file with a model card bound to its weights,
-and handed to ``load_segmenter`` as a ``TrainedModel`` (safe-mode load, card checks, XLA), as
+Each model is built, saved to a temporary ``.keras`` file with a ``ModelCard`` bound to its weights,
+and handed to ``Predictor.from_trained`` as a ``TrainedModel`` (safe-mode load, card checks, XLA), as
 inference does. Each variant runs in its own fresh subprocess (own peak RSS). Single-stage: a
 warm-up call on a short volume with ``batch + Z % batch`` slices traces (and XLA-compiles) the one
 padded batch shape. Cascade: the warm-up is one whole case (its two models have one batch shape
 each, and stage 1 must find the pancreas before stage 2 runs). That one-off cost is reported as
 ``warm-up``; then ``--repeats`` whole cases are timed (median reported). The stages are timed
-inside the same calls by wrapping the module-level functions the node, ``segment_volume`` and
-``segment_volume_cascade`` look up:
+inside the same calls by wrapping the functions the nodes, the catalog datasets, the predictor
+(``inference.predictor``) and the cascade (``inference.cascade``) look up on their modules:
 
-* single-stage: ``read``, ``preprocess``, ``predict``, ``restore``, ``write_mask``, ``overlay_png``;
-  ``segment`` = preprocess + predict + restore;
+* single-stage: ``read`` (``nodes.load_nifti``), ``preprocess`` (``preprocess_image``), ``predict``
+  (``forward.predict_slices``), ``restore`` (``forward.to_file_grid``), ``write_mask``
+  (``NiftiDataset.save``), ``overlay_png`` (``nodes.overlay_figure`` + ``FigureDataset.save``);
+  ``segment`` = preprocess + predict + restore; ``other`` = the rest of the ``Predictor.segment``
+  call (the members' mean, post-processing);
 * cascade: ``read``; ``stage1`` (body-framed preprocessing + predict + labels); ``locate`` (the
   pancreas box and the crop plan); ``crop_preprocess``; ``stage2_predict`` (every tile, with the
-  number of slices and tiles); ``restore``; ``write_mask``, ``overlay_png``; ``segment`` = the whole
-  ``segment`` call. Also the slices stage 2 ran on against the scan's.
+  number of slices and tiles); ``restore`` (``full_model_grid`` + ``forward.to_file_grid``);
+  ``write_mask``, ``overlay_png``; ``segment`` = the whole ``Predictor.segment`` call. Also the
+  slices stage 2 ran on against the scan's.
 
 Targets: single-stage U-Net at 256 x 256 <= 30 s per volume on 2 cores; the cascade with a
 study-width stage 2 <= 10 s per volume. Both are checked on the end-to-end median (file in, files
@@ -140,9 +150,9 @@ def find_stage1(models_dir: Path, version: str | None = None) -> Any:
             f"The cascade variant needs a TRAINED stage 1 (an untrained one finds no pancreas or all of "
             f"it, so the timing would mean nothing): {error} (conf/base), or point --models-dir at a "
             "data/06_models folder that has one.") from None
-    if version is not None and stage1.card["version"] != version:
+    if version is not None and stage1.card.version != version:
         raise SystemExit(f"the newest stage 1 under {models_dir} changed during the run ({version} -> "
-                         f"{stage1.card['version']}): rerun the benchmark")
+                         f"{stage1.card.version}): rerun the benchmark")
     return stage1
 
 
@@ -155,38 +165,35 @@ def single_stage_model(arch: str, folder: Path) -> tuple[Any, dict[str, Any]]:
 def cascade_model(models_dir: Path, folder: Path, stage1_version: str | None) -> tuple[Any, dict[str, Any]]:
     """The cascade ``TrainedModel``: the trained stage 1 + an untrained study-width stage 2 + card."""
     from pancreas_seg.cascade.crops import CropConfig  # noqa: PLC0415
-    from pancreas_seg.imaging.preprocess import PreprocessingConfig  # noqa: PLC0415
+    from pancreas_seg.inference.model_card import CascadeSpec, ModelCard  # noqa: PLC0415
     from pancreas_seg.inference.model_store import TrainedModel  # noqa: PLC0415
     from pancreas_seg.models.names import CASCADE_NAME  # noqa: PLC0415
 
     stage1 = find_stage1(models_dir, stage1_version)
     card1 = stage1.card
     crop = CropConfig.from_params(cascade_crop_settings())
-    config = PreprocessingConfig.from_params(card1["preprocessing"])
-    input_shape = (*crop.size_px, config.context_slices)
+    input_shape = (*crop.size_px, card1.preprocessing_config.context_slices)
     name, settings = CASCADE_STAGE2
     path = folder / "stage2.keras"
     params, sha = _common.save_untrained(name, input_shape, settings, path)
-    card = {"architecture": CASCADE_NAME, "label_mode": "multiclass", "input_shape": list(input_shape),
-            "preprocessing": card1["preprocessing"], "intensity_stats": card1.get("intensity_stats"),
-            "preprocessing_fingerprint": card1.get("preprocessing_fingerprint"),
-            "weights_sha256": sha, "version": "benchmark (stage 2 untrained)",
-            "cascade": {"stage1": {key: card1.get(key) for key in
-                                   ("architecture", "label_mode", "input_shape", "trained_at",
-                                    "weights_sha256", "version")},
-                        "stage2": {"architecture": name, "label_mode": "multiclass",
-                                   "input_shape": list(input_shape)},
-                        "crop": crop.to_dict()}}
+    stage1_facts = {"architecture": card1.architecture, "label_mode": card1.label_mode,
+                    "input_shape": list(card1.input_shape), "trained_at": card1.trained_at,
+                    "weights_sha256": card1.weights_sha256, "version": card1.version}
+    spec = CascadeSpec(stage1=stage1_facts, crop=crop.to_dict(),
+                       stage2={"architecture": name, "label_mode": "multiclass", "input_shape": list(input_shape)})
+    card = ModelCard.for_trained_model(CASCADE_NAME, "multiclass", card1.preprocessing, card1.intensity_stats,
+                                       card1.dataset, card1.cases, sha, input_shape=input_shape,
+                                       version="benchmark (stage 2 untrained)", cascade=spec)
     info = {"params": params, "model_settings": {"stage2": settings}, "crop": crop.to_dict(),
-            "stage1": {"model_file": str(stage1.model_file), **card["cascade"]["stage1"],
-                       "best_value": card1.get("best_value"), "monitor": card1.get("monitor")}}
+            "stage1": {"model_file": str(stage1.model_file), **stage1_facts,
+                       "best_value": card1.best_value, "monitor": card1.monitor}}
     return TrainedModel(path, card, stage1.model_file), info
 
 
 class StageTimers:
-    """Seconds per stage of one case, by wrapping the module-level names the node's code looks up.
+    """Seconds per stage of one case, by wrapping the module-level names the pipeline's code looks up.
 
-    Also records what ``use_xla`` returned, the cascade's reports (from ``segment_volume_cascade``)
+    Also records what ``use_xla`` returned, the cascade's reports (from ``segment_cascade``)
     and the slices of every stage-2 tile prediction.
     """
 
@@ -210,23 +217,27 @@ class StageTimers:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
         return wrapper
 
-    def install(self, nodes, segmenter, prediction, cascade_predict, crops, cascade: bool) -> None:
+    def install(self, nodes, datasets, predictor, cascade_module, crops, cascade: bool) -> None:
+        """Wrap the functions of ``nodes`` (``pipelines.inference.nodes``), ``datasets``
+        (``pancreas_seg.datasets``), ``predictor`` (``inference.predictor``), ``cascade_module``
+        (``inference.cascade``) and ``crops`` (``cascade.crops``); before the predictor is built."""
         def recorded_xla(*args, **kwargs):
             self.xla.append(use_xla(*args, **kwargs))
             return self.xla[-1]
 
-        use_xla = segmenter.use_xla
-        segmenter.use_xla = recorded_xla
+        use_xla = predictor.use_xla
+        predictor.use_xla = recorded_xla
         nodes.load_nifti = self.timed("read", nodes.load_nifti)
-        nodes.save_nifti = self.timed("write_mask", nodes.save_nifti)
-        nodes.save_overlay = self.timed("overlay_png", nodes.save_overlay)
+        datasets.NiftiDataset.save = self.timed("write_mask", datasets.NiftiDataset.save)
+        nodes.overlay_figure = self.timed("overlay_png", nodes.overlay_figure)
+        datasets.FigureDataset.save = self.timed("overlay_png", datasets.FigureDataset.save)
         if not cascade:
-            prediction.preprocess_image = self.timed("preprocess", prediction.preprocess_image)
-            prediction.predict_slices = self.timed("predict", prediction.predict_slices)
-            prediction.labels_from_probabilities = self.timed("restore", prediction.labels_from_probabilities)
+            predictor.preprocess_image = self.timed("preprocess", predictor.preprocess_image)
+            predictor.predict_slices = self.timed("predict", predictor.predict_slices)
+            predictor.to_file_grid = self.timed("restore", predictor.to_file_grid)
             return
-        predict_slices, predict_tiled = cascade_predict.predict_slices, cascade_predict.predict_tiled
-        segment_volume_cascade = cascade_predict.segment_volume_cascade
+        predict_slices, predict_tiled = cascade_module.predict_slices, cascade_module.predict_tiled
+        segment_cascade = cascade_module.segment_cascade
         stage1_predict = self.timed("stage1", predict_slices)
 
         def stage_predict(model, image_slices, *args, **kwargs):  # stage 1, or one stage-2 tile
@@ -243,33 +254,34 @@ class StageTimers:
                 self._in_stage2 = False
 
         def with_report(*args, **kwargs):
-            labels, report = segment_volume_cascade(*args, **kwargs)
+            labels, report = segment_cascade(*args, **kwargs)
             self.reports.append(report)
             return labels, report
 
-        cascade_predict.preprocess_image = self.timed("stage1", cascade_predict.preprocess_image)
-        cascade_predict.predict_slices = stage_predict
-        cascade_predict.probabilities_to_labels = self.timed("stage1", cascade_predict.probabilities_to_labels)
-        cascade_predict.locate_pancreas = self.timed("locate", cascade_predict.locate_pancreas)
+        cascade_module.preprocess_image = self.timed("stage1", cascade_module.preprocess_image)
+        cascade_module.predict_slices = stage_predict
+        cascade_module.probabilities_to_labels = self.timed("stage1", cascade_module.probabilities_to_labels)
+        cascade_module.locate_pancreas = self.timed("locate", cascade_module.locate_pancreas)
         crops.CropGeometry.plan = staticmethod(self.timed("locate", crops.CropGeometry.plan))  # bound classmethod
-        cascade_predict.preprocess_crop_image = self.timed("crop_preprocess", cascade_predict.preprocess_crop_image)
-        cascade_predict.predict_tiled = self.timed("stage2_predict", tiled)
+        cascade_module.preprocess_crop_image = self.timed("crop_preprocess", cascade_module.preprocess_crop_image)
+        cascade_module.predict_tiled = self.timed("stage2_predict", tiled)
         crops.CropGeometry.full_model_grid = self.timed("restore", crops.CropGeometry.full_model_grid)
-        cascade_predict.restore_label_volume = self.timed("restore", cascade_predict.restore_label_volume)
-        cascade_predict.segment_volume_cascade = with_report
+        cascade_module.to_file_grid = self.timed("restore", cascade_module.to_file_grid)
+        predictor.segment_cascade = with_report   # Predictor.segment_with_report looks it up there
 
 
 def child(variant: str, repeats: int, case_index: int, settings: dict, models_dir: Path,
           retain_heap: bool = False, stage1_version: str | None = None) -> None:
     import keras  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
 
-    from pancreas_seg.inference import prediction  # noqa: PLC0415
+    from pancreas_seg import datasets  # noqa: PLC0415
     from pancreas_seg.cascade import crops  # noqa: PLC0415
-    from pancreas_seg.cascade import predict as cascade_predict  # noqa: PLC0415
-    from pancreas_seg.inference.model_card import check_card_consistent  # noqa: PLC0415
-    from pancreas_seg.inference import segmenter  # noqa: PLC0415
-    from pancreas_seg.pipelines.inference import nodes  # noqa: PLC0415
+    from pancreas_seg.core.labels import PANCREAS, TUMOUR  # noqa: PLC0415
     from pancreas_seg.core.runtime import retained_heap  # noqa: PLC0415
+    from pancreas_seg.inference import cascade as cascade_module  # noqa: PLC0415
+    from pancreas_seg.inference import predictor as predictor_module  # noqa: PLC0415
+    from pancreas_seg.pipelines.inference import nodes  # noqa: PLC0415
 
     rss_after_imports = _common.peak_rss_mib()
     keras.utils.set_random_seed(0)
@@ -278,24 +290,24 @@ def child(variant: str, repeats: int, case_index: int, settings: dict, models_di
     cascade = variant == CASCADE
 
     timers = StageTimers()
-    timers.install(nodes, segmenter, prediction, cascade_predict, crops, cascade)
+    timers.install(nodes, datasets, predictor_module, cascade_module, crops, cascade)
     stage_times = timers.seconds
 
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         trained, info = (cascade_model(models_dir, Path(tmp), stage1_version) if cascade
                          else single_stage_model(variant, Path(tmp)))
-        check_card_consistent(trained.card)   # as run_inference does
         keras.backend.clear_session()
-        t0 = time.perf_counter()
-        segment = segmenter.load_segmenter(trained, settings)   # the inference node's own loading
+        t0 = time.perf_counter()   # the load_predictor node's loading and checks
+        predictor = predictor_module.Predictor.from_trained(
+            trained, predictor_module.PredictionSettings.from_params(settings))
         load_s = time.perf_counter() - t0
-    segment = timers.timed("segment", segment)
+    predictor.segment = timers.timed("segment", predictor.segment)   # what segment_scans calls
 
     ct = nodes.load_nifti(image_path)
     n_z = ct.array.shape[2]
     warm_z = n_z if cascade else batch + n_z % batch
     t0 = time.perf_counter()
-    segment(ct.array[:, :, :warm_z], ct.affine, "warmup")
+    predictor.segment(ct.array[:, :, :warm_z], ct.affine, "warmup")
     warmup_s = time.perf_counter() - t0
     del ct
     if cascade and not timers.reports[-1]["stage1_found"]:
@@ -303,14 +315,15 @@ def child(variant: str, repeats: int, case_index: int, settings: dict, models_di
                          "cascade would stop after stage 1 and its timing would not be representative")
 
     runs = []
+    window_hu, save_args = settings["overlay_window_hu"], _common.overlay_save_args()
     with tempfile.TemporaryDirectory(prefix="bench_infer_out_") as out_dir:
         for _ in range(repeats):
             timers.clear()
             t0 = time.perf_counter()
             with retained_heap(retain_heap):
-                row = nodes.segment_case(segment, image_path, Path(out_dir), settings, variant)
+                labels = _common.segment_case(predictor, image_path, Path(out_dir), window_hu, save_args).array
             total = time.perf_counter() - t0
-            assert row["shape"][2] == n_z
+            assert labels.shape[2] == n_z
             run = {"total_s": total, **dict(stage_times)}
             if cascade:
                 report = timers.reports[-1]
@@ -320,12 +333,14 @@ def child(variant: str, repeats: int, case_index: int, settings: dict, models_di
                         "stage2_forward_slices": sum(-(-n // batch) * batch for n in timers.stage2_tile_slices)}
             else:
                 run["segment_s"] = stage_times["preprocess"] + stage_times["predict"] + stage_times["restore"]
-            run |= {"voxels_pancreas": row["voxels_pancreas"], "voxels_tumour": row["voxels_tumour"]}
+                run["segment_other_s"] = stage_times["segment"] - run["segment_s"]
+            run |= {"voxels_pancreas": int(np.count_nonzero(labels == PANCREAS)),   # as report_inference counts
+                    "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
             runs.append(run)
     med = {k: _common.median([r[k] for r in runs]) for k in runs[0]}
     result = {
         "arch": variant, **info, "case": image_path.name,
-        "volume_shape": [*row["shape"]], "slices": n_z, "batch_size": batch,
+        "volume_shape": list(labels.shape), "slices": n_z, "batch_size": batch,
         "padded_slices": -n_z % batch, "load_model_s": load_s,
         "warmup_s": warmup_s, "warmup_slices": warm_z, "runs": runs, "median": med,
         "seconds_per_volume": med["total_s"], "slices_per_s": n_z / med["total_s"],
@@ -355,7 +370,7 @@ def parent(args: argparse.Namespace) -> None:
     stage1_version = None
     if CASCADE in archs:
         try:   # asked for: fail now, before minutes of other variants
-            stage1_version = find_stage1(args.models_dir).card["version"]
+            stage1_version = find_stage1(args.models_dir).card.version
         except SystemExit:
             if args.archs:
                 raise
@@ -391,10 +406,11 @@ def parent(args: argparse.Namespace) -> None:
             m = r["median"]
             rows.append([r["arch"], f"{r['params'] / 1e6:.2f}M", f"{r['slices']}+{r['padded_slices']}",
                          round(m["total_s"], 2), round(r["slices_per_s"], 2), round(m["segment_s"], 2),
-                         *(round(m[k], 2) for k in STAGES), round(r["warmup_s"], 1), round(r["peak_rss_mib"])])
+                         *(round(m[k], 2) for k in STAGES), round(m["segment_other_s"], 2),
+                         round(r["warmup_s"], 1), round(r["peak_rss_mib"])])
         print()
         _common.print_table(["arch", "params", "slices+padding", "s/volume", "slices/s", "segment s",
-                             *(f"{k} s" for k in STAGES), "compile s", "peak RSS MiB"], rows)
+                             *(f"{k} s" for k in STAGES), "other s", "compile s", "peak RSS MiB"], rows)
     checks: dict[str, Any] = {}
     for key, label in (("unet", "U-Net, the study's width (base 32, depth 4)"),
                        ("unet_b16", "U-Net, conf/base width (base 16, depth 4)")):

@@ -19,13 +19,16 @@ depth 4, dropout, L2; ``--base-filters 32`` gives the study's width) at 256 x 25
 ``TrainedModel`` is used on both sides. Untrained weights predict foreground on every slice, so the
 mask is a worst case for restore and writing, the same on both sides.
 
-(a) ``node``: the inference node's per-scan work in this process:
-    ``segment_case(load_segmenter(trained, settings), path, out_dir, settings, "unet")``: read the
-    NIfTI, segment, write ``<case>.nii.gz`` and the overlay PNG. Settings: ``conf/base``'s
-    ``inference`` block (batch 4, no TTA, no largest-component, XLA). The model is loaded once and one
-    warm-up call (the whole scan; XLA compile) is made before timing. ``run_inference``'s input
-    validation (one more read of the scan) is NOT in this time.
-(b) ``served``: the model is logged with ``pancreas_seg.inference.serving.log_segmentation_model`` into a
+(a) ``node``: the inference pipeline's per-scan work in this process:
+    ``_common.segment_case(Predictor.from_trained(trained, settings), path, out_dir, ...)``: the scan
+    read and segmented by ``nodes.segment_scans``, ``<case>.nii.gz`` and the overlay PNG written by
+    the catalog's datasets (see ``_common.segment_case``; the inference benchmark times the same
+    call). Settings: ``conf/base``'s ``inference`` block (batch 4, no TTA, no largest-component,
+    XLA) as ``PredictionSettings``. The model is loaded once and one warm-up call (the whole scan;
+    XLA compile) is made before timing. The input validation of ``nodes.find_scans`` (one more read of
+    the scan) and the pipeline's reads of the saved mask are NOT in this time.
+(b) ``served``: the model is logged with ``pancreas_seg.inference.serving.log_segmentation_model`` and
+    the same ``PredictionSettings`` (the pyfunc applies the settings recorded in its bundle) into a
     temporary sqlite MLflow store (its artifacts in the same temporary folder), served with
     ``mlflow models serve -m models:/m-... --env-manager local -h 127.0.0.1 -p <free port>`` in a
     subprocess (the project's venv, ``/ping`` awaited), and one scan is one HTTP request, timed on
@@ -90,8 +93,9 @@ def unet_settings(base_filters: int | None) -> dict[str, Any]:
     return settings
 
 
-def log_model(trained: Any, folder: Path) -> tuple[str, str]:
-    """Log ``trained`` as the pyfunc model into a sqlite store under ``folder``: (tracking URI, model URI)."""
+def log_model(trained: Any, settings: Any, folder: Path) -> tuple[str, str]:
+    """Log ``trained`` with its ``PredictionSettings`` as the pyfunc model into a sqlite store under
+    ``folder``: (tracking URI, model URI)."""
     import mlflow  # noqa: PLC0415
 
     from pancreas_seg.inference.serving import log_segmentation_model  # noqa: PLC0415
@@ -101,7 +105,7 @@ def log_model(trained: Any, folder: Path) -> tuple[str, str]:
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.create_experiment("serving_benchmark", artifact_location=(folder / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
-    uri = log_segmentation_model(run_id, trained, ARCHITECTURE)
+    uri = log_segmentation_model(run_id, trained, ARCHITECTURE, settings)
     client.set_terminated(run_id)
     return tracking_uri, uri
 
@@ -163,14 +167,15 @@ def serve_one(server: Server, image_path: Path, mask_path: Path) -> dict[str, An
             "server_cpu_s": server.cpu_s() - server_cpu0, "client_cpu_during_request_s": client_wait_cpu}
 
 
-def node_one(segment: Any, image_path: Path, out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The inference node's per-scan work (read, segment, write mask + overlay PNG), timed."""
-    from pancreas_seg.pipelines.inference.nodes import segment_case  # noqa: PLC0415
+def node_one(predictor: Any, image_path: Path, out_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The inference pipeline's per-scan work (read, segment, write mask + overlay PNG), timed."""
+    from pancreas_seg.task07.layout import case_id_from_path  # noqa: PLC0415
 
+    save_args = _common.overlay_save_args()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    row = segment_case(segment, image_path, out_dir, settings, ARCHITECTURE)
+    volume = _common.segment_case(predictor, image_path, out_dir, settings["overlay_window_hu"], save_args)
     return {"total_s": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0,
-            "mask": row["mask"], "shape": row["shape"]}
+            "mask": str(out_dir / f"{case_id_from_path(image_path)}.nii.gz"), "shape": list(volume.array.shape)}
 
 
 def same_mask(a: Path, b: Path) -> tuple[bool, str]:
@@ -214,14 +219,9 @@ def main() -> None:  # noqa: PLR0915 - one linear script
 
     import keras  # noqa: PLC0415
 
-    from pancreas_seg.inference import serving  # noqa: PLC0415
-    from pancreas_seg.inference.segmenter import load_segmenter  # noqa: PLC0415
+    from pancreas_seg.inference.predictor import PredictionSettings, Predictor  # noqa: PLC0415
 
-    same_settings = (settings["batch_size"] == serving.BATCH_SIZE and bool(settings["xla"])
-                     and all(bool(settings[k]) == v for k, v in serving.REQUEST_PARAMS.items()))
-    if not same_settings:
-        print(f"warning: conf/base inference settings {settings} differ from the served model's "
-              f"(batch {serving.BATCH_SIZE}, XLA, {serving.REQUEST_PARAMS})", flush=True)
+    prediction_settings = PredictionSettings.from_params(settings)   # both sides: the node's and the bundle's
     keras.utils.set_random_seed(0)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
@@ -231,7 +231,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         trained, info = _common.untrained_single_stage_model(ARCHITECTURE, model_settings, size,
                                                              folder / "unet.keras")
         t0 = time.perf_counter()
-        tracking_uri, model_uri = log_model(trained, folder)
+        tracking_uri, model_uri = log_model(trained, prediction_settings, folder)
         log_s = time.perf_counter() - t0
         print(f"model: untrained U-Net {model_settings} at {size[0]} px, {info['params'] / 1e6:.2f}M params; "
               f"logged as {model_uri} in {log_s:.1f} s", flush=True)
@@ -240,10 +240,10 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             # the node's model loads and compiles while the server starts (nothing is timed yet)
             t0 = time.perf_counter()
             keras.backend.clear_session()
-            segment = load_segmenter(trained, settings)
+            predictor = Predictor.from_trained(trained, prediction_settings)
             node_load_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            node_one(segment, image_path, folder / "node", settings)
+            node_one(predictor, image_path, folder / "node", settings)
             node_warmup_s = time.perf_counter() - t0
             startup_s = server.wait_ready(STARTUP_TIMEOUT_S)
             startup_s += node_load_s + node_warmup_s   # it started before the node's load
@@ -258,7 +258,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                 order = ("node", "served") if round_index % 2 == 0 else ("served", "node")
                 for side in order:
                     if side == "node":
-                        node_runs.append(node_one(segment, image_path, folder / "node", settings))
+                        node_runs.append(node_one(predictor, image_path, folder / "node", settings))
                     else:
                         served_runs.append(serve_one(server, image_path, folder / "served" / image_path.name))
                 n, s = node_runs[-1], served_runs[-1]
@@ -282,7 +282,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     _common.print_table(
         ["path", "median s", "min s", "max s", "what is timed"],
         [["node", round(node["median"], 2), round(node["min"], 2), round(node["max"], 2),
-          "segment_case: read NIfTI, segment, write mask + overlay PNG"],
+          "_common.segment_case: read NIfTI, segment, write mask + overlay PNG"],
          ["served", round(served["median"], 2), round(served["min"], 2), round(served["max"], 2),
           f"client: encode {parts['encode_s']:.2f} + POST/response {parts['request_s']:.2f} + "
           f"decode/write {parts['decode_s']:.2f} (medians)"]])
@@ -303,7 +303,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     load_end = os.getloadavg()
     path = _common.write_report("serving_benchmark", {
         "settings": {"repeats": args.repeats, "image_size_px": list(size), "model_settings": model_settings,
-                     "params": info["params"], "inference": settings, "case": image_path.name,
+                     "params": info["params"], "inference": settings,
+                     "prediction_settings": prediction_settings.to_dict(), "case": image_path.name,
                      "case_index": args.case_index, "model_uri_scheme": model_uri.split("/")[0]},
         "node": {**node, "cpu_s_median": node_cpu, "runs": node_runs, "load_model_s": node_load_s, "warmup_s": node_warmup_s},
         "served": {**served, "runs": served_runs, "median_parts": parts, "warmup_s": served_warmup_s,

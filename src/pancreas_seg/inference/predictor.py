@@ -201,6 +201,8 @@ class Predictor:
 
     def predict_probabilities(self, image_slices: np.ndarray) -> np.ndarray:
         """(Z, H, W, C) float32: the members' mean softmax (memory for two arrays, any member count)."""
+        if len(self.models) == 1:   # the mean of one: no copy, no division
+            return next(self.member_probabilities(image_slices))
         return mean_probabilities(self.member_probabilities(image_slices))
 
     def to_labels(self, probabilities: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
