@@ -5,7 +5,6 @@
 * :mod:`~pancreas_seg.cascade.localisation`: stage-1 localisation errors, measured on validation
   cases, that set the position jitter of stage-2 training crops.
 * :mod:`~pancreas_seg.cascade.sampler`: the stage-2 training loader (tumour-guaranteed crops).
-* :mod:`~pancreas_seg.cascade.predict`: the cascade on one scan (file grid in, file grid out).
-
-Pure NumPy/SciPy, plus Keras where a model is run; no Kedro.
+The cascade on one scan (file grid in, file grid out) is the predictor's two-stage path,
+:mod:`pancreas_seg.inference.cascade`. Pure NumPy/SciPy, plus Keras where a model is trained; no Kedro.
 """
