@@ -13,7 +13,12 @@ import pytest
 from pancreas_seg.imaging.preprocess import preprocess_image
 from pancreas_seg.inference.forward import predict_slices, to_file_grid
 from pancreas_seg.inference.model_card import CaseSplit, ModelCard, ModelMismatchError
-from pancreas_seg.inference.model_store import fold_models, read_bundle, read_bundle_settings, write_bundle
+from pancreas_seg.inference.model_store import (
+    fold_models,
+    read_bundle,
+    read_bundle_settings,
+    write_bundle,
+)
 from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 from pancreas_seg.models.io import save_model, weights_sha256
 
@@ -149,3 +154,15 @@ def test_a_fold_ensemble_and_a_bundle_resolve_to_the_same_predictions(tmp_path: 
     from_bundle = Predictor.from_trained(read_bundle(bundle, "bundle"), SETTINGS)
     hu, affine = _scan()
     np.testing.assert_array_equal(from_bundle.segment(hu, affine), ensemble.segment(hu, affine))
+
+
+def test_a_pickled_predictor_segments_as_the_original(tmp_path: Path) -> None:
+    """A Dask worker hands the loaded predictor to the next node's worker by pickling it."""
+    import pickle  # noqa: PLC0415
+
+    model = _model(1)
+    predictor = Predictor.from_models([model], [_card(model)], SETTINGS)
+    copy = pickle.loads(pickle.dumps(predictor))
+    assert copy.card == predictor.card and copy.settings == predictor.settings
+    hu, affine = _scan()
+    np.testing.assert_array_equal(copy.segment(hu, affine), predictor.segment(hu, affine))

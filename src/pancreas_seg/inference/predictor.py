@@ -18,7 +18,6 @@ Modelled on nnU-Net's ``nnUNetPredictor`` (``initialize_from_trained_model_folde
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -111,8 +110,30 @@ class Predictor:
                 check_fold_ensemble(self.cards)
             for model, card in zip(self.models, self.cards, strict=True):
                 card.check_weights(weights_sha256(model))
+        self._compile()
+
+    def _compile(self) -> None:
         for model in self._keras_models():
-            use_xla(model, settings.xla)
+            use_xla(model, self.settings.xla)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a Dask worker hands the predictor to the next node's worker) as ``.keras`` bytes."""
+        from pancreas_seg.models.io import model_bytes  # noqa: PLC0415 - lazy: Keras
+
+        state = dict(self.__dict__)
+        state["models"] = [model_bytes(model) for model in self.models]
+        state["cascade"] = None if self.cascade is None else model_bytes(self.cascade.stage1)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from pancreas_seg.models.io import load_model_bytes  # noqa: PLC0415 - registers the custom objects
+
+        self.__dict__.update(state)
+        self.models = [load_model_bytes(payload, compile=False) for payload in state["models"]]
+        if state["cascade"] is not None:
+            self.cascade = Cascade.from_card(self.card, load_model_bytes(state["cascade"], compile=False),
+                                             self.models[0])
+        self._compile()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -154,7 +175,8 @@ class Predictor:
         """
         if "xla" in changes and changes["xla"] != self.settings.xla:
             raise ValueError("xla is set when the models are loaded; build a new Predictor to change it")
-        clone = copy.copy(self)
+        clone = object.__new__(Predictor)   # not copy.copy: that would pickle and reload the models
+        clone.__dict__.update(self.__dict__)
         clone.settings = replace(self.settings, **changes)
         return clone
 
