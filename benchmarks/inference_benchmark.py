@@ -28,7 +28,7 @@ slice, so the restore step interpolates every slice: a worst case (a trained mod
 slices that are background everywhere).
 
 ``cascade``: the coarse-to-fine cascade through the same ``Predictor.segment`` (its
-``inference.cascade.segment_cascade``) as ``kedro run --pipelines=inference --params
+``inference.cascade.predict_cascade`` and ``merge_stages``) as ``kedro run --pipelines=inference --params
 inference.model=cascade``. Stage 1 is the newest TRAINED
 ``unet`` under ``--models-dir`` (``<models-dir>/unet/model.keras/<version>/``, with the model card of
 that version; the ``conf/base`` U-Net: base 16, depth 4, 96 px body-framed slices), because an
@@ -193,7 +193,7 @@ def cascade_model(models_dir: Path, folder: Path, stage1_version: str | None) ->
 class StageTimers:
     """Seconds per stage of one case, by wrapping the module-level names the pipeline's code looks up.
 
-    Also records what ``use_xla`` returned, the cascade's reports (from ``segment_cascade``)
+    Also records what ``use_xla`` returned, the cascade's reports (from ``predict_cascade``)
     and the slices of every stage-2 tile prediction.
     """
 
@@ -231,13 +231,13 @@ class StageTimers:
         datasets.NiftiDataset.save = self.timed("write_mask", datasets.NiftiDataset.save)
         nodes.overlay_figure = self.timed("overlay_png", nodes.overlay_figure)
         datasets.FigureDataset.save = self.timed("overlay_png", datasets.FigureDataset.save)
+        predictor.to_file_grid = self.timed("restore", predictor.to_file_grid)
         if not cascade:
             predictor.preprocess_image = self.timed("preprocess", predictor.preprocess_image)
             predictor.predict_slices = self.timed("predict", predictor.predict_slices)
-            predictor.to_file_grid = self.timed("restore", predictor.to_file_grid)
             return
         predict_slices, predict_tiled = cascade_module.predict_slices, cascade_module.predict_tiled
-        segment_cascade = cascade_module.segment_cascade
+        predict_cascade = predictor.predict_cascade
         stage1_predict = self.timed("stage1", predict_slices)
 
         def stage_predict(model, image_slices, *args, **kwargs):  # stage 1, or one stage-2 tile
@@ -254,9 +254,9 @@ class StageTimers:
                 self._in_stage2 = False
 
         def with_report(*args, **kwargs):
-            labels, report = segment_cascade(*args, **kwargs)
-            self.reports.append(report)
-            return labels, report
+            outputs, report = predict_cascade(*args, **kwargs)
+            self.reports.append(report)   # the predictor completes it after this call returns
+            return outputs, report
 
         cascade_module.preprocess_image = self.timed("stage1", cascade_module.preprocess_image)
         cascade_module.predict_slices = stage_predict
@@ -266,8 +266,7 @@ class StageTimers:
         cascade_module.preprocess_crop_image = self.timed("crop_preprocess", cascade_module.preprocess_crop_image)
         cascade_module.predict_tiled = self.timed("stage2_predict", tiled)
         crops.CropGeometry.full_model_grid = self.timed("restore", crops.CropGeometry.full_model_grid)
-        cascade_module.to_file_grid = self.timed("restore", cascade_module.to_file_grid)
-        predictor.segment_cascade = with_report   # Predictor.segment_with_report looks it up there
+        predictor.predict_cascade = with_report   # Predictor.segment_with_report looks it up there
 
 
 def child(variant: str, repeats: int, case_index: int, settings: dict, models_dir: Path,

@@ -17,11 +17,12 @@ import keras
 import numpy as np
 
 from pancreas_seg.cascade.crops import CropConfig
-from pancreas_seg.inference.cascade import Cascade, segment_cascade
+from pancreas_seg.inference.model_card import CascadeSpec, CaseSplit, ModelCard
+from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 from pancreas_seg.cascade.sampler import CropLoader
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
 from pancreas_seg.learning.training import FitConfig, fit_with_resume
-from pancreas_seg.models.io import load_model, save_model
+from pancreas_seg.models.io import load_model, save_model, weights_sha256
 from pancreas_seg.models.registry import build_model
 from pancreas_seg.learning.setup import compile_model
 
@@ -54,10 +55,13 @@ stage1.layers[-1].set_weights([np.array([[[[-40.0, 40.0, 0.0]]]], np.float32), n
 hu = rng.normal(20.0, 5.0, size=(20, 64, 56)).astype(np.float32)   # stored S, A, R: the cyclic order
 hu[7:12, 20:40, 10:45] = 120.0
 affine = np.array([[0, 0, 0.8, 0], [0, 0.8, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1]], float)
-cascade = Cascade(stage1=stage1, stage2=stage2, preprocessing=PreprocessingConfig(image_size_px=(32, 32)),
-                  stage1_label_mode="multiclass", stage2_label_mode="multiclass",
-                  crop=CropConfig(spacing_mm=0.8, size_px=(16, 32), margin_mm=4.0, z_margin_mm=2.5))
-labels, report = segment_cascade(cascade, hu, affine, batch_size=4)
+crop = CropConfig(spacing_mm=0.8, size_px=(16, 32), margin_mm=4.0, z_margin_mm=2.5)
+spec = CascadeSpec(stage1={"architecture": "oracle", "label_mode": "multiclass", "weights_sha256": weights_sha256(stage1)},
+                   stage2={"architecture": "unet", "label_mode": "multiclass"}, crop=crop.to_dict())
+card = ModelCard.for_trained_model("cascade", "multiclass", {"image_size_px": 32}, None, "Task07_Pancreas_synthetic",
+                                   CaseSplit(("a", "b"), ("c",)), weights_sha256(stage2), cascade=spec)
+predictor = Predictor.from_models([stage2], [card], PredictionSettings(batch_size=4, flip_tta=False), stage1=stage1)
+labels, report = predictor.segment_with_report(hu, affine)
 print("RESULT " + json.dumps({
     "backend": keras.backend.backend(), "tumour_windows": tumour_windows,
     "loss": result.history["loss"], "val_dice_tumour": result.history["val_dice_tumour"],

@@ -6,7 +6,9 @@
 3. Stage 2 runs only on the slices of that box (plus ``z_margin_mm``) and only on the in-plane box
    (plus ``margin_mm``), resampled to ``crop.spacing_mm``; a region wider than the stage-2 input is
    covered by overlapping tiles whose probabilities are averaged.
-4. The crop geometry's inverse puts stage 2's labels back onto the file's voxel grid.
+4. The predictor maps stage 2's probabilities back onto the file's voxel grid through the crop
+   geometry's inverse (:func:`predict_cascade` returns model-grid outputs; :func:`merge_stages`
+   combines them once they are on the file's grid).
 5. Predicted tumour components smaller than ``min_tumour_volume_mm3`` become pancreas (a lesion too
    small to report; chosen on validation cases, see ``conf/base/parameters_cascade.yml``).
 """
@@ -34,7 +36,7 @@ from pancreas_seg.imaging.preprocess import (
     preprocess_crop_image,
     preprocess_image,
 )
-from pancreas_seg.inference.forward import predict_slices, to_file_grid
+from pancreas_seg.inference.forward import ModelGridOutput, predict_slices
 from pancreas_seg.inference.model_card import ModelCard
 
 logger = logging.getLogger(__name__)
@@ -112,12 +114,16 @@ def predict_tiled(model: Any, crop_image: np.ndarray, tile_hw: tuple[int, int], 
     return total / counts[None, :, :, None]
 
 
-def segment_cascade(cascade: Cascade, hu: np.ndarray, affine: np.ndarray, batch_size: int = 16,
-                    flip_tta: bool = False, name: str = "scan") -> tuple[np.ndarray, dict[str, Any]]:
-    """Raw CT (X, Y, Z) HU, any axis order -> uint8 labels of exactly the input's shape, and a report.
+def predict_cascade(cascade: Cascade, hu: np.ndarray, affine: np.ndarray, batch_size: int = 16,
+                    flip_tta: bool = False, name: str = "scan") -> tuple[list[ModelGridOutput], dict[str, Any]]:
+    """Both stages on raw CT (X, Y, Z) HU, any axis order -> model-grid outputs and a report.
 
-    The labels belong with ``affine``. The report says whether stage 1 found the pancreas, its box
-    (canonical source voxels), the slices and tiles stage 2 ran on.
+    The outputs are stage 2's probabilities on the crop's model grid (padded to the whole slice
+    plane with certain background) and, in stage-2 ``tumour`` mode, stage 1's on the whole-slice
+    grid: the pancreas comes from stage 1 there. None when stage 1 finds no pancreas. The
+    predictor maps them back to the file's grid and :func:`merge_stages` makes the labels. The
+    report says whether stage 1 found the pancreas, its box (canonical source voxels), the slices
+    and tiles stage 2 ran on.
     """
     config = cascade.preprocessing
     image, geometry = preprocess_image(hu, affine, config, cascade.stats)
@@ -126,20 +132,34 @@ def segment_cascade(cascade: Cascade, hu: np.ndarray, affine: np.ndarray, batch_
     box = locate_pancreas(stage1_labels, geometry, cascade.crop.min_component_fraction)
     if box is None:
         logger.warning("%s: stage 1 found no pancreas; the cascade returns an empty mask", name)
-        return np.zeros(hu.shape, dtype=np.uint8), {"stage1_found": False, "stage2_slices": 0}
+        return [], {"stage1_found": False, "stage2_slices": 0}
     crop = CropGeometry.plan(hu.shape, affine, box, cascade.crop)
     crop_image = preprocess_crop_image(hu, crop, config, cascade.stats)
     probabilities = predict_tiled(cascade.stage2, crop_image, cascade.crop.size_px, cascade.crop.tile_overlap,
                                   config.context_slices, batch_size, flip_tta)
-    full = crop.full_model_grid(probabilities, background_probabilities(cascade.stage2_label_mode))
-    labels = to_file_grid(full, crop.scan, cascade.stage2_label_mode)
-    if cascade.stage2_label_mode == "tumour":  # stage 2 adds the tumour to stage 1's pancreas
-        pancreas = np.isin(to_file_grid(stage1_probabilities, geometry, cascade.stage1_label_mode), PANCREAS_REGION)
-        labels = np.where(labels == TUMOUR, TUMOUR, np.where(pancreas, PANCREAS, 0)).astype(np.uint8)
-    labels, removed = remove_small_components(labels, TUMOUR, cascade.min_tumour_volume_mm3,
-                                              abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))), PANCREAS)
+    outputs = [ModelGridOutput(crop.full_model_grid(probabilities, background_probabilities(cascade.stage2_label_mode)),
+                               crop.scan, cascade.stage2_label_mode)]
+    if cascade.stage2_label_mode == "tumour":   # stage 2 adds the tumour to stage 1's pancreas
+        outputs.append(ModelGridOutput(stage1_probabilities, geometry, cascade.stage1_label_mode))
     n_tiles = (len(tile_starts(crop.region_hw[0], cascade.crop.size_px[0], cascade.crop.tile_overlap))
                * len(tile_starts(crop.region_hw[1], cascade.crop.size_px[1], cascade.crop.tile_overlap)))
-    return labels, {"stage1_found": True, "stage1_box": box.to_list(), "stage2_slices": crop.crop_shape[0],
-                    "stage2_region_hw": list(crop.region_hw), "stage2_tiles": n_tiles,
-                    "small_tumour_components_removed": removed}
+    return outputs, {"stage1_found": True, "stage1_box": box.to_list(), "stage2_slices": crop.crop_shape[0],
+                     "stage2_region_hw": list(crop.region_hw), "stage2_tiles": n_tiles}
+
+
+def merge_stages(cascade: Cascade, file_labels: list[np.ndarray], shape: tuple[int, ...],
+                 affine: np.ndarray) -> tuple[np.ndarray, int]:
+    """The cascade's uint8 labels of ``shape`` from its outputs mapped to the file's grid, and the
+    number of tumour components too small to report (relabelled pancreas).
+
+    ``file_labels`` are :func:`predict_cascade`'s outputs on the file's grid, in order: stage 2,
+    then (tumour mode) stage 1. None: stage 1 found no pancreas, an empty mask.
+    """
+    if not file_labels:
+        return np.zeros(shape, dtype=np.uint8), 0
+    labels = file_labels[0]
+    if cascade.stage2_label_mode == "tumour":
+        pancreas = np.isin(file_labels[1], PANCREAS_REGION)
+        labels = np.where(labels == TUMOUR, TUMOUR, np.where(pancreas, PANCREAS, 0)).astype(np.uint8)
+    return remove_small_components(labels, TUMOUR, cascade.min_tumour_volume_mm3,
+                                   abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))), PANCREAS)

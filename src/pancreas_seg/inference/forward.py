@@ -2,19 +2,36 @@
 
 :func:`predict_slices` is the one loop that feeds a Keras model, :func:`to_file_grid` the one
 map-back of model-grid probabilities onto a scan's voxel grid, and :func:`use_xla` the one switch
-for XLA. :class:`pancreas_seg.inference.predictor.Predictor` and the cascade's two stages
+for XLA. :class:`ModelGridOutput` is what a forward pass hands to the map-back.
+:class:`pancreas_seg.inference.predictor.Predictor` and the cascade's two stages
 (:mod:`pancreas_seg.inference.cascade`) are built from them; nothing else calls them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.preprocess import context_stack, restore_label_volume
+
+
+@dataclass(frozen=True)
+class ModelGridOutput:
+    """Probabilities on a model grid with what maps them back to the file's grid.
+
+    Attributes:
+        probabilities: (Z, H, W, C) float32 softmax on the model grid of ``geometry``.
+        geometry: the scan's geometry (whole slices, or the cascade's crop grid ``CropGeometry.scan``).
+        label_mode: the label mode of the model that produced them (``multiclass``, ``pancreas``, ``tumour``).
+    """
+
+    probabilities: np.ndarray
+    geometry: ScanGeometry
+    label_mode: str
 
 
 def use_xla(model: Any, enabled: bool = True) -> bool:

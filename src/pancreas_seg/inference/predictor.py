@@ -29,8 +29,14 @@ from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.intensity import ForegroundIntensityStats
 from pancreas_seg.imaging.preprocess import PreprocessingConfig, preprocess_image
-from pancreas_seg.inference.cascade import Cascade, segment_cascade
-from pancreas_seg.inference.forward import mean_probabilities, predict_slices, to_file_grid, use_xla
+from pancreas_seg.inference.cascade import Cascade, merge_stages, predict_cascade
+from pancreas_seg.inference.forward import (
+    ModelGridOutput,
+    mean_probabilities,
+    predict_slices,
+    to_file_grid,
+    use_xla,
+)
 from pancreas_seg.inference.model_card import ModelCard, ModelMismatchError, check_fold_ensemble
 from pancreas_seg.inference.model_store import TrainedEnsemble, TrainedModel, members, resolve_model
 
@@ -229,7 +235,8 @@ class Predictor:
 
     def to_labels(self, probabilities: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
         """Model-grid probabilities -> uint8 labels on the scan's file grid, post-processed as set."""
-        return self._postprocess(to_file_grid(probabilities, geometry, self.label_mode))
+        (labels,) = self._map_back([ModelGridOutput(probabilities, geometry, self.label_mode)])
+        return self._postprocess(labels)
 
     def segment_slices(self, image_slices: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
         """Preprocessed (Z, H, W) slices of a scan with ``geometry`` -> uint8 labels of ``geometry.shape``."""
@@ -246,12 +253,21 @@ class Predictor:
                             name: str = "scan") -> tuple[np.ndarray, dict[str, Any]]:
         """:meth:`segment` and a report (for the cascade: where stage 1 found the pancreas, how
         many slices and tiles stage 2 ran on; empty for other models)."""
-        if self.cascade is not None:
-            labels, report = segment_cascade(self.cascade, hu, affine, self.settings.batch_size,
-                                             self.settings.flip_tta, name)
-            return self._postprocess(labels), report
-        image, geometry = preprocess_image(hu, affine, self.preprocessing, self.foreground_stats)
-        return self.segment_slices(image, geometry), {}
+        if self.cascade is None:
+            image, geometry = preprocess_image(hu, affine, self.preprocessing, self.foreground_stats)
+            return self.segment_slices(image, geometry), {}
+        settings = self.settings
+        outputs, report = predict_cascade(self.cascade, hu, affine, settings.batch_size, settings.flip_tta, name)
+        labels, removed = merge_stages(self.cascade, self._map_back(outputs), hu.shape, affine)
+        if outputs:
+            report["small_tumour_components_removed"] = removed
+        return self._postprocess(labels), report
+
+    @staticmethod
+    def _map_back(outputs: Sequence[ModelGridOutput]) -> list[np.ndarray]:
+        """Model-grid outputs -> uint8 labels on the file's grid: the one map-back of every path
+        (single model, ensemble mean, both stages of the cascade)."""
+        return [to_file_grid(output.probabilities, output.geometry, output.label_mode) for output in outputs]
 
     def _postprocess(self, labels: np.ndarray) -> np.ndarray:
         return keep_largest_foreground(labels) if self.settings.keep_largest_component else labels
