@@ -144,3 +144,10 @@ def test_evaluation_and_inference_in_new_processes_after_the_dask_train(
     labels = np.asarray(mask.dataobj)
     assert set(np.unique(labels).tolist()) <= {0, 1, 2}
     assert np.array_equal(labels, _labels(predictions / INFERENCE_MODEL / f"{case_id}.nii.gz"))
+
+    # the inference pipeline on the Dask runner: the loaded predictor travels between workers
+    dask_dir = tmp_path / "masks_dask"
+    kedro_cli_runner(project, "--pipelines=inference", "--runner=pancreas_seg.runners.DaskRunner",
+                     f"--params=inference.input_path={scan},inference.output_dir={dask_dir},"
+                     f"inference.model={INFERENCE_MODEL}")
+    assert np.array_equal(_labels(dask_dir / f"{case_id}.nii.gz"), labels)
