@@ -20,20 +20,22 @@ Bad series are made by editing written files with pydicom. Nothing is mocked.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
 import os
-import random
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from nibabel import orientations as ornt_lib
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, generate_uid
 
 from pancreas_seg import __version__
@@ -62,14 +64,32 @@ from pancreas_seg.imaging.dicom_io import (
 )
 from pancreas_seg.imaging.dicom_seg import (
     InvalidSegmentationInputError,
+    SegmentationRefusedError,
     labels_from_segments,
+    prepare_seg_sources,
+    read_seg_sidecar,
+    seg_sidecar_path,
     write_dicom_seg,
 )
 from pancreas_seg.imaging.dicom_series_writer import write_ct_series
 from pancreas_seg.imaging.geometry import axial_view
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti, save_nifti
+from tests.imaging.dicom_builders import (
+    ANONYMISED_UIDS,
+    CT_NAME,
+    MASK_NAME,
+    N_SMALL,
+    edit,
+    make_gantry_tilt,
+    only_series,
+    reorient,
+    rotated,
+    run_dcm2niix,
+    shuffled_names,
+    strip_uids,
+    write_small,
+)
 
-CT_NAME, MASK_NAME = "ct_abdomen_3mm.nii.gz", "ct_abdomen_3mm_pancreas.nii.gz"
 AFFINE_ATOL_MM = 1e-4
 #: dcm2niix does its geometry in float32 and takes the slice spacing from two of the slices: on the
 #: 112-slice oblique stack its affine is off by up to ~2e-3 mm (origin placed from the far end).
@@ -82,81 +102,8 @@ def realdata(require_realdata) -> Path:
     return require_realdata(CT_NAME, MASK_NAME)
 
 
-@pytest.fixture(scope="module")
-def ct(realdata: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(HU int16 (X, Y, Z), affine) of the real CT, read by nibabel directly."""
-    image = nib.load(str(realdata / CT_NAME))
-    hu = np.asanyarray(image.dataobj)
-    assert hu.min() >= np.iinfo(np.int16).min and hu.max() <= np.iinfo(np.int16).max
-    return hu.astype(np.int16), image.affine
-
-
-@pytest.fixture(scope="module")
-def mask(realdata: Path) -> np.ndarray:
-    return np.asanyarray(nib.load(str(realdata / MASK_NAME)).dataobj).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def dcm2niix_bin() -> str:
-    """The real dcm2niix binary from the ``dcm2niix`` wheel (test extra): skip locally, fail in CI."""
-    try:
-        import dcm2niix  # noqa: PLC0415
-    except ImportError:
-        message = "dcm2niix is not installed (pip install dcm2niix, the test extra)"
-        if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:   # as tests/conftest.py
-            pytest.fail(f"{message}; CI=true, so this is a failure, not a skip", pytrace=False)
-        pytest.skip(message)
-    return dcm2niix.bin
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-def reorient(array: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:
-    """The same image stored in another axis order (exact: permutes and flips only)."""
-    transform = ornt_lib.ornt_transform(ornt_lib.io_orientation(affine), ornt_lib.axcodes2ornt(tuple(axcodes)))
-    return (ornt_lib.apply_orientation(array, transform),
-            affine @ ornt_lib.inv_ornt_aff(transform, array.shape))
-
-
-def rotated(affine: np.ndarray, about_x_deg: float, about_z_deg: float) -> np.ndarray:
-    """``affine`` rotated in world space (an oblique acquisition of the same voxels)."""
-    x, z = np.radians(about_x_deg), np.radians(about_z_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
-    rz = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
-    rotation = np.eye(4)
-    rotation[:3, :3] = rz @ rx
-    return rotation @ affine
-
-
-def shuffled_names(n: int, seed: int) -> list[str]:
-    """File names in an order unrelated to the slice order (and not sortable into it)."""
-    names = [f"IM{random.Random(seed + k).getrandbits(40):012x}.dcm" for k in range(n)]
-    random.Random(seed).shuffle(names)
-    return names
-
-
-def run_dcm2niix(binary: str, series_folder: Path, out: Path) -> nib.Nifti1Image:
-    out.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run([binary, "-z", "n", "-b", "n", "-f", "converted", "-o", str(out),
-                             str(series_folder)], capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    files = sorted(out.glob("*.nii"))
-    assert len(files) == 1, (result.stdout, files)
-    return nib.load(str(files[0]))
-
-
-def only_series(folder: Path) -> DicomVolume:
-    series = find_series(folder)
-    assert len(series) == 1
-    return read_series(series[0])
-
-
-def edit(path: Path, **attributes) -> None:
-    ds = pydicom.dcmread(path)
-    for name, value in attributes.items():
-        setattr(ds, name, value)
-    ds.save_as(path)
+# The fixtures ct, mask and dcm2niix_bin are in tests/imaging/conftest.py; the helpers (reorient,
+# rotated, shuffled_names, run_dcm2niix, only_series, edit, write_small) in dicom_builders.py.
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,12 +225,14 @@ def test_two_series_in_one_folder_are_grouped_apart_and_junk_is_skipped(ct, tmp_
         [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 40], [0, 0, 0, 1]]), "LPS")
     write_ct_series(small, small_affine, root / "sub" / "deeper", description="abdomen crop LPS",
                     series_number=3, file_name=lambda k: f"b_{k:04d}.dcm")
-    # Junk: a macOS resource file (real DICOM bytes), a text file, DICOM without a series, and a
-    # file cut inside its header (pydicom reads what is there: no SeriesInstanceUID left).
+    # Junk: a macOS resource file (real DICOM bytes), a text file, DICOM in no series and without
+    # an image, and a file cut inside its header (pydicom reads what is there: no SeriesInstanceUID
+    # left). An IMAGE without a SeriesInstanceUID is grouped by other keys: test_dicom_hospital.py.
     shutil.copy(first[0], root / "._a_0000.dcm")
     (root / "notes.txt").write_text("not DICOM\n")
     no_series = pydicom.dcmread(first[1])
-    del no_series.SeriesInstanceUID
+    for keyword in ("SeriesInstanceUID", "PixelData", "Rows", "Columns"):
+        delattr(no_series, keyword)
     no_series.save_as(root / "no_series.dcm")
     (root / "truncated.dcm").write_bytes(first[2].read_bytes()[:300])
 
@@ -294,6 +243,7 @@ def test_two_series_in_one_folder_are_grouped_apart_and_junk_is_skipped(ct, tmp_
     assert scan.n_files == 112 + 12 + 4
     assert scan.n_resource_forks == 1 and scan.n_not_dicom == 1 and scan.n_without_series == 2
     assert scan.unreadable == ()
+    assert [Path(file).name for file, _ in scan.ungrouped] == ["no_series.dcm", "truncated.dcm"]   # named
     assert scan.n_skipped == 4
 
     volumes, problems = read_dicom_folder(root)
@@ -318,17 +268,6 @@ def test_an_empty_or_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # bad series
 # --------------------------------------------------------------------------------------------
-N_SMALL = 10
-
-
-def write_small(ct, folder: Path, description: str, **kwargs) -> list[Path]:
-    """A 10-slice series from the real CT (z 50-59), usual axial DICOM orientation (LPS)."""
-    hu, affine = ct
-    crop = affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 50], [0, 0, 0, 1]])
-    stored, stored_affine = reorient(hu[:, :, 50:50 + N_SMALL], crop, "LPS")
-    return write_ct_series(stored, stored_affine, folder, description=description, **kwargs)
-
-
 def make_mixed_matrix(paths: list[Path]) -> None:
     ds = pydicom.dcmread(paths[4])
     ds.PixelData = np.ascontiguousarray(ds.pixel_array[:64, :80]).tobytes()
@@ -373,13 +312,6 @@ def make_too_few(paths: list[Path]) -> None:
 def make_single_slice(paths: list[Path]) -> None:
     for path in paths[1:]:
         path.unlink()
-
-
-def make_gantry_tilt(paths: list[Path]) -> None:
-    # Each slice 0.5 mm further along y than the last: slices stacked at atan(0.5 / 3) = 9.46 degrees.
-    for k, path in enumerate(paths):
-        x, y, z = (float(v) for v in pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient)
-        edit(path, ImagePositionPatient=[x, y + 0.5 * k, z], GantryDetectorTilt=9.46)
 
 
 def make_misaligned(paths: list[Path]) -> None:
@@ -633,3 +565,234 @@ def test_empty_prediction_still_writes_a_valid_seg(seg_case, tmp_path: Path) -> 
     pixels = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[ds.SOPInstanceUID for ds in volume.datasets], segment_numbers=[1, 2])
     assert not pixels.any()
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM-SEG of an anonymised series: UIDs empty or missing -> generated, recorded; or refused
+# --------------------------------------------------------------------------------------------
+#: The UIDs each anonymisation leaves unusable: :func:`strip_uids` empties (``"empty"``) or removes
+#: (``"missing"``) ANONYMISED_UIDS; ``"missing"`` also removes the FrameOfReferenceUID.
+ANONYMISED = {"empty": ANONYMISED_UIDS, "missing": (*ANONYMISED_UIDS, "FrameOfReferenceUID")}
+
+
+def anonymise(paths: list[Path], how: str) -> None:
+    """In place: the UIDs of :data:`ANONYMISED` ``[how]`` emptied or removed, as exports hold them."""
+    strip_uids(paths, how)
+    for path in paths if how == "missing" else ():
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+
+
+def file_digests(paths) -> dict[str, str]:
+    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+
+
+@pytest.fixture(scope="module", params=list(ANONYMISED))
+def anonymised_case(request, ct, mask, tmp_path_factory):
+    """The real CT (LPS, shuffled file names, reversed InstanceNumbers, as :func:`seg_case`) with
+    its UIDs empty or missing on disk; its SEG written from that; the files' digests before and
+    after; the log records of the write."""
+    how = request.param
+    hu, affine = ct
+    stored, stored_affine = reorient(hu, affine, "LPS")
+    stored_mask, _ = reorient(mask, affine, "LPS")
+    labels = stored_mask.copy()
+    labels[(stored_mask == 1) & (np.arange(labels.shape[0])[:, None, None] > np.median(np.nonzero(stored_mask)[0]))] = 2
+    folder = tmp_path_factory.mktemp(f"anonymised_{how}") / "series"
+    n = stored.shape[2]
+    names = shuffled_names(n, seed=11)
+    write_ct_series(stored, stored_affine, folder, description="real CT, anonymised",
+                    file_name=lambda k: names[k], instance_number=lambda k: n - k)
+    plain = only_series(folder)
+    original_for = plain.datasets[0].FrameOfReferenceUID
+    anonymise(list(plain.files), how)
+    volume = only_series(folder)   # the reader groups the UID-less files as dcm2niix does
+    np.testing.assert_array_equal(volume.array, plain.array)
+    before = file_digests(volume.files)
+    out = folder.parent / "out" / "case_seg.dcm"
+    handler = _Records()
+    logging.getLogger("pancreas_seg").addHandler(handler)
+    try:
+        written = write_dicom_seg(labels, volume.datasets, out, model="unet", source_files=volume.files,
+                                  source_array=volume.array, label="case")
+    finally:
+        logging.getLogger("pancreas_seg").removeHandler(handler)
+    return {"how": how, "volume": volume, "labels": labels, "path": written, "before": before,
+            "after": file_digests(volume.files), "records": handler.records, "original_for": original_for,
+            "root": folder.parent}
+
+
+class _Records(logging.Handler):
+    """Keeps every record (a module-scoped fixture cannot use ``caplog``)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_seg_of_a_series_without_uids_references_the_generated_uids_it_records(anonymised_case) -> None:
+    case = anonymised_case
+    volume, labels, path = case["volume"], case["labels"], case["path"]
+    blanked = ANONYMISED[case["how"]]
+    assert all(not ds.get(keyword) for ds in volume.datasets for keyword in blanked)   # really anonymised
+    sidecar = read_seg_sidecar(path)
+    assert sidecar is not None and seg_sidecar_path(path) == path.with_name("case_seg.json")
+    assert sidecar["status"] == "written" and sidecar["dicom_seg"] == "case_seg.dcm"
+    assert sidecar["generated"] == [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+                                                "SOPInstanceUID") if k in blanked]
+    assert ("empty in 112 of 112" if case["how"] == "empty" else "missing in 112 of 112") in sidecar["reason"]
+    instances = sidecar["instances"]
+    sop_uids = [item["sop_instance_uid"] for item in instances]
+    uids = [sidecar["study_instance_uid"], sidecar["series_instance_uid"], sidecar["frame_of_reference_uid"], *sop_uids]
+    assert all(pydicom.uid.UID(uid).is_valid for uid in uids) and len(set(uids)) == len(uids) == 3 + 112
+    # The mapping names every source image by its index (slice), file and InstanceNumber.
+    assert [item["index"] for item in instances] == list(range(112)) and all(item["generated"] for item in instances)
+    assert [item["file"] for item in instances] == [p.name for p in volume.files]
+    assert [item["instance_number"] for item in instances] == [int(ds.InstanceNumber) for ds in volume.datasets]
+    if case["how"] == "empty":   # a usable FrameOfReferenceUID is kept
+        assert sidecar["frame_of_reference_uid"] == case["original_for"]
+
+    seg = hd.seg.segread(path)
+    assert seg.StudyInstanceUID == sidecar["study_instance_uid"]
+    assert seg.FrameOfReferenceUID == sidecar["frame_of_reference_uid"]
+    assert seg.SeriesInstanceUID not in uids and seg.SOPInstanceUID not in uids   # the SEG's own
+    referenced = seg.ReferencedSeriesSequence
+    assert len(referenced) == 1 and referenced[0].SeriesInstanceUID == sidecar["series_instance_uid"]
+    assert {item.ReferencedSOPInstanceUID for item in referenced[0].ReferencedInstanceSequence} <= set(sop_uids)
+    # Frame k references the generated UID recorded for slice k: the label map comes back exactly.
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=sop_uids, segment_numbers=[1, 2],
+                                               assert_missing_frames_are_empty=True)
+    assert np.array_equal(labels_from_segments(pixels), labels)
+
+
+def test_the_source_files_and_headers_are_left_as_they_were(anonymised_case) -> None:
+    case = anonymised_case
+    assert case["after"] == case["before"]        # byte for byte
+    for ds in case["volume"].datasets:            # the caller's in-memory headers too
+        for keyword in ANONYMISED[case["how"]]:
+            assert (keyword in ds) == (case["how"] == "empty") and not ds.get(keyword)
+    assert sorted(p.name for p in (case["root"] / "out").iterdir()) == ["case_seg.dcm", "case_seg.json"]
+
+
+def test_generating_uids_is_logged_as_a_warning_without_identifiers_or_paths(anonymised_case) -> None:
+    case = anonymised_case
+    warnings = [r.getMessage() for r in case["records"] if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "lacks usable UIDs" in warnings[0] and "generated UIDs" in warnings[0]
+    assert all(keyword in warnings[0] for keyword in ANONYMISED[case["how"]])
+    header = case["volume"].datasets[0]
+    for message in (r.getMessage() for r in case["records"] if r.name.startswith("pancreas_seg")):
+        assert str(header.PatientName) not in message and str(header.PatientID) not in message
+        assert str(case["root"]) not in message and "/" not in message, message
+
+
+def test_seg_with_generated_uids_passes_dciodvfy(anonymised_case) -> None:
+    """dciodvfy (dicom3tools: ``apt-get install dicom3tools``) checks the SEG against the IOD rules."""
+    binary = shutil.which("dciodvfy")
+    if binary is None:
+        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
+    result = subprocess.run([binary, str(anonymised_case["path"])], capture_output=True, text=True, timeout=120,
+                            check=False)
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("Error")]
+    assert result.returncode == 0 and not errors and "Segmentation" in output, output
+
+
+def test_generated_uids_depend_on_the_content_only(anonymised_case) -> None:
+    volume = anonymised_case["volume"]
+    sidecar = read_seg_sidecar(anonymised_case["path"])
+    again = prepare_seg_sources(volume.datasets, source_files=volume.files, source_array=volume.array).generated
+    assert again is not None and again.to_dict() == {k: v for k, v in sidecar.items() if k not in ("dicom_seg", "status")}
+    other = volume.array.copy()
+    other[0, 0, 0] += 1          # one voxel of slice 0 differs: another series, other UIDs
+    changed = prepare_seg_sources(volume.datasets, source_array=other).generated
+    assert changed.study_instance_uid != again.study_instance_uid
+    assert changed.sop_instance_uids[0] != again.sop_instance_uids[0]
+    assert changed.sop_instance_uids[1:] == again.sop_instance_uids[1:]
+    without_pixels = [prepare_seg_sources(volume.datasets).generated for _ in range(2)]   # random
+    assert without_pixels[0].series_instance_uid != without_pixels[1].series_instance_uid
+
+
+def test_a_series_with_usable_uids_is_referenced_as_it_is(seg_case) -> None:
+    sources = prepare_seg_sources(seg_case["volume"].datasets, source_array=seg_case["volume"].array)
+    assert sources.generated is None and all(a is b for a, b in zip(sources.datasets, seg_case["volume"].datasets,
+                                                                    strict=True))
+    assert not seg_sidecar_path(seg_case["path"]).exists()
+
+
+#: name -> (how the in-memory headers are broken beyond repair, words the refusal must contain)
+UNREFERENCEABLE = {
+    "no_sop_class": (lambda k, ds: delattr(ds, "SOPClassUID"), "SOPClassUID missing in 112 of 112"),
+    "two_studies": (lambda k, ds: setattr(ds, "StudyInstanceUID", "1.2.826.0.1.3680043.8.498.7") if k % 2 else None,
+                    "2 different StudyInstanceUIDs"),
+    "enhanced_ct": (lambda k, ds: setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.2.1"), "multi-frame"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNREFERENCEABLE))
+def test_a_series_no_seg_can_reference_is_refused_with_the_reason(seg_case, name: str, tmp_path: Path) -> None:
+    volume = seg_case["volume"]
+    breaks, reason = UNREFERENCEABLE[name]
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in volume.files]
+    for k, ds in enumerate(headers):
+        ds.SOPInstanceUID = ""    # UIDs that could be generated do not hide the refusal
+        breaks(k, ds)
+    with pytest.raises(SegmentationRefusedError, match=reason) as refused:
+        write_dicom_seg(seg_case["labels"], headers, tmp_path / "case_seg.dcm", source_array=volume.array)
+    assert str(tmp_path) not in str(refused.value) and "/" not in str(refused.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_inference_nodes_write_the_nifti_and_report_generated_uids_or_the_refusal(anonymised_case, seg_case,
+                                                                                  tmp_path: Path) -> None:
+    """make_dicom_segs -> the catalog's partitioned datasets -> report_inference, as a run does:
+    the anonymised series gets a SEG with generated UIDs (in the report and the sidecar), the
+    series with no SOP Class UID gets its NIfTI mask and a refusal, and nothing raises."""
+    from pancreas_seg.datasets import DicomDataset, NiftiDataset, OptionalPartitionedDataset  # noqa: PLC0415
+    from pancreas_seg.pipelines.inference.nodes import Scan, make_dicom_segs, report_inference  # noqa: PLC0415
+
+    refused_volume = dataclasses.replace(seg_case["volume"], datasets=tuple(
+        pydicom.dcmread(p, stop_before_pixels=True) for p in seg_case["volume"].files))
+    for ds in refused_volume.datasets:
+        del ds.SOPClassUID
+    volumes = {"anonymised": anonymised_case["volume"], "refused": refused_volume}
+    labels = {"anonymised": anonymised_case["labels"], "refused": seg_case["labels"]}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "refused_seg.dcm").write_bytes(seg_case["path"].read_bytes())     # an earlier run's SEG
+    scans = {case: Scan(volume.folder, lambda v=volume: v, True, volume.description) for case, volume in volumes.items()}
+    inference = {"output_format": "dicom_seg", "output_dir": str(out), "model": "unet"}
+    # A stand-in for the loaded model: the nodes read only its name, files and card's data source.
+    predictor = SimpleNamespace(name="unet", model_files=[], card=SimpleNamespace(data_source="test"))
+
+    mask_store = OptionalPartitionedDataset(path=str(out), dataset=NiftiDataset, filename_suffix=".nii.gz")
+    mask_store.save({case: (lambda case=case: NiftiVolume(labels[case], volumes[case].affine, None)) for case in volumes})
+    masks = mask_store.load()
+    segs = make_dicom_segs(masks, scans, predictor, inference)
+    assert sorted(segs) == ["anonymised"]               # the refused case is left out, before anything is built
+    assert not (out / "refused_seg.dcm").exists()       # and an earlier run's SEG of it is gone
+    seg_store = OptionalPartitionedDataset(path=str(out), dataset=DicomDataset, filename_suffix="_seg.dcm")
+    seg_store.save(segs)
+    report = report_inference(masks, {}, seg_store.load(), scans, [], predictor, inference)
+
+    rows = {row["case_id"]: row for row in report["outputs"]}
+    for case in volumes:                                 # the NIfTI of both cases
+        assert np.array_equal(load_nifti(rows[case]["mask"]).array, labels[case])
+    refused = rows["refused"]
+    assert refused["dicom_seg"] is None and "SOPClassUID missing in 112 of 112" in refused["dicom_seg_refused"]
+    assert read_seg_sidecar(out / "refused_seg.dcm")["status"] == "refused"
+    written = rows["anonymised"]
+    generated = written["dicom_seg_generated_uids"]
+    assert generated == {k: v for k, v in read_seg_sidecar(written["dicom_seg"]).items()
+                         if k not in ("dicom_seg", "status")}
+    seg = hd.seg.segread(written["dicom_seg"])
+    assert seg.StudyInstanceUID == generated["study_instance_uid"]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == generated["series_instance_uid"]
+    assert {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} <= {
+        item["sop_instance_uid"] for item in generated["instances"]}
+    assert sorted(p.name for p in out.iterdir()) == ["anonymised.nii.gz", "anonymised_seg.dcm", "anonymised_seg.json",
+                                                     "refused.nii.gz", "refused_seg.json"]

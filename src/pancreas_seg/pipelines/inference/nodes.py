@@ -19,7 +19,14 @@ import numpy as np
 
 from pancreas_seg import tracking
 from pancreas_seg.core.labels import PANCREAS, TUMOUR
-from pancreas_seg.imaging.dicom_io import DicomVolume, read_dicom_folder
+from pancreas_seg.imaging.dicom_io import (
+    ArchiveLimits,
+    DicomVolume,
+    is_dicom_archive,
+    is_dicom_file,
+    is_dicomdir,
+    read_dicom_input,
+)
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
 from pancreas_seg.imaging.preprocess import axial_view
 from pancreas_seg.inference.predictor import PredictionSettings, Predictor
@@ -68,15 +75,23 @@ def is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and not list_nifti_files(path)
 
 
-def _dicom_scans(folder: Path, inference: Mapping[str, Any]) -> tuple[dict[str, Scan], list[dict[str, Any]]]:
-    series, problems = read_dicom_folder(folder, on_invalid=inference.get("on_invalid", "fail"))
+def is_dicom_input(path: Path) -> bool:
+    """DICOM input: a folder with no NIfTI file in it, a ``.zip`` of series, a DICOMDIR file, or one
+    DICOM file (an enhanced multi-frame CT)."""
+    return is_dicom_folder(path) or is_dicom_archive(path) or is_dicomdir(path) or is_dicom_file(path)
+
+
+def _dicom_scans(source: Path, inference: Mapping[str, Any]) -> tuple[dict[str, Scan], list[dict[str, Any]]]:
+    series, problems = read_dicom_input(source, on_invalid=inference.get("on_invalid", "fail"),
+                                        limits=ArchiveLimits.from_params(inference.get("dicom_archive")))
     for problem in problems:
-        logger.error("Invalid DICOM series %s", problem)
+        logger.error("Invalid DICOM input %s", problem)
     if not series:
-        raise ValueError(f"inference.input_path: {folder} holds no valid CT series")
+        raise ValueError(f"inference.input_path: {source} holds no valid CT series")
     scans = {uid: Scan(str(volume.folder), functools.partial(_identity, volume), True, volume.description)
              for uid, volume in series}
-    return scans, [{"file": str(p.folder), "series": p.series_uid, "reason": p.message} for p in problems]
+    return scans, [{"file": str(p.folder), "series": p.series_uid, "kind": p.kind, "reason": p.message}
+                   for p in problems]
 
 
 def _nifti_scans(input_path: Path, inference: Mapping[str, Any]) -> tuple[dict[str, Scan], list[dict[str, Any]]]:
@@ -103,19 +118,22 @@ def _identity(value: Any) -> Any:
 def find_scans(inference: dict[str, Any]) -> tuple[dict[str, Scan], list[dict[str, Any]]]:
     """The valid inputs of ``inference.input_path`` by case id, and the skipped ones.
 
-    A NIfTI file or folder (case id = file name) or a folder of DICOM series (searched
-    recursively; case id = SeriesInstanceUID). Invalid inputs follow ``inference.on_invalid``:
+    A NIfTI file or folder (case id = file name), or DICOM (case id = SeriesInstanceUID, or a
+    generated ``no-uid-...`` id for a series without one): a folder of series (searched
+    recursively), a ``.zip`` of series (checked against ``inference.dicom_archive`` before it is
+    extracted), a DICOMDIR file, or one DICOM file (an enhanced multi-frame CT). Invalid inputs
+    follow ``inference.on_invalid``:
     ``fail`` lists all of them in one error, ``skip`` leaves them out and reports them.
     """
     output_format = inference.get("output_format", "nifti")
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"inference.output_format {output_format!r}: use one of {list(OUTPUT_FORMATS)}")
     input_path = Path(inference["input_path"]).expanduser()
-    if is_dicom_folder(input_path):
+    if is_dicom_input(input_path):
         return _dicom_scans(input_path, inference)
     if output_format == "dicom_seg":
         raise ValueError(f"inference.output_format dicom_seg needs DICOM input, but {input_path} holds NIfTI; "
-                         "use output_format: nifti or point input_path at a folder of DICOM series")
+                         "use output_format: nifti or point input_path at DICOM series (a folder, a .zip or a DICOMDIR)")
     return _nifti_scans(input_path, inference)
 
 
@@ -173,19 +191,77 @@ def plot_overlays(masks: Mapping[str, Callable[[], NiftiVolume]], scans: Mapping
 def make_dicom_segs(masks: Mapping[str, Callable[[], NiftiVolume]], scans: Mapping[str, Scan],
                     predictor: Predictor, inference: dict[str, Any]) -> dict[str, Callable[[], Any]]:
     """``{case_id: fn -> DICOM-SEG}`` referencing each source series (``<case>_seg.dcm``), for DICOM
-    input with ``inference.output_format: dicom_seg``; empty otherwise."""
+    input with ``inference.output_format: dicom_seg``; empty otherwise.
+
+    A series without usable Study/Series/SOP Instance UIDs (an anonymised export) gets a SEG that
+    references generated UIDs (on in-memory copies of its headers; the files are never changed),
+    recorded in ``<case>_seg.json`` next to it. A series no valid SEG can reference
+    (:func:`~pancreas_seg.imaging.dicom_seg.seg_refusal`) is refused here, before anything is
+    written: a WARNING says why, ``<case>_seg.json`` records the refusal, an earlier run's
+    ``<case>_seg.dcm`` is removed, and the run goes on (its NIfTI mask is already written).
+    """
     if inference.get("output_format", "nifti") != "dicom_seg":
         return {}
+    from pancreas_seg.imaging.dicom_seg import (  # noqa: PLC0415 - highdicom for DICOM-SEG only
+        build_dicom_seg,
+        prepare_seg_sources,
+        seg_refusal,
+        seg_sidecar_path,
+        write_seg_sidecar,
+    )
 
-    def build(case_id: str) -> Any:
-        from pancreas_seg.imaging.dicom_seg import build_dicom_seg  # noqa: PLC0415 - highdicom for DICOM-SEG only
+    output_dir = Path(inference["output_dir"])
 
+    def source(case_id: str) -> DicomVolume:
         volume = scans[case_id].load()
         if not isinstance(volume, DicomVolume):
-            raise TypeError(f"{scans[case_id].source}: a DICOM-SEG needs a DICOM series")
-        return build_dicom_seg(masks[case_id]().array, volume.datasets, model=predictor.name)
+            raise TypeError(f"case {case_id}: a DICOM-SEG needs a DICOM series")
+        return volume
 
-    return {case_id: functools.partial(build, case_id) for case_id in scans if scans[case_id].is_dicom}
+    def build(case_id: str) -> Any:
+        volume = source(case_id)
+        sources = prepare_seg_sources(volume.datasets, source_files=volume.files, source_array=volume.array,
+                                      label=f"of case {case_id}")
+        segmentation = build_dicom_seg(masks[case_id]().array, sources.datasets, model=predictor.name)
+        seg_path = output_dir / f"{case_id}_seg.dcm"
+        if sources.generated is not None:
+            write_seg_sidecar(seg_path, sources.generated)    # before the catalog saves the SEG itself
+        else:
+            seg_sidecar_path(seg_path).unlink(missing_ok=True)   # an earlier run's record of this case
+        return segmentation
+
+    builders = {}
+    for case_id, scan in scans.items():
+        if not scan.is_dicom:
+            continue
+        volume = source(case_id)
+        reason = seg_refusal(volume.datasets, volume.array.shape)
+        if reason is None:
+            builders[case_id] = functools.partial(build, case_id)
+            continue
+        seg_path = output_dir / f"{case_id}_seg.dcm"
+        logger.warning("No DICOM-SEG for case %s: %s. Its NIfTI mask is written; the refusal is recorded in "
+                       "%s", case_id, reason, seg_sidecar_path(seg_path).name)
+        write_seg_sidecar(seg_path, refused=reason)
+        if seg_path.is_file():
+            seg_path.unlink()
+            logger.info("Removed the DICOM-SEG an earlier run wrote for case %s", case_id)
+    return builders
+
+
+def _dicom_seg_row(seg_path: Path) -> dict[str, Any]:
+    """The report's DICOM-SEG columns of one case: the SEG's path, or why it was refused; and the
+    UIDs generated for its source series (from the sidecar this run's make_dicom_segs wrote)."""
+    from pancreas_seg.imaging.dicom_seg import read_seg_sidecar, seg_sidecar_path  # noqa: PLC0415
+
+    sidecar = read_seg_sidecar(seg_path)
+    if sidecar is None:
+        return {"dicom_seg": str(seg_path)}
+    if sidecar.get("status") == "refused":
+        return {"dicom_seg": None, "dicom_seg_refused": sidecar.get("reason"),
+                "dicom_seg_record": str(seg_sidecar_path(seg_path))}
+    return {"dicom_seg": str(seg_path), "dicom_seg_record": str(seg_sidecar_path(seg_path)),
+            "dicom_seg_generated_uids": {k: v for k, v in sidecar.items() if k not in ("dicom_seg", "status")}}
 
 
 def report_inference(masks: Mapping[str, Callable[[], NiftiVolume]], overlays: Mapping[str, Any],
@@ -195,7 +271,11 @@ def report_inference(masks: Mapping[str, Callable[[], NiftiVolume]], overlays: M
     the settings and counts also go to the active MLflow run (the inference experiment's).
 
     ``overlays`` and ``dicom_segs`` are taken so that the report comes after them; the report
-    lists only this run's scans, whatever else lies in ``inference.output_dir``.
+    lists only this run's scans, whatever else lies in ``inference.output_dir``. With
+    ``output_format: dicom_seg`` a DICOM case's row also says why its SEG was refused
+    (``dicom_seg_refused``, ``dicom_seg`` None), or which UIDs were generated for its source series
+    (``dicom_seg_generated_uids``: study, series, frame of reference, and the SOP Instance UID of
+    every source image by index, file and InstanceNumber), as recorded in ``dicom_seg_record``.
     """
     output_dir = Path(inference["output_dir"])
     dicom_seg = inference.get("output_format", "nifti") == "dicom_seg"
@@ -207,13 +287,16 @@ def report_inference(masks: Mapping[str, Callable[[], NiftiVolume]], overlays: M
                "voxels_pancreas": int(np.count_nonzero(labels == PANCREAS)),
                "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
         if scan.is_dicom and dicom_seg:
-            row["dicom_seg"] = str(output_dir / f"{case_id}_seg.dcm")
+            row |= _dicom_seg_row(output_dir / f"{case_id}_seg.dcm")
         if scan.is_dicom:
             row["series_description"] = scan.description
         outputs.append(row)
+    counts = {"scans_segmented": len(outputs), "inputs_invalid": len(skipped)}
+    if dicom_seg:
+        counts |= {"dicom_segs_refused": sum("dicom_seg_refused" in row for row in outputs),
+                   "dicom_segs_with_generated_uids": sum("dicom_seg_generated_uids" in row for row in outputs)}
     tracking.log_to_active_run({"model_reference": inference["model"], "model": predictor.name},
-                               {"inference": {k: str(v)[:500] for k, v in inference.items()}},
-                               {"scans_segmented": len(outputs), "inputs_invalid": len(skipped)})
+                               {"inference": {k: str(v)[:500] for k, v in inference.items()}}, counts)
     model_files = [str(path) for path in predictor.model_files]
     report = {"model": str(inference["model"]), "model_file": model_files[0] if len(model_files) == 1 else model_files,
               "architecture": predictor.name, "trained_on": predictor.card.data_source}
