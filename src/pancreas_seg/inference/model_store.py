@@ -93,12 +93,13 @@ BUNDLE_IN_MLFLOW_MODEL = ("artifacts", "bundle")
 
 
 def write_bundle(folder: str | Path, name: str, trained: TrainedModel | TrainedEnsemble,
-                 prediction_settings: Mapping[str, Any]) -> Path:
+                 prediction_settings: Mapping[str, Any], serving_settings: Mapping[str, Any] | None = None) -> Path:
     """Copy a model (or the members of an ensemble) with their cards into ``folder`` as a bundle.
 
     The bundle is ``bundle.json`` (kind, name, members, the prediction settings to apply by
-    default) next to each member's ``.keras`` file, card and, for the cascade, stage-1 file.
-    Returns ``folder``.
+    default and, when given, the served model's limits: ``serving_settings``, see
+    :mod:`pancreas_seg.inference.serving_settings`) next to each member's ``.keras`` file, card
+    and, for the cascade, stage-1 file. Returns ``folder``.
     """
     import shutil  # noqa: PLC0415
 
@@ -116,6 +117,8 @@ def write_bundle(folder: str | Path, name: str, trained: TrainedModel | TrainedE
         entries.append(entry)
     kind = "ensemble" if isinstance(trained, TrainedEnsemble) else "single"
     index = {"kind": kind, "name": name, "members": entries, "prediction_settings": dict(prediction_settings)}
+    if serving_settings is not None:
+        index["serving_settings"] = dict(serving_settings)
     (folder / BUNDLE_FILE).write_text(json.dumps(index, indent=2))
     return folder
 
@@ -137,6 +140,13 @@ def read_bundle_settings(folder: str | Path, reference: str) -> PredictionSettin
         raise ValueError(f"{reference}: {index_file} records no prediction settings (logged by an earlier "
                          "version of pancreas_seg); retrain the model to log it again")
     return PredictionSettings.from_params(settings)
+
+
+def read_bundle_serving_settings(folder: str | Path) -> dict[str, Any]:
+    """The served model's limits a bundle was logged with (the ``inference.serving`` parameters of
+    its run); empty for a bundle logged without them (the defaults then apply)."""
+    index_file = _bundle_folder(Path(folder)) / BUNDLE_FILE
+    return dict(json.loads(index_file.read_text()).get("serving_settings") or {})
 
 
 def read_bundle(folder: str | Path, reference: str) -> TrainedModel | TrainedEnsemble:

@@ -1,140 +1,653 @@
 """The MLflow pyfunc model: CT scans in, label maps out, through the inference pipeline's own code.
 
 Every trained model (single, cascade, fold ensemble) is logged as an MLflow 3 pyfunc model whose
-``predict`` runs the one predictor, :class:`pancreas_seg.inference.predictor.Predictor`: the same validation,
+``predict`` runs the one predictor, :class:`pancreas_seg.inference.predictor.Predictor`: the same
 preprocessing, prediction, map-back and post-processing as ``kedro run --pipelines=inference``.
-The model's artifact ``bundle`` (see :func:`pancreas_seg.inference.model_store.write_bundle`) holds the
-``.keras`` file(s) and model card(s); ``bundle.json`` also records the prediction settings
-(``inference`` parameters of the run that logged it: batch size, XLA, flip TTA, post-processing).
+The model's artifact ``bundle`` (see :func:`pancreas_seg.inference.model_store.write_bundle`) holds
+the ``.keras`` file(s) and model card(s); ``bundle.json`` also records the prediction settings
+(``inference`` parameters of the run that logged it: batch size, XLA, flip TTA, post-processing)
+and the serving limits (``inference.serving``, :class:`~pancreas_seg.inference.serving_settings.ServingSettings`,
+which ``PANCREAS_SEG_SERVING_<KEY>`` environment variables override at serve time).
 
-Input, a DataFrame with one row per scan and one of the columns:
+Input, a DataFrame with one row per scan and, in each row, exactly one of the input columns
+(:data:`INPUT_COLUMNS`; a new input kind is one more entry there and in :func:`signature`):
 
 * ``nifti_base64``: the bytes of a ``.nii`` or ``.nii.gz`` file, base64-encoded (for HTTP);
-* ``path``: a local NIfTI file path (for in-process use).
+* ``path``: a local NIfTI file path. **Off in the served model**: refused with one message,
+  whether or not the file exists, unless the path (symlinks and ``..`` resolved) lies under one of
+  ``serving.path_roots``. An in-process caller may allow any path:
+  ``SegmentationModel(local_paths=True)``, or :func:`load_in_process`.
 
 Parameters (optional, per request): ``flip_tta`` and ``keep_largest_component``, as in the
 inference pipeline's ``inference`` settings; their defaults are the recorded settings.
 
 Output, one row per input row: ``mask_nifti_base64``, the label map (uint8, 0 background,
 1 pancreas, 2 tumour) as a base64-encoded ``.nii.gz`` with the input's shape, affine and header,
-and ``case_id``. A bad row (not NIfTI, not 3D, non-finite voxels, no column) raises an
-:class:`mlflow.exceptions.MlflowException` whose message names the row and the problem; the
-scoring server answers it with HTTP 400 and no stack trace, and keeps serving.
+and ``case_id`` (``row<i>`` for uploaded bytes, the file's case id for a ``path``).
+
+What a request may cost is bounded before any voxel data is inflated, in this order (statuses
+as MLflow's scoring server answers them; see :mod:`pancreas_seg.inference.scoring_server_guard`
+for what is checked before MLflow reads the body):
+
+1. admission: at most ``max_in_flight + max_queue`` requests at once, else **503** with
+   ``Retry-After`` (and ``retry_after_s`` in the JSON body);
+2. the request: at most ``max_rows`` rows and ``max_request_mib`` of base64 text, else **413**;
+3. each scan's bytes and NIfTI header (:mod:`pancreas_seg.imaging.nifti_upload`): file size,
+   3D, each dimension, voxel count (**413** past a limit), voxel type and spacing range
+   (**400**); a malformed row (not base64, not NIfTI, no input column) is **400**;
+4. a slot: wait at most ``queue_timeout_s`` for one of ``max_in_flight``, else **503**;
+5. in the slot, per scan: the deadline (``request_timeout_s`` from admission, else **504**), the
+   voxel data inflated into a buffer of the declared size (more or less data: **400**), finite
+   voxels (**400**), then segmentation.
+
+Every error is an :class:`mlflow.exceptions.MlflowException` (:class:`ServingError`) whose message
+names the row and the problem and never a file name, a path or a header field that can identify
+a patient; the scoring server answers it without a stack trace and keeps serving. An unexpected
+error is answered 500 with its exception type only, and logged the same way.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
+import contextvars
 import gzip
+import io
+import json
+import logging
+import numbers
+import re
+import shutil
 import tempfile
+import threading
 import warnings
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import (
+    DEADLINE_EXCEEDED,
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    PERMISSION_DENIED,
+    TEMPORARILY_UNAVAILABLE,
+)
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from pancreas_seg.imaging.nifti_io import save_nifti
+from pancreas_seg.imaging.nifti_io import NiftiVolume, nifti_bytes
+from pancreas_seg.imaging.nifti_upload import UploadRefused, VolumeLimits, read_upload, read_upload_header
+from pancreas_seg.inference import scoring_server_guard
+from pancreas_seg.inference.admission import CURRENT_TICKET, Admission, DeadlineExceeded, Overloaded, Ticket
 from pancreas_seg.inference.model_card import ModelCard
 from pancreas_seg.inference.model_store import (
     SERVING_MODEL_NAME,
     TrainedEnsemble,
     TrainedModel,
     read_bundle,
+    read_bundle_serving_settings,
     read_bundle_settings,
     write_bundle,
 )
 from pancreas_seg.inference.predictor import PredictionSettings, Predictor
+from pancreas_seg.inference.serving_settings import ServingSettings
 from pancreas_seg.task07.layout import case_id_from_path
-from pancreas_seg.task07.validation import check_image
 
-INPUT_BASE64, INPUT_PATH = "nifti_base64", "path"
+logger = logging.getLogger(__name__)
+
+INPUT_BASE64, INPUT_PATH, INPUT_DICOM = "nifti_base64", "path", "dicom_zip_base64"
+INPUT_COLUMNS = {INPUT_BASE64: "base64 NIfTI bytes", INPUT_PATH: "a local NIfTI file",
+                 INPUT_DICOM: "a .zip of one DICOM CT series, base64"}
+"""The input columns and what each holds; a row uses exactly one of them."""
+BASE64_COLUMNS = (INPUT_BASE64, INPUT_DICOM)
+"""Input columns whose text counts towards ``serving.max_request_mib``."""
+DICOM_COLUMNS = (INPUT_DICOM,)
+"""Input columns of DICOM uploads: a request's rows are all DICOM or all NIfTI (``nifti_base64``, ``path``)."""
 OUTPUT_BASE64, OUTPUT_CASE = "mask_nifti_base64", "case_id"
+OUTPUT_SEG, OUTPUT_SEG_RECORD, OUTPUT_SEG_REFUSED = "dicom_seg_base64", "dicom_seg_record", "dicom_seg_refused"
+"""Output columns of a DICOM request with ``return_dicom_seg``: the SEG's bytes (base64), the JSON record of
+the source UIDs generated for it (when the series lacked usable ones), and why no SEG was made."""
+SEG_COLUMNS = (OUTPUT_SEG, OUTPUT_SEG_RECORD, OUTPUT_SEG_REFUSED)
 BUNDLE_ARTIFACT = "bundle"
 MODEL_NAME = SERVING_MODEL_NAME
 """The logged model's name in its run (what the UI shows under *Models*)."""
 REQUEST_PARAMS = ("flip_tta", "keep_largest_component")
 """Prediction settings a request may change (the scoring server's ``params``); the defaults are the
 settings recorded in the bundle."""
+RETURN_DICOM_SEG = "return_dicom_seg"
+RESPONSE_PARAMS = {RETURN_DICOM_SEG: False}
+"""Boolean request params that choose what the answer holds (not prediction settings), with their defaults."""
+PATH_REFUSED = ("row {index}: the '" + INPUT_PATH + "' input is refused: this server reads local files only "
+                "under its allow-listed folders (serving.path_roots), and this is not a readable file under them")
+"""The one message for every refused ``path`` in the served model (missing, outside the roots, a folder ...)."""
+
+_ERROR_CODES = {400: INVALID_PARAMETER_VALUE, 403: PERMISSION_DENIED, 413: INVALID_PARAMETER_VALUE,
+                500: INTERNAL_ERROR, 503: TEMPORARILY_UNAVAILABLE, 504: DEADLINE_EXCEEDED}
+_PATH_LIKE = re.compile(r"(?:~|[A-Za-z]:)?(?:[/\\][^\s/\\'\"]+){2,}|[^\s/\\'\"]+\.nii(?:\.gz)?")
+"""Something that looks like a path (two or more segments) or a NIfTI file name, for :func:`scrub`."""
 
 
 def signature(settings: PredictionSettings) -> ModelSignature:
-    """The pyfunc signature: NIfTI in, label maps out, :data:`REQUEST_PARAMS` defaulting to ``settings``."""
+    """The pyfunc signature: NIfTI or zipped DICOM in, label maps (and DICOM-SEGs) out,
+    :data:`REQUEST_PARAMS` defaulting to ``settings`` and :data:`RESPONSE_PARAMS` to their defaults."""
     return ModelSignature(
-        inputs=Schema([ColSpec("string", INPUT_BASE64, required=False),
-                       ColSpec("string", INPUT_PATH, required=False)]),
-        outputs=Schema([ColSpec("string", OUTPUT_CASE), ColSpec("string", OUTPUT_BASE64)]),
-        params=ParamSchema([ParamSpec(name, "boolean", getattr(settings, name)) for name in REQUEST_PARAMS]),
+        inputs=Schema([ColSpec("string", column, required=False) for column in INPUT_COLUMNS]),
+        outputs=Schema([ColSpec("string", OUTPUT_CASE), ColSpec("string", OUTPUT_BASE64),
+                        *(ColSpec("string", column, required=False) for column in SEG_COLUMNS)]),
+        params=ParamSchema([*(ParamSpec(name, "boolean", getattr(settings, name)) for name in REQUEST_PARAMS),
+                            *(ParamSpec(name, "boolean", default) for name, default in RESPONSE_PARAMS.items())]),
     )
 
 
-def _bad_request(message: str) -> MlflowException:
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+class ServingError(MlflowException):
+    """A request the served model does not answer with masks: ``status`` is the HTTP status.
+
+    MLflow's scoring server prefixes a model's error message with the whole request DataFrame
+    (``Failed to predict data '<data>'``, ``mlflow/pyfunc/scoring_server/__init__.py``,
+    ``invocations``); that would echo a client's paths and file contents back, so this message
+    keeps its first value.
+    """
+
+    def __init__(self, message: str, status: int = 400, retry_after_s: int | None = None) -> None:
+        extra = {"retry_after_s": retry_after_s} if retry_after_s is not None else {}
+        super().__init__(message, error_code=_ERROR_CODES.get(status, INTERNAL_ERROR), **extra)
+        self.status = status
+
+    @property
+    def message(self) -> str:  # type: ignore[override]
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
+    def get_http_status_code(self) -> int:
+        return self.status
 
 
-def _nifti_suffix(payload: bytes) -> str:
-    return ".nii.gz" if payload[:2] == b"\x1f\x8b" else ".nii"
+def scrub(text: str) -> str:
+    """``text`` with anything that looks like a file path replaced by ``<path>`` (for logs)."""
+    return _PATH_LIKE.sub("<path>", text)
+
+
+def _flag(params: Mapping[str, Any], name: str) -> bool:
+    """A boolean request param of :data:`RESPONSE_PARAMS` (absent or None: its default)."""
+    value = params.get(name)
+    if value is None:
+        return RESPONSE_PARAMS[name]
+    if isinstance(value, bool) or type(value).__name__ == "bool_":    # numpy's bool too
+        return bool(value)
+    raise ServingError(f"param '{name}' must be true or false, got a {type(value).__name__}")
+
+
+class _RequestFolder:
+    """A request's private temporary folder (mode 0700), made on first use and removed on exit."""
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = Path(tempfile.mkdtemp(prefix="pancreas_seg_serving_"))
+        return self._path
+
+    def __enter__(self) -> _RequestFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._path is not None:
+            shutil.rmtree(self._path, ignore_errors=True)
+            self._path = None
+
+
+#: (words in :class:`~pancreas_seg.imaging.dicom_io.UnsafeArchiveError`'s message, HTTP status, what the
+#: client is told): the reader's messages name the archive's path and members, these do not.
+_ARCHIVE_REFUSALS = (
+    ("not a readable zip", 400, "is not a readable zip file"),
+    ("members, more than the limit", 413,
+     "has {found}members, more than the limit of {max_members} (serving.dicom_max_members); nothing was extracted"),
+    ("bytes uncompressed, more than the limit", 413,
+     "holds {found}bytes uncompressed, more than the limit of {max_mib} MiB (serving.dicom_max_uncompressed_mib); "
+     "nothing was extracted"),
+    ("path traversal", 400, "has a member with an absolute or '..' path (path traversal); nothing was extracted"),
+    ("leaves the extraction folder", 400, "has a member that leaves the extraction folder (path traversal)"),
+    ("symbolic link", 400, "has a member that is a symbolic link; nothing was extracted"),
+    ("encrypted", 400, "has an encrypted member"),
+    ("inflates past", 413, "has a member that inflates past its declared size or the uncompressed limit"),
+    ("cannot be extracted", 400, "has a member that cannot be extracted (corrupt, or an unsupported compression)"),
+)
+#: What the client is told for each kind of :class:`~pancreas_seg.imaging.dicom_io.SeriesProblem`
+#: (kinds not listed are named as they are, with spaces).
+_SERIES_PROBLEMS = {
+    "not_ct": "not CT (Modality)",
+    "localizer": "a localizer or scout (send the CT series only)",
+    "gantry_tilt": "gantry tilt, which is refused, not resampled (convert the series with dcm2niix first)",
+    "no_decoder": "a transfer syntax with no pixel decoder installed on the server",
+    "too_few_slices": "too few slices",
+    "ungrouped_file": "DICOM files in no series",
+}
+
+_READING_UPLOAD: contextvars.ContextVar[int | None] = contextvars.ContextVar("pancreas_seg_reading_upload",
+                                                                            default=None)
+"""The row whose DICOM upload this thread is reading (None: not reading one)."""
+_READER_LOCK = threading.Lock()
+"""Serialises the DICOM reads and SEG builds of concurrent requests: ``warnings.catch_warnings`` is process-wide."""
+
+
+class _UploadLogFilter(logging.Filter):
+    """While a DICOM upload is read, the DICOM reader's log records keep their text but not their
+    arguments (archive paths, member names, series descriptions), numbers excepted, and pydicom's
+    records (they may quote header values, a PatientName among them) are withheld entirely."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        index = _READING_UPLOAD.get()
+        if index is None:
+            return True
+        if record.name == "pydicom":
+            record.msg, record.args = "row %d: a pydicom %s, withheld (it may quote header values)", (
+                index, record.levelname.lower())
+        else:
+            args = record.args
+            if isinstance(args, Mapping):
+                record.args = {key: _loggable(value) for key, value in args.items()}
+            elif args:
+                record.args = tuple(_loggable(value) for value in args)
+            record.msg = f"row {index}: {record.msg}"
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+def _loggable(value: object) -> object:
+    return value if isinstance(value, numbers.Number) else "<withheld>"
+
+
+_UPLOAD_LOG_FILTER = _UploadLogFilter()
+for _name in ("pancreas_seg.imaging.dicom_io", "pydicom"):
+    logging.getLogger(_name).addFilter(_UPLOAD_LOG_FILTER)
+
+
+@contextlib.contextmanager
+def _withheld_reader_output(index: int) -> Iterator[None]:
+    """Read DICOM for row ``index`` with the reader's logs filtered (:class:`_UploadLogFilter`) and
+    pydicom's warnings (which quote header values) counted, not shown."""
+    token = _READING_UPLOAD.set(index)
+    try:
+        with _READER_LOCK, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                if caught:
+                    logger.info("row %d: %d warning(s) of the DICOM reader withheld (they may quote header "
+                                "values)", index, len(caught))
+    finally:
+        _READING_UPLOAD.reset(token)
+
+
+def _check_dicom_images(archive: Path, limits: VolumeLimits, index: int) -> None:
+    """Refuse (413) a zip whose DICOM images, read from their headers in the zip (no pixel data
+    decoded, nothing extracted), exceed the per-scan limits: Rows or Columns or the number of
+    images (slices) past ``max_dim``, or more than ``max_voxels`` voxels in all."""
+    import pydicom  # noqa: PLC0415 - DICOM input only
+
+    n_images = n_voxels = 0
+    with zipfile.ZipFile(archive) as handle:
+        for info in handle.infolist():
+            if info.is_dir() or PurePosixPath(info.filename).name.startswith("._"):
+                continue
+            try:
+                with handle.open(info) as member:
+                    header = pydicom.dcmread(member, stop_before_pixels=True, force=False,
+                                             specific_tags=["Rows", "Columns", "NumberOfFrames"])
+                rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+                frames = int(header.get("NumberOfFrames") or 1)
+            except Exception:  # noqa: BLE001 - not DICOM, or a bad header: the reader names it as it may
+                continue
+            if rows * columns == 0:
+                continue                        # no image (a DICOMDIR, a report)
+            if max(rows, columns) > limits.max_dim:
+                raise ServingError(f"row {index}: a DICOM image of the archive is {rows} x {columns} pixels; at most "
+                                   f"{limits.max_dim} along any axis are accepted", 413)
+            n_images += max(frames, 1)
+            n_voxels += rows * columns * max(frames, 1)
+            if n_images > limits.max_dim or n_voxels > limits.max_voxels:
+                raise ServingError(f"row {index}: the archive's DICOM images hold more than "
+                                   + (f"{limits.max_dim} slices" if n_images > limits.max_dim
+                                      else f"{limits.max_voxels} voxels")
+                                   + "; at most that many are accepted per scan", 413)
+
+
+@dataclass
+class _Row:
+    """One checked input row: the scan's bytes, what the output calls it, what logs call it; for a
+    DICOM upload, the column and where its archive waits in the request's private folder."""
+
+    index: int
+    payload: bytes
+    case_id: str
+    column: str = INPUT_BASE64
+    archive: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return f"row{self.index}"
 
 
 class SegmentationModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper of a pancreas_seg segmenter (see the module docstring for the signature)."""
+    """pyfunc wrapper of a pancreas_seg segmenter (see the module docstring for the signature).
+
+    Args:
+        local_paths: allow the ``path`` input for any file this process can read (in-process use
+            only: the served model is built with the default, False, and then reads paths only
+            under ``serving.path_roots``).
+    """
+
+    def __init__(self, local_paths: bool = False) -> None:
+        self.local_paths = local_paths
 
     def load_context(self, context: Any) -> None:
         folder = Path(context.artifacts[BUNDLE_ARTIFACT])
-        trained = read_bundle(folder, f"pyfunc bundle {folder}")
+        trained = read_bundle(folder, "the pyfunc bundle")
         # the models are loaded and checked now, not on the first request
-        self.predictor = Predictor.from_trained(trained, read_bundle_settings(folder, f"pyfunc bundle {folder}"))
+        self.predictor = Predictor.from_trained(trained, read_bundle_settings(folder, "the pyfunc bundle"))
+        self.configure(ServingSettings.from_params(read_bundle_serving_settings(folder)).with_environment())
+
+    def configure(self, settings: ServingSettings) -> None:
+        """Apply serving ``settings`` (limits, admission); in the scoring server, install its guard."""
+        self.settings = settings
+        self.limits: VolumeLimits = settings.volume_limits
+        self.admission = Admission(settings.max_in_flight, settings.max_queue, settings.queue_timeout_s,
+                                   settings.request_timeout_s, settings.retry_after_s)
+        logger.info("serving limits: %s", {k: v for k, v in settings.to_dict().items() if k != "path_roots"}
+                    | {"path_roots": len(settings.path_roots)})
+        if scoring_server_guard.in_scoring_server():
+            scoring_server_guard.install(self.admission, settings.max_request_bytes, settings.retry_after_s)
 
     def _predictor(self, params: Mapping[str, Any]) -> Predictor:
         changes = {name: bool(params[name]) for name in REQUEST_PARAMS if params.get(name) is not None}
         return self.predictor.with_settings(**changes) if changes else self.predictor
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        ticket = CURRENT_TICKET.get()   # admitted by the scoring-server guard before the body was read
+        own_ticket = ticket is None
+        try:
+            if own_ticket:
+                ticket = self.admission.admit()
+            return self._predict(model_input, params or {}, ticket)
+        except ServingError as exc:
+            logger.warning("request refused (%d): %s", exc.status, scrub(exc.message))
+            raise
+        except Overloaded as exc:
+            logger.warning("request refused (503): %s", exc)
+            raise ServingError(str(exc), 503, exc.retry_after_s) from None
+        except DeadlineExceeded as exc:
+            logger.warning("request stopped (504): %s", exc)
+            raise ServingError(str(exc), 504) from None
+        except Exception as exc:  # noqa: BLE001 - never a stack trace or a server path to the client
+            logger.error("request failed (500): %s", type(exc).__name__)
+            logger.debug("request failed: %s", scrub(str(exc)))
+            raise ServingError(f"internal error while segmenting ({type(exc).__name__}); see the server log",
+                               500) from None
+        finally:
+            if own_ticket and ticket is not None:
+                ticket.release()
+
+    def _predict(self, model_input: Any, params: Mapping[str, Any], ticket: Ticket) -> pd.DataFrame:
+        want_seg = _flag(params, RETURN_DICOM_SEG)
+        with _RequestFolder() as folder:       # DICOM archives wait here; removed whatever happens
+            rows = self._checked_rows(model_input, folder)
+            if want_seg and not any(row.column in DICOM_COLUMNS for row in rows):
+                raise ServingError(f"'{RETURN_DICOM_SEG}' needs DICOM input: a DICOM-SEG references the series "
+                                   f"it segments, so send the series as '{INPUT_DICOM}'")
+            predictor = self._predictor(params)
+            ticket.check_deadline("waiting for a slot")
+            outputs = []
+            with ticket.slot():
+                for row in rows:
+                    ticket.check_deadline(f"segmenting row {row.index}")
+                    if row.column in DICOM_COLUMNS:
+                        outputs.append(self._segment_dicom(row, predictor, ticket, want_seg))
+                        continue
+                    ct = self._read(row)
+                    row.payload = b""                      # the compressed bytes are not needed any more
+                    labels = predictor.segment(ct.array, ct.affine, row.name)
+                    mask = nifti_bytes(labels, ct.affine, ct.header, compress=True)
+                    outputs.append({OUTPUT_CASE: row.case_id, OUTPUT_BASE64: base64.b64encode(mask).decode("ascii")})
+                    del ct, labels, mask
+        return pd.DataFrame(outputs, columns=[OUTPUT_CASE, OUTPUT_BASE64, *(SEG_COLUMNS if want_seg else ())])
+
+    def _checked_rows(self, model_input: Any, folder: _RequestFolder) -> list[_Row]:
+        """Every row's bytes with its size and NIfTI header checked (nothing inflated yet); a DICOM
+        archive written to ``folder`` and checked from its central directory and image headers."""
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
-        if not ({INPUT_BASE64, INPUT_PATH} & set(model_input.columns)):
-            raise _bad_request(f"the request has neither a '{INPUT_BASE64}' column (base64 NIfTI bytes) nor a "
-                               f"'{INPUT_PATH}' column (a local NIfTI file)")
-        predictor = self._predictor(params or {})
+        columns = [c for c in INPUT_COLUMNS if c in model_input.columns]
+        if not columns:
+            raise ServingError("the request has neither " + " nor ".join(
+                f"a '{c}' column ({what})" for c, what in INPUT_COLUMNS.items()))
+        if len(model_input) > self.settings.max_rows:
+            raise ServingError(f"the request has {len(model_input)} rows; at most {self.settings.max_rows} scans "
+                               "per request are accepted", 413)
+        text = sum(len(v) for c in BASE64_COLUMNS if c in model_input.columns
+                   for v in model_input[c] if isinstance(v, str))
+        if text > self.settings.max_request_bytes:
+            raise ServingError(f"the request holds {text} bytes of base64 input, more than the limit of "
+                               f"{self.settings.max_request_bytes} bytes", 413)
         rows = []
-        with tempfile.TemporaryDirectory(prefix="pancreas_seg_serving_") as tmp:
-            for index, row in enumerate(model_input.to_dict(orient="records")):
-                path = self._input_file(row, index, Path(tmp))
-                case_id = case_id_from_path(path) if row.get(INPUT_PATH) else f"row{index}"
-                ct, findings = check_image(path, case_id)   # the inference node's input checks; read once
-                if ct is None or findings:
-                    problems = "; ".join(f.message.replace(str(path), "the uploaded file") for f in findings)
-                    raise _bad_request(f"row {index}: {problems}")
-                labels = predictor.segment(ct.array, ct.affine, case_id)
-                mask_path = Path(tmp) / f"mask{index}.nii.gz"
-                save_nifti(mask_path, labels, ct.affine, ct.header)
-                rows.append({OUTPUT_CASE: case_id,
-                             OUTPUT_BASE64: base64.b64encode(mask_path.read_bytes()).decode("ascii")})
-        return pd.DataFrame(rows, columns=[OUTPUT_CASE, OUTPUT_BASE64])
+        for index, record in enumerate(model_input[columns].to_dict(orient="records")):
+            given = [c for c in columns if isinstance(record.get(c), str) and record[c]]
+            if len(given) != 1:
+                raise ServingError(f"row {index}: give exactly one of " + ", ".join(f"'{c}'" for c in INPUT_COLUMNS)
+                                   + (f" (neither is given)" if not given else f" (got {', '.join(given)})"))
+            column = given[0]
+            if rows and (column in DICOM_COLUMNS) != (rows[0].column in DICOM_COLUMNS):
+                raise ServingError(f"row {index}: one input kind per request: rows {rows[0].index} and {index} mix "
+                                   f"DICOM ('{INPUT_DICOM}') and NIfTI ('{INPUT_BASE64}', '{INPUT_PATH}'); send "
+                                   "them in separate requests")
+            payload, case_id = _READERS[column](self, record[column], index)
+            if column in DICOM_COLUMNS:
+                rows.append(self._checked_archive(_Row(index, payload, case_id, column), folder))
+                continue
+            try:
+                read_upload_header(payload, self.limits)
+            except UploadRefused as exc:
+                raise ServingError(f"row {index}: {exc}", exc.status) from None
+            rows.append(_Row(index, payload, case_id, column))
+        return rows
 
-    @staticmethod
-    def _input_file(row: Mapping[str, Any], index: int, tmp: Path) -> Path:
-        encoded, local = row.get(INPUT_BASE64), row.get(INPUT_PATH)
-        if isinstance(local, str) and local:
-            path = Path(local).expanduser()
-            if not path.is_file():
-                raise _bad_request(f"row {index}: {INPUT_PATH} {local} is not a file")
-            return path
-        if not isinstance(encoded, str) or not encoded:
-            raise _bad_request(f"row {index}: neither '{INPUT_BASE64}' nor '{INPUT_PATH}' is given")
+    def _read(self, row: _Row) -> NiftiVolume:
         try:
-            payload = base64.b64decode(encoded, validate=True)
-        except (ValueError, TypeError) as exc:
-            raise _bad_request(f"row {index}: '{INPUT_BASE64}' is not valid base64 ({exc})") from None
-        path = tmp / f"scan{index}{_nifti_suffix(payload)}"
-        path.write_bytes(payload)
-        return path
+            return read_upload(row.payload, self.limits)
+        except UploadRefused as exc:
+            raise ServingError(f"row {row.index}: {exc}", exc.status) from None
+
+    def _from_base64(self, encoded: str, index: int, column: str = INPUT_BASE64) -> tuple[bytes, str]:
+        try:
+            return base64.b64decode(encoded, validate=True), f"row{index}"
+        except (binascii.Error, ValueError) as exc:
+            raise ServingError(f"row {index}: '{column}' is not valid base64 ({exc})") from None
+
+    def _from_dicom_base64(self, encoded: str, index: int) -> tuple[bytes, str]:
+        return self._from_base64(encoded, index, INPUT_DICOM)
+
+    # ----------------------------------------------------------------------------------------
+    # DICOM uploads: a .zip of one CT series in, the mask (and a DICOM-SEG when asked) out
+    # ----------------------------------------------------------------------------------------
+    def _checked_archive(self, row: _Row, folder: _RequestFolder) -> _Row:
+        """``row``'s zip written to the request's private folder and checked before anything is
+        extracted: its size, its central directory (:func:`~pancreas_seg.imaging.dicom_io.check_archive`
+        with :attr:`ServingSettings.archive_limits`: member count, uncompressed size, unsafe names)
+        and its images' headers against the per-scan voxel limits."""
+        from pancreas_seg.imaging.dicom_io import UnsafeArchiveError, check_archive  # noqa: PLC0415 - pydicom
+
+        if len(row.payload) > self.limits.max_file_bytes:
+            raise ServingError(f"row {row.index}: the archive is {len(row.payload)} bytes, more than the limit of "
+                               f"{self.limits.max_file_bytes} bytes", 413)
+        row.archive = folder.path / f"row{row.index}.zip"
+        row.archive.write_bytes(row.payload)
+        row.payload = b""                          # the archive is on disk (private folder) now
+        try:
+            check_archive(row.archive, self.settings.archive_limits)
+        except UnsafeArchiveError as exc:
+            raise self._archive_refused(row.index, exc) from None
+        with _withheld_reader_output(row.index):
+            _check_dicom_images(row.archive, self.limits, row.index)
+        return row
+
+    def _archive_refused(self, index: int, exc: Exception) -> ServingError:
+        """The client's message for an error of the DICOM reader: what is wrong, never a member name,
+        a path or a header value (the reader's own messages name them, for local use)."""
+        from pancreas_seg.imaging.dicom_io import InvalidSeriesError, UnsafeArchiveError  # noqa: PLC0415
+
+        head = f"row {index}: '{INPUT_DICOM}'"
+        text = str(exc)
+        if isinstance(exc, UnsafeArchiveError):
+            for words, status, what in _ARCHIVE_REFUSALS:
+                if words in text:
+                    found = re.search(r": (\d+) (?:members|bytes uncompressed)", text)
+                    what = what.format(found=found.group(1) + " " if found else "",
+                                       max_members=self.settings.dicom_max_members,
+                                       max_mib=f"{self.settings.dicom_max_uncompressed_mib:g}")
+                    return ServingError(f"{head}: the archive {what}", status)
+            return ServingError(f"{head}: the archive is refused as unsafe; nothing was extracted")
+        if isinstance(exc, InvalidSeriesError):
+            kinds = sorted({problem.kind for problem in exc.problems})
+            n_series = len({problem.series_uid for problem in exc.problems})
+            return ServingError(f"{head}: {n_series} DICOM series in the archive "
+                                f"{'is' if n_series == 1 else 'are'} not usable as a CT volume ("
+                                + "; ".join(_SERIES_PROBLEMS.get(kind, kind.replace("_", " ")) for kind in kinds)
+                                + "); send a zip of one CT series")
+        if isinstance(exc, FileNotFoundError):
+            return ServingError(f"{head}: the archive holds no DICOM series (no member is a DICOM image "
+                                "of a series)")
+        found = re.search(r"expected one CT series, found (\d+)", text)
+        if found:
+            return ServingError(f"{head}: the archive holds {found.group(1)} CT series; send one series per row")
+        return ServingError(f"{head}: the archive cannot be read as a DICOM CT series ({type(exc).__name__})")
+
+    def _read_dicom(self, row: _Row) -> Any:
+        """The one CT series of ``row``'s archive (:func:`~pancreas_seg.imaging.dicom_io.read_dicom_archive`:
+        extracted to a private temporary folder it removes); the archive is deleted after."""
+        from pancreas_seg.imaging.dicom_io import read_dicom_archive  # noqa: PLC0415 - pydicom
+
+        assert row.archive is not None
+        try:
+            with _withheld_reader_output(row.index):
+                volume = read_dicom_archive(row.archive, on_invalid="fail", limits=self.settings.archive_limits)
+        except ValueError as exc:               # UnsafeArchiveError, InvalidSeriesError, one series expected
+            raise self._archive_refused(row.index, exc) from None
+        except FileNotFoundError as exc:        # no DICOM series in it
+            raise self._archive_refused(row.index, exc) from None
+        finally:
+            row.archive.unlink(missing_ok=True)
+        spacing = volume.spacing_mm
+        if not all(self.limits.min_spacing_mm <= s <= self.limits.max_spacing_mm for s in spacing):
+            raise ServingError(f"row {row.index}: voxel spacing {tuple(round(s, 4) for s in spacing)} mm is outside "
+                               f"the accepted range [{self.limits.min_spacing_mm}, {self.limits.max_spacing_mm}] mm")
+        return volume
+
+    def _segment_dicom(self, row: _Row, predictor: Predictor, ticket: Ticket, want_seg: bool) -> dict[str, Any]:
+        """One DICOM row's answer: the mask on the series grid, as the inference pipeline writes it for
+        DICOM input (the reader's array and affine, no header), and the DICOM-SEG when asked."""
+        volume = self._read_dicom(row)
+        ticket.check_deadline(f"segmenting row {row.index}")
+        labels = predictor.segment(volume.array, volume.affine, row.name)
+        mask = nifti_bytes(labels, volume.affine, None, compress=True)
+        answer = {OUTPUT_CASE: row.case_id, OUTPUT_BASE64: base64.b64encode(mask).decode("ascii")}
+        del mask
+        if want_seg:
+            answer |= self._dicom_seg(row, volume, labels, predictor.name)
+        return answer
+
+    def _dicom_seg(self, row: _Row, volume: Any, labels: Any, model_name: str) -> dict[str, Any]:
+        """The SEG columns: the SEG (base64) and the generated-UID record (JSON) when UIDs were generated,
+        or why no SEG can be made (:func:`~pancreas_seg.imaging.dicom_seg.seg_refusal`; the mask is
+        answered anyway)."""
+        from pancreas_seg.imaging.dicom_seg import (  # noqa: PLC0415 - highdicom for DICOM-SEG only
+            SegmentationRefusedError,
+            build_dicom_seg,
+            prepare_seg_sources,
+            seg_refusal,
+        )
+
+        answer: dict[str, Any] = dict.fromkeys(SEG_COLUMNS)
+        reason = seg_refusal(volume.datasets, volume.array.shape)
+        if reason is None:
+            members = [PurePosixPath(*Path(file).relative_to(row.archive).parts) for file in volume.files]
+            try:
+                with _withheld_reader_output(row.index):
+                    sources = prepare_seg_sources(volume.datasets, source_files=members, source_array=volume.array,
+                                                  label=f"of row {row.index}")
+                    segmentation = build_dicom_seg(labels, sources.datasets, model=model_name)
+                    buffer = io.BytesIO()
+                    segmentation.save_as(buffer)
+            except SegmentationRefusedError as exc:        # its message names attributes and counts only
+                reason = str(exc).removeprefix("no DICOM-SEG can be made: ")
+            except Exception as exc:  # noqa: BLE001 - the mask is still answered
+                reason = f"the DICOM-SEG could not be built ({type(exc).__name__})"
+            else:
+                answer[OUTPUT_SEG] = base64.b64encode(buffer.getvalue()).decode("ascii")
+                if sources.generated is not None:
+                    answer[OUTPUT_SEG_RECORD] = json.dumps(sources.generated.to_dict())
+        if reason is not None:
+            logger.warning("row %d: no DICOM-SEG (%s); the mask is answered", row.index, scrub(reason))
+            answer[OUTPUT_SEG_REFUSED] = f"no DICOM-SEG can be made: {reason}"
+        return answer
+
+    def _from_path(self, value: str, index: int) -> tuple[bytes, str]:
+        if self.local_paths:   # in-process: the caller owns the file system; detailed messages
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ServingError(f"row {index}: {INPUT_PATH} {value} is not a file")
+            return _read_capped(path, self.limits.max_file_bytes, index), case_id_from_path(path)
+        refused = ServingError(PATH_REFUSED.format(index=index), 403)
+        roots = self.settings.resolved_roots
+        if not roots:
+            raise refused
+        try:
+            resolved = Path(value).expanduser().resolve(strict=True)   # symlinks and ".." resolved
+            if not (resolved.is_file() and any(resolved.is_relative_to(root) for root in roots)):
+                raise refused
+            return _read_capped(resolved, self.limits.max_file_bytes, index), case_id_from_path(resolved)
+        except (OSError, RuntimeError, ValueError):
+            raise refused from None
+
+
+_READERS: dict[str, Callable[[SegmentationModel, str, int], tuple[bytes, str]]] = {
+    INPUT_BASE64: SegmentationModel._from_base64,
+    INPUT_PATH: SegmentationModel._from_path,
+    INPUT_DICOM: SegmentationModel._from_dicom_base64,
+}
+"""Input column -> how a row's value becomes the scan's bytes and its output case id."""
+
+
+def _read_capped(path: Path, max_bytes: int, index: int) -> bytes:
+    """A file's bytes, refusing (413) one larger than ``max_bytes`` without reading it all."""
+    with path.open("rb") as file:
+        payload = file.read(max_bytes + 1)
+    if len(payload) > max_bytes:
+        raise ServingError(f"row {index}: the file is more than the limit of {max_bytes} bytes", 413)
+    return payload
+
+
+def load_in_process(model_uri: str) -> Any:
+    """A logged model loaded in this process with the ``path`` input allowed for any readable file.
+
+    ``mlflow.pyfunc.load_model(model_uri)`` builds the model as the server does (paths refused
+    outside ``serving.path_roots``); this flips :attr:`SegmentationModel.local_paths` on it.
+    """
+    model = mlflow.pyfunc.load_model(model_uri)
+    model.unwrap_python_model().local_paths = True
+    return model
 
 
 def decode_mask(encoded: str) -> Any:
@@ -159,16 +672,19 @@ def pip_requirements() -> list[str]:
 
 
 def log_segmentation_model(run_id: str, trained: TrainedModel | TrainedEnsemble, name: str,
-                           settings: PredictionSettings) -> str:
+                           settings: PredictionSettings, serving: Mapping[str, Any] | None = None) -> str:
     """Log ``trained`` as the pyfunc model ``segmenter`` of MLflow run ``run_id``; returns its URI.
 
-    The model carries a bundle of the ``.keras`` file(s), card(s) and the prediction ``settings``
-    it applies by default (the ``inference`` parameters). Serve it with
+    The model carries a bundle of the ``.keras`` file(s), card(s), the prediction ``settings``
+    it applies by default (the ``inference`` parameters) and its serving limits: ``serving``, the
+    ``inference.serving`` parameters (checked now; missing keys and a missing block keep the
+    defaults of :class:`~pancreas_seg.inference.serving_settings.ServingSettings`). Serve it with
     ``mlflow models serve -m <uri> --env-manager local`` from the project's environment (the
     ``pancreas_seg`` package must be importable; it is not on PyPI).
     """
+    serving_settings = ServingSettings.from_params(serving).to_dict()
     with tempfile.TemporaryDirectory(prefix="pancreas_seg_bundle_") as tmp:
-        folder = write_bundle(Path(tmp) / BUNDLE_ARTIFACT, name, trained, settings.to_dict())
+        folder = write_bundle(Path(tmp) / BUNDLE_ARTIFACT, name, trained, settings.to_dict(), serving_settings)
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), warnings.catch_warnings():
             # mlflow 3.17.2 warns "An input example was not provided when logging the model" whenever
             # a signature comes without an input example (mlflow/pyfunc/__init__.py:3344, in
@@ -190,7 +706,7 @@ def log_segmentation_model(run_id: str, trained: TrainedModel | TrainedEnsemble,
 
 
 def log_model_objects(run_id: str, name: str, model: Any, card: ModelCard, settings: PredictionSettings,
-                      stage1_model: Any = None) -> str:
+                      stage1_model: Any = None, serving: Mapping[str, Any] | None = None) -> str:
     """:func:`log_segmentation_model` for an in-memory Keras model (and the cascade's stage 1)."""
     from pancreas_seg.models.io import save_model  # noqa: PLC0415 - Keras
 
@@ -201,11 +717,11 @@ def log_model_objects(run_id: str, name: str, model: Any, card: ModelCard, setti
         if stage1_model is not None:
             stage1_file = Path(tmp) / "stage1.keras"
             save_model(stage1_model, stage1_file)
-        return log_segmentation_model(run_id, TrainedModel(model_file, card, stage1_file), name, settings)
+        return log_segmentation_model(run_id, TrainedModel(model_file, card, stage1_file), name, settings, serving)
 
 
 def log_ensemble_objects(run_id: str, name: str, models: Mapping[str, Any], cards: Mapping[str, ModelCard],
-                         settings: PredictionSettings) -> str:
+                         settings: PredictionSettings, serving: Mapping[str, Any] | None = None) -> str:
     """:func:`log_segmentation_model` for in-memory fold models (``{"fold0": model}``, same keys in ``cards``)."""
     from pancreas_seg.models.io import save_model  # noqa: PLC0415 - Keras
 
@@ -214,4 +730,4 @@ def log_ensemble_objects(run_id: str, name: str, models: Mapping[str, Any], card
         for key in sorted(models):
             save_model(models[key], Path(tmp) / f"{key}.keras")
             trained.append(TrainedModel(Path(tmp) / f"{key}.keras", cards[key]))
-        return log_segmentation_model(run_id, TrainedEnsemble(name, tuple(trained)), name, settings)
+        return log_segmentation_model(run_id, TrainedEnsemble(name, tuple(trained)), name, settings, serving)

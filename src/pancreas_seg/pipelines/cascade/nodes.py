@@ -268,5 +268,6 @@ def validate_stage2(model: Any, crop_slices: Mapping[str, Callable[[], np.ndarra
     run_id = model_card.mlflow_run_id
     tracking.log_final_metrics(run_id, metrics)
     tracking.log_json(run_id, model_card.to_dict(), "model_card.json")
-    log_model_objects(run_id, CASCADE_NAME, model, model_card, PredictionSettings.from_params(inference), stage1_model)
+    log_model_objects(run_id, CASCADE_NAME, model, model_card, PredictionSettings.from_params(inference), stage1_model,
+                      serving=inference.get("serving"))
     return metrics

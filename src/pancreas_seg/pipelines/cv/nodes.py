@@ -82,9 +82,11 @@ def train_fold_models(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
             _close(figure)
             card = card.replace(cv_run_id=cv_run.info.run_id)
             tracking.log_json(card.mlflow_run_id, card.to_dict(), "model_card.json")
-            log_model_objects(card.mlflow_run_id, f"{name}.fold{fold}", model, card, settings)
+            log_model_objects(card.mlflow_run_id, f"{name}.fold{fold}", model, card, settings,
+                              serving=inference.get("serving"))
             models[FOLD_KEY.format(fold)], cards[FOLD_KEY.format(fold)] = model, card
-        log_ensemble_objects(cv_run.info.run_id, f"{name}{ENSEMBLE_SUFFIX}", models, cards, settings)
+        log_ensemble_objects(cv_run.info.run_id, f"{name}{ENSEMBLE_SUFFIX}", models, cards, settings,
+                             serving=inference.get("serving"))
     # PartitionedDataset calls callable partitions to get their data, and a Keras model is callable
     return {key: functools.partial(_identity, model) for key, model in models.items()}, cards
 

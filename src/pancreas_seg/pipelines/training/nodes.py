@@ -42,7 +42,7 @@ def validate_model(model: Any, model_input_slices: Mapping[str, Callable[[], np.
     tracking.log_final_metrics(model_card.mlflow_run_id, metrics)
     tracking.log_json(model_card.mlflow_run_id, model_card.to_dict(), "model_card.json")
     log_model_objects(model_card.mlflow_run_id, model_card.architecture, model, model_card,
-                      PredictionSettings.from_params(inference))
+                      PredictionSettings.from_params(inference), serving=inference.get("serving"))
     return metrics
 
 
