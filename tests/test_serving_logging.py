@@ -95,7 +95,8 @@ def test_logging_and_registering_a_model_warns_nothing(tracking_store: str, mlfl
     signature = mlflow.models.get_model_info(uri).signature
     assert signature == serving.signature(settings)
     # the request parameters default to the recorded settings, not to copies in code
-    assert {p.name: p.default for p in signature.params.params} == {"flip_tta": True, "keep_largest_component": False}
+    assert {p.name: p.default for p in signature.params.params} == {"flip_tta": True, "keep_largest_component": False,
+                                                                    "return_dicom_seg": False}
     # the registry's description is markdown: no <...> placeholder that the UI would drop as an HTML tag
     description = client.get_registered_model("pancreas_seg").description
     assert "models:/pancreas_seg@champion" in description and "<" not in description

@@ -1077,7 +1077,24 @@ class ArchiveLimits:
 
 
 class UnsafeArchiveError(ValueError):
-    """A ``.zip`` input is refused before extraction (too big, too many members, unsafe names)."""
+    """A ``.zip`` input is refused (too big, too many members, unsafe names, unreadable).
+
+    Attributes:
+        reason: what is wrong, one of :data:`ARCHIVE_REFUSAL_REASONS` (for callers that must not
+            repeat the message, which names the archive and its members).
+        count: the member count or uncompressed bytes found, for ``too_many_members`` / ``too_large``.
+    """
+
+    def __init__(self, message: str, reason: str, count: int | None = None) -> None:
+        super().__init__(message)
+        if reason not in ARCHIVE_REFUSAL_REASONS:
+            raise ValueError(f"unknown archive refusal reason {reason!r}")
+        self.reason, self.count = reason, count
+
+
+ARCHIVE_REFUSAL_REASONS = ("not_zip", "too_many_members", "too_large", "unsafe_path", "symbolic_link",
+                           "encrypted", "inflates", "unreadable_member")
+"""The values of :attr:`UnsafeArchiveError.reason`."""
 
 
 _COPY_CHUNK = 1024 * 1024
@@ -1109,23 +1126,23 @@ def check_archive(archive: str | os.PathLike[str], limits: ArchiveLimits = Archi
         with zipfile.ZipFile(path) as handle:
             infos = handle.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UnsafeArchiveError(f"DICOM archive {path}: not a readable zip file ({exc})") from exc
+        raise UnsafeArchiveError(f"DICOM archive {path}: not a readable zip file ({exc})", "not_zip") from exc
     if len(infos) > limits.max_members:
         raise UnsafeArchiveError(f"DICOM archive {path}: {len(infos)} members, more than the limit of "
-                                 f"{limits.max_members}; nothing was extracted")
+                                 f"{limits.max_members}; nothing was extracted", "too_many_members", len(infos))
     total = sum(info.file_size for info in infos)
     if total > limits.max_uncompressed_bytes:
         raise UnsafeArchiveError(f"DICOM archive {path}: {total} bytes uncompressed, more than the limit of "
-                                 f"{limits.max_uncompressed_bytes} bytes; nothing was extracted")
+                                 f"{limits.max_uncompressed_bytes} bytes; nothing was extracted", "too_large", total)
     for info in infos:
         if _member_path(info.filename) is None:
             raise UnsafeArchiveError(f"DICOM archive {path}: member {info.filename!r} has an absolute or "
-                                     "'..' path (path traversal); nothing was extracted")
+                                     "'..' path (path traversal); nothing was extracted", "unsafe_path")
         if stat.S_ISLNK(info.external_attr >> 16):
             raise UnsafeArchiveError(f"DICOM archive {path}: member {info.filename!r} is a symbolic link; "
-                                     "nothing was extracted")
+                                     "nothing was extracted", "symbolic_link")
         if info.flag_bits & 0x1:
-            raise UnsafeArchiveError(f"DICOM archive {path}: member {info.filename!r} is encrypted")
+            raise UnsafeArchiveError(f"DICOM archive {path}: member {info.filename!r} is encrypted", "encrypted")
     return [info for info in infos if not info.is_dir()]
 
 
@@ -1140,7 +1157,7 @@ def _extract(archive: Path, members: Sequence[zipfile.ZipInfo], into: Path, limi
             target = into.joinpath(*relative.parts)
             if not target.resolve().is_relative_to(into.resolve()):
                 raise UnsafeArchiveError(f"DICOM archive {archive}: member {info.filename!r} leaves the "
-                                         "extraction folder")
+                                         "extraction folder", "unsafe_path")
             size = 0
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -1150,11 +1167,12 @@ def _extract(archive: Path, members: Sequence[zipfile.ZipInfo], into: Path, limi
                         written += len(chunk)
                         if size > info.file_size or written > limits.max_uncompressed_bytes:
                             raise UnsafeArchiveError(f"DICOM archive {archive}: member {info.filename!r} "
-                                                     "inflates past its declared size or the archive's limit")
+                                                     "inflates past its declared size or the archive's limit",
+                                                     "inflates")
                         sink.write(chunk)
             except (OSError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
                 raise UnsafeArchiveError(f"DICOM archive {archive}: member {info.filename!r} cannot be extracted "
-                                         f"({type(exc).__name__}: {exc})") from exc
+                                         f"({type(exc).__name__}: {exc})", "unreadable_member") from exc
 
 
 def _relabelled_volume(volume: DicomVolume, temporary: Path, archive: Path) -> DicomVolume:

@@ -16,14 +16,34 @@ Input, a DataFrame with one row per scan and, in each row, exactly one of the in
 * ``path``: a local NIfTI file path. **Off in the served model**: refused with one message,
   whether or not the file exists, unless the path (symlinks and ``..`` resolved) lies under one of
   ``serving.path_roots``. An in-process caller may allow any path:
-  ``SegmentationModel(local_paths=True)``, or :func:`load_in_process`.
+  ``SegmentationModel(local_paths=True)``, or :func:`load_in_process`;
+* ``dicom_zip_base64``: a ``.zip`` of ONE DICOM CT series, base64-encoded. A request is either
+  DICOM (every row this column) or NIfTI (``nifti_base64`` / ``path``), never both.
 
 Parameters (optional, per request): ``flip_tta`` and ``keep_largest_component``, as in the
-inference pipeline's ``inference`` settings; their defaults are the recorded settings.
+inference pipeline's ``inference`` settings (their defaults are the recorded settings), and
+``return_dicom_seg`` (default false; DICOM requests only).
 
 Output, one row per input row: ``mask_nifti_base64``, the label map (uint8, 0 background,
 1 pancreas, 2 tumour) as a base64-encoded ``.nii.gz`` with the input's shape, affine and header,
-and ``case_id`` (``row<i>`` for uploaded bytes, the file's case id for a ``path``).
+and ``case_id`` (``row<i>`` for uploaded bytes, the file's case id for a ``path``). For a DICOM
+series the mask is on the series grid as the inference pipeline writes it for DICOM input: the
+array and affine of :func:`pancreas_seg.imaging.dicom_io.read_dicom_archive` (``mask[i, j, k]`` =
+column i, row j of the k-th slice along the slice normal; affine voxel -> RAS mm; not dcm2niix's
+row-flipped layout), no header. With ``return_dicom_seg`` three more columns:
+``dicom_seg_base64`` (a DICOM-SEG of the series, :func:`pancreas_seg.imaging.dicom_seg.build_dicom_seg`),
+``dicom_seg_record`` (JSON of the source UIDs generated for a series without usable ones, as in
+the pipeline's sidecar; else null) and ``dicom_seg_refused`` (why no SEG could be made; the mask
+is answered all the same; else null).
+
+A DICOM upload is written to a private temporary folder (mode 0700) that is removed when the
+request ends, checked from the zip's central directory (``dicom_max_members``,
+``dicom_max_uncompressed_mib``, unsafe names: :func:`~pancreas_seg.imaging.dicom_io.check_archive`)
+and from its images' headers (``max_dim``, ``max_voxels``) before anything is extracted or
+decoded, then read in the slot (extracted to another private folder that the reader removes) and
+its spacing checked. The reader's messages and logs name archive members; here errors are
+rewritten to name only the problem, the reader's log records lose their arguments, and pydicom's
+log records and warnings (which may quote header values) are withheld.
 
 What a request may cost is bounded before any voxel data is inflated, in this order (statuses
 as MLflow's scoring server answers them; see :mod:`pancreas_seg.inference.scoring_server_guard`
@@ -34,11 +54,14 @@ for what is checked before MLflow reads the body):
 2. the request: at most ``max_rows`` rows and ``max_request_mib`` of base64 text, else **413**;
 3. each scan's bytes and NIfTI header (:mod:`pancreas_seg.imaging.nifti_upload`): file size,
    3D, each dimension, voxel count (**413** past a limit), voxel type and spacing range
-   (**400**); a malformed row (not base64, not NIfTI, no input column) is **400**;
+   (**400**); a malformed row (not base64, not NIfTI, no input column) is **400**; a DICOM
+   zip's size, central directory and image headers (**413** past a limit, **400** unsafe or not
+   a zip);
 4. a slot: wait at most ``queue_timeout_s`` for one of ``max_in_flight``, else **503**;
 5. in the slot, per scan: the deadline (``request_timeout_s`` from admission, else **504**), the
    voxel data inflated into a buffer of the declared size (more or less data: **400**), finite
-   voxels (**400**), then segmentation.
+   voxels (**400**), then segmentation; a DICOM zip is read (no series, two series, an unusable
+   series, a spacing out of range: **400**).
 
 Every error is an :class:`mlflow.exceptions.MlflowException` (:class:`ServingError`) whose message
 names the row and the problem and never a file name, a path or a header field that can identify
@@ -209,27 +232,25 @@ class _RequestFolder:
             self._path = None
 
 
-#: (words in :class:`~pancreas_seg.imaging.dicom_io.UnsafeArchiveError`'s message, HTTP status, what the
-#: client is told): the reader's messages name the archive's path and members, these do not.
-_ARCHIVE_REFUSALS = (
-    ("not a readable zip", 400, "is not a readable zip file"),
-    ("members, more than the limit", 413,
-     "has {found}members, more than the limit of {max_members} (serving.dicom_max_members); nothing was extracted"),
-    ("bytes uncompressed, more than the limit", 413,
-     "holds {found}bytes uncompressed, more than the limit of {max_mib} MiB (serving.dicom_max_uncompressed_mib); "
-     "nothing was extracted"),
-    ("path traversal", 400, "has a member with an absolute or '..' path (path traversal); nothing was extracted"),
-    ("leaves the extraction folder", 400, "has a member that leaves the extraction folder (path traversal)"),
-    ("symbolic link", 400, "has a member that is a symbolic link; nothing was extracted"),
-    ("encrypted", 400, "has an encrypted member"),
-    ("inflates past", 413, "has a member that inflates past its declared size or the uncompressed limit"),
-    ("cannot be extracted", 400, "has a member that cannot be extracted (corrupt, or an unsupported compression)"),
-)
+#: :attr:`~pancreas_seg.imaging.dicom_io.UnsafeArchiveError.reason` -> (HTTP status, what the client is
+#: told): the reader's messages name the archive's path and members, these do not.
+_ARCHIVE_REFUSALS = {
+    "not_zip": (400, "is not a readable zip file"),
+    "too_many_members": (413, "has {found}members, more than the limit of {max_members} "
+                              "(serving.dicom_max_members); nothing was extracted"),
+    "too_large": (413, "holds {found}bytes uncompressed, more than the limit of {max_mib} MiB "
+                       "(serving.dicom_max_uncompressed_mib); nothing was extracted"),
+    "unsafe_path": (400, "has a member with an absolute or '..' path (path traversal); nothing was extracted"),
+    "symbolic_link": (400, "has a member that is a symbolic link; nothing was extracted"),
+    "encrypted": (400, "has an encrypted member"),
+    "inflates": (413, "has a member that inflates past its declared size or the uncompressed limit"),
+    "unreadable_member": (400, "has a member that cannot be extracted (corrupt, or an unsupported compression)"),
+}
 #: What the client is told for each kind of :class:`~pancreas_seg.imaging.dicom_io.SeriesProblem`
 #: (kinds not listed are named as they are, with spaces).
 _SERIES_PROBLEMS = {
     "not_ct": "not CT (Modality)",
-    "localizer": "a localizer or scout (send the CT series only)",
+    "localizer": "a localizer or scout, or a single slice",
     "gantry_tilt": "gantry tilt, which is refused, not resampled (convert the series with dcm2niix first)",
     "no_decoder": "a transfer syntax with no pixel decoder installed on the server",
     "too_few_slices": "too few slices",
@@ -246,7 +267,7 @@ _READER_LOCK = threading.Lock()
 class _UploadLogFilter(logging.Filter):
     """While a DICOM upload is read, the DICOM reader's log records keep their text but not their
     arguments (archive paths, member names, series descriptions), numbers excepted, and pydicom's
-    records (they may quote header values, a PatientName among them) are withheld entirely."""
+    records (they may quote header values) are withheld entirely."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         index = _READING_UPLOAD.get()
@@ -276,11 +297,14 @@ for _name in ("pancreas_seg.imaging.dicom_io", "pydicom"):
 
 
 @contextlib.contextmanager
-def _withheld_reader_output(index: int) -> Iterator[None]:
+def _withheld_reader_output(index: int, capture_warnings: bool = True) -> Iterator[None]:
     """Read DICOM for row ``index`` with the reader's logs filtered (:class:`_UploadLogFilter`) and
-    pydicom's warnings (which quote header values) counted, not shown."""
+    (``capture_warnings``) pydicom's warnings, which may quote header values, counted, not shown."""
     token = _READING_UPLOAD.set(index)
     try:
+        if not capture_warnings:
+            yield
+            return
         with _READER_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -499,7 +523,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
             check_archive(row.archive, self.settings.archive_limits)
         except UnsafeArchiveError as exc:
             raise self._archive_refused(row.index, exc) from None
-        with _withheld_reader_output(row.index):
+        with _withheld_reader_output(row.index, capture_warnings=False):   # three integer tags are parsed
             _check_dicom_images(row.archive, self.limits, row.index)
         return row
 
@@ -511,14 +535,11 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         head = f"row {index}: '{INPUT_DICOM}'"
         text = str(exc)
         if isinstance(exc, UnsafeArchiveError):
-            for words, status, what in _ARCHIVE_REFUSALS:
-                if words in text:
-                    found = re.search(r": (\d+) (?:members|bytes uncompressed)", text)
-                    what = what.format(found=found.group(1) + " " if found else "",
-                                       max_members=self.settings.dicom_max_members,
-                                       max_mib=f"{self.settings.dicom_max_uncompressed_mib:g}")
-                    return ServingError(f"{head}: the archive {what}", status)
-            return ServingError(f"{head}: the archive is refused as unsafe; nothing was extracted")
+            status, what = _ARCHIVE_REFUSALS[exc.reason]
+            what = what.format(found=f"{exc.count} " if exc.count is not None else "",
+                               max_members=self.settings.dicom_max_members,
+                               max_mib=f"{self.settings.dicom_max_uncompressed_mib:g}")
+            return ServingError(f"{head}: the archive {what}", status)
         if isinstance(exc, InvalidSeriesError):
             kinds = sorted({problem.kind for problem in exc.problems})
             n_series = len({problem.series_uid for problem in exc.problems})
