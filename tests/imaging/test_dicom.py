@@ -65,6 +65,7 @@ from pancreas_seg.imaging.dicom_io import (
 from pancreas_seg.imaging.dicom_seg import (
     InvalidSegmentationInputError,
     SegmentationRefusedError,
+    build_dicom_seg,
     labels_from_segments,
     prepare_seg_sources,
     read_seg_sidecar,
@@ -796,3 +797,22 @@ def test_inference_nodes_write_the_nifti_and_report_generated_uids_or_the_refusa
         item["sop_instance_uid"] for item in generated["instances"]}
     assert sorted(p.name for p in out.iterdir()) == ["anonymised.nii.gz", "anonymised_seg.dcm", "anonymised_seg.json",
                                                      "refused.nii.gz", "refused_seg.json"]
+
+
+def test_a_seg_of_a_series_with_an_impossible_birth_date_leaves_it_empty(tmp_path: Path) -> None:
+    """Real exports carry dates no reader parses; highdicom refuses to copy them, so the SEG's
+    sources get them empty (Type 2), in memory only."""
+    folder = tmp_path / "series"
+    hu = np.full((32, 32, 6), -50, np.int16)
+    files = write_ct_series(hu, np.diag([0.8, 0.8, 2.0, 1.0]), folder)
+    for path in files:
+        edit(path, PatientBirthDate="19700231", StudyTime="25:99:00")
+    before = file_digests(files)
+    volume = only_series(folder)
+    labels = np.zeros(volume.array.shape, np.uint8)
+    labels[8:20, 8:20, 1:4] = 1
+    sources = prepare_seg_sources(volume.datasets, source_files=volume.files, source_array=volume.array)
+    assert sources.filled_empty == ("PatientBirthDate", "StudyTime")
+    seg = build_dicom_seg(labels, sources.datasets, model="unet")
+    assert seg.PatientBirthDate == "" and seg.StudyTime == "" and seg.StudyDate == volume.datasets[0].StudyDate
+    assert file_digests(files) == before and volume.datasets[0].PatientBirthDate == "19700231"

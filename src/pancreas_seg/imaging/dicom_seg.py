@@ -67,6 +67,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, generate_uid
+from pydicom.valuerep import DA, TM
 
 from pancreas_seg import __version__
 from pancreas_seg.core.atomic import atomic_path, atomic_write_text
@@ -280,15 +282,36 @@ def _sop_states(source_datasets: Sequence[Dataset]) -> list[str]:
     return states
 
 
-def _with_type2(source_datasets: Sequence[Dataset], missing: Sequence[str], label: str | None) -> SegSources:
-    """Copies of usable sources with the absent Type 2 attributes ``missing`` added empty."""
+#: The date and time attributes the SEG copies from its source, with the pydicom type that parses them.
+_SOURCE_DATES = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM}
+
+
+def _blank_type2(source_datasets: Sequence[Dataset]) -> tuple[str, ...]:
+    """The Type 2 attributes the SEG copies that must be empty in its sources: absent ones, and dates
+    or times no reader can parse (highdicom refuses them; e.g. ``PatientBirthDate`` 19700231)."""
+    first = source_datasets[0]
+    blank = [k for k in TYPE2_SOURCE_ATTRIBUTES if k not in first]
+    for keyword, parse in _SOURCE_DATES.items():
+        value = first.get(keyword)
+        if keyword in first and value not in (None, ""):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")   # pydicom warns with the value
+                    parse(str(value))
+            except (ValueError, TypeError):
+                blank.append(keyword)
+    return tuple(blank)
+
+
+def _with_type2(source_datasets: Sequence[Dataset], blank: Sequence[str], label: str | None) -> SegSources:
+    """Copies of usable sources with the Type 2 attributes ``blank`` set empty (absent or unparseable)."""
     copies = tuple(copy.deepcopy(ds) for ds in source_datasets)
     for ds in copies:
-        for keyword in missing:
+        for keyword in blank:
             setattr(ds, keyword, "")
-    logger.warning("DICOM-SEG source%s: %s absent from the source headers, added empty (Type 2) to in-memory "
-                   "copies; the files are unchanged", f" {label}" if label else "", ", ".join(missing))
-    return SegSources(copies, None, tuple(missing))
+    logger.warning("DICOM-SEG source%s: %s absent or unreadable in the source headers, set empty (Type 2) in "
+                   "in-memory copies; the files are unchanged", f" {label}" if label else "", ", ".join(blank))
+    return SegSources(copies, None, tuple(blank))
 
 
 def _series_uids(source_datasets: Sequence[Dataset], new_uid: Callable[..., str],
@@ -330,7 +353,7 @@ def prepare_seg_sources(source_datasets: Sequence[Dataset], *,
     if refusal is not None:
         raise SegmentationRefusedError(f"no DICOM-SEG can be made: {refusal}")
     n = len(source_datasets)
-    missing_type2 = tuple(k for k in TYPE2_SOURCE_ATTRIBUTES if k not in source_datasets[0])
+    missing_type2 = _blank_type2(source_datasets)
     sop_states = _sop_states(source_datasets)
     if all(_uid_state(ds, k) == "ok" for ds in source_datasets for k in SERIES_UID_ATTRIBUTES) and all(
             s == "ok" for s in sop_states):
