@@ -134,6 +134,8 @@ def subset_dataset(full: Path, n: int, target: Path) -> Path:
         raise ValueError(f"{full}: dataset.json does not match its generator settings")
     if meta["numTest"] != 0 or not 1 <= n <= n_full:
         raise ValueError(f"{full}: need a set without test cases and 1 <= n <= {n_full}, got n={n}")
+    if config.tumour_fraction is not None:   # the tumour cases are chosen per data-set size
+        raise ValueError(f"{full}: a set with tumour_fraction is not a superset of its smaller sets")
     if not first_cases_are_the_smaller_set(n_full, n, config.non_ras_every):
         raise ValueError(f"the first {n} cases of {full} are not the {n}-case data set (LPS cases differ)")
     subset = {**meta, "numTraining": n, "training": meta["training"][:n],

@@ -40,6 +40,7 @@ def phantom_config(tumour_probability: float):
     params = yaml.safe_load((_common.REPO_ROOT / "conf" / "base" / "parameters_ingestion.yml").read_text())
     phantom = dict(params["ingestion"]["synthetic"]["phantom"])
     phantom.pop("non_ras_every", None)
+    phantom.pop("tumour_fraction", None)   # each phantom draws its tumour with tumour_probability
     phantom["tumour_probability"] = tumour_probability
     return PhantomConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in phantom.items()})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,8 +17,11 @@ from pancreas_seg.phantoms import (
     PhantomCase,
     PhantomConfig,
     case_seed,
+    dataset_case,
+    dataset_fingerprint,
     make_phantom,
     non_ras_indices,
+    tumour_indices,
     write_synthetic_task07,
 )
 
@@ -191,6 +195,51 @@ def test_config_validation() -> None:
         PhantomConfig(spacing_xy_mm=(2.0, 1.0))
     with pytest.raises(ValueError, match="tumour_probability"):
         PhantomConfig(tumour_probability=1.5)
+    with pytest.raises(ValueError, match="tumour_fraction"):
+        PhantomConfig(tumour_fraction=-0.1)
+
+
+# ---------------------------------------------------------------------------------- exact tumour share
+def test_tumour_fraction_gives_exactly_that_share_chosen_by_the_seed(tmp_path: Path) -> None:
+    exact = dataclasses.replace(SMALL, tumour_fraction=0.5, tumour_probability=0.0)
+    root = write_synthetic_task07(tmp_path / "Task07_Pancreas", N_TRAIN, N_TEST, exact, seed=SEED)
+    meta = json.loads((root / "dataset.json").read_text())
+    picked = tumour_indices(N_TRAIN, N_TEST, exact, SEED)
+    # 3 of the 6 labelled cases and 1 of the 2 unlabelled ones, though tumour_probability is 0
+    assert len({i for i in picked if i < N_TRAIN}) == 3 and len({i for i in picked if i >= N_TRAIN}) == 1
+    flags = [c["tumour"] for c in meta["synthetic"]["cases"][:N_TRAIN]]
+    assert flags == [i in picked for i in range(N_TRAIN)]
+    for index, entry in enumerate(meta["training"]):
+        label = load_nifti(root / entry["label"]).array
+        assert bool((label == 2).any()) is (index in picked), entry["label"]
+    assert meta["synthetic"]["config"]["tumour_fraction"] == 0.5
+    # the files are those of dataset_case; other seeds pick other cases
+    assert np.array_equal(load_nifti(root / "imagesTr/pancreas_003.nii.gz").array,
+                          dataset_case(2, N_TRAIN, N_TEST, exact, SEED).hu)
+    assert len({frozenset(tumour_indices(N_TRAIN, N_TEST, exact, s)) for s in range(6)}) > 1
+    assert tumour_indices(N_TRAIN, N_TEST, SMALL, SEED) is None   # no tumour_fraction: drawn
+
+
+def test_a_fixed_tumour_changes_nothing_else_of_the_case() -> None:
+    drawn = make_phantom(5, SMALL)
+    same = make_phantom(5, SMALL, has_tumour=drawn.meta["tumour_drawn"])
+    assert np.array_equal(drawn.hu, same.hu) and np.array_equal(drawn.label, same.label)
+    flipped = make_phantom(5, SMALL, has_tumour=not drawn.meta["tumour_drawn"])
+    assert flipped.meta["tumour_drawn"] is not drawn.meta["tumour_drawn"]
+    assert flipped.meta["spacing_mm"] == drawn.meta["spacing_mm"] and flipped.hu.shape == drawn.hu.shape
+    outside = (drawn.label == 0) & (flipped.label == 0)
+    assert abs(flipped.meta["pancreas_voxels"] - drawn.meta["pancreas_voxels"]) < 0.5 * drawn.meta["pancreas_voxels"]
+    assert np.mean(drawn.hu[outside] == flipped.hu[outside]) > 0.9   # same body, organs and noise stream
+
+
+def test_fingerprints_of_drawn_tumour_data_sets_are_unchanged() -> None:
+    """Data sets written before tumour_fraction existed (drawn tumours) keep their fingerprint, so
+    their folders are reused: this is the fingerprint of the old default phantoms (24 + 4, seed 2026)."""
+    assert "tumour_fraction" not in PhantomConfig().to_dict()
+    assert dataset_fingerprint(24, 4, PhantomConfig(), 2026) == (
+        "318f210ca7f1851eabe4db7a185dfa28e56ca6a9dd8be4021ffc50f221938aa8")
+    assert dataset_fingerprint(24, 4, PhantomConfig(tumour_fraction=0.5), 2026) != dataset_fingerprint(
+        24, 4, PhantomConfig(), 2026)
 
 
 # ---------------------------------------------------------------------------------- the folder

@@ -76,6 +76,12 @@ def test_ingestion_then_preprocessing_on_smoke_phantoms(project: Path) -> None:
     assert manifest.loc[unlabelled, "label_path"].isna().all()
     assert manifest.loc[~unlabelled, "label_path"].notna().all()
     assert (manifest.loc[~unlabelled, "voxels_pancreas"] > 0).all()
+    # stratified by tumour presence: smoke's 4 tumour phantoms of 8 are shared out (issue 25)
+    record = json.loads((project / "data" / "03_primary" / "splits" / "Task07_Pancreas_smoke.json").read_text())
+    assert record["stratified_by"] == "tumour"
+    with_tumour = manifest.loc[~unlabelled].groupby("split")["voxels_tumour"].apply(lambda v: int((v > 0).sum()))
+    assert with_tumour.to_dict() == {"test": 1, "train": 2, "validation": 1}
+    assert record["composition"]["test"] == {"patients": 2, "with_tumour": 1}
     assert (manifest["orientation"] != "RAS").any()
     assert set(manifest["orientation"]) <= {"RAS", "LPS"}
     assert (manifest["spacing_z_mm"].between(6.0, 8.0)).all()

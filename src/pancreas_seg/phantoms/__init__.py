@@ -12,9 +12,11 @@ from pancreas_seg.phantoms.generator import (
     PhantomCase,
     PhantomConfig,
     case_seed,
+    dataset_case,
     dataset_fingerprint,
     make_phantom,
     non_ras_indices,
+    tumour_indices,
     write_synthetic_task07,
 )
 
@@ -25,8 +27,10 @@ __all__ = [
     "PhantomCase",
     "PhantomConfig",
     "case_seed",
+    "dataset_case",
     "dataset_fingerprint",
     "make_phantom",
     "non_ras_indices",
+    "tumour_indices",
     "write_synthetic_task07",
 ]

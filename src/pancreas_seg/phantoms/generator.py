@@ -7,7 +7,9 @@ Anatomy is modelled in world millimetres (RAS+: +x towards the patient's right, 
 +z superior) and then sampled at voxel centres, so the voxel spacing changes the resolution of a
 case, never the size of its organs. Each case draws its own spacing, slice thickness and z
 coverage from :class:`PhantomConfig`, its own body habitus, organ positions, contrast phase and
-(with ``tumour_probability``) a hypo-attenuating pancreatic tumour.
+(with ``tumour_probability``) a hypo-attenuating pancreatic tumour. In a written data set,
+``tumour_fraction`` instead fixes the share of cases with a tumour exactly
+(:func:`tumour_indices`).
 
 Conventions: arrays are in NIfTI voxel order ``(X, Y, Z)``; HU images are ``int16`` clipped to
 [-1024, 3071]; labels are ``uint8`` with the values of :mod:`pancreas_seg.core.labels` (0 background,
@@ -69,7 +71,13 @@ class PhantomConfig:
         slice_thickness_mm: slice spacing range, mm.
         z_extent_mm: cranio-caudal coverage range, mm; ``n_slices = round(extent / thickness)``.
         noise_hu: standard deviation of the (slightly correlated) image noise, HU.
-        tumour_probability: chance that a case contains a tumour (label 2).
+        tumour_probability: chance that a case contains a tumour (label 2), drawn per case.
+        tumour_fraction: ``None`` (default): each case draws its tumour with
+            ``tumour_probability``. A share in [0, 1]: in a written data set exactly
+            ``round(n * tumour_fraction)`` (half up) of the ``n`` labelled cases, and of the
+            unlabelled ones separately, have a tumour, which ones chosen with the data-set seed
+            (:func:`tumour_indices`); ``tumour_probability`` is then unused. The rest of each
+            case's anatomy is the same either way.
         non_ras_every: in a written data set every ``non_ras_every``-th case is stored LPS
             instead of RAS (0 or less: all RAS).
         plain_phase_probability: chance that a case is unenhanced: kidneys (~35 HU), vessels and
@@ -84,6 +92,7 @@ class PhantomConfig:
     tumour_probability: float = 0.5
     non_ras_every: int = 3
     plain_phase_probability: float = 0.2
+    tumour_fraction: float | None = None
 
     def __post_init__(self) -> None:
         # accept lists (e.g. from YAML parameters) and ints: store canonical tuples of floats
@@ -95,6 +104,8 @@ class PhantomConfig:
         for name, kind in (("shape_xy_px", int), ("non_ras_every", int), ("noise_hu", float),
                            ("tumour_probability", float), ("plain_phase_probability", float)):
             object.__setattr__(self, name, kind(getattr(self, name)))
+        if self.tumour_fraction is not None:
+            object.__setattr__(self, "tumour_fraction", float(self.tumour_fraction))
         if self.shape_xy_px < 8:
             raise ValueError(f"shape_xy_px must be >= 8, got {self.shape_xy_px}")
         for name in ("spacing_xy_mm", "slice_thickness_mm", "z_extent_mm"):
@@ -104,13 +115,21 @@ class PhantomConfig:
                                  f"got {getattr(self, name)}")
         if not (self.noise_hu >= 0.0 and math.isfinite(self.noise_hu)):
             raise ValueError(f"noise_hu must be >= 0, got {self.noise_hu}")
-        for name in ("tumour_probability", "plain_phase_probability"):
-            if not 0.0 <= float(getattr(self, name)) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("tumour_probability", "plain_phase_probability", "tumour_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the fields (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """JSON-ready dict of the fields (tuples become lists).
+
+        ``tumour_fraction`` is left out while it is ``None``, so the fingerprints of data sets
+        written before it existed (drawn tumours) stay the same and those folders are reused.
+        """
+        fields_ = dataclasses.asdict(self)
+        if fields_["tumour_fraction"] is None:
+            del fields_["tumour_fraction"]
+        return json.loads(json.dumps(fields_))
 
 
 @dataclass(frozen=True, eq=False)
@@ -348,11 +367,13 @@ class _Anatomy:
     so the anatomy depends only on the anatomy stream, never on the sampling grid.
     """
 
-    def __init__(self, grid: _Grid, rng: np.random.Generator, config: PhantomConfig) -> None:
+    def __init__(self, grid: _Grid, rng: np.random.Generator, config: PhantomConfig,
+                 has_tumour: bool | None = None) -> None:
         self.grid, self.rng, self.cv = grid, rng, _Canvas(grid)
         u = self.u
         self.plain = rng.random() < config.plain_phase_probability
-        self.has_tumour = rng.random() < config.tumour_probability
+        drawn = rng.random() < config.tumour_probability   # always drawn: the stream stays the same
+        self.has_tumour = drawn if has_tumour is None else bool(has_tumour)
         self.A, self.B = u(140, 160), u(100, 120)         # body semi-axes (x, y), mm
         self.kx, self.ky = self.A / 150.0, self.B / 110.0  # habitus scale of organ positions
         self.k = math.sqrt(self.kx * self.ky)               # ... and of organ sizes
@@ -681,7 +702,8 @@ def _to_lps(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return flipped, new_affine.astype(np.float64)
 
 
-def make_phantom(seed: int, config: PhantomConfig, store_non_ras: bool = False) -> PhantomCase:
+def make_phantom(seed: int, config: PhantomConfig, store_non_ras: bool = False,
+                 has_tumour: bool | None = None) -> PhantomCase:
     """Draw one synthetic case.
 
     Args:
@@ -691,6 +713,9 @@ def make_phantom(seed: int, config: PhantomConfig, store_non_ras: bool = False) 
         config: drawing ranges.
         store_non_ras: store the arrays LPS (axes 0 and 1 flipped, affine adjusted) instead of
             RAS; the world-space anatomy is identical.
+        has_tumour: ``None``: drawn with ``config.tumour_probability``; ``True``/``False``: the
+            case has (has not) a tumour, everything else drawn as with ``None`` (how a data set
+            with ``tumour_fraction`` fixes its tumour cases, :func:`dataset_case`).
 
     Returns:
         :class:`PhantomCase` with HU int16 (X, Y, Z), label uint8 (X, Y, Z) and float64 affine.
@@ -698,7 +723,7 @@ def make_phantom(seed: int, config: PhantomConfig, store_non_ras: bool = False) 
     ss = np.random.SeedSequence(int(seed))
     grid_ss, anat_ss, noise_ss = ss.spawn(3)
     grid = _draw_grid(np.random.default_rng(grid_ss), config)
-    hu_f, label, meta = _Anatomy(grid, np.random.default_rng(anat_ss), config).render()
+    hu_f, label, meta = _Anatomy(grid, np.random.default_rng(anat_ss), config, has_tumour).render()
     hu = _finish(hu_f, grid, np.random.default_rng(noise_ss), float(config.noise_hu))
     affine = grid.affine()
     if store_non_ras:
@@ -732,6 +757,33 @@ def non_ras_indices(n_train: int, n_test: int, non_ras_every: int) -> set[int]:
     if not picked and n >= 2:
         picked = {n_train - 1 if n_train >= 2 else n - 1}
     return picked
+
+
+def tumour_indices(n_train: int, n_test: int, config: PhantomConfig, seed: int) -> set[int] | None:
+    """0-based case indices (training first, then test) that have a tumour, or ``None`` (drawn).
+
+    ``None`` when ``config.tumour_fraction`` is ``None``: each case draws its own tumour with
+    ``tumour_probability``. Otherwise exactly ``floor(n * tumour_fraction + 0.5)`` of the ``n_train``
+    labelled cases and, separately, of the ``n_test`` unlabelled ones; which ones depends only on
+    the counts, the fraction and ``seed`` (a permutation seeded with ``[seed, n_train, n_test]``).
+    """
+    if config.tumour_fraction is None:
+        return None
+    rng = np.random.default_rng([int(seed), int(n_train), int(n_test), 7])   # 7: this stream's tag
+    picked: set[int] = set()
+    for start, n in ((0, int(n_train)), (int(n_train), int(n_test))):
+        k = int(math.floor(n * config.tumour_fraction + 0.5))
+        picked |= {start + int(i) for i in rng.permutation(n)[:k]}
+    return picked
+
+
+def dataset_case(index: int, n_train: int, n_test: int, config: PhantomConfig, seed: int) -> PhantomCase:
+    """Case ``index`` (0-based) of the data set :func:`write_synthetic_task07` writes with these
+    settings: its case seed, storage orientation and (with ``tumour_fraction``) tumour, in memory."""
+    tumours = tumour_indices(n_train, n_test, config, seed)
+    return make_phantom(case_seed(seed, index), config,
+                        store_non_ras=index in non_ras_indices(n_train, n_test, config.non_ras_every),
+                        has_tumour=None if tumours is None else index in tumours)
 
 
 def dataset_fingerprint(n_train: int, n_test: int, config: PhantomConfig, seed: int) -> str:
@@ -787,11 +839,11 @@ def _reuse_existing(root: Path, fingerprint: str) -> bool:
         "overwrite existing data - remove the folder or choose another one")
 
 
-def _write_case(folder: Path, index: int, n_train: int, config: PhantomConfig, seed: int,
-                store_non_ras: bool) -> dict[str, Any]:
+def _write_case(folder: Path, index: int, n_train: int, config: PhantomConfig, seed: int,  # noqa: PLR0917
+                store_non_ras: bool, has_tumour: bool | None = None) -> dict[str, Any]:
     """Draw case ``index`` (0-based) and write its file(s) under ``folder``; return its entries."""
     case_id, is_train = f"pancreas_{index + 1:03d}", index < n_train
-    case = make_phantom(case_seed(seed, index), config, store_non_ras=store_non_ras)
+    case = make_phantom(case_seed(seed, index), config, store_non_ras=store_non_ras, has_tumour=has_tumour)
     image_rel = f"./{'imagesTr' if is_train else 'imagesTs'}/{case_id}.nii.gz"
     save_nifti(folder / image_rel, case.hu, case.affine)
     entry = {"id": case_id, "split": "train" if is_train else "test",
@@ -817,12 +869,17 @@ def _write_cases(folder: Path, n_train: int, n_test: int, config: PhantomConfig,
     """
     n = n_train + n_test
     lps = non_ras_indices(n_train, n_test, config.non_ras_every)
+    tumours = tumour_indices(n_train, n_test, config, seed)
+
+    def tumour(index: int) -> bool | None:
+        return None if tumours is None else index in tumours
+
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (folder / sub).mkdir()
     results: list[dict[str, Any] | None] = [None] * n
     if processes <= 1 or n == 1:
         for index in range(n):
-            results[index] = _write_case(folder, index, n_train, config, seed, index in lps)
+            results[index] = _write_case(folder, index, n_train, config, seed, index in lps, tumour(index))
             if progress is not None:
                 progress(index + 1, n, results[index]["case"]["id"])
     else:
@@ -832,7 +889,8 @@ def _write_cases(folder: Path, n_train: int, n_test: int, config: PhantomConfig,
         pool = ProcessPoolExecutor(max_workers=min(int(processes), n),
                                    mp_context=multiprocessing.get_context("spawn"))
         try:
-            futures = {pool.submit(_write_case, folder, index, n_train, config, seed, index in lps): index
+            futures = {pool.submit(_write_case, folder, index, n_train, config, seed, index in lps,
+                                   tumour(index)): index
                        for index in range(n)}
             for done, future in enumerate(as_completed(futures), start=1):
                 results[futures[future]] = future.result()
@@ -857,7 +915,8 @@ def write_synthetic_task07(root: str | Path, n_train: int, n_test: int,  # noqa:
     ``root/labelsTr/pancreas_NNN.nii.gz`` and ``root/imagesTs/pancreas_NNN.nii.gz`` (test: image
     only). Training cases are numbered 1..n_train, test cases n_train+1..n_train+n_test; case
     ``i`` (0-based) is ``make_phantom(case_seed(seed, i), config)``, stored LPS when ``i`` is in
-    :func:`non_ras_indices`.
+    :func:`non_ras_indices`, with a tumour when ``i`` is in :func:`tumour_indices` if
+    ``config.tumour_fraction`` is set (:func:`dataset_case`).
 
     The folder is built in a temporary sibling and renamed to ``root`` at the end, so an
     interrupted run never leaves a folder that looks complete. If ``root`` already holds a data

@@ -15,7 +15,15 @@ from pancreas_seg.phantoms import PhantomConfig, write_synthetic_task07
 from pancreas_seg.runners.parallel import map_over_cases
 from pancreas_seg.task07.archive import extract_task07_archive
 from pancreas_seg.task07.layout import is_synthetic, read_dataset_json
-from pancreas_seg.task07.splits import make_split, reconcile_split, split_assignment
+from pancreas_seg.task07.splits import (
+    STRATIFIED_BY,
+    composition_lines,
+    has_tumour,
+    make_split,
+    reconcile_split,
+    split_assignment,
+    split_composition,
+)
 from pancreas_seg.task07.validation import (
     ON_INVALID,
     CaseRecord,
@@ -109,15 +117,17 @@ def plan_split(valid_cases: pd.DataFrame, raw_root: str, persisted_splits: Mappi
 
     Returns ``{dataset: split record}`` for the ``case_splits`` folder. Cases that are no longer
     valid are removed from a persisted split; nothing else moves. ``split.recompute: true`` makes a
-    new split from the seed and fractions.
+    new split from the seed and fractions, stratified by tumour presence. The record's
+    ``composition`` counts the patients and tumour patients of each split and fold (also logged).
     """
     name = dataset_name(raw_root)
     labelled = _labelled(valid_cases)
+    patient_of = (dict(zip(labelled["case_id"].astype(str), labelled["patient_id"].astype(str), strict=True))
+                  if "patient_id" in labelled else None)
+    tumour_of = dict(zip(labelled["case_id"].astype(str), has_tumour(labelled), strict=True))
     if name in persisted_splits and not split.get("recompute", False):
         persisted = persisted_splits[name]()
-        patient_of = (dict(zip(labelled["case_id"].astype(str), labelled["patient_id"].astype(str), strict=True))
-                      if "patient_id" in labelled else None)
-        record, dropped = reconcile_split(persisted, labelled["case_id"], split, name, patient_of)
+        record, dropped = reconcile_split(persisted, labelled["case_id"], split, name, patient_of, tumour_of)
         if record["settings"].get("n_folds") != persisted["settings"].get("n_folds"):
             logger.warning("split.n_folds changed (%s -> %s): cross-validation folds re-dealt over the same "
                            "train and validation patients; no case moved between train, validation and test",
@@ -127,11 +137,18 @@ def plan_split(valid_cases: pd.DataFrame, raw_root: str, persisted_splits: Mappi
                            len(dropped), name, ", ".join(dropped))
         logger.info("Reusing the persisted split of %s (made %s, seed %s)", name, record["created_at"],
                     record["settings"]["seed"])
+        if record.get("stratified_by") != STRATIFIED_BY:
+            logger.warning("The persisted split of %s predates stratification by tumour presence and is kept "
+                           "as it is; split.recompute=true makes a stratified one (models trained on the old "
+                           "split are then refused by evaluation)", name)
     else:
         if name in persisted_splits:
             logger.warning("split.recompute is set: replacing the persisted split of %s", name)
         record = make_split(labelled, split, name)
-        logger.info("New patient-level split of %s (seed %s)", name, split["seed"])
+        logger.info("New patient-level split of %s (seed %s), stratified by tumour presence", name, split["seed"])
+    record["composition"] = split_composition(record, tumour_of, patient_of)
+    for line in composition_lines(record["composition"]):
+        logger.info("Split of %s: %s", name, line)
     return {name: record}
 
 
