@@ -50,7 +50,7 @@ from pancreas_seg.imaging.nifti_upload import (
     read_upload,
     read_upload_header,
 )
-from pancreas_seg.inference.admission import Admission, DeadlineExceeded, Overloaded
+from pancreas_seg.inference.admission import Admission, DeadlineExceeded, Overloaded, WaitingRoom
 from pancreas_seg.inference.model_store import read_bundle_serving_settings, write_bundle
 from pancreas_seg.inference.serving import PATH_REFUSED, SegmentationModel, ServingError, scrub
 from pancreas_seg.inference.serving_settings import ENV_PREFIX, ServingSettings
@@ -279,6 +279,51 @@ def test_settings_are_recorded_in_the_bundle_and_overridden_by_the_environment(t
         ServingSettings.from_params({"max_inflight": 2})
 
 
+def test_the_waiting_room_serves_first_come_first_served() -> None:
+    """A client that asks again the moment it is answered cannot overtake one that waits."""
+    import asyncio
+
+    async def scenario() -> list[str]:
+        admission = Admission(max_in_flight=1, max_queue=0, queue_timeout_s=5, request_timeout_s=5, retry_after_s=3)
+        room = WaitingRoom(max_waiting=2, wait_s=2.0, poll_s=0.01)
+        order: list[str] = []
+        held = await room.admit(admission)                       # the one in flight
+
+        async def client(name: str, hold_s: float) -> None:
+            ticket = await room.admit(admission)
+            order.append(name)
+            await asyncio.sleep(hold_s)
+            ticket.release()
+
+        waiter = asyncio.create_task(client("waited", 0.05))
+        await asyncio.sleep(0.05)
+        assert room.waiting == 1
+        second = asyncio.create_task(client("second", 0.05))
+        await asyncio.sleep(0.02)
+        assert room.waiting == 2
+        with pytest.raises(Overloaded, match="busy") as full:     # max_waiting 2: a third waiter is refused
+            await room.admit(admission)
+        assert full.value.retry_after_s == 3 and room.waiting == 2
+        held.release()                                            # the one in flight is answered and asks again
+        again = asyncio.create_task(client("asked again", 0.0))
+        await asyncio.gather(waiter, second, again)
+        return order
+
+    assert asyncio.run(scenario()) == ["waited", "second", "asked again"]
+
+
+def test_the_waiting_room_gives_up_after_its_wait() -> None:
+    import asyncio
+
+    admission = Admission(max_in_flight=1, max_queue=0, queue_timeout_s=5, request_timeout_s=5, retry_after_s=3)
+    admission.admit()
+    room = WaitingRoom(max_waiting=4, wait_s=0.1, poll_s=0.01)
+    start = time.monotonic()
+    with pytest.raises(Overloaded, match="no place became free within 0.1 s"):
+        asyncio.run(room.admit(admission))
+    assert 0.09 < time.monotonic() - start < 1.0 and room.waiting == 0
+
+
 def test_admission_bounds_requests_in_flight_and_waiting() -> None:
     admission = Admission(max_in_flight=1, max_queue=1, queue_timeout_s=0.2, request_timeout_s=5, retry_after_s=7)
     first, second = admission.admit(), admission.admit()
@@ -424,8 +469,8 @@ def test_an_unexpected_error_is_a_500_naming_only_its_type(caplog) -> None:
 # --------------------------------------------------------------------------------------------
 # Over HTTP: the real `mlflow models serve`
 # --------------------------------------------------------------------------------------------
-RECORDED = {"max_in_flight": 1, "max_queue": 1, "retry_after_s": 7, "max_rows": 2, "max_request_mib": 8,
-            "queue_timeout_s": 30, "request_timeout_s": 120}
+RECORDED = {"max_in_flight": 1, "max_queue": 1, "max_waiting": 2, "retry_after_s": 7, "max_rows": 2,
+            "max_request_mib": 8, "queue_timeout_s": 30, "request_timeout_s": 120}
 """Logged into the model's bundle (as ``inference.serving`` would be)."""
 MAX_REQUEST_MIB = 2
 """Set at serve time through the environment (overrides the recorded 8 MiB)."""
@@ -680,10 +725,11 @@ def test_http_past_the_queue_the_answer_is_503_with_retry_after_then_200_again(s
     assert all(status == 503 for status, *_ in burst), statuses
     for status, headers, answer, _ in burst:
         assert headers.get("retry-after") == "7" and answer.get("retry_after_s") == 7, (headers, answer)
-    messages = {answer["message"].split(" (")[0].split(";")[0] for _, _, answer, _ in burst}
-    # five refused at admission (before their bodies were read), one admitted that found no slot in time
-    assert messages == {"the server is busy", "no segmentation slot became free within 0.5 s"}, messages
-    assert sum("busy" in answer["message"] for _, _, answer, _ in burst) == 5
+    messages = sorted(answer["message"].split(" (")[0].split(";")[0] for _, _, answer, _ in burst)
+    # one admitted that found no slot in time, two that waited in the waiting room (max_waiting 2,
+    # bodies unread) for 0.5 s, three refused at once: the room was full
+    assert messages == ["no place became free within 0.5 s"] * 2 + ["no segmentation slot became free within 0.5 s"] \
+        + ["the server is busy"] * 3, messages
     status, _, answer, _ = _post(served.base, small)
     assert status == 200, answer
 
@@ -698,3 +744,25 @@ def test_http_the_server_log_names_no_file_and_no_patient(served: Served, bomb: 
     for secret in (str(served.training), served.training.name, "pancreas_999", str(served.allowed), "Doe^John",
                    "/etc/passwd", "nothing.nii.gz"):
         assert secret not in log, secret                                         # ... without what they named
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_http_a_client_that_disconnects_mid_upload_costs_one_log_line(served: Served) -> None:
+    import socket
+
+    host, port = served.base.removeprefix("http://").split(":")
+    before = served.server.log_tail(1_000_000)
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 1000000\r\n\r\n" + b'{"dataframe_split": ' + b" " * 4000)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        log = served.server.log_tail(1_000_000)[len(before):]
+        if "disconnected before its request was read" in log:
+            break
+        time.sleep(0.2)
+    assert "disconnected before its request was read" in log, log[-2000:]
+    assert "Traceback" not in log and "ClientDisconnect" not in log, log[-2000:]
+    status, _, answer, _ = _post(served.base, _body("nifti_base64", _b64(gzip.compress(_nifti(_ct())))))
+    assert status == 200, answer                                  # its admission was released

@@ -7,15 +7,22 @@ refused at once (:class:`Overloaded`, HTTP 503 with ``Retry-After``). A ticket t
 too) and segments while it holds the slot. Everything uses ``threading`` primitives: MLflow's
 scoring server runs each request's ``predict`` in a worker thread (``asyncio.to_thread``).
 
+In the scoring server, a request that finds admission full first waits in a :class:`WaitingRoom`
+(first come, first served, its body unread; at most ``max_waiting`` of them, at most
+``queue_timeout_s`` each), so a client that retries the moment it is answered cannot overtake
+clients that waited.
+
 The deadline of a ticket (``request_timeout_s`` after admission) is checked with
 :meth:`Ticket.check_deadline` between stages (:class:`DeadlineExceeded`, HTTP 504).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -108,6 +115,57 @@ class Ticket:
             yield
         finally:
             self.admission._slots.release()
+
+
+class WaitingRoom:
+    """First come, first served admission for the scoring server's event loop.
+
+    Args:
+        max_waiting: requests that may wait at once; one more is refused (:class:`Overloaded`).
+        wait_s: longest wait, s; then :class:`Overloaded`.
+        poll_s: how often the oldest waiter retries admission, s.
+    """
+
+    def __init__(self, max_waiting: int, wait_s: float, poll_s: float = 0.05) -> None:
+        self.max_waiting, self.wait_s, self.poll_s = max_waiting, wait_s, poll_s
+        self._waiting: deque[object] = deque()
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting now."""
+        return len(self._waiting)
+
+    async def admit(self, admission: Admission) -> Ticket:
+        """A ticket from ``admission``; requests that came earlier get theirs first.
+
+        Raises:
+            Overloaded: the room is full, or no ticket came within ``wait_s``.
+        """
+        if not self._waiting:
+            try:
+                return admission.admit()
+            except Overloaded:
+                pass
+        if len(self._waiting) >= self.max_waiting:
+            raise Overloaded(f"the server is busy ({admission.max_in_flight} segmenting, {admission.max_queue} "
+                             f"admitted, {len(self._waiting)} waiting); retry after {admission.retry_after_s} s",
+                             admission.retry_after_s)
+        place = object()
+        self._waiting.append(place)
+        deadline = time.monotonic() + self.wait_s
+        try:
+            while True:
+                if self._waiting[0] is place:
+                    try:
+                        return admission.admit()
+                    except Overloaded:
+                        pass
+                if time.monotonic() >= deadline:
+                    raise Overloaded(f"no place became free within {self.wait_s:g} s; retry after "
+                                     f"{admission.retry_after_s} s", admission.retry_after_s)
+                await asyncio.sleep(self.poll_s)
+        finally:
+            self._waiting.remove(place)
 
 
 CURRENT_TICKET: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("pancreas_seg_serving_ticket",

@@ -19,8 +19,11 @@ the wrapper is in place when the app is built. The wrapped handler, before the b
 * answers **411** to a request without ``Content-Length`` (a chunked upload cannot be sized first);
 * answers **413** when ``Content-Length`` is above ``serving.max_request_mib`` (plus
   :data:`JSON_SLACK_BYTES` for the JSON around the base64 text);
-* admits the request (:class:`~pancreas_seg.inference.admission.Admission`) or answers **503** at
-  once when ``max_in_flight + max_queue`` requests are admitted;
+* admits the request (:class:`~pancreas_seg.inference.admission.Admission`); when
+  ``max_in_flight + max_queue`` requests are admitted it waits in the
+  :class:`~pancreas_seg.inference.admission.WaitingRoom`, first come first served, and answers
+  **503** when that room is full (``max_waiting``) or the wait passes ``queue_timeout_s``;
+* logs one line, not a stack trace, when the client disconnects before its body is read;
 
 and after the server's own handler has answered, adds ``Retry-After: <serving.retry_after_s>`` to
 every 503 (the model's, when no slot freed in time). Everything else is MLflow's own handler.
@@ -45,7 +48,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from pancreas_seg.inference.admission import CURRENT_TICKET, Admission, Overloaded
+from pancreas_seg.inference.admission import CURRENT_TICKET, Admission, Overloaded, WaitingRoom
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class _GuardState:
     """What the installed wrapper reads: replaced when a model is loaded again in the same process."""
 
     admission: Admission | None = None
+    waiting_room: WaitingRoom | None = None
     max_body_bytes: int = 0
     retry_after_s: int = 0
 
@@ -82,6 +86,8 @@ def _json(status: int, error_code: str, message: str, **fields: Any) -> Any:
 
 
 def _guard(handler: Callable[..., Any]) -> Callable[..., Any]:
+    from starlette.requests import ClientDisconnect  # noqa: PLC0415 - only inside the scoring server
+
     @functools.wraps(handler)
     async def guarded(*args: Any, **kwargs: Any) -> Any:
         request = kwargs.get("request", args[0] if args else None)
@@ -98,13 +104,17 @@ def _guard(handler: Callable[..., Any]) -> Callable[..., Any]:
             return _json(413, "INVALID_PARAMETER_VALUE",
                          f"the request body is {length} bytes, more than the limit of {_STATE.max_body_bytes} bytes")
         try:
-            ticket = admission.admit()
+            room = _STATE.waiting_room
+            ticket = await room.admit(admission) if room is not None else admission.admit()
         except Overloaded as exc:
             logger.warning("refused a request before reading it: %s (503)", exc)
             return _json(503, "TEMPORARILY_UNAVAILABLE", str(exc), retry_after_s=exc.retry_after_s)
         token = CURRENT_TICKET.set(ticket)
         try:
             response = await handler(*args, **kwargs)
+        except ClientDisconnect:
+            logger.warning("the client disconnected before its request was read (499)")
+            return _json(499, "CLIENT_CLOSED_REQUEST", "the client disconnected before its request was read")
         finally:
             CURRENT_TICKET.reset(token)
             ticket.release()
@@ -115,13 +125,14 @@ def _guard(handler: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
-def install(admission: Admission, max_request_bytes: int, retry_after_s: int) -> bool:
+def install(admission: Admission, max_request_bytes: int, retry_after_s: int,
+            waiting_room: WaitingRoom | None = None) -> bool:
     """Wrap MLflow's ``/invocations`` handler (see the module docstring); True when in place.
 
     Call it from the model's ``load_context`` in the scoring server's process, before the server
     builds its app. Calling it again (a second model load) only replaces the settings.
     """
-    _STATE.admission, _STATE.retry_after_s = admission, retry_after_s
+    _STATE.admission, _STATE.retry_after_s, _STATE.waiting_room = admission, retry_after_s, waiting_room
     _STATE.max_body_bytes = max_request_bytes + JSON_SLACK_BYTES
     try:
         from mlflow.pyfunc import scoring_server  # noqa: PLC0415

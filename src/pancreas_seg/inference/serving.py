@@ -108,7 +108,14 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from pancreas_seg.imaging.nifti_io import NiftiVolume, nifti_bytes
 from pancreas_seg.imaging.nifti_upload import UploadRefused, VolumeLimits, read_upload, read_upload_header
 from pancreas_seg.inference import scoring_server_guard
-from pancreas_seg.inference.admission import CURRENT_TICKET, Admission, DeadlineExceeded, Overloaded, Ticket
+from pancreas_seg.inference.admission import (
+    CURRENT_TICKET,
+    Admission,
+    DeadlineExceeded,
+    Overloaded,
+    Ticket,
+    WaitingRoom,
+)
 from pancreas_seg.inference.model_card import ModelCard
 from pancreas_seg.inference.model_store import (
     SERVING_MODEL_NAME,
@@ -394,7 +401,8 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         logger.info("serving limits: %s", {k: v for k, v in settings.to_dict().items() if k != "path_roots"}
                     | {"path_roots": len(settings.path_roots)})
         if scoring_server_guard.in_scoring_server():
-            scoring_server_guard.install(self.admission, settings.max_request_bytes, settings.retry_after_s)
+            scoring_server_guard.install(self.admission, settings.max_request_bytes, settings.retry_after_s,
+                                         WaitingRoom(settings.max_waiting, settings.queue_timeout_s))
 
     def _predictor(self, params: Mapping[str, Any]) -> Predictor:
         changes = {name: bool(params[name]) for name in REQUEST_PARAMS if params.get(name) is not None}

@@ -47,7 +47,12 @@ class ServingSettings:
         max_in_flight: requests segmented at the same time.
         max_queue: requests waiting for one of the ``max_in_flight`` slots; one more is answered
             503 with ``Retry-After``.
-        queue_timeout_s: longest wait for a slot, s; then 503 with ``Retry-After``.
+        queue_timeout_s: longest wait for a slot, s; then 503 with ``Retry-After``. Also the
+            longest wait in the waiting room.
+        max_waiting: requests held in a first-come-first-served waiting room, their bodies unread,
+            while ``max_in_flight + max_queue`` are admitted (so a client that retries at once
+            cannot overtake one that waits); one more is answered 503 with ``Retry-After``. Only
+            with the scoring-server guard (``mlflow models serve``).
         request_timeout_s: a request's time budget from admission, s, checked before each stage
             (waiting, reading, segmenting each scan); past it the answer is 504. A scan whose
             segmentation has started runs to its end: MLflow's own timeout
@@ -72,6 +77,7 @@ class ServingSettings:
     max_in_flight: int = 1
     max_queue: int = 2
     queue_timeout_s: float = 30.0
+    max_waiting: int = 32
     request_timeout_s: float = 60.0
     retry_after_s: int = 10
     path_roots: tuple[str, ...] = ()
@@ -84,8 +90,9 @@ class ServingSettings:
                      "dicom_max_uncompressed_mib"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"serving.{name} must be positive, got {getattr(self, name)!r}")
-        if self.max_queue < 0:
-            raise ValueError(f"serving.max_queue must be 0 or more, got {self.max_queue!r}")
+        for name in ("max_queue", "max_waiting"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"serving.{name} must be 0 or more, got {getattr(self, name)!r}")
         self.volume_limits  # noqa: B018 - checks the spacing range
 
     @property
