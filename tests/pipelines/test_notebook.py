@@ -62,6 +62,7 @@ def test_notebook_executes_against_smoke_run(smoke_project: Path, monkeypatch: p
     assert "val_dice_pancreas" in text  # unet.training_history
     assert "Paired comparison of `dice` (pancreas" in text   # paired_comparison_markdown
     assert "No cross-validation yet" in text                 # the smoke project ran `train` only
+    assert "No tuning yet" in text                           # nor `tune` (its section: tests/pipelines/test_tune.py)
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # Dice box plots, test overlays, paired differences, training curves
     # the notebook ran from the project root: kedro-mlflow's relative sqlite store is the project's

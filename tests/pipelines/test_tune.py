@@ -1,7 +1,8 @@
 """``kedro run --pipelines=tune_unet --env smoke`` in a NEW PROCESS on a project copy, then the same
 study continued with ``tuning.n_workers=2`` in another one.
 
-Checks the outputs (best trial inside the search space, trials table, figure), the MLflow store
+Checks the outputs (best trial inside the search space, trials table, figure; parameter importances,
+their plots and the best configuration, also in the study's MLflow run), the MLflow store
 (the study run nested under kedro-mlflow's run, one nested run per trial with its parameters,
 per-epoch curves and state), the Optuna journal read by ``optuna.load_study`` in yet another
 process, and ``optuna-dashboard`` serving it. The tests run in file order on one project copy.
@@ -30,6 +31,8 @@ pytestmark = pytest.mark.slow
 CONF = Path(__file__).resolve().parents[2] / "conf"
 REPORTS = Path("data") / "08_reporting" / "tuning"
 JOURNAL = Path("data") / "06_models" / "tuning" / "unet.optuna.log"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "model_comparison.ipynb"
+RUN_LOG = "tune_unet_run.log"   # the first run's output, kept for the tests below
 
 LOAD_STUDY = r"""
 import json, sys
@@ -60,7 +63,8 @@ def _load_study_elsewhere(project: Path, subprocess_env) -> list[dict]:
 @pytest.fixture(scope="module")
 def tuned_project(tmp_path_factory: pytest.TempPathFactory, project_copier, kedro_cli_runner) -> Path:
     project = project_copier(tmp_path_factory.mktemp("tune") / "pancreas_seg")
-    kedro_cli_runner(project, "--pipelines=tune_unet", timeout=600)
+    result = kedro_cli_runner(project, "--pipelines=tune_unet", timeout=600)
+    (project / RUN_LOG).write_text(result.stdout + result.stderr)
     return project
 
 
@@ -81,6 +85,83 @@ def test_tune_unet_writes_the_best_trial_table_and_plot(tuned_project: Path) -> 
     assert best["best"]["value"] == pytest.approx(complete["value"].max())
     assert best["best"]["overrides"]["model"]["dropout"] == best["best"]["params"]["model.dropout"]
     assert sum(best["trial_states"].values()) == config.n_trials
+
+
+def _study_run(project: Path, client: mlflow.MlflowClient) -> mlflow.entities.Run:
+    experiment = client.get_experiment_by_name("pancreas_seg_smoke")   # conf/smoke/mlflow.yml
+    [study_run] = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "unet study"]
+    return study_run
+
+
+def test_tune_unet_reports_the_parameter_importances_and_the_best_configuration(tuned_project: Path) -> None:
+    config = _smoke_tuning()
+    report = json.loads((tuned_project / REPORTS / "unet_importances.json").read_text())
+    best = json.loads((tuned_project / REPORTS / "unet_best_trial.json").read_text())
+    trials = pd.read_csv(tuned_project / REPORTS / "unet_trials.csv")
+    n_complete = int((trials["state"] == "COMPLETE").sum())
+    for plot in ("unet_param_importances.png", "unet_parallel_coordinate.png"):
+        assert (tuned_project / REPORTS / plot).stat().st_size > 5_000, plot
+
+    assert report["evaluator"] == config.importance_evaluator and report["objective"] == "val_dice_pancreas"
+    assert report["n_complete_trials"] == n_complete and report["n_trials"] == config.n_trials
+    assert best["best"] is not None and report["best"]["number"] == best["best"]["number"]
+    assert report["best"]["value"] == pytest.approx(best["best"]["value"])
+    assert report["best"]["params"] == best["best"]["params"]
+    assert report["best"]["overrides"] == best["best"]["overrides"]
+    log = " ".join((tuned_project / RUN_LOG).read_text().split())
+    if n_complete >= 2:   # 3 smoke trials, some may be pruned
+        assert report["status"] in {"computed", "single_parameter"}
+        assert set(report["importances"]) == set(config.search_space.names)
+        assert sum(report["importances"].values()) == pytest.approx(1.0)
+        assert f"unet: importances ({config.importance_evaluator}, {n_complete} complete trials" in log
+    else:
+        assert report["status"] == "not_computed" and report["importances"] == {}
+        assert "unet: parameter importances not computed" in log
+
+    client = mlflow.MlflowClient(f"sqlite:///{tuned_project / 'mlflow.db'}")
+    study_run = _study_run(tuned_project, client)
+    assert best["mlflow_study_run_id"] == study_run.info.run_id
+    assert study_run.info.status == "FINISHED"
+    artifacts = {a.path for folder in ("tuning", "plots") for a in client.list_artifacts(study_run.info.run_id, folder)}
+    assert {"tuning/importances.json", "plots/param_importances.png", "plots/parallel_coordinate.png"} <= artifacts
+    assert study_run.data.tags["importance.status"] == report["status"]
+    assert study_run.data.tags["importance.evaluator"] == config.importance_evaluator
+    assert {k.removeprefix("importance."): v for k, v in study_run.data.metrics.items()
+            if k.startswith("importance.")} == pytest.approx(report["importances"])
+    assert study_run.data.params["best.trial_number"] == str(best["best"]["number"])
+    assert {f"best.{name}" for name in config.search_space.names} <= set(study_run.data.params)
+
+
+def test_the_notebook_shows_the_importances_from_the_catalog(tuned_project: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The notebook's set-up cells and its tuning section (cells tagged ``tuning``), run headless
+    against the tuned project (the rest of the notebook needs a ``train`` run: tests/pipelines/test_notebook.py)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    setup = [c for c in notebook.cells if c.cell_type == "code"
+             and ("PROJECT_PATH = Path(" in c.source or "%reload_kedro" in c.source)]
+    tuning = [c for c in notebook.cells if "tuning" in c.metadata.get("tags", [])]
+    assert len(setup) == 2 and [c.cell_type for c in tuning] == ["markdown", "code"]
+    notebook.cells = setup + tuning
+    workdir = tuned_project / "notebooks"
+    workdir.mkdir(exist_ok=True)
+    for name, value in {"PANCREAS_SEG_PROJECT": str(tuned_project), "PANCREAS_SEG_ENV": "smoke",
+                        "DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(workdir)}}).execute()
+
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "\n".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    report = json.loads((tuned_project / REPORTS / "unet_importances.json").read_text())
+    assert f"### unet: {report['n_complete_trials']} complete of {report['n_trials']} trials" in text
+    assert f"Best configuration: trial {report['best']['number']}" in text and "No tuning yet" not in text
+    assert all(f"| `{name}` |" in text for name in report["importances"])
+    assert "unet_small" not in text                                   # only what was tuned
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 2
 
 
 def test_mlflow_has_the_study_run_with_nested_trial_runs(tuned_project: Path) -> None:
@@ -163,3 +244,6 @@ def test_the_study_continues_with_two_worker_processes(tuned_project: Path, kedr
     assert max(t["start"] for t in new) < min(t["end"] for t in new), "the two trials ran at the same time"
     table = pd.read_csv(tuned_project / REPORTS / "unet_trials.csv")
     assert len(table) == n_before + 2
+    report = json.loads((tuned_project / REPORTS / "unet_importances.json").read_text())
+    assert report["n_trials"] == n_before + 2                       # the importances follow the continued study
+    assert report["n_complete_trials"] == int((table["state"] == "COMPLETE").sum())

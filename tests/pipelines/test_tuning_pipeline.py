@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pancreas_seg.models.names import ARCHITECTURE_NAMES, CASCADE_NAME
@@ -22,10 +24,31 @@ def test_tune_pipelines_are_registered_and_not_part_of_train() -> None:
 
 
 def test_each_namespace_reads_its_architecture_and_publishes_its_reports() -> None:
-    [node] = tuning.create_pipeline(["fcn"]).nodes
+    node, importances = tuning.create_pipeline(["fcn"]).nodes      # topological order: the study first
+    assert node.name == "fcn.tune"
     assert node.inputs == ["model_input_slices", "case_manifest", "intensity_stats", "params:preprocessing",
                            "params:training", "params:tuning", "params:fcn.architecture"]
     assert node.outputs == ["fcn.tuning_best_trial", "fcn.tuning_trials", "fcn.tuning_plot"]
+    assert importances.name == "fcn.importances"
+    assert importances.inputs == ["fcn.tuning_best_trial", "params:training", "params:tuning",
+                                  "params:fcn.architecture"]
+    assert importances.outputs == ["fcn.tuning_importances", "fcn.tuning_importance_plot",
+                                   "fcn.tuning_parallel_coordinate_plot"]
+
+
+def test_every_tuning_output_has_a_catalog_entry() -> None:
+    """The reports are files (conf/base/catalog_tuning.yml), not MemoryDatasets lost after the run."""
+    from kedro.config import OmegaConfigLoader  # noqa: PLC0415
+    from kedro.io import DataCatalog  # noqa: PLC0415
+
+    from pancreas_seg.settings import CONFIG_LOADER_ARGS  # noqa: PLC0415
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    catalog = DataCatalog.from_config(OmegaConfigLoader(str(conf), **CONFIG_LOADER_ARGS)["catalog"])
+    for output in sorted(tuning.create_pipeline(["unet"]).all_outputs()):
+        dataset = catalog.get(output)
+        assert dataset is not None and "filepath" in dataset._describe(), output
+        assert str(dataset._describe()["filepath"]).startswith("data/08_reporting/tuning/unet_"), output
 
 
 def test_the_cascade_is_not_tuned() -> None:

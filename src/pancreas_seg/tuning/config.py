@@ -18,9 +18,12 @@ from pancreas_seg.tuning.search_space import SearchSpace, SearchSpaceError
 
 #: Keys of ``tuning`` (per architecture after the merge); anything else is a typo.
 KNOWN_KEYS = {"n_trials", "n_workers", "threads_per_worker", "pin_cores", "storage_dir", "seed", "sampler", "pruner",
-              "heartbeat_interval_s", "grace_period_s", "max_retry", "trial", "search_space", "architectures"}
+              "heartbeat_interval_s", "grace_period_s", "max_retry", "trial", "search_space", "architectures",
+              "importance_evaluator"}
 SAMPLER_KEYS = {"n_startup_trials", "constant_liar", "multivariate"}
 PRUNER_KEYS = {"n_startup_trials", "n_warmup_steps", "interval_steps"}
+#: ``importance_evaluator`` values (``optuna.importance``; see :mod:`pancreas_seg.tuning.importance`).
+IMPORTANCE_EVALUATORS = ("fanova", "ped_anova")
 
 
 def available_cores() -> int:
@@ -68,6 +71,7 @@ class TuningConfig:
     grace_period_s: int = 60
     max_retry: int | None = 2
     trial: dict[str, Any] = field(default_factory=dict)   # training overrides for every trial
+    importance_evaluator: str = "fanova"     # parameter importances after the study: fanova | ped_anova
 
     @classmethod
     def from_params(cls, tuning: Mapping[str, Any], architecture: str, key: str = "tuning") -> TuningConfig:
@@ -98,6 +102,10 @@ class TuningConfig:
         trial = merged.get("trial") or {}
         if not isinstance(trial, Mapping):
             raise SearchSpaceError(f"{where}.trial: expected a mapping of training settings, got {trial!r}")
+        importance_evaluator = merged.get("importance_evaluator", "fanova")
+        if importance_evaluator not in IMPORTANCE_EVALUATORS:
+            raise SearchSpaceError(f"{where}.importance_evaluator: expected one of {list(IMPORTANCE_EVALUATORS)}, "
+                                   f"got {importance_evaluator!r}")
         search_space_key = f"{key}.search_space" if "search_space" not in override else f"{where}.search_space"
         return cls(
             architecture=architecture,
@@ -113,7 +121,7 @@ class TuningConfig:
             pruner=_section(merged, "pruner", PRUNER_KEYS, where),
             heartbeat_interval_s=heartbeat, grace_period_s=grace,
             max_retry=_positive_int(merged.get("max_retry", 2), f"{where}.max_retry", minimum=0, allow_none=True),
-            trial=dict(trial),
+            trial=dict(trial), importance_evaluator=importance_evaluator,
         )
 
     @property

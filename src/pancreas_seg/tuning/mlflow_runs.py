@@ -109,3 +109,42 @@ def close_interrupted_study_runs(experiment_id: str, study_name: str, current_ru
             closed.append(run.info.run_id)
             logger.info("%s: MLflow study run %s of an interrupted run marked KILLED", study_name, run.info.run_id)
     return closed
+
+
+#: Where :func:`log_importances` puts its artifacts in the study run.
+IMPORTANCES_ARTIFACT = "tuning/importances.json"
+IMPORTANCE_PLOT_ARTIFACT = "plots/param_importances.png"
+PARALLEL_COORDINATE_ARTIFACT = "plots/parallel_coordinate.png"
+
+
+def log_importances(run_id: str, result: Mapping[str, Any], importance_figure: Any, parallel_figure: Any) -> None:
+    """Log a study's importances and best configuration (``importance.study_importances``) to its run.
+
+    Artifacts ``tuning/importances.json`` (the whole result), ``plots/param_importances.png`` and
+    ``plots/parallel_coordinate.png``; metrics ``importance.<param>`` (dotted parameter names;
+    none when not computed); tags ``importance.evaluator``, ``importance.status`` and
+    ``importance.reason`` (tags, so a re-run with another evaluator can replace them); params
+    ``best.<param>`` and ``best.trial_number``. MLflow params cannot change within a run: if the run
+    already holds other ``best.*`` values they are kept, with a warning.
+    """
+    import mlflow  # noqa: PLC0415
+    from mlflow.entities import Param  # noqa: PLC0415
+
+    from pancreas_seg import tracking  # noqa: PLC0415
+
+    client = mlflow.MlflowClient()
+    tracking.log_json(run_id, dict(result), IMPORTANCES_ARTIFACT)
+    tracking.log_figure(run_id, importance_figure, IMPORTANCE_PLOT_ARTIFACT)
+    tracking.log_figure(run_id, parallel_figure, PARALLEL_COORDINATE_ARTIFACT)
+    tracking.log_final_metrics(run_id, {f"importance.{name}": value for name, value in result["importances"].items()})
+    for key in ("evaluator", "status", "reason"):
+        client.set_tag(run_id, f"importance.{key}", str(result.get(key) or "")[:5000])
+    best = result.get("best")
+    if best is not None:
+        params = {"best.trial_number": best["number"],
+                  **{f"best.{name}": value for name, value in best["params"].items()}}
+        try:
+            client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in params.items()])
+        except mlflow.exceptions.MlflowException as exc:
+            logger.warning("%s: best.* params not logged to MLflow run %s (it holds other values): %s",
+                           result.get("study_name"), run_id, str(exc).splitlines()[0])

@@ -1,4 +1,5 @@
-"""Tuning node: a thin wrapper around :mod:`pancreas_seg.tuning` (search space, storage, workers, report).
+"""Tuning nodes: thin wrappers around :mod:`pancreas_seg.tuning` (search space, storage, workers, report,
+parameter importances).
 
 Optuna, MLflow and the worker machinery are imported inside the node, so ``kedro viz`` and
 catalog loading stay fast; Keras is imported only in the worker processes.
@@ -135,3 +136,66 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
         logger.info("%s: best trial %d: %s=%.4f with %s", name, best["best"]["number"], monitor,
                     best["best"]["value"], best["best"]["params"])
     return best, table, figure
+
+
+def report_importances(best_trial: dict[str, Any], training: dict[str, Any], tuning: dict[str, Any],
+                       architecture: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+    """What mattered in one architecture's finished study: parameter importances
+    (``tuning.importance_evaluator``, over the COMPLETE trials), the best configuration, Optuna's
+    importance plot and its parallel-coordinate plot.
+
+    Reads the study from its journal file and logs everything to the study's MLflow run (the one
+    ``best_trial`` names; see :func:`pancreas_seg.tuning.mlflow_runs.log_importances`). A study with
+    fewer than 2 complete trials, or no varied parameter, gets a warning and outputs that say why
+    there are no importances, not an error.
+
+    Returns the importances (JSON), the importance plot and the parallel-coordinate plot.
+    """
+    import optuna  # noqa: PLC0415
+
+    from pancreas_seg.tuning import mlflow_runs  # noqa: PLC0415
+    from pancreas_seg.tuning.importance import (  # noqa: PLC0415
+        COMPUTED,
+        NOT_COMPUTED,
+        plot_parallel_coordinate,
+        plot_param_importances,
+        study_importances,
+    )
+
+    name = architecture["name"]
+    config = TuningConfig.from_params(tuning, name)
+    monitor = str(config.trial_settings(training, architecture).get("monitor", "val_dice_pancreas"))
+    storage_path = config.storage_path.resolve()
+    if not storage_path.is_file():
+        raise FileNotFoundError(f"{name}: no study at {storage_path}: run `kedro run --pipelines=tune_{name}` first")
+    with optuna_logs_through_logging():
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage_path)))
+        study = optuna.load_study(study_name=name, storage=storage)
+        logger.info("%s: parameter importances (%s) of study %s: %d trial(s)", name, config.importance_evaluator,
+                    storage_path, len(study.get_trials(deepcopy=False)))
+        result = study_importances(study, config.importance_evaluator, seed=config.seed, objective=monitor,
+                                   search_space=config.search_space)
+        importance_plot = plot_param_importances(study, result, seed=config.seed)
+        parallel_plot = plot_parallel_coordinate(study, result)
+    if result["status"] == COMPUTED:
+        logger.info("%s: importances (%s, %d complete trials, for %s): %s", name, result["evaluator"],
+                    result["n_complete_trials"], monitor,
+                    ", ".join(f"{param} {value:.3f}" for param, value in result["importances"].items()))
+    elif result["status"] == NOT_COMPUTED:
+        logger.warning("%s: parameter importances not computed: %s", name, result["reason"])
+    else:
+        logger.warning("%s: importances computed, but %s", name, result["reason"])
+    for note in result["notes"]:
+        logger.warning("%s: importance note (%s): %s", name, result["evaluator"], note)
+    if result["best"] is not None:
+        logger.info("%s: best configuration: trial %d, %s=%.4f, %s", name, result["best"]["number"], monitor,
+                    result["best"]["value"], result["best"]["params"])
+    run_id = best_trial.get("mlflow_study_run_id")
+    if run_id:
+        mlflow_runs.log_importances(run_id, result, importance_plot, parallel_plot)
+        logger.info("%s: importances, importance plot and parallel coordinates logged to MLflow run %s (%s, %s, %s)",
+                    name, run_id, mlflow_runs.IMPORTANCES_ARTIFACT, mlflow_runs.IMPORTANCE_PLOT_ARTIFACT,
+                    mlflow_runs.PARALLEL_COORDINATE_ARTIFACT)
+    else:
+        logger.warning("%s: the best-trial report names no MLflow study run: importances not logged to MLflow", name)
+    return result, importance_plot, parallel_plot

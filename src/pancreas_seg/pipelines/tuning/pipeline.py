@@ -1,8 +1,10 @@
 """Tuning wiring: one Optuna study per architecture, each in the architecture's namespace.
 
-The node reads the architecture's own parameters (``params:<arch>.architecture``, as training
+The ``tune`` node reads the architecture's own parameters (``params:<arch>.architecture``, as training
 does) and the shared ``params:tuning``; its outputs are ``<arch>.tuning_best_trial``,
-``<arch>.tuning_trials`` and ``<arch>.tuning_plot`` (``conf/base/catalog_tuning.yml``). The
+``<arch>.tuning_trials`` and ``<arch>.tuning_plot``. The ``importances`` node then reads the finished
+study: ``<arch>.tuning_importances``, ``<arch>.tuning_importance_plot`` and
+``<arch>.tuning_parallel_coordinate_plot`` (``conf/base/catalog_tuning.yml``). The
 cascade is not tuned: its stage 2 is a registered architecture with its own settings.
 """
 
@@ -19,12 +21,16 @@ SHARED_PARAMETERS = {"params:preprocessing", "params:training", "params:tuning"}
 
 
 def template() -> Pipeline:
-    """Run one architecture's study and report it."""
+    """Run one architecture's study and report it, then what mattered in it (parameter importances)."""
     return Pipeline([
         Node(nodes.tune_architecture,
              ["model_input_slices", "case_manifest", "intensity_stats", "params:preprocessing",
               "params:training", "params:tuning", "params:architecture"],
              ["tuning_best_trial", "tuning_trials", "tuning_plot"], name="tune", tags=MODEL_TRAINING_TAG),
+        Node(nodes.report_importances,
+             ["tuning_best_trial", "params:training", "params:tuning", "params:architecture"],
+             ["tuning_importances", "tuning_importance_plot", "tuning_parallel_coordinate_plot"],
+             name="importances"),
     ])
 
 
