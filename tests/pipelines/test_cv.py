@@ -104,6 +104,10 @@ def test_mlflow_has_nested_fold_runs_and_the_registered_champion(cv_project: Pat
     version = client.get_model_version_by_alias("pancreas_seg", "champion")
     assert version.run_id == selection["cv_run_id"] and version.tags["architecture"] == selection["architecture"]
     assert str(version.version) == selection["version"]
+    # chosen on the out-of-fold Dice of the development cases, which its tags name
+    assert version.tags["selection_score"] == selection["score_name"] == "cv_dice_pancreas_tumour_mean"
+    assert version.tags["selection_cases"] == ",".join(sorted(_development(pd.read_csv(
+        cv_project / "data" / "03_primary" / "case_manifest.csv")))) and version.tags["selection_split"] == "cv"
     versions = client.search_model_versions("name = 'pancreas_seg'")
     from_cv = sorted(v.tags["architecture"] for v in versions if v.tags.get("source") == "cv")
     assert from_cv == ["fcn", "unet", "unet_small", "vnet2d"]

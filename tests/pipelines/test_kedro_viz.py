@@ -23,7 +23,8 @@ PIPELINES = {"train", "data", "ingestion", "preprocessing", "training", "evaluat
 PIPELINES |= {f"train_{arch}" for arch in (*ARCHITECTURES, "cascade")}  # one named pipeline per model
 PIPELINES |= {"tune", "tuning"} | {f"tune_{arch}" for arch in ARCHITECTURES}    # Optuna studies, not in train
 CASCADE_STEPS = {"prepare_training_crops", "measure_stage1_localisation", "train_stage2", "validate_stage2",
-                 "check_model_binding", "predict_test_cases", "score_test_cases", "summarise_model"}
+                 "score_validation_cases", "check_model_binding", "predict_test_cases", "score_test_cases",
+                 "summarise_model"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,8 @@ def test_viz_build_lists_pipelines_and_model_namespaces(viz_build: Path) -> None
         assert any(child["type"] == "task" for child in modular[arch]["children"])
         assert {"id": arch, "type": "modularPipeline"} in modular["__root__"]["children"]
         names = {n["full_name"] for n in tasks if n["modular_pipelines"] == [arch]}
-        assert names == {f"{arch}.{step}" for step in ("train_model", "validate_model", "check_model_binding",
+        assert names == {f"{arch}.{step}" for step in ("train_model", "validate_model", "score_validation_cases",
+                                                      "check_model_binding",
                                                       "predict_test_cases", "score_test_cases",
                                                       "summarise_model")}, (arch, names)
     # the cascade is a namespace too, with its own training steps and the evaluation's

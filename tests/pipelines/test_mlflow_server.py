@@ -98,3 +98,6 @@ def test_rest_api_lists_runs_and_metrics(configured_learning_rates: dict[str, fl
     champion = _get(base, "/api/2.0/mlflow/registered-models/alias", name="pancreas_seg", alias="champion")
     assert champion["model_version"]["tags"] and champion["model_version"]["run_id"] in {
         r["info"]["run_id"] for r in nested.values()}
+    # ... chosen on the 3D validation Dice, which its tags name with the cases it was computed on
+    champion_tags = {t["key"]: t["value"] for t in champion["model_version"]["tags"]}
+    assert champion_tags["selection_score"] == "validation_dice_pancreas_mean" and champion_tags["selection_cases"]

@@ -195,6 +195,34 @@ def test_evaluation_reports(smoke_project: Path) -> None:
         assert summary["architecture"] == arch and summary["n_cases"] == len(test_ids)
 
 
+def test_champion_is_chosen_on_3d_validation_dice(smoke_project: Path) -> None:
+    """Every model, the cascade included, was scored in 3D on the manifest's validation cases; the
+    registry's versions carry the score's name and those cases, and ``champion`` is the best."""
+    manifest = pd.read_csv(smoke_project / "data" / "03_primary" / "case_manifest.csv")
+    validation = sorted(manifest.loc[manifest["split"] == "validation", "case_id"])
+    assert validation and not set(validation) & set(manifest.loc[manifest["split"] == "test", "case_id"])
+    reporting = smoke_project / "data" / "08_reporting" / "training"
+    means = {}
+    for arch in ARCHITECTURES:
+        scores = pd.read_csv(reporting / f"{arch}_validation_metrics_per_case.csv")
+        assert sorted(scores["case_id"].unique()) == validation and set(scores["architecture"]) == {arch}
+        means[arch] = scores.loc[scores["class"] == "pancreas", "dice"].mean()
+    best = sorted(means, key=lambda a: (-means[a], a))[0]   # ties: the alphabetically first
+    registration = json.loads((reporting / "model_registration.json").read_text())
+    assert registration["champion"] == best and registration["cases"] == validation
+    uri = f"sqlite:///{smoke_project / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = [v for v in client.search_model_versions("name = 'pancreas_seg'") if v.tags.get("source") == "train"]
+    assert sorted(v.tags["architecture"] for v in versions) == sorted(ARCHITECTURES)
+    for version in versions:
+        assert version.tags["selection_score"] == "validation_dice_pancreas_mean"
+        assert version.tags["selection_cases"] == ",".join(validation), version.tags
+        assert float(version.tags["selection_score_value"]) == pytest.approx(means[version.tags["architecture"]],
+                                                                             abs=1e-4)
+    champion = client.get_model_version_by_alias("pancreas_seg", "champion")
+    assert champion.tags["architecture"] == best
+
+
 def test_namespace_rerun_trains_only_unet(smoke_project: Path, tmp_path: Path, kedro_session_runner,
                                          model_card_reader) -> None:
     """``kedro run --pipeline=train --namespaces=unet --env smoke`` as a second in-process session.

@@ -2,9 +2,11 @@
 
 Training: cut crops around the true pancreas of the training and validation cases, measure where
 stage 1 (the model trained in namespace :data:`~pancreas_seg.models.names.CASCADE_STAGE1`) puts
-its box on the validation cases, train stage 2, validate it. The model and its card are published
-under the same plain names as the other models' (``model_cascade``, ``model_card_cascade``), so
-the evaluation pipeline evaluates the cascade in its namespace like any other model.
+its box on the validation cases, train stage 2, validate it on its crops, then score the whole
+cascade (both stages, from the CT scans) on the validation cases in 3D, as every model is scored
+for the registry. The model and its card are published under the same plain names as the other
+models' (``model_cascade``, ``model_card_cascade``), so the evaluation pipeline evaluates the
+cascade in its namespace like any other model.
 """
 
 from kedro.pipeline import Node, Pipeline
@@ -12,10 +14,11 @@ from kedro.pipeline import Node, Pipeline
 from pancreas_seg.models.names import CASCADE_NAME, CASCADE_STAGE1
 from pancreas_seg.pipelines import MODEL_TRAINING_TAG
 from pancreas_seg.pipelines.cascade import nodes
+from pancreas_seg.tracking.selection import score_validation_cases
 
 SHARED_INPUTS = {"model_input_slices", "slice_geometry", "case_manifest", "intensity_stats"}
 SHARED_PARAMETERS = {"params:preprocessing", "params:training", "params:evaluation", "params:inference"}
-PUBLISHED_OUTPUTS = ("model", "model_card", "validation_metrics")
+PUBLISHED_OUTPUTS = ("model", "model_card", "validation_metrics", "validation_scores")
 
 
 def training_template() -> Pipeline:
@@ -38,6 +41,11 @@ def training_template() -> Pipeline:
               "intensity_stats", "params:preprocessing", "params:training", "params:crop", "params:stage2",
               "params:inference"],
              "validation_metrics", name="validate_stage2"),
+        # the whole cascade (stage 1 included) on the validation scans, 3D, as the other models
+        Node(score_validation_cases,
+             ["model", "model_card", "model_input_slices", "slice_geometry", "case_manifest", "params:evaluation",
+              "stage1_model"],
+             "validation_scores", name="score_validation_cases"),
     ])
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 
 from pancreas_seg import tracking
 from pancreas_seg.evaluation.scoring import build_summary, flat_test_metrics, score_cases
+from pancreas_seg.evaluation.selection import SelectionRule, check_selection_cases, rank_models, scored_case_ids
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.nifti_io import NiftiVolume
 from pancreas_seg.inference.forward import mean_probabilities
@@ -31,6 +32,7 @@ from pancreas_seg.task07.splits import (
     manifest_folds,
     test_case_ids,
 )
+from pancreas_seg.tracking.selection import selection_tags
 from pancreas_seg.tracking.training_run import train_model
 
 logger = logging.getLogger(__name__)
@@ -310,40 +312,44 @@ def compare_cross_validation(*summaries: dict[str, Any]) -> tuple[pd.DataFrame, 
 
 
 # --------------------------------------------------------------------------- selection + registry
-def select_best_configuration(cv_comparison: pd.DataFrame, cv: dict[str, Any]) -> dict[str, Any]:
-    """Choose the fold ensemble with the best out-of-fold Dice and register it as ``champion``.
+def select_best_configuration(cv_comparison: pd.DataFrame, cv_metrics_per_case: pd.DataFrame,
+                              case_manifest: pd.DataFrame, cv: dict[str, Any]) -> dict[str, Any]:
+    """Choose the fold ensemble with the best out-of-fold score and register it as ``champion``.
 
-    The score of a configuration is the mean over ``selection.classes`` of its out-of-fold mean
-    ``dice`` (NaN classes ignored), like nnU-Net's ``find_best_configuration``. With
-    ``selection.register`` every candidate's fold ensemble (the pyfunc model of its cv run)
-    becomes a version of the registered model ``selection.registered_model`` with tags
-    (architecture, score), and the best one gets the alias ``selection.alias``.
+    The score (:class:`~pancreas_seg.evaluation.selection.SelectionRule`, the rule the registry
+    uses after ``train`` too) is the mean over ``selection.classes`` of each architecture's mean
+    out-of-fold 3D Dice per case (NaN left out), like nnU-Net's ``find_best_configuration``; every
+    architecture must have been scored on the same out-of-fold cases, none of them a test case.
+    With ``selection.register`` every candidate's fold ensemble (the pyfunc model of its cv run)
+    becomes a version of the registered model ``selection.registered_model`` tagged with its
+    architecture, the score's name, value and the case ids
+    (:func:`pancreas_seg.tracking.selection.selection_tags`), and the best gets ``selection.alias``.
     """
     selection = cv["selection"]
-    classes = list(selection["classes"])
-    scores = (cv_comparison[cv_comparison["class"].isin(classes)]
-              .groupby("architecture")["cv_dice_mean"].apply(lambda s: float(np.nanmean(s)) if s.notna().any() else np.nan))
+    rule = SelectionRule.from_params(selection, split="cv")
+    cases = scored_case_ids(cv_metrics_per_case)
+    check_selection_cases(cases, development_case_ids(case_manifest), test_case_ids(case_manifest))
+    scores = rule.scores(cv_metrics_per_case)
     if scores.isna().all():
-        raise ValueError(f"no configuration has an out-of-fold Dice for {classes}")
-    # ties go to the alphabetically first architecture: a stable sort of the name-sorted scores
-    ranking = scores.sort_index().sort_values(ascending=False, na_position="last", kind="stable")
-    best = str(ranking.index[0])
+        raise ValueError(f"no configuration has an out-of-fold {rule.metric} for {list(rule.classes)}")
+    ranking = rank_models(scores)   # ties go to the alphabetically first architecture
+    best = ranking[0][0]
     run_of = dict(zip(cv_comparison["architecture"], cv_comparison["mlflow_run_id"], strict=False))
     result: dict[str, Any] = {
-        "selected": f"{best}{ENSEMBLE_SUFFIX}", "architecture": best, "score": float(ranking.iloc[0]),
-        "criterion": f"mean out-of-fold dice over {classes}",
-        "ranking": [{"configuration": f"{a}{ENSEMBLE_SUFFIX}", "score": None if pd.isna(s) else float(s)}
-                    for a, s in ranking.items()],
+        "selected": f"{best}{ENSEMBLE_SUFFIX}", "architecture": best, "score": ranking[0][1],
+        "score_name": rule.score_name, "criterion": rule.describe(), "cases": cases,
+        "ranking": [{"configuration": f"{a}{ENSEMBLE_SUFFIX}", "score": None if np.isnan(s) else s}
+                    for a, s in ranking],
         "cv_run_id": run_of[best], "registered_model": None, "version": None, "alias": None}
-    logger.info("Best configuration by %s: %s (%.4f); ranking: %s", result["criterion"], result["selected"],
+    logger.info("Best configuration by %s: %s (%.4f); ranking: %s", rule.score_name, result["selected"],
                 result["score"], ", ".join(f"{r['configuration']} {r['score']}" for r in result["ranking"]))
     if selection.get("register", True):
         name, alias = str(selection["registered_model"]), str(selection["alias"])
         versions = {a: tracking.register_model(f"runs:/{run_of[a]}/{MODEL_NAME}", name,
                                                {"architecture": a, "configuration": f"{a}{ENSEMBLE_SUFFIX}",
-                                                "score": "" if pd.isna(s) else f"{s:.4f}",
-                                                "criterion": result["criterion"], "source": "cv"})
-                    for a, s in ranking.items()}
+                                                "score": "" if np.isnan(s) else f"{s:.4f}",
+                                                **selection_tags(rule, cases, s), "source": "cv"})
+                    for a, s in ranking}
         tracking.set_registered_alias(name, alias, versions[best])
         result |= {"registered_model": name, "version": versions[best], "alias": alias,
                    "uri": f"models:/{name}@{alias}"}

@@ -61,7 +61,8 @@ def create_pipeline(models: Iterable[str] = ARCHITECTURE_NAMES) -> Pipeline:
              name="compare_cross_validation_statistically"),
         Node(nodes.combine_out_of_fold, [f"cv_metrics_per_case_{a}" for a in archs], "cv_metrics_per_case",
              name="combine_out_of_fold"),
-        Node(nodes.select_best_configuration, ["cv_comparison", "params:cv"], "cv_selection",
+        Node(nodes.select_best_configuration,
+             ["cv_comparison", "cv_metrics_per_case", "case_manifest", "params:cv"], "cv_selection",
              name="select_best_configuration"),
     ])
     return per_model + comparison

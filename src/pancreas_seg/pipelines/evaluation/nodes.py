@@ -6,7 +6,6 @@ Thin wrappers around :class:`pancreas_seg.inference.predictor.Predictor`,
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,9 +24,9 @@ from pancreas_seg.evaluation.scoring import (
     markdown_table,
     score_cases,
 )
-from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
 from pancreas_seg.imaging.preprocess import axial_view
+from pancreas_seg.inference.case_predictions import predict_cases
 from pancreas_seg.inference.model_card import ModelCard
 from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 from pancreas_seg.task07.splits import manifest_dataset, test_case_ids
@@ -71,21 +70,7 @@ def predict_test_cases(model: Any, model_card: ModelCard, model_check: dict[str,
     cases = test_case_ids(case_manifest)
     if not cases:
         raise ValueError("the manifest has no test split; set split.test_fraction > 0")
-    image_paths = case_manifest.set_index("case_id")["image_path"]
-
-    def predict(index: int, case_id: str) -> NiftiVolume:
-        logger.info("%s: predicting test case %d/%d: %s", predictor.name, index, len(cases), case_id)
-        if predictor.is_cascade:
-            ct = load_nifti(image_paths.loc[case_id])
-            labels, report = predictor.segment_with_report(ct.array, ct.affine, case_id)
-            logger.info("%s: %s: stage 2 on %d slice(s), %s tile(s)", predictor.name, case_id,
-                        report["stage2_slices"], report.get("stage2_tiles", 0))
-            return NiftiVolume(labels, ct.affine)
-        geometry = ScanGeometry.from_dict(slice_geometry[case_id])
-        return NiftiVolume(predictor.segment_slices(model_input_slices[f"{case_id}/image"](), geometry),
-                           geometry.affine)
-
-    return {case_id: functools.partial(predict, i, case_id) for i, case_id in enumerate(cases, start=1)}
+    return predict_cases(predictor, cases, model_input_slices, slice_geometry, case_manifest, "test")
 
 
 def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], case_manifest: pd.DataFrame,

@@ -1,5 +1,7 @@
 """Training nodes: thin wrappers around :mod:`pancreas_seg.tracking.training_run` (training one model
-in its MLflow run), :mod:`pancreas_seg.learning` and the MLflow model registry.
+in its MLflow run), :mod:`pancreas_seg.learning` and the MLflow model registry (the selection rule:
+:mod:`pancreas_seg.evaluation.selection`; the validation scores it reads:
+:func:`pancreas_seg.tracking.selection.score_validation_cases`).
 
 Keras is imported inside the functions so ``kedro viz``, ``kedro --help`` and catalog loading stay fast.
 """
@@ -15,11 +17,14 @@ import pandas as pd
 
 from pancreas_seg import tracking
 from pancreas_seg.core.runtime import retained_heap
+from pancreas_seg.evaluation.selection import SelectionRule, check_selection_cases, rank_models, scored_case_ids
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
 from pancreas_seg.inference.model_card import ModelCard
 from pancreas_seg.inference.predictor import PredictionSettings
 from pancreas_seg.inference.serving import MODEL_NAME, log_model_objects
 from pancreas_seg.learning.setup import architecture_settings, make_loaders
+from pancreas_seg.task07.splits import split_case_ids, test_case_ids
+from pancreas_seg.tracking.selection import selection_tags
 
 logger = logging.getLogger(__name__)
 
@@ -46,38 +51,51 @@ def validate_model(model: Any, model_input_slices: Mapping[str, Callable[[], np.
     return metrics
 
 
-def register_trained_models(registry: dict[str, Any], *inputs: Any) -> dict[str, Any]:
-    """Register each trained model's pyfunc model; the best by validation pancreas Dice gets the alias.
+def register_trained_models(registry: dict[str, Any], case_manifest: pd.DataFrame, *inputs: Any) -> dict[str, Any]:
+    """Register each trained model's pyfunc model; the best by validation 3D score gets the alias.
 
-    Inputs after ``registry`` (the ``registry`` parameters): every model's card, then its
-    validation metrics (same order). Each model becomes a version of ``registry.registered_model``
-    tagged with its architecture, validation Dice and source run; ``registry.alias`` (``champion``)
-    points at the one with the highest ``registry.metric``. Note: the cascade's validation Dice is
-    measured on its stage-2 crops, not on whole scans.
+    Inputs after ``case_manifest``: every model's card, then its validation metrics (model input
+    level: 96 px slices, the cascade's crops; recorded, never used to select), then its per-case
+    VALIDATION scores from :func:`pancreas_seg.tracking.selection.score_validation_cases` (same order). Every model was scored on
+    the same validation cases, in 3D on the original grid, and ``registry.selection``
+    (:class:`~pancreas_seg.evaluation.selection.SelectionRule`) turns them into one score per
+    model: by default the mean pancreas Dice over the validation cases, ties to the first name.
+    Each model becomes a version of ``registry.registered_model`` tagged with its architecture,
+    that score (``selection_score``: its name, ``selection_score_value``, ``selection_cases``: the
+    case ids) and its source run; ``registry.alias`` (``champion``) points at the best.
     Returns what was registered (also saved as ``data/08_reporting/training/model_registration.json``).
     """
     if not registry.get("register", True):
         return {"registered": False, "reason": "registry.register is false"}
-    n = len(inputs) // 2
-    cards, metrics = inputs[:n], inputs[n:]
-    name, alias, metric = str(registry["registered_model"]), str(registry["alias"]), str(registry["metric"])
+    n = len(inputs) // 3
+    cards, metrics, scores = inputs[:n], inputs[n:2 * n], inputs[2 * n:]
+    rule = SelectionRule.from_params(registry["selection"], split="validation")
+    per_case = pd.concat(scores, ignore_index=True)
+    cases = scored_case_ids(per_case)
+    check_selection_cases(cases, split_case_ids(case_manifest)["validation"], test_case_ids(case_manifest))
+    by_model = rule.scores(per_case)
+    name, alias = str(registry["registered_model"]), str(registry["alias"])
     entries = []
     for card, values in zip(cards, metrics, strict=True):
-        score = float(values.get(metric, float("nan")))
+        score = float(by_model.get(card.architecture, float("nan")))
         version = tracking.register_model(
             f"runs:/{card.mlflow_run_id}/{MODEL_NAME}", name,
-            {"architecture": card.architecture, metric: f"{score:.4f}", "source": "train",
+            {"architecture": card.architecture, **selection_tags(rule, cases, score), "source": "train",
              "data_source": str(card.data_source), "dataset": str(card.dataset)})
-        entries.append({"architecture": card.architecture, "version": version, metric: score,
-                        "mlflow_run_id": card.mlflow_run_id})
-    ranked = sorted((e for e in entries if e[metric] == e[metric]), key=lambda e: (-e[metric], e["architecture"]))
-    report: dict[str, Any] = {"registered": True, "registered_model": name, "metric": metric, "models": entries,
+        entries.append({"architecture": card.architecture, "version": version,
+                        rule.score_name: None if np.isnan(score) else score,
+                        "model_input_validation_metrics": dict(values), "mlflow_run_id": card.mlflow_run_id})
+    ranking = rank_models(by_model.reindex([e["architecture"] for e in entries]))
+    report: dict[str, Any] = {"registered": True, "registered_model": name, "score": rule.score_name,
+                              "rule": rule.describe(), "cases": cases, "models": entries,
+                              "ranking": [{"architecture": a, "score": None if np.isnan(s) else s} for a, s in ranking],
                               "alias": None, "champion": None}
-    if ranked:
-        best = ranked[0]
+    if ranking and not np.isnan(ranking[0][1]):
+        best = next(e for e in entries if e["architecture"] == ranking[0][0])
         tracking.set_registered_alias(name, alias, best["version"])
         report |= {"alias": alias, "champion": best["architecture"], "version": best["version"],
                    "uri": f"models:/{name}@{alias}"}
-        logger.info("Registered %d model(s) as %s; %s = %s (version %s, %s %.4f)", len(entries), name, alias,
-                    best["architecture"], best["version"], metric, best[metric])
+        logger.info("Registered %d model(s) as %s; %s = %s (version %s, %s %.4f over %d validation case(s))",
+                    len(entries), name, alias, best["architecture"], best["version"], rule.score_name,
+                    ranking[0][1], len(cases))
     return report

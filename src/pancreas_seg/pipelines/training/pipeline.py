@@ -14,15 +14,17 @@ from kedro.pipeline import Node, Pipeline
 from pancreas_seg.models.names import ARCHITECTURE_NAMES
 from pancreas_seg.pipelines import MODEL_TRAINING_TAG
 from pancreas_seg.pipelines.training import nodes
+from pancreas_seg.tracking.selection import score_validation_cases
 from pancreas_seg.tracking.training_run import train_model
 
-SHARED_INPUTS = {"model_input_slices", "case_manifest", "intensity_stats"}
-SHARED_PARAMETERS = {"params:preprocessing", "params:training", "params:inference"}
-PUBLISHED_OUTPUTS = ("model", "model_card", "validation_metrics")
+SHARED_INPUTS = {"model_input_slices", "case_manifest", "intensity_stats", "slice_geometry"}
+SHARED_PARAMETERS = {"params:preprocessing", "params:training", "params:inference", "params:evaluation"}
+PUBLISHED_OUTPUTS = ("model", "model_card", "validation_metrics", "validation_scores")
 
 
 def template() -> Pipeline:
-    """Train one architecture, then score its best checkpoint on the validation split."""
+    """Train one architecture, then score its best checkpoint on the validation split: on the model's
+    input (slice Dice, logged) and in 3D on the original grid (what the registry selects on)."""
     return Pipeline([
         Node(train_model,
              ["model_input_slices", "case_manifest", "intensity_stats", "params:preprocessing",
@@ -32,6 +34,9 @@ def template() -> Pipeline:
              ["model", "model_input_slices", "case_manifest", "model_card", "params:preprocessing",
               "params:training", "params:architecture", "params:inference"],
              "validation_metrics", name="validate_model"),
+        Node(score_validation_cases,
+             ["model", "model_card", "model_input_slices", "slice_geometry", "case_manifest", "params:evaluation"],
+             "validation_scores", name="score_validation_cases"),
     ])
 
 
@@ -44,10 +49,11 @@ def create_pipeline(models: Iterable[str] = ARCHITECTURE_NAMES) -> Pipeline:
 
 def create_registration_pipeline(models: Iterable[str]) -> Pipeline:
     """Register every trained model in ``models`` (architectures and/or ``cascade``); the best by
-    validation Dice gets the registry alias."""
+    its 3D score on the validation cases (``registry.selection``) gets the registry alias."""
     names = list(models)
     return Pipeline([
         Node(nodes.register_trained_models,
-             ["params:registry"] + [f"model_card_{n}" for n in names] + [f"validation_metrics_{n}" for n in names],
+             ["params:registry", "case_manifest"] + [f"model_card_{n}" for n in names]
+             + [f"validation_metrics_{n}" for n in names] + [f"validation_scores_{n}" for n in names],
              "model_registration", name="register_trained_models"),
     ])
