@@ -57,34 +57,6 @@ REALDATA_FILES = ("ct_abdomen_3mm.nii.gz", "ct_abdomen_3mm_pancreas.nii.gz")
 DEFAULT_REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 
 
-@pytest.fixture(autouse=True)
-def _mlflow_process_state() -> Iterator[None]:
-    """Each test starts with MLflow's process-wide state as it found it.
-
-    MLflow keeps the tracking and registry URIs, the active experiment (``mlflow.set_experiment``,
-    which kedro-mlflow's hook calls in an in-process Kedro session) and a stack of active runs in
-    the process; a test that leaves them set makes a later one log to the wrong store or fail
-    ("active experiment ID does not match"). Only when the test imported MLflow.
-    """
-    loaded = "mlflow" in sys.modules
-    if loaded:
-        import mlflow  # noqa: PLC0415
-
-        before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    yield
-    if "mlflow" not in sys.modules:
-        return
-    import mlflow  # noqa: PLC0415
-    from mlflow.tracking import fluent  # noqa: PLC0415
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    fluent._active_experiment_id = None   # no public way to unset it (mlflow 3.17.2)
-    if loaded:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
-
-
 def in_ci() -> bool:
     """True when the ``CI`` environment variable is set to true (CI services set ``CI=true``)."""
     return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}

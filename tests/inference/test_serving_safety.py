@@ -726,11 +726,13 @@ def test_http_past_the_queue_the_answer_is_503_with_retry_after_then_200_again(s
     assert all(status == 503 for status, *_ in burst), statuses
     for status, headers, answer, _ in burst:
         assert headers.get("retry-after") == "7" and answer.get("retry_after_s") == 7, (headers, answer)
-    messages = sorted(answer["message"].split(" (")[0].split(";")[0] for _, _, answer, _ in burst)
-    # one admitted that found no slot in time, two that waited in the waiting room (max_waiting 2,
-    # bodies unread) for 0.5 s, three refused at once: the room was full
-    assert messages == ["no place became free within 0.5 s"] * 2 + ["no segmentation slot became free within 0.5 s"] \
-        + ["the server is busy"] * 3, messages
+    messages = [answer["message"].split(" (")[0].split(";")[0] for _, _, answer, _ in burst]
+    # admitted but no slot in time, held in the waiting room (max_waiting 2, bodies unread) past
+    # the 0.5 s wait, or refused at once because the room was full; how many of each depends on
+    # when the burst's threads arrive
+    assert set(messages) <= {"no place became free within 0.5 s", "no segmentation slot became free within 0.5 s",
+                             "the server is busy"}, messages
+    assert "the server is busy" in messages, messages     # the waiting room is bounded
     status, _, answer, _ = _post(served.base, small)
     assert status == 200, answer
 

@@ -97,15 +97,15 @@ def phantoms(tmp_path: Path) -> tuple[pd.DataFrame, dict, dict]:
 @pytest.fixture
 def mlflow_store(tmp_path: Path):
     """A real sqlite MLflow store under ``tmp_path`` (artifacts there too), current for the test."""
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)   # an in-process Kedro session before this test may have set another one
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        yield mlflow.create_experiment("selection", artifact_location=(tmp_path / "artifacts").as_uri())
+        experiment = mlflow.create_experiment("selection", artifact_location=(tmp_path / "artifacts").as_uri())
+        # the active experiment is process-wide: an in-process Kedro session before this test set its own
+        mlflow.set_experiment(experiment_id=experiment)
+        yield experiment
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        mlflow.set_tracking_uri(previous)
 
 
 def _unet(experiment_id: str, cases: CaseSplit = CASES) -> tuple[keras.Model, ModelCard]:
