@@ -81,18 +81,17 @@ import re
 import select
 import socket
 import statistics
-import struct
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks import _common
+from benchmarks.support.bombs import gzip_of_zeros
 from benchmarks.support.local_server import LocalServer, free_port
 from benchmarks.support.project_copy import subprocess_env
 
@@ -119,7 +118,6 @@ CLIENT_TIMEOUT_S = 180.0        # a socket that stays silent this long is a lost
 STARTUP_TIMEOUT_S = 300
 RSS_RATIO_LIMIT = 1.5
 UPLOAD_CHUNK = 256 * 2**10
-ZERO_BLOCK = 1 << 24
 MIB = 2**20
 
 
@@ -140,25 +138,6 @@ def _header_only(shape: tuple[int, ...], dtype: Any) -> bytes:
     header["magic"] = b"n+1"
     header["vox_offset"] = 352
     return header.binaryblock + b"\x00" * 4
-
-
-def gzip_of_zeros(head: bytes, n_zero_bytes: int) -> bytes:
-    """One gzip member: ``head`` then ``n_zero_bytes`` zeros (a multiple of 16 MiB), with the true
-    CRC-32 and size in its trailer. After a full flush deflate keeps no history, so each 16 MiB
-    block of zeros compresses to the same bytes: compressed once, repeated (a 1 GiB bomb in < 1 s)."""
-    n_blocks, rest = divmod(n_zero_bytes, ZERO_BLOCK)
-    if rest:
-        raise ValueError("n_zero_bytes must be a multiple of 16 MiB")
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
-    parts = [b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff", deflate.compress(head), deflate.flush(zlib.Z_FULL_FLUSH)]
-    zeros = bytes(ZERO_BLOCK)
-    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
-    parts += [block] * n_blocks + [deflate.flush(zlib.Z_FINISH)]
-    crc = zlib.crc32(head)
-    for _ in range(n_blocks):
-        crc = zlib.crc32(zeros, crc)
-    parts.append(struct.pack("<II", crc, (len(head) + n_zero_bytes) & 0xFFFFFFFF))
-    return b"".join(parts)
 
 
 def request_body(value: str) -> bytes:

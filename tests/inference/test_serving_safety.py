@@ -43,6 +43,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from benchmarks.support.bombs import ZERO_BLOCK, gzip_of_zeros
 from pancreas_seg.imaging.nifti_upload import (
     UploadRefused,
     VolumeLimits,
@@ -57,7 +58,6 @@ from pancreas_seg.inference.serving_settings import ENV_PREFIX, ServingSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MIB = 2**20
-ZERO_BLOCK = 1 << 24
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,26 +85,6 @@ def _header_only(shape: tuple[int, int, int], dtype: Any = np.int16, spacing=(0.
     header["magic"] = b"n+1"
     header["vox_offset"] = 352
     return header.binaryblock + b"\x00" * 4
-
-
-def gzip_of_zeros(head: bytes, n_zero_bytes: int) -> bytes:
-    """A single-member gzip stream of ``head`` followed by ``n_zero_bytes`` zeros (a multiple of 16 MiB).
-
-    After a full flush deflate keeps no history, so the compressed form of each 16 MiB zero block
-    is the same bytes: it is compressed once and repeated; the trailer holds the true CRC-32 and size.
-    """
-    n_blocks, rest = divmod(n_zero_bytes, ZERO_BLOCK)
-    assert rest == 0
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
-    parts = [b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff", deflate.compress(head), deflate.flush(zlib.Z_FULL_FLUSH)]
-    zeros = bytes(ZERO_BLOCK)
-    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
-    parts += [block] * n_blocks + [deflate.flush(zlib.Z_FINISH)]
-    crc = zlib.crc32(head)
-    for _ in range(n_blocks):
-        crc = zlib.crc32(zeros, crc)
-    parts.append(struct.pack("<II", crc, (len(head) + n_zero_bytes) & 0xFFFFFFFF))
-    return b"".join(parts)
 
 
 @pytest.fixture(scope="module")
