@@ -129,6 +129,8 @@ def test_learning_curve_figure_has_two_panels_and_a_line_per_model() -> None:
     assert [line.get_xdata()[-1] for line in seconds.get_lines()] == [100.0, 225.0, 75.0]
     assert [line.get_color() for line in steps.get_lines()] == [line.get_color() for line in seconds.get_lines()]
     assert any("old" in text.get_text() for text in figure.texts)
+    (legend,) = figure.legends   # one legend for both panels
+    assert [t.get_text() for t in legend.get_texts()] == ["unet", "fcn", "cascade (stage 2, on crops)"]
     png = io.BytesIO()
     figure.savefig(png, format="png")
     assert png.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"

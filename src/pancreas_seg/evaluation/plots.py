@@ -120,8 +120,9 @@ def plot_learning_curves(histories: Mapping[str, Mapping[str, Sequence[float]]],
     for ax in (ax_step, ax_seconds):
         ax.grid(alpha=0.3)
         ax.set_xlim(left=0.0)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small", loc="lower right")
+    handles, names = ax_step.get_legend_handles_labels()
+    if handles:  # one legend for both panels (a model has the same colour in each), beside them
+        fig.legend(handles, names, loc="outside right upper", fontsize="small")
     if missing:
         fig.supxlabel(f"no {metric} / step record: {', '.join(missing)}", fontsize="small")
     fig.suptitle("Learning curves: one line per model, a point per epoch")
