@@ -73,8 +73,11 @@ def test_fold_and_cascade_fields_round_trip() -> None:
     spec = {"stage1": {"architecture": "unet", "label_mode": "multiclass", "weights_sha256": "b" * 64},
             "stage2": {"architecture": "unet", "label_mode": "tumour", "input_shape": [64, 64, 1]},
             "crop": {"spacing_mm": 1.5}, "jitter_std_mm": [2.0, 3.0], "stage1_localisation": {"n": 2},
-            "tumour_fraction": 0.5, "min_tumour_volume_mm3": 10.0}
+            "tumour_fraction": 0.5, "min_tumour_volume_mm3": 10.0, "stage2_crops": "out_of_fold"}
     card = ModelCard.from_dict(_stored(fold=1, n_folds=3, cv_run_id="cv", cascade=spec))
+    assert card.cascade.stage2_crops == "out_of_fold"
+    older = {k: v for k, v in spec.items() if k != "stage2_crops"}   # cards written before the field
+    assert ModelCard.from_dict(_stored(cascade=older)).cascade.stage2_crops == "jittered_truth"
     assert (card.fold, card.n_folds, card.cv_run_id) == (1, 3, "cv")
     assert card.is_cascade and card.cascade.stage2_label_mode == "tumour" and card.cascade.jitter_std_mm == (2.0, 3.0)
     assert ModelCard.from_json(card.to_json()) == card

@@ -27,12 +27,14 @@ from pancreas_seg.pipelines import (
 
 
 def training_of(models: Iterable[str] = MODEL_NAMES) -> Pipeline:
-    """Training of ``models`` (architectures and/or ``cascade``) and their registration."""
+    """Training of ``models`` (architectures and/or ``cascade``), their registration and their
+    learning curves in one figure."""
     names = list(models)
     pipeline = training.create_pipeline([name for name in names if name != CASCADE_NAME])
     if CASCADE_NAME in names:
         pipeline += cascade.create_pipeline()
-    return pipeline + training.create_registration_pipeline(names)
+    return (pipeline + training.create_registration_pipeline(names)
+            + training.create_learning_curves_pipeline(names))
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -41,7 +43,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     ``train`` (the default) = ingestion -> preprocessing -> training of every architecture and the
     cascade -> held-out evaluation and comparison. ``train_<architecture>`` does the same for one
     model; ``train_cascade`` also trains its stage 1 (``train_unet``'s model). ``cv`` (and
-    ``cv_<architecture>``) = the data pipelines -> k-fold cross-validation of every architecture ->
+    ``cv_<architecture>``, ``cv_cascade``) = the data pipelines -> k-fold cross-validation of every
+    architecture and of the cascade (stage 2 per fold on out-of-fold ``unet`` predictions) ->
     comparison, paired statistics and selection of the best fold ensemble. ``tune`` = the data
     pipelines -> an Optuna study per architecture (``tune_<architecture>``: one; ``tuning``: the
     studies on prepared data). Neither ``cv`` nor ``tune`` is part of the default ``train``.
@@ -55,6 +58,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     per_model[f"train_{CASCADE_NAME}"] = (data + training_of([CASCADE_STAGE1, CASCADE_NAME])
                                           + evaluation.create_pipeline([CASCADE_NAME]))
     cross_validation = {f"cv_{name}": data + cv.create_pipeline([name]) for name in ARCHITECTURE_NAMES}
+    cross_validation[f"cv_{CASCADE_NAME}"] = (data + cv.create_pipeline([CASCADE_STAGE1], external=[CASCADE_NAME])
+                                              + cascade.create_cv_pipeline())
     per_model.update({f"tune_{name}": data + tuning.create_pipeline([name]) for name in ARCHITECTURE_NAMES})
     return {
         "ingestion": ingestion.create_pipeline(),
@@ -67,7 +72,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "train": train,
         "tune": data + tuning.create_pipeline(),
         **per_model,
-        "cv": data + cv.create_pipeline(),
+        "cv": data + cv.create_pipeline(external=[CASCADE_NAME]) + cascade.create_cv_pipeline(),
         **cross_validation,
         "__default__": train,
     }

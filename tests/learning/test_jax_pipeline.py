@@ -77,6 +77,9 @@ def test_one_epoch_through_loader_and_checkpoints_under_jax(tmp_path: Path, jax_
     assert np.isfinite(result["history"]["loss"][0]) and result["history"]["loss"][0] > 0
     assert 0.0 <= result["history"]["val_dice_pancreas"][0] <= 1.0
     assert 0.0 <= result["history"]["val_dice_tumour"][0] <= 1.0
+    # the learning-curve record (optimizer steps, training seconds) works without TensorFlow
+    assert result["history"]["optimizer_step"] == [3.0]
+    assert result["history"]["training_seconds"][0] > 0.0
     # best.keras was written under JAX and read back by fit_with_resume (safe_mode=True).
     assert (checkpoint_dir / "best.keras").is_file() and (checkpoint_dir / "last-epoch-0001.keras").is_file()
     assert result["model_name"] == "unet" and result["loss_class"] == "DiceCrossEntropyLoss"

@@ -28,15 +28,34 @@ def _effective(params: dict, architecture: str) -> dict:
     ("msd", {name: 30 for name in ARCHITECTURE_NAMES}),
 ])
 def test_every_architecture_gets_the_environment_epochs(env: str, expected_epochs: dict) -> None:
-    # conf/base caps some architectures for the CPU; other environments must not inherit the cap
+    # an environment's training.epochs reaches every architecture: no per-model cap is inherited
     params = _parameters(env)
     assert {name: _effective(params, name)["epochs"] for name in ARCHITECTURE_NAMES} == expected_epochs
+
+
+def _budget(settings: dict) -> tuple[int, int, int]:
+    """(epochs, steps_per_epoch, batch_size) of merged training settings."""
+    return settings["epochs"], settings["steps_per_epoch"], settings["batch_size"]
+
+
+@pytest.mark.parametrize("env", ["base", "smoke", "msd"])
+def test_every_model_gets_the_same_budget(env: str) -> None:
+    """Equal budgets: every architecture and the cascade's stage 2 train the same number of optimizer
+    steps on batches of the same size (the README's results table compares them on this)."""
+    params = _parameters(env)
+    budgets = {name: _budget(_effective(params, name)) for name in ARCHITECTURE_NAMES}
+    budgets["cascade"] = _budget(merge_settings(params["training"], params["cascade"]["stage2"].get("overrides")))
+    assert len(set(budgets.values())) == 1, f"unequal training budgets in conf/{env}: {budgets}"
+    if env == "base":
+        # a fixed number of steps: steps_per_epoch null would mean one pass over each model's own
+        # training set (slices for the architectures, crops for the cascade), not an equal budget
+        assert budgets["unet"] == (5, 60, 8)
 
 
 def test_base_budgets_and_model_overrides() -> None:
     params = _parameters("base")
     effective = {name: _effective(params, name) for name in ARCHITECTURE_NAMES}
-    assert {n: s["epochs"] for n, s in effective.items()} == {"unet": 8, "unet_small": 3, "fcn": 5, "vnet2d": 3}
+    assert {n: s["epochs"] for n, s in effective.items()} == {name: 5 for name in ARCHITECTURE_NAMES}
     assert {s["lr_schedule"] for s in effective.values()} == {"poly"}
     assert effective["unet_small"]["model"]["depth"] == 2 and effective["fcn"]["model"]["depth"] == 5
     assert effective["vnet2d"]["model"]["base_filters"] == 8
@@ -57,8 +76,13 @@ def test_every_architecture_gets_a_valid_fit_config(env: str) -> None:
         settings = _effective(params, name)
         config = FitConfig.from_settings(settings)
         assert config.epochs == settings["epochs"] and config.lr_schedule == settings["lr_schedule"]
-    msd_unet = _effective(_parameters("msd"), "unet")
+    msd = _parameters("msd")
+    msd_unet = _effective(msd, "unet")
     assert msd_unet["lr_schedule"] == "constant" and msd_unet["learning_rate"] == pytest.approx(2e-4)
+    # the study's rate for every model on the GPU, not base's per-model CPU rates
+    msd_rates = [_effective(msd, name)["learning_rate"] for name in ARCHITECTURE_NAMES]
+    msd_rates.append(merge_settings(msd["training"], msd["cascade"]["stage2"]["overrides"])["learning_rate"])
+    assert msd_rates == pytest.approx([2e-4] * (len(ARCHITECTURE_NAMES) + 1))
 
 
 def test_resume_fingerprint_ignores_speed_only_settings() -> None:

@@ -1,6 +1,6 @@
 """Cross-validation end to end (``--env smoke``, 2 folds), each pipeline a NEW process after the others:
-``cv`` (all four architectures) after ``train``, then ``evaluation``, then inference with a fold
-ensemble and with the registry's ``champion``."""
+``cv`` (all four architectures and the cascade) after ``train``, then ``evaluation``, then inference
+with a fold ensemble and with the registry's ``champion``."""
 
 from __future__ import annotations
 
@@ -76,10 +76,10 @@ def test_out_of_fold_and_test_scores(cv_project: Path) -> None:
     assert summary["cv"]["classes"]["pancreas"]["dice"]["mean"] == pytest.approx(oof_pancreas["dice"].mean())
     assert summary["cv"]["n_cases"] == len(_development(manifest))
     comparison = pd.read_csv(report / "cv_comparison.csv")
-    assert set(comparison["architecture"]) == {"unet", "unet_small", "fcn", "vnet2d"}
+    assert set(comparison["architecture"]) == {"unet", "unet_small", "fcn", "vnet2d", "cascade"}
     paired = pd.read_csv(report / "paired_comparison.csv")
     pancreas_pairs = paired[(paired["metric"] == "dice") & (paired["class"] == "pancreas")]
-    assert len(pancreas_pairs) == 6 and (pancreas_pairs["n_cases"] == len(_development(manifest))).all()
+    assert len(pancreas_pairs) == 10 and (pancreas_pairs["n_cases"] == len(_development(manifest))).all()
     assert (report / "paired_comparison.png").is_file()
 
 
@@ -110,8 +110,43 @@ def test_mlflow_has_nested_fold_runs_and_the_registered_champion(cv_project: Pat
         cv_project / "data" / "03_primary" / "case_manifest.csv")))) and version.tags["selection_split"] == "cv"
     versions = client.search_model_versions("name = 'pancreas_seg'")
     from_cv = sorted(v.tags["architecture"] for v in versions if v.tags.get("source") == "cv")
-    assert from_cv == ["fcn", "unet", "unet_small", "vnet2d"]
+    assert from_cv == ["cascade", "fcn", "unet", "unet_small", "vnet2d"]
     assert {v.tags.get("source") for v in versions} == {"cv", "train"}      # train registered its models first
+
+
+def test_the_cascade_is_cross_validated_on_out_of_fold_stage1_predictions(cv_project: Path) -> None:
+    """Stage 2 of fold k trained on crops placed by stage-1 fold models that held those cases out;
+    the cascade's out-of-fold cases and its fold ensemble scored like every architecture's."""
+    manifest = pd.read_csv(cv_project / "data" / "03_primary" / "case_manifest.csv")
+    fold_of = manifest.set_index("case_id")["fold"].to_dict()
+    development = _development(manifest)
+    models = cv_project / "data" / "06_models"
+    stage1 = {k: json.loads((models / "unet" / "folds" / "cards" / f"fold{k}.json").read_text()) for k in (0, 1)}
+    cascades = {k: json.loads((models / "cascade" / "folds" / "cards" / f"fold{k}.json").read_text()) for k in (0, 1)}
+    index = json.loads((cv_project / "data" / "04_feature" / "cascade_cv_crop_index.json").read_text())
+    assert set(index) <= development and len(index) >= len(development) - 1   # a missed case has no crop
+    for case_id, record in index.items():
+        assert record["source"] == "out_of_fold" and record["stage1_fold"] == fold_of[case_id]
+        placed_by = stage1[record["stage1_fold"]]
+        assert case_id in placed_by["cases"]["validation"] and case_id not in placed_by["cases"]["train"]
+        assert record["stage1_weights_sha256"] == placed_by["weights_sha256"]
+    for k, card in cascades.items():
+        assert card["fold"] == k and card["cascade"]["stage1"]["fold"] == k
+        assert card["cascade"]["stage1"]["weights_sha256"] == stage1[k]["weights_sha256"]
+        assert card["cascade"]["stage2_crops"] == "out_of_fold"
+        assert set(card["cases"]["train"]) == development - {c for c in development if fold_of[c] == k}
+        # every training crop of fold k's stage 2 was placed by another fold's stage 1, which never trained on it
+        for case_id in set(card["cases"]["train"]) & set(index):
+            assert index[case_id]["stage1_fold"] != k
+            assert case_id not in stage1[index[case_id]["stage1_fold"]]["cases"]["train"]
+    report = cv_project / "data" / "08_reporting" / "cv" / "cascade"
+    oof = pd.read_csv(report / "metrics_per_case.csv")
+    assert sorted(oof.loc[oof["class"] == "pancreas", "case_id"]) == sorted(development)
+    assert (oof["fold"] == oof["case_id"].map(fold_of)).all() and set(oof["architecture"]) == {"cascade"}
+    test = pd.read_csv(report / "test_metrics_per_case.csv")
+    assert set(test["architecture"]) == {"cascade.fold0", "cascade.fold1", "cascade.ensemble"}
+    located = json.loads((report / "stage1_out_of_fold.json").read_text())
+    assert set(located["cases"]) == development and located["summary"]["n_cases"] >= 1
 
 
 def test_evaluation_then_ensemble_and_champion_inference_in_new_processes(cv_project: Path, kedro_cli_runner) -> None:
@@ -131,7 +166,8 @@ def test_evaluation_then_ensemble_and_champion_inference_in_new_processes(cv_pro
         ensemble, champion = nib.load(mask), nib.load(outputs["champion"] / mask.name)
         assert np.array_equal(np.asarray(ensemble.dataobj), np.asarray(champion.dataobj))
         assert np.allclose(ensemble.affine, champion.affine)
-    _check_ensemble_is_mean_softmax(cv_project, outputs["ensemble"], selected.removesuffix(".ensemble"))
+    if selected != "cascade.ensemble":   # the cascade's fold ensemble: tests/cascade/test_out_of_fold.py
+        _check_ensemble_is_mean_softmax(cv_project, outputs["ensemble"], selected.removesuffix(".ensemble"))
 
 
 def _check_ensemble_is_mean_softmax(cv_project: Path, output_dir: Path, architecture: str) -> None:

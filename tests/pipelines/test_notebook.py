@@ -59,11 +59,12 @@ def test_notebook_executes_against_smoke_run(smoke_project: Path, monkeypatch: p
     assert all(arch in text for arch in ARCHITECTURES), "comparison table not shown"
     assert "| unet_small |" in text  # the markdown table, rendered through IPython.display.Markdown
     assert "dice_mean" in text  # the model_comparison DataFrame
-    assert "val_dice_pancreas" in text  # unet.training_history
+    assert "val_dice_pancreas" in text  # training_history_unet
+    assert "optimizer_step" in text and "training_seconds" in text   # the budget table of the learning curves
     assert "Paired comparison of `dice` (pancreas" in text   # paired_comparison_markdown
     assert "No cross-validation yet" in text                 # the smoke project ran `train` only
     assert "No tuning yet" in text                           # nor `tune` (its section: tests/pipelines/test_tune.py)
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 4  # Dice box plots, test overlays, paired differences, training curves
+    assert len(images) >= 5  # Dice box plots, test overlays, paired differences, learning curves, training curves
     # the notebook ran from the project root: kedro-mlflow's relative sqlite store is the project's
     assert not (workdir / "mlflow.db").exists()

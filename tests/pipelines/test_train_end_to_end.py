@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 
 ARCHITECTURES = MODEL_NAMES   # the four architectures and the cascade
 EXPERIMENT = "pancreas_seg_smoke"
-EPOCH_METRICS = ("loss", "val_loss", "dice_pancreas", "val_dice_pancreas", "val_dice_tumour")
+EPOCH_METRICS = ("loss", "val_loss", "dice_pancreas", "val_dice_pancreas", "val_dice_tumour",
+                 "optimizer_step", "training_seconds")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -80,10 +81,20 @@ def test_mlflow_parent_and_nested_runs(configured_learning_rates: dict[str, floa
     assert parent.info.status == "FINISHED", \
         f"train parent run is {parent.info.status}: left active after the session (mlflow.yml tracking.run.nested?)"
 
+    # the learning curves of every model in one figure, an artifact of the parent run
+    parent_artifacts = _artifact_paths(client, parent.info.run_id)
+    assert "plots/learning_curves.png" in parent_artifacts, sorted(parent_artifacts)
+    curves = Path(client.download_artifacts(parent.info.run_id, "plots/learning_curves.png"))
+    _assert_png(curves)
+
     nested = _nested(runs, parent.info.run_id)
     by_arch = {r.data.tags.get("architecture"): r for r in nested}
     assert len(nested) == len(ARCHITECTURES) and set(by_arch) == set(ARCHITECTURES), \
         f"nested runs: {[(r.info.run_name, r.data.tags.get('architecture')) for r in nested]}"
+    # equal budgets: every model, the cascade's stage 2 included, took the same optimizer steps
+    final_steps = {arch: client.get_metric_history(run.info.run_id, "optimizer_step")[-1].value
+                   for arch, run in by_arch.items()}
+    assert set(final_steps.values()) == {2.0}, final_steps   # conf/smoke: 1 epoch x 2 steps
 
     for arch, run in by_arch.items():
         run_id = run.info.run_id
@@ -189,6 +200,7 @@ def test_evaluation_reports(smoke_project: Path) -> None:
 
     for name in ("dice_boxplots.png", "test_overlays.png"):
         _assert_png(reporting / "evaluation" / name)
+    _assert_png(reporting / "training" / "learning_curves.png")
     for arch in ARCHITECTURES:
         _assert_png(reporting / "training" / f"{arch}_training_curves.png")
         summary = json.loads((reporting / "evaluation" / arch / "summary.json").read_text())

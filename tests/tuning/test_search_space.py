@@ -63,7 +63,7 @@ def test_sampled_values_deep_merge_over_the_architecture_settings() -> None:
     params = _parameters("base")
     config = TuningConfig.from_params(params["tuning"], "unet_small")
     base = config.trial_settings(params["training"], params["unet_small"]["architecture"])
-    assert base["epochs"] == params["tuning"]["trial"]["epochs"]   # tuning.trial over the arch's 3 epochs
+    assert base["epochs"] == params["tuning"]["trial"]["epochs"]   # tuning.trial over the training budget's epochs
     assert base["model"]["depth"] == 2                              # the architecture's override stays
     values = {"learning_rate": 1e-3, "batch_size": 4, "loss": "soft_dice", "dice_smooth": 0.5,
               "model.dropout": 0.2, "model.l2_weight": 1e-5}
@@ -75,7 +75,9 @@ def test_sampled_values_deep_merge_over_the_architecture_settings() -> None:
     assert merged["model"] == {**base["model"], "dropout": 0.2, "l2_weight": 1e-5}
     assert merged["model"]["depth"] == 2 and merged["model"]["base_filters"] == base["model"]["base_filters"]
     assert (merged["learning_rate"], merged["batch_size"], merged["loss"]) == (1e-3, 4, "soft_dice")
-    assert architecture_settings(params["training"], params["unet_small"]["architecture"])["epochs"] == 3
+    # outside tuning, unet_small trains the shared budget (equal budgets), not the trial's epochs
+    assert architecture_settings(params["training"], params["unet_small"]["architecture"])["epochs"] == \
+        params["training"]["epochs"] != base["epochs"]
 
 
 def test_per_architecture_overrides_and_worker_threads() -> None:

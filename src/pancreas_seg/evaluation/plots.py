@@ -1,4 +1,4 @@
-"""Report figures: training curves, Dice and HD95 box plots, CT overlays (Matplotlib, no pyplot state).
+"""Report figures: training and learning curves, Dice and HD95 box plots, CT overlays (Matplotlib, no pyplot state).
 
 Every ``plot_*`` function builds a :class:`matplotlib.figure.Figure` directly (no ``pyplot``
 global state, no GUI backend) and returns it; the caller saves it (``fig.savefig(path)``, or the
@@ -17,6 +17,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from pancreas_seg.core.labels import CLASS_LABELS, LABEL_NAMES, PANCREAS, TUMOUR, class_mask
+from pancreas_seg.learning.curves import SECONDS_KEY, STEP_KEY, curve
 
 from .metrics import dice
 
@@ -86,6 +87,48 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], title: str) -> 
 
 
 # --------------------------------------------------------------------------- Dice / HD95 box plots
+def plot_learning_curves(histories: Mapping[str, Mapping[str, Sequence[float]]],
+                         metric: str = "val_dice_pancreas", labels: Mapping[str, str] | None = None) -> Figure:
+    """``metric`` of every model against optimizer steps (left) and training seconds (right).
+
+    Args:
+        histories: model name -> its training history (one value per epoch, with the
+            :mod:`pancreas_seg.learning.curves` keys ``optimizer_step`` and ``training_seconds``).
+        metric: the history key on the y-axis (a validation Dice).
+        labels: optional legend text per model (e.g. where its Dice is measured); default the name.
+
+    Returns:
+        A Figure with 2 axes and, on each, one line per model that has the metric and the x-axis
+        key (same colour in both panels); the models without them are named under the figure.
+    """
+    labels = dict(labels or {})
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_step, ax_seconds = fig.subplots(1, 2, sharey=True)
+    missing: list[str] = []
+    for index, (name, history) in enumerate(histories.items()):
+        drawn = False
+        for ax, x_key in ((ax_step, STEP_KEY), (ax_seconds, SECONDS_KEY)):
+            x, y = curve(history, metric, x_key)
+            if x.size:
+                ax.plot(x, y, marker=".", color=f"C{index % 10}", label=labels.get(name, name))
+                drawn = True
+        if not drawn:
+            missing.append(name)
+    ax_step.set(title=f"{metric} against optimizer steps", xlabel="optimizer steps", ylabel=metric,
+                ylim=(0.0, 1.0))
+    ax_seconds.set(title=f"{metric} against training time", xlabel="seconds in fit (training + validation)")
+    for ax in (ax_step, ax_seconds):
+        ax.grid(alpha=0.3)
+        ax.set_xlim(left=0.0)
+    handles, names = ax_step.get_legend_handles_labels()
+    if handles:  # one legend for both panels (a model has the same colour in each), beside them
+        fig.legend(handles, names, loc="outside right upper", fontsize="small")
+    if missing:
+        fig.supxlabel(f"no {metric} / step record: {', '.join(missing)}", fontsize="small")
+    fig.suptitle("Learning curves: one line per model, a point per epoch")
+    return fig
+
+
 def _plural(count: int, word: str, plural: str) -> str:
     return f"{count} {word if count == 1 else plural}"
 

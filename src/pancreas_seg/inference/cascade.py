@@ -46,9 +46,15 @@ logger = logging.getLogger(__name__)
 class Cascade:
     """Two loaded Keras models and the settings that tie them together.
 
+    A fold ensemble of cascades (nnU-Net's way: one box from the stage-1 fold ensemble, then the
+    stage-2 fold ensemble on that crop) holds a tuple of models in each stage; each stage's
+    softmax outputs are averaged.
+
     Attributes:
-        stage1: whole-slice model (input ``preprocessing.image_size_px``), localises the pancreas.
-        stage2: crop model (input ``crop.size_px``), segments background / pancreas / tumour.
+        stage1: whole-slice model (input ``preprocessing.image_size_px``), localises the pancreas;
+            or a tuple of them (the stage-1 fold models).
+        stage2: crop model (input ``crop.size_px``), segments background / pancreas / tumour; or a
+            tuple of them (the stage-2 fold models, in the same order).
         preprocessing: the preprocessing both stages were trained with (intensity, 2.5D context).
         stage1_label_mode: stage 1's label mode (``multiclass`` or ``pancreas``).
         stage2_label_mode: stage 2's label mode (``multiclass``, ``pancreas`` or ``tumour``).
@@ -81,6 +87,41 @@ class Cascade:
                    stage1_label_mode=spec.stage1_label_mode, stage2_label_mode=spec.stage2_label_mode,
                    crop=CropConfig.from_params(dict(spec.crop)), stats=card.foreground_stats,
                    min_tumour_volume_mm3=spec.min_tumour_volume_mm3)
+
+
+    @classmethod
+    def from_cards(cls, cards: list[ModelCard], stage1: list[Any], stage2: list[Any]) -> Cascade:
+        """The fold ensemble of the cascades ``cards`` describe (member k: ``stage1[k]``, ``stage2[k]``).
+
+        Raises:
+            ValueError: the members differ in what ties their stages together (crop, label modes,
+                preprocessing, minimum tumour volume), so their outputs cannot be averaged.
+        """
+        members = [cls.from_card(card, one, two) for card, one, two in zip(cards, stage1, stage2, strict=True)]
+        first = members[0]
+        for card, member in zip(cards[1:], members[1:], strict=False):
+            if (member.preprocessing, member.stage1_label_mode, member.stage2_label_mode, member.crop,
+                    member.min_tumour_volume_mm3) != (first.preprocessing, first.stage1_label_mode,
+                                                      first.stage2_label_mode, first.crop, first.min_tumour_volume_mm3):
+                raise ValueError(f"{card.describe()}: the cascades of an ensemble must share the crop, label modes, "
+                                 "preprocessing and minimum tumour volume")
+        return cls(stage1=tuple(stage1), stage2=tuple(stage2), preprocessing=first.preprocessing,
+                   stage1_label_mode=first.stage1_label_mode, stage2_label_mode=first.stage2_label_mode,
+                   crop=first.crop, stats=first.stats, min_tumour_volume_mm3=first.min_tumour_volume_mm3)
+
+    @property
+    def stage1_models(self) -> tuple[Any, ...]:
+        """The stage-1 model(s), as a tuple."""
+        return tuple(self.stage1) if isinstance(self.stage1, (tuple, list)) else (self.stage1,)
+
+    @property
+    def stage2_models(self) -> tuple[Any, ...]:
+        """The stage-2 model(s), as a tuple."""
+        return tuple(self.stage2) if isinstance(self.stage2, (tuple, list)) else (self.stage2,)
+
+
+def _mean(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.mean(np.stack(arrays), axis=0).astype(np.float32)
 
 
 def background_probabilities(label_mode: str) -> np.ndarray:
@@ -118,7 +159,9 @@ def predict_cascade(cascade: Cascade, hu: np.ndarray, affine: np.ndarray, batch_
                     flip_tta: bool = False, name: str = "scan") -> tuple[list[ModelGridOutput], dict[str, Any]]:
     """Both stages on raw CT (X, Y, Z) HU, any axis order -> model-grid outputs and a report.
 
-    The outputs are stage 2's probabilities on the crop's model grid (padded to the whole slice
+    A fold ensemble of cascades averages each stage's members: one box from the mean stage-1
+    softmax, then the mean stage-2 softmax on that one crop. The outputs are stage 2's probabilities
+    on the crop's model grid (padded to the whole slice
     plane with certain background) and, in stage-2 ``tumour`` mode, stage 1's on the whole-slice
     grid: the pancreas comes from stage 1 there. None when stage 1 finds no pancreas. The
     predictor maps them back to the file's grid and :func:`merge_stages` makes the labels. The
@@ -127,7 +170,8 @@ def predict_cascade(cascade: Cascade, hu: np.ndarray, affine: np.ndarray, batch_
     """
     config = cascade.preprocessing
     image, geometry = preprocess_image(hu, affine, config, cascade.stats)
-    stage1_probabilities = predict_slices(cascade.stage1, image, config.context_slices, batch_size, flip_tta)
+    stage1_probabilities = _mean([predict_slices(model, image, config.context_slices, batch_size, flip_tta)
+                                  for model in cascade.stage1_models])
     stage1_labels = probabilities_to_labels(stage1_probabilities, cascade.stage1_label_mode)
     box = locate_pancreas(stage1_labels, geometry, cascade.crop.min_component_fraction)
     if box is None:
@@ -135,8 +179,9 @@ def predict_cascade(cascade: Cascade, hu: np.ndarray, affine: np.ndarray, batch_
         return [], {"stage1_found": False, "stage2_slices": 0}
     crop = CropGeometry.plan(hu.shape, affine, box, cascade.crop)
     crop_image = preprocess_crop_image(hu, crop, config, cascade.stats)
-    probabilities = predict_tiled(cascade.stage2, crop_image, cascade.crop.size_px, cascade.crop.tile_overlap,
-                                  config.context_slices, batch_size, flip_tta)
+    probabilities = _mean([predict_tiled(model, crop_image, cascade.crop.size_px, cascade.crop.tile_overlap,
+                                         config.context_slices, batch_size, flip_tta)
+                           for model in cascade.stage2_models])
     outputs = [ModelGridOutput(crop.full_model_grid(probabilities, background_probabilities(cascade.stage2_label_mode)),
                                crop.scan, cascade.stage2_label_mode)]
     if cascade.stage2_label_mode == "tumour":   # stage 2 adds the tumour to stage 1's pancreas

@@ -104,6 +104,9 @@ class CascadeSpec:
         stage1_localisation: the summary of stage 1's box errors on validation cases.
         tumour_fraction: share of tumour windows per training batch.
         min_tumour_volume_mm3: smaller predicted tumour components become pancreas, mm³.
+        stage2_crops: where stage 2's training crops came from: ``jittered_truth`` (around the true
+            pancreas, shifted by ``jitter_std_mm``; cards written before this field) or
+            ``out_of_fold`` (around the box of each case's out-of-fold stage-1 prediction, cross-validation).
     """
 
     stage1: Mapping[str, Any]
@@ -113,6 +116,7 @@ class CascadeSpec:
     stage1_localisation: Mapping[str, Any] = field(default_factory=dict)
     tumour_fraction: float | None = None
     min_tumour_volume_mm3: float = 0.0
+    stage2_crops: str = "jittered_truth"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CascadeSpec:
@@ -120,12 +124,14 @@ class CascadeSpec:
                    crop=dict(data.get("crop", {})), jitter_std_mm=tuple(data.get("jitter_std_mm", ())),
                    stage1_localisation=dict(data.get("stage1_localisation", {})),
                    tumour_fraction=data.get("tumour_fraction"),
-                   min_tumour_volume_mm3=float(data.get("min_tumour_volume_mm3", 0.0)))
+                   min_tumour_volume_mm3=float(data.get("min_tumour_volume_mm3", 0.0)),
+                   stage2_crops=str(data.get("stage2_crops", "jittered_truth")))
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage1": dict(self.stage1), "stage2": dict(self.stage2), "crop": dict(self.crop),
                 "jitter_std_mm": list(self.jitter_std_mm), "stage1_localisation": dict(self.stage1_localisation),
-                "tumour_fraction": self.tumour_fraction, "min_tumour_volume_mm3": self.min_tumour_volume_mm3}
+                "tumour_fraction": self.tumour_fraction, "min_tumour_volume_mm3": self.min_tumour_volume_mm3,
+                "stage2_crops": self.stage2_crops}
 
     @property
     def stage1_label_mode(self) -> str:

@@ -71,7 +71,12 @@ def members(trained: TrainedModel | TrainedEnsemble) -> tuple[TrainedModel, ...]
 
 
 def fold_models(models_dir: str | Path, architecture: str) -> TrainedEnsemble:
-    """The fold models of ``architecture``'s last cross-validation (``<arch>/folds/``) as an ensemble."""
+    """The fold models of ``architecture``'s last cross-validation (``<arch>/folds/``) as an ensemble.
+
+    The cascade's fold k (``cascade/folds/``: stage 2) takes its stage 1 from the stage-1
+    architecture's fold model k (``unet/folds/models/fold<k>.keras``, as its card records); the
+    weights hashes in the card bind the pair when the predictor loads them.
+    """
     root = Path(models_dir) / architecture / "folds"
     model_files = sorted((root / "models").glob("fold*.keras"))
     if not model_files:
@@ -84,7 +89,15 @@ def fold_models(models_dir: str | Path, architecture: str) -> TrainedEnsemble:
             raise FileNotFoundError(f"{model_file}: its model card {card_file} is missing; rerun the cv pipeline")
         card = ModelCard.from_json(card_file.read_text(), str(card_file),
                                    version=f"{architecture}{ENSEMBLE_SUFFIX}/{model_file.stem}")
-        trained.append(TrainedModel(model_file, card))
+        stage1_file = None
+        if card.cascade is not None:
+            stage1 = card.cascade.stage1
+            stage1_file = (Path(models_dir) / str(stage1.get("architecture")) / "folds" / "models"
+                           / f"fold{stage1.get('fold')}.keras")
+            if stage1.get("fold") is None or not stage1_file.is_file():
+                raise FileNotFoundError(f"{model_file}: the stage-1 fold model of this cascade ({stage1_file}) is "
+                                        "missing; rerun `kedro run --pipelines=cv_cascade`")
+        trained.append(TrainedModel(model_file, card, stage1_file))
     return TrainedEnsemble(f"{architecture}{ENSEMBLE_SUFFIX}", tuple(trained))
 
 

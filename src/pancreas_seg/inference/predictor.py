@@ -1,4 +1,5 @@
-"""The one predictor: a trained model (single, fold ensemble, list or cascade) ready to segment scans.
+"""The one predictor: a trained model (single, fold ensemble, list, cascade or the cascade's fold
+ensemble) ready to segment scans.
 
 Every path that segments goes through :class:`Predictor`: the evaluation and cross-validation
 nodes (from preprocessed slices), the cascade's stage-1 localisation, the inference pipeline, the
@@ -80,7 +81,8 @@ class Predictor:
         cards: one card per model.
         settings: how to apply them.
         name: what reports call the model (default: the single card's architecture).
-        stage1: the cascade's loaded stage-1 model (cascade cards only).
+        stage1: the cascade's loaded stage-1 model (cascade cards only); for a fold ensemble of
+            cascades, one stage-1 model per member, in order (member k's stage 1 is stage-1 fold k).
 
     Raises:
         ModelMismatchError: a card was edited, belongs to other weights, the models of an
@@ -101,12 +103,24 @@ class Predictor:
             card.check_consistent()
         self.cascade: Cascade | None = None
         if any(card.is_cascade for card in self.cards):
-            if len(self.cards) > 1:
-                raise ValueError(f"{self.name}: the cascade cannot be part of an ensemble")
             if stage1 is None:
                 raise ModelMismatchError(f"{self.card.describe()}: a cascade card without its stage-1 model")
-            self.card.check_cascade_weights(weights_sha256(stage1), weights_sha256(self.models[0]))
-            self.cascade = Cascade.from_card(self.card, stage1, self.models[0])
+            if len(self.cards) > 1:   # a fold ensemble of cascades: one stage-1 model per member
+                if not all(card.is_cascade and card.fold is not None for card in self.cards):
+                    raise ValueError(f"{self.name}: a cascade can only be part of an ensemble of the cascade's "
+                                     "cross-validation fold models (no other models, no single cascade)")
+                check_fold_ensemble(self.cards)
+                stage1 = list(stage1) if isinstance(stage1, (list, tuple)) else [stage1]
+                if len(stage1) != len(self.cards):
+                    raise ValueError(f"{self.name}: {len(stage1)} stage-1 model(s) for {len(self.cards)} cascades")
+                for card, first, second in zip(self.cards, stage1, self.models, strict=True):
+                    card.check_cascade_weights(weights_sha256(first), weights_sha256(second))
+                self.cascade = Cascade.from_cards(self.cards, stage1, self.models)
+            else:
+                if isinstance(stage1, (list, tuple)):
+                    (stage1,) = stage1
+                self.card.check_cascade_weights(weights_sha256(stage1), weights_sha256(self.models[0]))
+                self.cascade = Cascade.from_card(self.card, stage1, self.models[0])
         else:
             if (len({c.preprocessing_fingerprint for c in self.cards}) != 1
                     or len({c.label_mode for c in self.cards}) != 1):
@@ -128,7 +142,8 @@ class Predictor:
 
         state = dict(self.__dict__)
         state["models"] = [model_bytes(model) for model in self.models]
-        state["cascade"] = None if self.cascade is None else model_bytes(self.cascade.stage1)
+        state["cascade"] = (None if self.cascade is None
+                            else [model_bytes(model) for model in self.cascade.stage1_models])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -137,8 +152,9 @@ class Predictor:
         self.__dict__.update(state)
         self.models = [load_model_bytes(payload, compile=False) for payload in state["models"]]
         if state["cascade"] is not None:
-            self.cascade = Cascade.from_card(self.card, load_model_bytes(state["cascade"], compile=False),
-                                             self.models[0])
+            stage1 = [load_model_bytes(payload, compile=False) for payload in state["cascade"]]
+            self.cascade = (Cascade.from_card(self.card, stage1[0], self.models[0]) if len(self.models) == 1
+                            else Cascade.from_cards(self.cards, stage1, self.models))
         self._compile()
 
     # ------------------------------------------------------------------ construction
@@ -157,10 +173,11 @@ class Predictor:
         for member in parts:
             member.card.check_consistent()   # before the (slow) model load
         stage1 = None
-        if parts[0].card.is_cascade:
-            if parts[0].stage1_file is None:
-                raise FileNotFoundError(f"{parts[0].model_file}: a cascade card without its stage-1 model file")
-            stage1 = load_model(parts[0].stage1_file, compile=False)
+        if parts[0].card.is_cascade:   # every member's own stage 1 (a fold ensemble of cascades: one each)
+            for member in parts:
+                if member.stage1_file is None:
+                    raise FileNotFoundError(f"{member.model_file}: a cascade card without its stage-1 model file")
+            stage1 = [load_model(member.stage1_file, compile=False) for member in parts]
         models = [load_model(member.model_file, compile=False) for member in parts]
         name = trained.name if isinstance(trained, TrainedEnsemble) else parts[0].card.architecture
         predictor = cls(models, [member.card for member in parts], settings, name, stage1)
@@ -216,7 +233,7 @@ class Predictor:
     def _keras_models(self) -> Iterator[Any]:
         yield from self.models
         if self.cascade is not None:
-            yield self.cascade.stage1
+            yield from self.cascade.stage1_models
 
     # ------------------------------------------------------------------ predicting
     def member_probabilities(self, image_slices: np.ndarray) -> Iterator[np.ndarray]:

@@ -750,13 +750,19 @@ def log_model_objects(run_id: str, name: str, model: Any, card: ModelCard, setti
 
 
 def log_ensemble_objects(run_id: str, name: str, models: Mapping[str, Any], cards: Mapping[str, ModelCard],
-                         settings: PredictionSettings, serving: Mapping[str, Any] | None = None) -> str:
-    """:func:`log_segmentation_model` for in-memory fold models (``{"fold0": model}``, same keys in ``cards``)."""
+                         settings: PredictionSettings, serving: Mapping[str, Any] | None = None,
+                         stage1_models: Mapping[str, Any] | None = None) -> str:
+    """:func:`log_segmentation_model` for in-memory fold models (``{"fold0": model}``, same keys in
+    ``cards``; for the cascade's fold ensemble, each fold's stage 1 in ``stage1_models``)."""
     from pancreas_seg.models.io import save_model  # noqa: PLC0415 - Keras
 
     with tempfile.TemporaryDirectory(prefix="pancreas_seg_ensemble_") as tmp:
         trained = []
         for key in sorted(models):
             save_model(models[key], Path(tmp) / f"{key}.keras")
-            trained.append(TrainedModel(Path(tmp) / f"{key}.keras", cards[key]))
+            stage1_file = None
+            if stage1_models is not None:
+                stage1_file = Path(tmp) / f"{key}_stage1.keras"
+                save_model(stage1_models[key], stage1_file)
+            trained.append(TrainedModel(Path(tmp) / f"{key}.keras", cards[key], stage1_file))
         return log_segmentation_model(run_id, TrainedEnsemble(name, tuple(trained)), name, settings, serving)

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, ClassVar
 import keras
 
 from pancreas_seg.core.atomic import atomic_write_bytes
+from pancreas_seg.learning.curves import SECONDS_KEY, STEP_KEY, pad_curve_record, seconds_so_far
 from pancreas_seg.learning.distribution import DistributionConfig, placement
 from pancreas_seg.models.io import load_model, save_model
 
@@ -220,6 +222,31 @@ class ResumableCheckpoint(keras.callbacks.Callback):
                 older.unlink(missing_ok=True)
 
 
+class LearningCurveClock(keras.callbacks.Callback):
+    """Adds the optimizer step count and the training seconds to each epoch's logs (see
+    :mod:`pancreas_seg.learning.curves`), so learning curves can be drawn against steps and time.
+
+    The step count is the optimizer's ``iterations`` (restored with the optimizer on resume); the
+    seconds start at ``seconds_before`` (what earlier sessions of a resumed run recorded) and add
+    the time since ``on_train_begin``. Must run before :class:`ResumableCheckpoint`, which copies
+    the epoch's logs into the saved history. Uses no backend-specific API.
+    """
+
+    def __init__(self, seconds_before: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> None:
+        super().__init__()
+        self.seconds_before, self.clock = float(seconds_before), clock
+        self._started = math.nan
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._started = self.clock()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is None:
+            return
+        logs[STEP_KEY] = float(self.model.optimizer.iterations.numpy())  # a Keras variable, any backend
+        logs[SECONDS_KEY] = self.seconds_before + (self.clock() - self._started)
+
+
 class EpochProgress(keras.callbacks.Callback):
     """Logs one line per epoch (Kedro's log, not a progress bar)."""
 
@@ -339,11 +366,13 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
         if state is not None and missing:
             logger.warning("%s: checkpoint has no saved state for %s (older format); they start afresh",
                            label, missing)
+        pad_curve_record(history, initial_epoch)  # a history from an older version: NaN steps/seconds
+        clock = LearningCurveClock(seconds_before=seconds_so_far(history))
         checkpoint = ResumableCheckpoint(checkpoint_dir, fingerprint, config.monitor, history, best_value,
                                          epochs=config.epochs, stateful=stateful)
-        # Order matters: state-changing callbacks, then the commit, then observers.
+        # Order matters: the curve record and state-changing callbacks, then the commit, then observers.
         fit_callbacks: list[keras.callbacks.Callback] = [
-            *where.callbacks(), *stateful, checkpoint, EpochProgress(label, config.epochs), *callbacks]
+            *where.callbacks(), clock, *stateful, checkpoint, EpochProgress(label, config.epochs), *callbacks]
         with where.scope():  # build or restore, compile and fit on the configured devices
             model = build_model() if state is None else _restore(checkpoint_dir, state, label)
             model.fit(where.training_data(train_data), validation_data=validation_data, epochs=config.epochs,

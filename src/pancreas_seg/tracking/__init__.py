@@ -97,6 +97,16 @@ def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
     mlflow.MlflowClient().log_figure(run_id, figure, artifact_file)
 
 
+def log_figure_to_active_run(figure: Any, artifact_file: str) -> bool:
+    """Save a matplotlib figure as a PNG artifact of the active run (kedro-mlflow's parent run of a
+    ``kedro run``); False (nothing logged) without one."""
+    run = mlflow.active_run()
+    if run is None:
+        return False
+    log_figure(run.info.run_id, figure, artifact_file)
+    return True
+
+
 def log_artifact_file(run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
     mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
 

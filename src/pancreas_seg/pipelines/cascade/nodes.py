@@ -4,10 +4,16 @@ Stage 1 is the model trained in another namespace (its ``model_<architecture>`` 
 nodes measure where it puts the pancreas box on validation cases, cut the stage-2 training crops
 and train stage 2. The evaluation pipeline evaluates the trained cascade like any other model
 (:class:`pancreas_seg.inference.predictor.Predictor` runs both stages).
+
+In cross-validation (``cv_cascade``) stage 1 is the stage-1 architecture's fold models: every
+development case gets its box from the fold model that held it out
+(:mod:`pancreas_seg.cascade.out_of_fold`), stage 2 is trained per fold on those crops, and every
+case is predicted by its own fold's cascade; the test cases by the cascade's fold ensemble.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,11 +23,20 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg import tracking
-from pancreas_seg.cascade.crops import CropConfig, CropGeometry, locate_pancreas, mask_box
+from pancreas_seg.cascade.crops import CropConfig, CropGeometry, PancreasBox, locate_pancreas, mask_box
 from pancreas_seg.cascade.localisation import (
     jitter_std_mm,
     localisation_error,
     summarise_localisation,
+)
+from pancreas_seg.cascade.out_of_fold import (
+    JITTERED_TRUTH,
+    OUT_OF_FOLD,
+    FoldCases,
+    assign_out_of_fold,
+    check_crop_source,
+    check_out_of_fold_crops,
+    out_of_fold_record,
 )
 from pancreas_seg.core.labels import PANCREAS_REGION, probabilities_to_labels
 from pancreas_seg.core.runtime import dtype_policy, retained_heap
@@ -34,13 +49,22 @@ from pancreas_seg.imaging.preprocess import (
     intensity_stats_from_dict,
     preprocess_crop_image,
 )
-from pancreas_seg.inference.model_card import CascadeSpec, CaseSplit, ModelCard
+from pancreas_seg.evaluation.scoring import score_cases
+from pancreas_seg.inference.case_predictions import predict_cases
+from pancreas_seg.inference.model_card import (
+    CascadeSpec,
+    CaseSplit,
+    ModelCard,
+    ModelMismatchError,
+    check_fold_ensemble,
+)
+from pancreas_seg.inference.model_store import ENSEMBLE_SUFFIX
 from pancreas_seg.inference.predictor import PredictionSettings, Predictor
-from pancreas_seg.inference.serving import log_model_objects
+from pancreas_seg.inference.serving import log_ensemble_objects, log_model_objects
 from pancreas_seg.learning.setup import architecture_settings, compile_model, resume_fingerprint
 from pancreas_seg.models.names import CASCADE_NAME
 from pancreas_seg.runners.parallel import LazyCaseParts
-from pancreas_seg.task07.splits import manifest_dataset, split_case_ids, test_case_ids
+from pancreas_seg.task07.splits import fold_manifest, manifest_dataset, manifest_folds, split_case_ids, test_case_ids
 from pancreas_seg.tracking.training_run import log_run_setup, log_training_result, training_card
 
 logger = logging.getLogger(__name__)
@@ -92,16 +116,23 @@ def prepare_training_crops(case_manifest: pd.DataFrame, intensity_stats: dict[st
         if box is None:
             logger.warning("%s: %s has no pancreas in its label; no stage-2 crop", CASCADE_NAME, row.case_id)
             continue
-        geometry = CropGeometry.plan(label.array.shape, label.affine, box, crop_config, context_px=context)
-        slack = [max(0, (r - 2 * context - s) // 2) for r, s in zip(geometry.region_hw, crop_config.size_px,
-                                                                      strict=True)]
-        index_entries[row.case_id] = {"crop": geometry.to_dict(), "slack_px": slack}
-        case = LazyCaseParts(cut_training_crop, (row.image_path, row.label_path, geometry, config, stats),
-                             ("image", "label"),
-                             f"{CASCADE_NAME}: cutting training crop {index}/{len(cases)}: {row.case_id}",
-                             cost=float(label.array.size))   # the cut reads the whole scan
-        partitions.update(case.partitions(row.case_id))
+        entry, parts = _plan_crop(row, label, box, crop_config, context, config, stats,
+                                  f"training crop {index}/{len(cases)}")
+        index_entries[row.case_id] = {**entry, "source": JITTERED_TRUTH, "stage1_fold": None}
+        partitions.update(parts)
     return partitions, index_entries
+
+
+def _plan_crop(row: Any, label: Any, box: PancreasBox, crop_config: CropConfig, context: int,
+               config: PreprocessingConfig, stats: Any, what: str) -> tuple[dict[str, Any], dict[str, Callable]]:
+    """A case's crop around ``box`` (``context`` px more on every in-plane side): its index entry
+    ``{"crop", "slack_px"}`` and its lazy ``<case_id>/image``, ``<case_id>/label`` partitions."""
+    geometry = CropGeometry.plan(label.array.shape, label.affine, box, crop_config, context_px=context)
+    slack = [max(0, (r - 2 * context - s) // 2) for r, s in zip(geometry.region_hw, crop_config.size_px, strict=True)]
+    case = LazyCaseParts(cut_training_crop, (row.image_path, row.label_path, geometry, config, stats),
+                         ("image", "label"), f"{CASCADE_NAME}: cutting {what}: {row.case_id}",
+                         cost=float(label.array.size))   # the cut reads the whole scan
+    return {"crop": geometry.to_dict(), "slack_px": slack}, case.partitions(row.case_id)
 
 
 def measure_stage1_localisation(stage1_model: Any, stage1_model_card: ModelCard,
@@ -188,6 +219,30 @@ def train_stage2(crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index
     so the cascade is complete on its own), the training history and curves, and the cascade's
     model card (both stages, the crop settings, the measured jitter).
     """
+    settings = architecture_settings(training, stage2)
+    jitter = jitter_std_mm(stage1_localisation["summary"], CropConfig.from_params(crop),
+                           float(settings["jitter_min_std_mm"]))
+    with tracking.architecture_run(CASCADE_NAME) as run:
+        tracking.log_json(run.info.run_id, stage1_localisation, "stage1_localisation.json")
+        model, history, figure, card = fit_stage2(
+            crop_slices, crop_index, jitter, stage1_localisation["summary"], stage1_model, stage1_model_card,
+            case_manifest, intensity_stats, preprocessing, training, crop, stage2,
+            run_id=run.info.run_id, checkpoint_dir=Path(settings["checkpoint_root"]) / CASCADE_NAME,
+            crop_source=JITTERED_TRUTH)
+    return model, stage1_model, history, figure, card
+
+
+def fit_stage2(crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index: dict[str, Any],
+               jitter: tuple[float, float], localisation_summary: dict[str, Any], stage1_model: Any,
+               stage1_model_card: ModelCard, case_manifest: pd.DataFrame, intensity_stats: dict[str, Any],
+               preprocessing: dict[str, Any], training: dict[str, Any], crop: dict[str, Any],
+               stage2: dict[str, Any], *, run_id: str, checkpoint_dir: Path,
+               crop_source: str) -> tuple[Any, dict[str, Any], Any, ModelCard]:
+    """Train stage 2 in the MLflow run ``run_id`` (the active run) on the train/validation cases of ``case_manifest``
+    (a fold manifest in cross-validation), with ``jitter`` (mm, in-plane) on its training windows.
+
+    Returns the best model, its history and curves, and the cascade's model card.
+    """
     import keras  # noqa: PLC0415
 
     from pancreas_seg.learning.training import FitConfig, fit_with_resume  # noqa: PLC0415
@@ -199,20 +254,19 @@ def train_stage2(crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index
     settings = architecture_settings(training, stage2)
     config = PreprocessingConfig.from_params(preprocessing)
     crop_config = CropConfig.from_params(crop)
-    jitter = jitter_std_mm(stage1_localisation["summary"], crop_config, float(settings["jitter_min_std_mm"]))
     train_loader, val_loader = make_crop_loaders(crop_slices, crop_index, case_manifest, intensity_stats,
                                                  settings, config, crop_config, label_mode, jitter)
     input_shape = (*crop_config.size_px, config.context_slices)
     stage1_sha = weights_sha256(stage1_model)
     fit_config = FitConfig.from_settings(settings)
-    fingerprint = resume_fingerprint(fit_config, f"{CASCADE_NAME}:{name}", settings, preprocessing, intensity_stats,
-                                     crop_config.to_dict(), label_mode, list(jitter), stage1_sha,
+    fingerprint = resume_fingerprint(fit_config, f"{CASCADE_NAME}:{name}:{crop_source}", settings, preprocessing,
+                                     intensity_stats, crop_config.to_dict(), label_mode, list(jitter), stage1_sha,
                                      sorted(train_loader.case_ids) + sorted(val_loader.case_ids))
     source = str(case_manifest["source"].iloc[0])
-    logger.info("%s: stage 2 (%s, %s) on %d crop slices of %d cases (%d with tumour), window %s px at "
-                "%.2f mm, position jitter %.1f/%.1f mm, %d tumour window(s) per batch%s", CASCADE_NAME, name, label_mode,
-                train_loader.n_slices, len(train_loader.case_ids), train_loader.tumour_slices.size,
-                crop_config.size_px, crop_config.spacing_mm, *jitter, train_loader.n_tumour_per_batch,
+    logger.info("%s: stage 2 (%s, %s) on %d crop slices of %d cases (%d with tumour; crops: %s), window %s px at "
+                "%.2f mm, position jitter %.1f/%.1f mm, %d tumour window(s) per batch%s", CASCADE_NAME, name,
+                label_mode, train_loader.n_slices, len(train_loader.case_ids), train_loader.tumour_slices.size,
+                crop_source, crop_config.size_px, crop_config.spacing_mm, *jitter, train_loader.n_tumour_per_batch,
                 " - SYNTHETIC phantoms" if source == "synthetic" else "")
 
     def build():
@@ -220,32 +274,32 @@ def train_stage2(crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index
         return compile_model(model, settings, label_mode, total_steps=fit_config.epochs * len(train_loader))
 
     policy = "mixed_float16" if settings.get("mixed_precision") else None
-    with tracking.architecture_run(CASCADE_NAME) as run, dtype_policy(policy):
-        run_id = run.info.run_id
+    with dtype_policy(policy):
         log_run_setup(CASCADE_NAME, settings, preprocessing, source, label_mode)
-        tracking.set_tags({"stage1_architecture": stage1_model_card.architecture, "stage2_architecture": name})
+        tracking.set_tags({"stage1_architecture": stage1_model_card.architecture, "stage2_architecture": name,
+                           "stage2_crops": crop_source})
         tracking.log_params({"cascade": {"crop": crop_config.to_dict(), "jitter_std_mm": list(jitter),
-                                         "stage1_weights_sha256": stage1_sha}})
-        tracking.log_json(run_id, stage1_localisation, "stage1_localisation.json")
+                                         "stage1_weights_sha256": stage1_sha, "stage2_crops": crop_source}})
         epoch_logger = keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: tracking.log_epoch_metrics(run_id, logs, epoch + 1))
         with retained_heap(bool(settings["retain_heap"])):
-            result = fit_with_resume(build, train_loader, val_loader, fit_config,
-                                     Path(settings["checkpoint_root"]) / CASCADE_NAME, fingerprint,
+            result = fit_with_resume(build, train_loader, val_loader, fit_config, checkpoint_dir, fingerprint,
                                      label=CASCADE_NAME, callbacks=[epoch_logger])
         figure = log_training_result(run_id, CASCADE_NAME, result, source)
+    stage1 = {"architecture": stage1_model_card.architecture, "label_mode": stage1_model_card.label_mode,
+              "mlflow_run_id": stage1_model_card.mlflow_run_id, "trained_at": stage1_model_card.trained_at,
+              "input_shape": list(stage1_model_card.input_shape), "weights_sha256": stage1_sha}
+    if stage1_model_card.fold is not None:
+        stage1["fold"] = stage1_model_card.fold
     spec = CascadeSpec(
-        stage1={"architecture": stage1_model_card.architecture, "label_mode": stage1_model_card.label_mode,
-                "mlflow_run_id": stage1_model_card.mlflow_run_id, "trained_at": stage1_model_card.trained_at,
-                "input_shape": list(stage1_model_card.input_shape), "weights_sha256": stage1_sha},
-        stage2={"architecture": name, "label_mode": label_mode, "input_shape": list(input_shape)},
-        crop=crop_config.to_dict(), jitter_std_mm=tuple(jitter), stage1_localisation=stage1_localisation["summary"],
+        stage1=stage1, stage2={"architecture": name, "label_mode": label_mode, "input_shape": list(input_shape)},
+        crop=crop_config.to_dict(), jitter_std_mm=tuple(jitter), stage1_localisation=localisation_summary,
         tumour_fraction=float(settings["tumour_fraction"]),
-        min_tumour_volume_mm3=float(stage2.get("min_tumour_volume_mm3", 0.0)))
+        min_tumour_volume_mm3=float(stage2.get("min_tumour_volume_mm3", 0.0)), stage2_crops=crop_source)
     # the cascade's output is multiclass: stage 2's, completed by stage 1 if needed
     card = training_card(CASCADE_NAME, run_id, input_shape, "multiclass", preprocessing, intensity_stats,
                          case_manifest, result, fit_config.monitor, weights_sha256(result.model), cascade=spec)
-    return result.model, stage1_model, result.history, figure, card
+    return result.model, result.history, figure, card
 
 
 def validate_stage2(model: Any, crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index: dict[str, Any],
@@ -271,3 +325,271 @@ def validate_stage2(model: Any, crop_slices: Mapping[str, Callable[[], np.ndarra
     log_model_objects(run_id, CASCADE_NAME, model, model_card, PredictionSettings.from_params(inference), stage1_model,
                       serving=inference.get("serving"))
     return metrics
+
+
+# --------------------------------------------------------------------------- cross-validation (nnU-Net's way)
+# Stage 1's fold models are the cross-validation fold models of namespace CASCADE_STAGE1 (`unet.fold_models`).
+# Every development case gets its stage-1 box from the fold model that held it out; stage 2 of fold k trains
+# on the crops of fold k's training cases and validates on fold k's; the fold-k cascade is stage 1 of fold k
+# with stage 2 of fold k, and predicts fold k's cases out of fold.
+def _fold_items(partitions: Mapping[str, Any]) -> list[tuple[int, Any]]:
+    """``[(fold, loaded value)]`` sorted by fold from ``{"fold0": ..., "fold1": ...}`` (loaded
+    partitions are callables; a node's own output is the value)."""
+    def loaded(value: Any) -> Any:
+        return value() if callable(value) and not hasattr(value, "predict_on_batch") else value
+    return sorted((int(key.removeprefix("fold")), loaded(value)) for key, value in partitions.items())
+
+
+def _development_cases(case_manifest: pd.DataFrame) -> pd.DataFrame:
+    return _labelled(case_manifest, ("train", "validation"))
+
+
+def _stage1_folds(stage1_fold_models: Mapping[str, Any], stage1_fold_cards: Mapping[str, Any],
+                  case_manifest: pd.DataFrame, preprocessing: dict[str, Any],
+                  intensity_stats: dict[str, Any]) -> tuple[dict[int, Any], dict[int, ModelCard], list[FoldCases]]:
+    """Stage 1's fold models and cards by fold, checked to be this split's cross-validation."""
+    models, cards = dict(_fold_items(stage1_fold_models)), dict(_fold_items(stage1_fold_cards))
+    if sorted(models) != sorted(cards) or sorted(cards) != list(range(manifest_folds(case_manifest))):
+        raise ModelMismatchError(f"stage-1 fold models {sorted(models)} and cards {sorted(cards)} are not the "
+                                 f"{manifest_folds(case_manifest)} folds of the split; rerun the cv pipeline")
+    check_fold_ensemble(list(cards.values()))
+    dataset = manifest_dataset(case_manifest)
+    for card in cards.values():
+        card.check_dataset(dataset)
+        card.check_preprocessing(preprocessing, intensity_stats)
+        card.check_disjoint(test_case_ids(case_manifest), "holds out as test cases")
+        if card.label_mode == "tumour":
+            raise ModelMismatchError(f"{card.describe()} predicts only the tumour; a cascade's stage 1 must "
+                                     "localise the pancreas")
+    folds = [FoldCases.of(k, card.cases.train, card.cases.validation) for k, card in sorted(cards.items())]
+    development = _development_cases(case_manifest)
+    assignment = assign_out_of_fold(development["case_id"], folds)
+    moved = sorted(c for c, f in zip(development["case_id"], development["fold"], strict=True) if assignment[c] != f)
+    if moved:
+        raise ModelMismatchError(f"the stage-1 fold models were cross-validated on other folds than the split's "
+                                 f"(cases {moved} moved); rerun the cv pipeline")
+    return models, cards, folds
+
+
+def locate_out_of_fold(stage1_fold_models: Mapping[str, Any], stage1_fold_cards: Mapping[str, Any],
+                       model_input_slices: Mapping[str, Callable[[], np.ndarray]], slice_geometry: dict[str, Any],
+                       case_manifest: pd.DataFrame, intensity_stats: dict[str, Any], preprocessing: dict[str, Any],
+                       crop: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Every development case's stage-1 pancreas box, from the fold model that held it out.
+
+    The box is found as at inference (stage 1's labels on its model grid ->
+    :func:`~pancreas_seg.cascade.crops.locate_pancreas`), with the evaluation's prediction settings.
+    Returns ``{"stage1", "axes", "summary", "cases": {case_id: provenance + localisation error}}``:
+    per case, :func:`~pancreas_seg.cascade.out_of_fold.out_of_fold_record` (which fold model placed
+    the box, its weights, the box) and the box's error against the true pancreas (mm); the summary
+    is over all development cases.
+    """
+    models, cards, folds = _stage1_folds(stage1_fold_models, stage1_fold_cards, case_manifest, preprocessing,
+                                         intensity_stats)
+    settings = PredictionSettings.from_params(evaluation)
+    predictors = {k: Predictor.from_models([models[k]], [cards[k]], settings, name=f"{cards[k].architecture}.fold{k}")
+                  for k in models}
+    crop_config = CropConfig.from_params(crop)
+    assignment = assign_out_of_fold(_development_cases(case_manifest)["case_id"], folds)
+    per_case = {}
+    for index, row in enumerate(_development_cases(case_manifest).itertuples(), start=1):
+        fold = assignment[row.case_id]
+        stage1 = predictors[fold]
+        geometry = ScanGeometry.from_dict(slice_geometry[row.case_id])
+        labels = probabilities_to_labels(stage1.predict_probabilities(model_input_slices[f"{row.case_id}/image"]()),
+                                         stage1.label_mode)
+        box = locate_pancreas(labels, geometry, crop_config.min_component_fraction)
+        truth_mask = _truth_slices(load_nifti(row.label_path).array, geometry)
+        truth = mask_box(truth_mask)
+        record = out_of_fold_record(fold, cards[fold].weights_sha256, None if box is None else box.to_list())
+        if truth is not None:
+            planned = CropGeometry.plan(geometry.shape, geometry.affine, box, crop_config) if box is not None else None
+            record |= localisation_error(box, truth, truth_mask, geometry.slice_spacing_mm, planned)
+        per_case[row.case_id] = record
+        logger.info("%s: out-of-fold stage-1 box %d/%d: %s by fold model %d: %s", CASCADE_NAME, index,
+                    len(assignment), row.case_id, fold, "none" if box is None else box.to_list())
+    summary = summarise_localisation([r for r in per_case.values() if "coverage" in r])
+    logger.info("%s: out-of-fold stage-1 localisation on %d case(s): %s", CASCADE_NAME, len(per_case), summary)
+    return {"stage1": cards[0].architecture, "axes": ["z", "h", "w"], "summary": summary, "cases": per_case}
+
+
+def prepare_cv_crops(stage1_out_of_fold: dict[str, Any], case_manifest: pd.DataFrame, intensity_stats: dict[str, Any],
+                     preprocessing: dict[str, Any], crop: dict[str, Any],
+                     stage2: dict[str, Any]) -> tuple[dict[str, Callable[[], np.ndarray]], dict[str, Any]]:
+    """Cut every development case's stage-2 crop for cross-validation, per ``stage2.crop_source``.
+
+    ``out_of_fold``: around the case's out-of-fold stage-1 box (planned exactly as at inference,
+    no context margin; a case where stage 1 found nothing gets no crop, as the cascade would
+    return an empty mask); the index entry carries the box's provenance. ``jittered_truth``:
+    around the true pancreas with ``crop.context_mm``, as :func:`prepare_training_crops`.
+    Returns the lazy partitions and the index, as :func:`prepare_training_crops`.
+    """
+    source = check_crop_source(str(stage2.get("crop_source", OUT_OF_FOLD)))
+    config = PreprocessingConfig.from_params(preprocessing)
+    crop_config = CropConfig.from_params(crop)
+    stats = intensity_stats_from_dict(intensity_stats)
+    cases = _development_cases(case_manifest)
+    index_entries: dict[str, Any] = {}
+    partitions: dict[str, Callable[[], np.ndarray]] = {}
+    for index, row in enumerate(cases.itertuples(), start=1):
+        label = load_nifti(row.label_path)
+        if source == OUT_OF_FOLD:
+            record = stage1_out_of_fold["cases"][row.case_id]
+            if record["stage1_box"] is None:
+                logger.warning("%s: stage-1 fold model %d found no pancreas in %s; no stage-2 crop", CASCADE_NAME,
+                               record["stage1_fold"], row.case_id)
+                continue
+            box, context = PancreasBox(*record["stage1_box"]), 0
+            provenance = {key: record[key] for key in ("source", "stage1_fold", "stage1_weights_sha256", "stage1_box")}
+        else:
+            box = mask_box(_truth_slices(label.array, ScanGeometry.plan(label.array.shape, label.affine, (1, 1))))
+            if box is None:
+                logger.warning("%s: %s has no pancreas in its label; no stage-2 crop", CASCADE_NAME, row.case_id)
+                continue
+            context, provenance = crop_config.context_px(), {"source": JITTERED_TRUTH, "stage1_fold": None}
+        entry, parts = _plan_crop(row, label, box, crop_config, context, config, stats,
+                                  f"{source} crop {index}/{len(cases)}")
+        index_entries[row.case_id] = {**entry, **provenance}
+        partitions.update(parts)
+    return partitions, index_entries
+
+
+def train_stage2_folds(stage1_fold_models: Mapping[str, Any], stage1_fold_cards: Mapping[str, Any],
+                       crop_slices: Mapping[str, Callable[[], np.ndarray]], crop_index: dict[str, Any],
+                       stage1_out_of_fold: dict[str, Any], case_manifest: pd.DataFrame,
+                       intensity_stats: dict[str, Any], preprocessing: dict[str, Any], training: dict[str, Any],
+                       crop: dict[str, Any], stage2: dict[str, Any],
+                       inference: dict[str, Any]) -> tuple[dict[str, Any], dict[str, ModelCard]]:
+    """Train stage 2 once per fold: fold k on fold k's training cases, validated on fold k's cases.
+
+    With ``out_of_fold`` crops every crop of fold k's training and validation cases must come
+    from a stage-1 fold model that did not train on the case
+    (:func:`~pancreas_seg.cascade.out_of_fold.check_out_of_fold_crops`, else ValueError); no
+    position jitter is added (the boxes carry stage 1's real errors). With ``jittered_truth`` the
+    jitter is stage 1's out-of-fold RMS centre error (floor ``jitter_min_std_mm``). MLflow: run
+    ``cascade.cv`` with a nested run per fold (``cascade.fold<k>``); checkpoints in
+    ``<checkpoint_root>/cascade/fold<k>``; the fold ensemble of cascades is logged to the cv run
+    as the pyfunc model ``segmenter`` (what the registry registers), applying the ``inference``
+    settings by default. Returns ``({"fold<k>": fn -> stage-2 model}, {"fold<k>": cascade card})``;
+    card k's stage 1 is stage-1 fold model k.
+    """
+    source = check_crop_source(str(stage2.get("crop_source", OUT_OF_FOLD)))
+    models, cards, folds = _stage1_folds(stage1_fold_models, stage1_fold_cards, case_manifest, preprocessing,
+                                         intensity_stats)
+    settings = architecture_settings(training, stage2)
+    crop_config = CropConfig.from_params(crop)
+    jitter = ((0.0, 0.0) if source == OUT_OF_FOLD else
+              jitter_std_mm(stage1_out_of_fold["summary"], crop_config, float(settings["jitter_min_std_mm"])))
+    n_folds = len(folds)
+    stage2_models, stage2_cards = {}, {}
+    with tracking.architecture_run(f"{CASCADE_NAME}.cv") as cv_run:
+        tracking.set_tags({"architecture": CASCADE_NAME, "n_folds": n_folds, "kind": "cross_validation",
+                           "stage2_crops": source})
+        tracking.log_json(cv_run.info.run_id, stage1_out_of_fold, "stage1_out_of_fold.json")
+        for fold in range(n_folds):
+            manifest = fold_manifest(case_manifest, fold)
+            ids = split_case_ids(manifest)
+            if source == OUT_OF_FOLD:
+                check_out_of_fold_crops(crop_index, [c for c in ids["train"] + ids["validation"] if c in crop_index],
+                                        folds, {k: card.weights_sha256 for k, card in cards.items()})
+            logger.info("%s: cross-validation fold %d/%d: stage 2 on %s crops of %d training case(s)", CASCADE_NAME,
+                        fold + 1, n_folds, source, len([c for c in ids["train"] if c in crop_index]))
+            with tracking.architecture_run(f"{CASCADE_NAME}.fold{fold}") as run:
+                tracking.set_tags({"fold": fold, "n_folds": n_folds})
+                model, _, figure, card = fit_stage2(
+                    crop_slices, crop_index, jitter, stage1_out_of_fold["summary"], models[fold], cards[fold],
+                    manifest, intensity_stats, preprocessing, training, crop, stage2, run_id=run.info.run_id,
+                    checkpoint_dir=Path(settings["checkpoint_root"]) / CASCADE_NAME / f"fold{fold}",
+                    crop_source=source)
+                card = card.replace(fold=fold, n_folds=n_folds, cv_run_id=cv_run.info.run_id)
+                tracking.log_json(run.info.run_id, card.to_dict(), "model_card.json")
+            _close(figure)
+            stage2_models[f"fold{fold}"], stage2_cards[f"fold{fold}"] = model, card
+        log_ensemble_objects(cv_run.info.run_id, f"{CASCADE_NAME}{ENSEMBLE_SUFFIX}", stage2_models, stage2_cards,
+                             PredictionSettings.from_params(inference), serving=inference.get("serving"),
+                             stage1_models={f"fold{k}": model for k, model in models.items()})
+    # PartitionedDataset calls callable partitions to get their data, and a Keras model is callable
+    return {key: functools.partial(_identity, model) for key, model in stage2_models.items()}, stage2_cards
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _close(figure: Any) -> None:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    plt.close(figure)
+
+
+def predict_cascade_out_of_fold(fold_models: Mapping[str, Any], fold_cards: Mapping[str, Any],
+                                stage1_fold_models: Mapping[str, Any], model_input_slices: Mapping[str, Callable],
+                                slice_geometry: dict[str, Any], case_manifest: pd.DataFrame,
+                                evaluation: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """Every development case predicted by the cascade of the fold that held it out (both stages,
+    from its CT file, through the one :class:`~pancreas_seg.inference.predictor.Predictor`).
+
+    Returns ``{case_id: fn}`` (lazy, one case in memory at a time) on each file's own grid.
+    """
+    stage2_models, cards = dict(_fold_items(fold_models)), dict(_fold_items(fold_cards))
+    stage1_models = dict(_fold_items(stage1_fold_models))
+    check_fold_ensemble(list(cards.values()))
+    settings = PredictionSettings.from_params(evaluation)
+    development = _development_cases(case_manifest)
+    assignment = assign_out_of_fold(development["case_id"], [FoldCases.of(k, c.cases.train, c.cases.validation)
+                                                             for k, c in sorted(cards.items())])
+    predictions: dict[str, Callable[[], Any]] = {}
+    for fold, card in sorted(cards.items()):
+        predictor = Predictor.from_models([stage2_models[fold]], [card], settings, name=f"{CASCADE_NAME}.fold{fold}",
+                                          stage1=stage1_models[fold])   # checks both stages' weights
+        if card.cascade.stage1.get("fold") != fold:
+            raise ModelMismatchError(f"{card.describe()} (fold {fold}) has the stage 1 of fold "
+                                     f"{card.cascade.stage1.get('fold')}; rerun the cascade's cross-validation")
+        cases = sorted(c for c, f in assignment.items() if f == fold)
+        predictor.check_disjoint(test_case_ids(case_manifest), "holds out as test cases")
+        predictions |= predict_cases(predictor, cases, model_input_slices, slice_geometry, case_manifest,
+                                     "out-of-fold")
+    return dict(sorted(predictions.items()))
+
+
+def score_cascade_out_of_fold(oof_predictions: Mapping[str, Callable[[], Any]], case_manifest: pd.DataFrame,
+                              slice_geometry: dict[str, Any], evaluation: dict[str, Any]) -> pd.DataFrame:
+    """Score the cascade's out-of-fold predictions as cv scores every architecture's: the
+    evaluation's per-case columns plus ``fold`` (``architecture`` = ``cascade``)."""
+    cases = sorted(_development_cases(case_manifest)["case_id"].astype(str))
+    metrics = score_cases(oof_predictions, cases, case_manifest, slice_geometry, CASCADE_NAME,
+                          float(evaluation["nsd_tolerance_mm"]))
+    fold_of = dict(zip(case_manifest["case_id"].astype(str), case_manifest["fold"].astype(int), strict=True))
+    metrics.insert(metrics.columns.get_loc("class"), "fold", metrics["case_id"].map(fold_of).astype(int))
+    return metrics
+
+
+def evaluate_cascade_fold_ensemble(fold_models: Mapping[str, Any], fold_cards: Mapping[str, Any],
+                                   stage1_fold_models: Mapping[str, Any], model_input_slices: Mapping[str, Callable],
+                                   slice_geometry: dict[str, Any], case_manifest: pd.DataFrame,
+                                   evaluation: dict[str, Any], cv: dict[str, Any]) -> tuple[dict[str, Callable], pd.DataFrame]:
+    """Score every fold's cascade and the cascade's fold ensemble on the held-out test cases.
+
+    The fold ensemble is nnU-Net's: the stage-1 fold models' mean softmax places one box, the
+    stage-2 fold models' mean softmax segments that one crop (one
+    :class:`~pancreas_seg.inference.predictor.Predictor` over the fold cascades). The
+    ``architecture`` column says ``cascade.fold<k>`` or ``cascade.ensemble``, as cv's for every
+    architecture. Returns the ensemble's test predictions (lazy) and the per-case metrics.
+    """
+    stage2_models, cards = dict(_fold_items(fold_models)), dict(_fold_items(fold_cards))
+    stage1_models = dict(_fold_items(stage1_fold_models))
+    folds = sorted(cards)
+    cases = test_case_ids(case_manifest)
+    if not cases:
+        raise ValueError("the manifest has no test split; set split.test_fraction > 0")
+    settings = PredictionSettings.from_params(evaluation, flip_tta=cv["ensemble_flip_tta"])
+    ensemble = Predictor.from_models([stage2_models[k] for k in folds], [cards[k] for k in folds], settings,
+                                     name=f"{CASCADE_NAME}{ENSEMBLE_SUFFIX}", stage1=[stage1_models[k] for k in folds])
+    ensemble.check_disjoint(cases, "scores as test cases")
+    predictors = [Predictor.from_models([stage2_models[k]], [cards[k]], settings, name=f"{CASCADE_NAME}.fold{k}",
+                                        stage1=stage1_models[k]) for k in folds] + [ensemble]
+    tolerance = float(evaluation["nsd_tolerance_mm"])
+    frames = [score_cases(predict_cases(predictor, cases, model_input_slices, slice_geometry, case_manifest, "test"),
+                          cases, case_manifest, slice_geometry, predictor.name, tolerance) for predictor in predictors]
+    return (predict_cases(ensemble, cases, model_input_slices, slice_geometry, case_manifest, "test"),
+            pd.concat(frames, ignore_index=True))

@@ -3,7 +3,8 @@
 In namespace ``<arch>``: train a model per fold of the persisted split, predict and score every
 non-test case out of fold, score the fold models and their ensemble on the held-out test cases,
 and summarise. Results read across namespaces are published under plain names
-(``cv_summary_unet``, ``cv_metrics_per_case_unet``, ``cv_test_metrics_unet``). The comparison
+(``cv_summary_unet``, ``cv_metrics_per_case_unet``, ``cv_test_metrics_unet``, ``fold_models_unet``,
+``fold_cards_unet``). The comparison
 ranks the architectures by out-of-fold Dice, tests every pair on the same cases, and registers the
 best fold ensemble as ``champion``.
 """
@@ -18,7 +19,8 @@ from pancreas_seg.pipelines.cv import nodes
 
 SHARED_INPUTS = {"model_input_slices", "slice_geometry", "case_manifest", "intensity_stats"}
 SHARED_PARAMETERS = {"params:preprocessing", "params:training", "params:evaluation", "params:cv", "params:inference"}
-PUBLISHED_OUTPUTS = ("cv_summary", "cv_metrics_per_case", "cv_test_metrics")
+PUBLISHED_OUTPUTS = ("cv_summary", "cv_metrics_per_case", "cv_test_metrics", "fold_models", "fold_cards")
+"""Published as ``<name>_<arch>``; the fold models and cards also serve as the cascade's stage 1 (``cv_cascade``)."""
 
 
 def template() -> Pipeline:
@@ -43,15 +45,27 @@ def template() -> Pipeline:
     ])
 
 
-def create_pipeline(models: Iterable[str] = ARCHITECTURE_NAMES) -> Pipeline:
-    """Cross-validation of ``models`` (architecture names; the cascade is not cross-validated)."""
-    archs = list(models)
+def create_pipeline(models: Iterable[str] = ARCHITECTURE_NAMES, external: Iterable[str] = ()) -> Pipeline:
+    """Cross-validation of ``models`` (architecture names), compared with the ``external`` candidates.
+
+    An external candidate (the ``cascade``, whose per-fold training and prediction its own
+    pipeline wires: ``pipelines.cascade.create_cv_pipeline``) publishes ``cv_metrics_per_case_<name>``,
+    ``cv_test_metrics_<name>`` and ``fold_cards_<name>`` like an architecture here; this pipeline
+    summarises it and ranks, tests and selects it with the architectures.
+    """
+    archs, others = list(models), list(external)
     unknown = sorted(set(archs) - set(ARCHITECTURE_NAMES))
     if unknown:
         raise ValueError(f"cross-validation covers the architectures {list(ARCHITECTURE_NAMES)}, not {unknown}")
     per_model = sum((Pipeline(template(), namespace=arch, inputs=SHARED_INPUTS, parameters=SHARED_PARAMETERS,
                               outputs={name: f"{name}_{arch}" for name in PUBLISHED_OUTPUTS})
                      for arch in archs), Pipeline([]))
+    per_model += Pipeline([
+        Node(nodes.summarise_cross_validation,
+             [f"cv_metrics_per_case_{name}", f"cv_test_metrics_{name}", f"fold_cards_{name}"], f"cv_summary_{name}",
+             name=f"summarise_cross_validation_{name}")
+        for name in others])
+    archs = archs + others
     comparison = Pipeline([
         Node(nodes.compare_cross_validation, [f"cv_summary_{a}" for a in archs],
              ["cv_comparison", "cv_comparison_markdown"], name="compare_cross_validation"),

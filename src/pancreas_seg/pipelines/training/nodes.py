@@ -17,12 +17,14 @@ import pandas as pd
 
 from pancreas_seg import tracking
 from pancreas_seg.core.runtime import retained_heap
+from pancreas_seg.evaluation.plots import plot_learning_curves
 from pancreas_seg.evaluation.selection import SelectionRule, check_selection_cases, rank_models, scored_case_ids
 from pancreas_seg.imaging.preprocess import PreprocessingConfig
 from pancreas_seg.inference.model_card import ModelCard
 from pancreas_seg.inference.predictor import PredictionSettings
 from pancreas_seg.inference.serving import MODEL_NAME, log_model_objects
 from pancreas_seg.learning.setup import architecture_settings, make_loaders
+from pancreas_seg.models.names import CASCADE_NAME
 from pancreas_seg.task07.splits import split_case_ids, test_case_ids
 from pancreas_seg.tracking.selection import selection_tags
 
@@ -99,3 +101,23 @@ def register_trained_models(registry: dict[str, Any], case_manifest: pd.DataFram
                     len(entries), name, alias, best["architecture"], best["version"], rule.score_name,
                     ranking[0][1], len(cases))
     return report
+
+
+#: The y-axis of the learning curves: every model's validation pancreas Dice per epoch.
+LEARNING_CURVE_METRIC = "val_dice_pancreas"
+LEARNING_CURVES_ARTIFACT = "plots/learning_curves.png"
+
+
+def learning_curves(**histories: Mapping[str, Any]) -> Any:
+    """One figure of every trained model's validation pancreas Dice against optimizer steps and
+    against training seconds (keyword = model name, value = its training history); also logged to
+    the active MLflow run (the parent run of ``kedro run``) as ``plots/learning_curves.png``.
+
+    The cascade's line is its stage 2, on crops around the true pancreas (not the whole slices the
+    other models see), and says so in the legend.
+    """
+    labels = {CASCADE_NAME: f"{CASCADE_NAME} (stage 2, on crops)"}
+    figure = plot_learning_curves(histories, metric=LEARNING_CURVE_METRIC, labels=labels)
+    if not tracking.log_figure_to_active_run(figure, LEARNING_CURVES_ARTIFACT):
+        logger.info("No active MLflow run: learning curves saved through the catalog only")
+    return figure

@@ -1,9 +1,10 @@
-"""Training wiring: the same template pipeline under one namespace per architecture, and the
-registration of every trained model.
+"""Training wiring: the same template pipeline under one namespace per architecture, the
+registration of every trained model and the learning curves of all of them.
 
-Each model and its card are published under plain names (``model_unet``, ``model_card_unet``):
-the evaluation pipeline and the cascade's stage 1 read them from other namespaces, and Kedro keeps
-dotted names for a node's own namespace. The cascade's own training is the ``cascade`` pipeline;
+Each model, its card and its training history are published under plain names (``model_unet``,
+``model_card_unet``, ``training_history_unet``): the evaluation pipeline, the cascade's stage 1
+and the learning curves read them from other namespaces, and Kedro keeps dotted names for a
+node's own namespace. The cascade's own training is the ``cascade`` pipeline;
 ``pipeline_registry`` puts the two together.
 """
 
@@ -19,7 +20,7 @@ from pancreas_seg.tracking.training_run import train_model
 
 SHARED_INPUTS = {"model_input_slices", "case_manifest", "intensity_stats", "slice_geometry"}
 SHARED_PARAMETERS = {"params:preprocessing", "params:training", "params:inference", "params:evaluation"}
-PUBLISHED_OUTPUTS = ("model", "model_card", "validation_metrics", "validation_scores")
+PUBLISHED_OUTPUTS = ("model", "model_card", "training_history", "validation_metrics", "validation_scores")
 
 
 def template() -> Pipeline:
@@ -56,4 +57,13 @@ def create_registration_pipeline(models: Iterable[str]) -> Pipeline:
              ["params:registry", "case_manifest"] + [f"model_card_{n}" for n in names]
              + [f"validation_metrics_{n}" for n in names] + [f"validation_scores_{n}" for n in names],
              "model_registration", name="register_trained_models"),
+    ])
+
+
+def create_learning_curves_pipeline(models: Iterable[str]) -> Pipeline:
+    """After every model in ``models`` has trained: one figure of their validation pancreas Dice
+    against optimizer steps and against seconds (``learning_curves``), also logged to the parent run."""
+    return Pipeline([
+        Node(nodes.learning_curves, {name: f"training_history_{name}" for name in models}, "learning_curves",
+             name="plot_learning_curves"),
     ])
