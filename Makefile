@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DO_NOT_TRACK := 1          # kedro-telemetry: never phone home
 export KEDRO_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test test-fast smoke viz mlflow-ui benchmarks clean
+.PHONY: install run test test-fast smoke study viz mlflow-ui benchmarks clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ test-fast: install
 
 smoke: install
 	$(BIN)/kedro run --pipelines=train --env smoke
+
+## The whole study on more phantoms (conf/study, docs/study.md): the cascade cross-validated on jittered
+## true crops (kept for the comparison), then `cv` (every model, 3 folds, out-of-fold crops, paired
+## tests, champion), the crop-source comparison, and `tune` (Optuna importances). Replaces data/'s models.
+study: install
+	$(BIN)/kedro run --env study --pipelines=cv_cascade --params cascade.stage2.crop_source=jittered_truth
+	rm -rf data/08_reporting/study/cascade_jittered_truth && mkdir -p data/08_reporting/study
+	cp -r data/08_reporting/cv/cascade data/08_reporting/study/cascade_jittered_truth
+	$(BIN)/kedro run --env study --pipelines=cv
+	$(BIN)/python -m benchmarks.crop_sources
+	$(BIN)/kedro run --env study --pipelines=tune
 
 viz: install
 	$(BIN)/kedro viz run --no-browser --host 127.0.0.1 --port 4141

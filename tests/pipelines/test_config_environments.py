@@ -12,6 +12,8 @@ from pancreas_seg.learning.setup import merge_settings
 from pancreas_seg.settings import CONFIG_LOADER_ARGS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
+# every environment the project ships (conf/local is the user's own and empty in the repository)
+ENVIRONMENTS = ["base", *sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in {"base", "local"})]
 
 
 def _parameters(env: str) -> dict:
@@ -38,7 +40,11 @@ def _budget(settings: dict) -> tuple[int, int, int]:
     return settings["epochs"], settings["steps_per_epoch"], settings["batch_size"]
 
 
-@pytest.mark.parametrize("env", ["base", "smoke", "msd"])
+def test_the_shipped_environments_are_the_documented_ones() -> None:
+    assert ENVIRONMENTS == ["base", "cv", "msd", "slurm", "smoke", "study"]
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_every_model_gets_the_same_budget(env: str) -> None:
     """Equal budgets: every architecture and the cascade's stage 2 train the same number of optimizer
     steps on batches of the same size (the README's results table compares them on this)."""
@@ -66,7 +72,7 @@ def test_base_budgets_and_model_overrides() -> None:
     assert _effective(_parameters("msd"), "vnet2d")["model"]["base_filters"] == 16
 
 
-@pytest.mark.parametrize("env", ["base", "smoke", "msd"])
+@pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_every_architecture_gets_a_valid_fit_config(env: str) -> None:
     # FitConfig validates its settings, e.g. a poly schedule cannot be combined with ReduceLROnPlateau
     from pancreas_seg.learning.training import FitConfig  # noqa: PLC0415
@@ -105,3 +111,29 @@ def test_resume_fingerprint_ignores_speed_only_settings() -> None:
     assert fingerprint(learning_rate=1e-4) != fingerprint()
     assert fingerprint(foreground_fraction=0.5) != fingerprint()   # a loader setting outside FitConfig
     assert resume_fingerprint(FitConfig.from_settings(settings), "unet_small", settings, *parts) != fingerprint()
+
+
+def test_the_study_environment_trains_as_base_on_a_sample_that_can_reach_significance() -> None:
+    """conf/study changes the data and the folds, never the training: its models are the default
+    run's, cross-validated on enough patients for Holm-corrected paired tests to mean something."""
+    import pandas as pd  # noqa: PLC0415
+
+    from pancreas_seg.task07.splits import make_split  # noqa: PLC0415
+
+    base, study = _parameters("base"), _parameters("study")
+    for name in ARCHITECTURE_NAMES:
+        assert _effective(study, name) == _effective(base, name)
+    assert study["cascade"] == base["cascade"]
+    phantoms = study["ingestion"]["synthetic"]
+    assert phantoms["path"] != base["ingestion"]["synthetic"]["path"]   # its own raw data and split file
+    n_tumour = round(phantoms["n_train"] * phantoms["phantom"]["tumour_fraction"])
+    cases = pd.DataFrame({"case_id": [f"pancreas_{i:03d}" for i in range(phantoms["n_train"])],
+                          "voxels_tumour": [100 if i < n_tumour else 0 for i in range(phantoms["n_train"])]})
+    record = make_split(cases, study["split"], "Task07_Pancreas_study")
+    tumour = set(cases.loc[cases["voxels_tumour"] > 0, "case_id"])
+    development = set(record["folds"])
+    assert len(development) >= 30 and study["split"]["n_folds"] == 3
+    assert len(development & tumour) >= 15
+    assert len(set(record["test"]) & tumour) >= 3
+    per_fold = [sum(1 for c, f in record["folds"].items() if f == k and c in tumour) for k in range(3)]
+    assert max(per_fold) - min(per_fold) <= 1
