@@ -78,6 +78,17 @@ def score_cases(predictions: Mapping[str, Callable[[], NiftiVolume]], cases: lis
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
+def score_out_of_fold_cases(predictions: Mapping[str, Callable[[], NiftiVolume]], cases: list[str],
+                            case_manifest: pd.DataFrame, slice_geometry: dict[str, Any], name: str,
+                            tolerance_mm: float) -> pd.DataFrame:
+    """:func:`score_cases` of out-of-fold predictions, plus each case's ``fold`` (from the manifest)
+    before ``class``: how cross-validation scores every architecture and the cascade."""
+    metrics = score_cases(predictions, cases, case_manifest, slice_geometry, name, tolerance_mm)
+    fold_of = dict(zip(case_manifest["case_id"].astype(str), case_manifest["fold"].astype(int), strict=True))
+    metrics.insert(metrics.columns.get_loc("class"), "fold", metrics["case_id"].map(fold_of).astype(int))
+    return metrics
+
+
 HD95_METRICS = ("hd95_mm", "hd95_surfel_mm", "hd95_mm_lcc")
 """Columns whose mean/median never stand alone: misses (``inf``) and undefined cases (NaN) are
 counted next to them wherever they are reported (CSV, markdown, MLflow, plots)."""

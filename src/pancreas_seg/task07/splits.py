@@ -385,6 +385,11 @@ def test_case_ids(case_manifest: pd.DataFrame) -> list[str]:
     return sorted(case_manifest.loc[case_manifest["split"] == "test", "case_id"])
 
 
+def development_case_ids(case_manifest: pd.DataFrame) -> list[str]:
+    """The sorted non-test labelled cases (train + validation): those cross-validation scores out of fold."""
+    return sorted(case_manifest.loc[case_manifest["split"].isin(["train", "validation"]), "case_id"].astype(str))
+
+
 def split_case_ids(case_manifest: pd.DataFrame) -> dict[str, list[str]]:
     """``{"train": [...], "validation": [...]}``: the sorted case ids a model is trained on."""
     return {split: sorted(case_manifest.loc[case_manifest["split"] == split, "case_id"].astype(str))

@@ -49,7 +49,7 @@ from pancreas_seg.imaging.preprocess import (
     intensity_stats_from_dict,
     preprocess_crop_image,
 )
-from pancreas_seg.evaluation.scoring import score_cases
+from pancreas_seg.evaluation.scoring import score_cases, score_out_of_fold_cases
 from pancreas_seg.inference.case_predictions import predict_cases
 from pancreas_seg.inference.model_card import (
     CascadeSpec,
@@ -64,7 +64,14 @@ from pancreas_seg.inference.serving import log_ensemble_objects, log_model_objec
 from pancreas_seg.learning.setup import architecture_settings, compile_model, resume_fingerprint
 from pancreas_seg.models.names import CASCADE_NAME
 from pancreas_seg.runners.parallel import LazyCaseParts
-from pancreas_seg.task07.splits import fold_manifest, manifest_dataset, manifest_folds, split_case_ids, test_case_ids
+from pancreas_seg.task07.splits import (
+    development_case_ids,
+    fold_manifest,
+    manifest_dataset,
+    manifest_folds,
+    split_case_ids,
+    test_case_ids,
+)
 from pancreas_seg.tracking.training_run import log_run_setup, log_training_result, training_card
 
 logger = logging.getLogger(__name__)
@@ -556,12 +563,8 @@ def score_cascade_out_of_fold(oof_predictions: Mapping[str, Callable[[], Any]], 
                               slice_geometry: dict[str, Any], evaluation: dict[str, Any]) -> pd.DataFrame:
     """Score the cascade's out-of-fold predictions as cv scores every architecture's: the
     evaluation's per-case columns plus ``fold`` (``architecture`` = ``cascade``)."""
-    cases = sorted(_development_cases(case_manifest)["case_id"].astype(str))
-    metrics = score_cases(oof_predictions, cases, case_manifest, slice_geometry, CASCADE_NAME,
-                          float(evaluation["nsd_tolerance_mm"]))
-    fold_of = dict(zip(case_manifest["case_id"].astype(str), case_manifest["fold"].astype(int), strict=True))
-    metrics.insert(metrics.columns.get_loc("class"), "fold", metrics["case_id"].map(fold_of).astype(int))
-    return metrics
+    return score_out_of_fold_cases(oof_predictions, development_case_ids(case_manifest), case_manifest,
+                                   slice_geometry, CASCADE_NAME, float(evaluation["nsd_tolerance_mm"]))
 
 
 def evaluate_cascade_fold_ensemble(fold_models: Mapping[str, Any], fold_cards: Mapping[str, Any],

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg import tracking
-from pancreas_seg.evaluation.scoring import build_summary, flat_test_metrics, score_cases
+from pancreas_seg.evaluation.scoring import build_summary, flat_test_metrics, score_cases, score_out_of_fold_cases
 from pancreas_seg.evaluation.selection import SelectionRule, check_selection_cases, rank_models, scored_case_ids
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.nifti_io import NiftiVolume
@@ -27,6 +27,7 @@ from pancreas_seg.inference.model_store import ENSEMBLE_SUFFIX
 from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 from pancreas_seg.inference.serving import MODEL_NAME, log_ensemble_objects, log_model_objects
 from pancreas_seg.task07.splits import (
+    development_case_ids,
     fold_manifest,
     manifest_dataset,
     manifest_folds,
@@ -49,11 +50,6 @@ def _loaded(value: Any) -> Any:
 def _fold_items(partitions: Mapping[str, Any]) -> list[tuple[int, Any]]:
     """``[(fold, loaded value)]`` sorted by fold from ``{"fold0": ..., "fold1": ...}``."""
     return sorted((int(key.removeprefix("fold")), _loaded(value)) for key, value in partitions.items())
-
-
-def development_case_ids(case_manifest: pd.DataFrame) -> list[str]:
-    """The sorted non-test labelled cases (train + validation): those cross-validation scores out of fold."""
-    return sorted(case_manifest.loc[case_manifest["split"].isin(["train", "validation"]), "case_id"].astype(str))
 
 
 # --------------------------------------------------------------------------- training
@@ -168,11 +164,8 @@ def score_out_of_fold(oof_predictions: Mapping[str, Callable[[], NiftiVolume]], 
     cards = _fold_items(fold_cards)
     name = cards[0][1].architecture
     cases = development_case_ids(case_manifest)
-    metrics = score_cases(oof_predictions, cases, case_manifest, slice_geometry, name,
-                          float(evaluation["nsd_tolerance_mm"]))
-    fold_of = dict(zip(case_manifest["case_id"].astype(str), case_manifest["fold"].astype(int), strict=True))
-    metrics.insert(metrics.columns.get_loc("class"), "fold", metrics["case_id"].map(fold_of).astype(int))
-    return metrics
+    return score_out_of_fold_cases(oof_predictions, cases, case_manifest, slice_geometry, name,
+                                   float(evaluation["nsd_tolerance_mm"]))
 
 
 # --------------------------------------------------------------------------- test: folds and ensemble
