@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pancreas_seg.evaluation.statistics import bootstrap_mean_ci
+
 pytestmark = pytest.mark.slow
 
 
@@ -77,6 +79,11 @@ def test_out_of_fold_and_test_scores(cv_project: Path) -> None:
     assert summary["cv"]["n_cases"] == len(_development(manifest))
     comparison = pd.read_csv(report / "cv_comparison.csv")
     assert set(comparison["architecture"]) == {"unet", "unet_small", "fcn", "vnet2d", "cascade"}
+    # the CI of each mean is the bootstrap of its own out-of-fold cases (the statistics settings)
+    unet_pancreas = comparison[(comparison["architecture"] == "unet") & (comparison["class"] == "pancreas")].iloc[0]
+    assert (unet_pancreas["cv_dice_ci_low"], unet_pancreas["cv_dice_ci_high"]) == pytest.approx(
+        bootstrap_mean_ci(oof_pancreas["dice"].dropna().to_numpy(), 10000, 0.95, 0))
+    assert (comparison["cv_dice_ci_low"] <= comparison["cv_dice_mean"] + 1e-12).all()
     paired = pd.read_csv(report / "paired_comparison.csv")
     pancreas_pairs = paired[(paired["metric"] == "dice") & (paired["class"] == "pancreas")]
     assert len(pancreas_pairs) == 10 and (pancreas_pairs["n_cases"] == len(_development(manifest))).all()

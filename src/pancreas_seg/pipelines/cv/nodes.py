@@ -19,6 +19,7 @@ import pandas as pd
 from pancreas_seg import tracking
 from pancreas_seg.evaluation.scoring import build_summary, flat_test_metrics, score_cases, score_out_of_fold_cases
 from pancreas_seg.evaluation.selection import SelectionRule, check_selection_cases, rank_models, scored_case_ids
+from pancreas_seg.evaluation.statistics import bootstrap_mean_ci
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.nifti_io import NiftiVolume
 from pancreas_seg.inference.forward import mean_probabilities
@@ -268,24 +269,33 @@ def summarise_cross_validation(oof_metrics: pd.DataFrame, test_metrics: pd.DataF
     return summary
 
 
-def compare_cross_validation(*summaries: dict[str, Any]) -> tuple[pd.DataFrame, str]:
-    """One row per architecture: out-of-fold Dice (mean ± std, n), per-fold Dice, test Dice of the
-    fold models' mean and of the ensemble, per class. Returns the table and its markdown."""
+def compare_cross_validation(cv_metrics_per_case: pd.DataFrame, statistics: dict[str, Any],
+                             *summaries: dict[str, Any]) -> tuple[pd.DataFrame, str]:
+    """One row per architecture and class: out-of-fold Dice (mean ± std, n, and the percentile
+    bootstrap CI of the mean over the out-of-fold cases with ``statistics``' settings, NaN cases
+    left out), per-fold Dice, test Dice of the fold models' mean and of the ensemble. Returns the
+    table and its markdown."""
     rows = []
     for summary in summaries:
         for class_name in CV_CLASSES:
             cv_dice = summary["cv"]["classes"][class_name]["dice"]
             versus = summary["ensemble_vs_folds"][class_name]
+            cases = cv_metrics_per_case[(cv_metrics_per_case["architecture"] == summary["architecture"])
+                                        & (cv_metrics_per_case["class"] == class_name)]["dice"].to_numpy(float)
+            ci_low, ci_high = bootstrap_mean_ci(cases[np.isfinite(cases)], int(statistics["n_bootstrap"]),
+                                                float(statistics["confidence"]), int(statistics["seed"]))
             rows.append({
                 "architecture": summary["architecture"], "class": class_name, "n_folds": summary["n_folds"],
                 "cv_n_cases": cv_dice["n"], "cv_dice_mean": cv_dice["mean"], "cv_dice_std": cv_dice["std"],
+                "cv_dice_ci_low": ci_low, "cv_dice_ci_high": ci_high,
                 **{f"{fold}_dice": values[class_name] for fold, values in summary["folds"].items()},
                 "test_fold_mean_dice": versus["fold_mean_dice"], "test_ensemble_dice": versus["ensemble_dice"],
                 "ensemble_at_least_fold_mean": versus["ensemble_at_least_fold_mean"],
                 "mlflow_run_id": summary["mlflow_run_id"]})
     table = pd.DataFrame(rows).sort_values(["class", "cv_dice_mean"], ascending=[True, False])
-    lines = ["| architecture | class | out-of-fold Dice (n) | per-fold Dice | test Dice, fold models' mean "
-             "| test Dice, fold ensemble |", "|---|---|---|---|---|---|"]
+    confidence = float(statistics["confidence"])
+    lines = [f"| architecture | class | out-of-fold Dice ± std (n) | {confidence:.0%} CI of the mean | per-fold Dice "
+             "| test Dice, fold models' mean | test Dice, fold ensemble |", "|---|---|---|---|---|---|---|"]
 
     def number(value: float) -> str:
         return "n/a" if pd.isna(value) else f"{value:.3f}"
@@ -294,10 +304,12 @@ def compare_cross_validation(*summaries: dict[str, Any]) -> tuple[pd.DataFrame, 
         folds = ", ".join(number(row[c]) for c in table.columns if c.startswith("fold") and c.endswith("_dice")
                           and not pd.isna(row[c]))
         lines.append(f"| {row['architecture']} | {row['class']} | {number(row['cv_dice_mean'])} ± "
-                     f"{number(row['cv_dice_std'])} (n={int(row['cv_n_cases'])}) | {folds} "
+                     f"{number(row['cv_dice_std'])} (n={int(row['cv_n_cases'])}) "
+                     f"| [{number(row['cv_dice_ci_low'])}, {number(row['cv_dice_ci_high'])}] | {folds} "
                      f"| {number(row['test_fold_mean_dice'])} | {number(row['test_ensemble_dice'])} |")
     markdown = "\n".join(lines) + (
-        "\n\nOut-of-fold Dice: every non-test case scored once, by the fold model that did not see it. "
+        "\n\nOut-of-fold Dice: every non-test case scored once, by the fold model that did not see it; "
+        f"CI: percentile bootstrap of the mean over those cases ({int(statistics['n_bootstrap'])} resamples). "
         "Test Dice: the held-out test cases, scored by each fold model (their mean) and by the fold "
         "ensemble (softmax averaged).\n")
     logger.info("Cross-validation comparison:\n%s", markdown)

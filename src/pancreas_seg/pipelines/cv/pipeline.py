@@ -67,7 +67,8 @@ def create_pipeline(models: Iterable[str] = ARCHITECTURE_NAMES, external: Iterab
         for name in others])
     archs = archs + others
     comparison = Pipeline([
-        Node(nodes.compare_cross_validation, [f"cv_summary_{a}" for a in archs],
+        Node(nodes.compare_cross_validation,
+             ["cv_metrics_per_case", "params:statistics", *(f"cv_summary_{a}" for a in archs)],
              ["cv_comparison", "cv_comparison_markdown"], name="compare_cross_validation"),
         Node(nodes.compare_statistically,
              ["cv_metrics_per_case", "params:statistics"],
