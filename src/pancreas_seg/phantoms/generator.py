@@ -11,9 +11,28 @@ coverage from :class:`PhantomConfig`, its own body habitus, organ positions, con
 ``tumour_fraction`` instead fixes the share of cases with a tumour exactly
 (:func:`tumour_indices`).
 
+Two presets draw the lesions (``PhantomConfig.preset``):
+
+* ``easy`` (the default, and the only model before the hard one existed): one 12-30 mm
+  near-spherical tumour per tumour case, 30-50 HU darker than the gland, always inside it. Its
+  arrays are byte-identical to those of earlier versions for the same seed and settings.
+* ``hard``: cancer-like tumours, 1-2 per tumour case (``second_tumour_probability``), 5-40 mm
+  equivalent diameter (``small_tumour_share`` of them under 20 mm), -60 to -5 HU against the
+  parenchyma (down to iso-attenuating), lobulated or irregular, at head, body or tail
+  (``tumour_site_weights``), some at or through the gland's edge (``edge_tumour_share``), with
+  upstream (tail-ward) main-duct dilation and gland atrophy (``duct_dilation_probability``);
+  plus simple cysts (``cyst_probability``), drawn independently of the tumours, as mimics.
+
+Labels of the hard preset: label 2 is exactly the mass. Where an edge tumour breaches the gland,
+label 2 extends outside the gland's outline, as MSD labels a tumour including the part that
+exceeds the organ. Cysts and the dilated duct are labelled pancreas (1), never 2. That is this
+phantom's convention only: MSD's label 2 ("cancer") covers every resected pancreatic mass,
+cystic neoplasms included, so a real cystic lesion may well be label 2 there.
+
 Conventions: arrays are in NIfTI voxel order ``(X, Y, Z)``; HU images are ``int16`` clipped to
 [-1024, 3071]; labels are ``uint8`` with the values of :mod:`pancreas_seg.core.labels` (0 background,
-1 pancreas, 2 tumour; tumour voxels always lie inside the pancreas); affines are float64 ``(4, 4)`` mapping voxel indices to mm.
+1 pancreas, 2 tumour; with the easy preset tumour voxels always lie inside the pancreas, with the
+hard one they may extend past its outline); affines are float64 ``(4, 4)`` mapping voxel indices to mm.
 
 Everything is float32 and vectorised: each structure is evaluated by broadcasting 1-D world
 coordinates over the bounding box of that structure only, so a 512 x 512 x 100 case takes a few
@@ -50,6 +69,15 @@ logger = logging.getLogger(__name__)
 GENERATOR_NAME = "pancreas_seg.imaging.phantom"
 #: Bump whenever the drawn anatomy or the files change, so old caches are not reused.
 GENERATOR_VERSION = "1"
+#: The lesion models of :class:`PhantomConfig` (``preset``); ``easy`` is the original one.
+PRESETS: tuple[str, ...] = ("easy", "hard")
+#: Version of the hard preset's drawing, in the fingerprint of hard data sets only (so the easy
+#: fingerprints never change). Bump whenever the hard lesions change.
+HARD_PRESET_VERSION = "1"
+#: Tumours under this equivalent diameter count as small (``small_tumour_share``), mm.
+SMALL_TUMOUR_MM = 20.0
+#: Tumour sites along the gland, head first (the order of ``tumour_site_weights``).
+TUMOUR_SITES: tuple[str, ...] = ("head", "body", "tail")
 HU_MIN, HU_MAX = -1024, 3071
 AIR_HU = -1000.0
 DATASET_NAME = "Task07_Pancreas (SYNTHETIC phantoms - not patient data)"
@@ -82,6 +110,34 @@ class PhantomConfig:
             instead of RAS (0 or less: all RAS).
         plain_phase_probability: chance that a case is unenhanced: kidneys (~35 HU), vessels and
             spleen lose their contrast; the pancreas (90-110 HU) and liver are drawn as usual.
+        preset: the lesion model, one of :data:`PRESETS`. ``easy`` (default): the original
+            spherical tumours; every field below must then keep its default (it is unused, and
+            it is left out of :meth:`to_dict` and so of the data-set fingerprint). ``hard``:
+            cancer-like tumours and cyst mimics drawn with the fields below.
+
+    Hard preset only (defaults in brackets):
+        tumour_diameter_mm: equivalent diameter range of a tumour, mm (the diameter of the
+            sphere of the same volume) [(5, 40)].
+        small_tumour_share: share of tumours drawn under :data:`SMALL_TUMOUR_MM` (20 mm), the
+            others over it, each uniform within ``tumour_diameter_mm`` [0.4].
+        tumour_contrast_hu: range of tumour minus parenchyma HU; -5 is nearly iso-attenuating
+            [(-60, -5)].
+        tumour_site_weights: relative frequency of head, body and tail sites [(0.6, 0.25, 0.15)].
+        second_tumour_probability: chance that a tumour case has a second tumour [0.2]. Cases
+            without a tumour have none, so a case has 0, 1 or 2 tumours, and ``tumour_fraction``
+            / ``tumour_probability`` keep their meaning (cases with at least one).
+        edge_tumour_share: share of tumours placed at the gland's edge: centred 0.1 to 0.8 of
+            their radius inside the outline, they protrude through it (label 2 outside the
+            gland there); the others lie inside a gland swollen around them [0.3].
+        duct_dilation_probability: chance that a tumour obstructs the main duct: the duct
+            tail-ward of it is dilated (fluid, 0-20 HU, label 1) and the gland there atrophies.
+            Needs at least 10 mm of gland tail-ward of the mass [0.6].
+        dilated_duct_diameter_mm: diameter range of the dilated duct, mm [(3, 8)].
+        atrophy_radius_factor: range of the factor the gland's radius is multiplied by tail-ward
+            of an obstructing tumour (the duct keeps a rim of >= 1.5 mm) [(0.5, 0.8)].
+        cyst_probability: chance that a case has a simple cyst, whether or not it has a tumour:
+            round, sharp, water density (0-15 HU), label 1 (never 2) [0.2].
+        cyst_diameter_mm: diameter range of a cyst, mm [(5, 25)].
     """
 
     shape_xy_px: int = 256
@@ -93,6 +149,20 @@ class PhantomConfig:
     non_ras_every: int = 3
     plain_phase_probability: float = 0.2
     tumour_fraction: float | None = None
+    # the lesion model; the fields after it are the hard preset's (metadata "hard")
+    preset: str = "easy"
+    tumour_diameter_mm: tuple[float, float] = field(default=(5.0, 40.0), metadata={"hard": True})
+    small_tumour_share: float = field(default=0.4, metadata={"hard": True})
+    tumour_contrast_hu: tuple[float, float] = field(default=(-60.0, -5.0), metadata={"hard": True})
+    tumour_site_weights: tuple[float, float, float] = field(default=(0.6, 0.25, 0.15),
+                                                            metadata={"hard": True})
+    second_tumour_probability: float = field(default=0.2, metadata={"hard": True})
+    edge_tumour_share: float = field(default=0.3, metadata={"hard": True})
+    duct_dilation_probability: float = field(default=0.6, metadata={"hard": True})
+    dilated_duct_diameter_mm: tuple[float, float] = field(default=(3.0, 8.0), metadata={"hard": True})
+    atrophy_radius_factor: tuple[float, float] = field(default=(0.5, 0.8), metadata={"hard": True})
+    cyst_probability: float = field(default=0.2, metadata={"hard": True})
+    cyst_diameter_mm: tuple[float, float] = field(default=(5.0, 25.0), metadata={"hard": True})
 
     def __post_init__(self) -> None:
         # accept lists (e.g. from YAML parameters) and ints: store canonical tuples of floats
@@ -119,16 +189,61 @@ class PhantomConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        self._check_preset()
+
+    def _check_preset(self) -> None:
+        """Canonicalise and validate ``preset`` and the hard preset's fields."""
+        object.__setattr__(self, "preset", str(self.preset))
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        for name in ("tumour_diameter_mm", "tumour_contrast_hu", "dilated_duct_diameter_mm",
+                     "atrophy_radius_factor", "cyst_diameter_mm"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 2 or not all(math.isfinite(v) for v in value) or value[0] > value[1]:
+                raise ValueError(f"{name} must be a finite (low, high) pair with low <= high, "
+                                 f"got {getattr(self, name)}")
+            object.__setattr__(self, name, value)
+        for name in ("tumour_diameter_mm", "dilated_duct_diameter_mm", "cyst_diameter_mm"):
+            if getattr(self, name)[0] <= 0.0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not (0.0 < self.atrophy_radius_factor[0] and self.atrophy_radius_factor[1] <= 1.0):
+            raise ValueError(f"atrophy_radius_factor must lie in (0, 1], got {self.atrophy_radius_factor}")
+        weights = tuple(float(v) for v in self.tumour_site_weights)
+        if len(weights) != len(TUMOUR_SITES) or min(weights) < 0.0 or not 0.0 < sum(weights) < math.inf:
+            raise ValueError(f"tumour_site_weights must be {len(TUMOUR_SITES)} weights >= 0 "
+                             f"({', '.join(TUMOUR_SITES)}) with a positive sum, got {self.tumour_site_weights}")
+        object.__setattr__(self, "tumour_site_weights", weights)
+        for name in ("small_tumour_share", "second_tumour_probability", "edge_tumour_share",
+                     "duct_dilation_probability", "cyst_probability"):
+            value = float(getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+            object.__setattr__(self, name, value)
+        if self.preset == "easy":
+            changed = [f.name for f in dataclasses.fields(self)
+                       if f.metadata.get("hard") and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: used by preset 'hard' only, but preset is "
+                                 "'easy'; set preset: hard or leave them at their defaults")
+
+    @staticmethod
+    def hard_fields() -> tuple[str, ...]:
+        """Names of the fields that only the hard preset uses."""
+        return tuple(f.name for f in dataclasses.fields(PhantomConfig) if f.metadata.get("hard"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the fields (tuples become lists).
 
-        ``tumour_fraction`` is left out while it is ``None``, so the fingerprints of data sets
-        written before it existed (drawn tumours) stay the same and those folders are reused.
+        ``tumour_fraction`` is left out while it is ``None``, and with the easy preset so are
+        ``preset`` and the hard preset's fields, so the fingerprints of data sets written before
+        they existed stay the same and those folders are reused.
         """
         fields_ = dataclasses.asdict(self)
         if fields_["tumour_fraction"] is None:
             del fields_["tumour_fraction"]
+        if self.preset == "easy":
+            for name in ("preset", *self.hard_fields()):
+                del fields_[name]
         return json.loads(json.dumps(fields_))
 
 
@@ -368,8 +483,11 @@ class _Anatomy:
     """
 
     def __init__(self, grid: _Grid, rng: np.random.Generator, config: PhantomConfig,
-                 has_tumour: bool | None = None) -> None:
+                 has_tumour: bool | None = None, lesion_rng: np.random.Generator | None = None) -> None:
         self.grid, self.rng, self.cv = grid, rng, _Canvas(grid)
+        # the hard preset draws its lesions from a stream of their own (the anatomy stays the same)
+        self.config, self.lesion_rng = config, lesion_rng
+        self.hard = config.preset == "hard"
         u = self.u
         self.plain = rng.random() < config.plain_phase_probability
         drawn = rng.random() < config.tumour_probability   # always drawn: the stream stays the same
@@ -398,6 +516,9 @@ class _Anatomy:
         self.wall_in = self.cav = np.zeros(0, dtype=bool)
         self.tumour_voxels = self.pancreas_voxels = 0
         self.tumour_radius = 0.0
+        self.lesions: list[dict[str, Any]] = []          # hard preset: what was drawn (meta)
+        self.cysts: list[dict[str, Any]] = []
+        self.dilated_duct: dict[str, Any] | None = None
 
     def u(self, low: float, high: float) -> float:
         """One uniform draw as a Python float (keeps float32 arithmetic float32)."""
@@ -421,6 +542,13 @@ class _Anatomy:
         self.paint_duodenum()
         self.paint_vessels()
         self.paint_pancreas()
+        if self.hard:
+            meta = {"contrast_phase": "plain" if self.plain else "portal_venous", "preset": "hard",
+                    "tumour_drawn": bool(self.has_tumour),
+                    "pancreas_voxels": self.pancreas_voxels, "tumour_voxels": self.tumour_voxels,
+                    "lesions": self.lesions, "cysts": self.cysts, "dilated_duct": self.dilated_duct,
+                    "hu": {key: round(val, 1) for key, val in self.hu.items() if key != "tumour"}}
+            return self.cv.hu, self.cv.label, meta
         meta = {"contrast_phase": "plain" if self.plain else "portal_venous",
                 "tumour_drawn": bool(self.has_tumour),
                 "tumour_radius_mm": round(self.tumour_radius, 2) if self.has_tumour else None,
@@ -636,6 +764,9 @@ class _Anatomy:
         n_lob, lob, lob_f = int(rng.integers(0, 3)), rng.standard_normal((2, 3)), rng.uniform(
             0.4, 0.7, size=2)
         duct_r, has_duct = u(1.0, 2.2), rng.random() < 0.5
+        if self.hard:
+            _HardLesions(self).paint(duct_r, has_duct)
+            return
         pr = self.pr
         if self.has_tumour:  # the gland swells around the mass, so the mass stays inside it
             pr = np.maximum(pr, (r_t + 2.0) * np.exp(-((ps - ps[j_t]) / (1.2 * r_t + 6.0)) ** 2))
@@ -673,6 +804,316 @@ class _Anatomy:
                 self.cv.label[t[0]][m] = TUMOUR
         self.tumour_voxels = int((self.cv.label[box] == TUMOUR).sum())
 
+
+# --------------------------------------------------------------------------------------------
+# Hard preset: cancer-like tumours, duct dilation with atrophy, and cyst mimics
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Shape:
+    """A lesion shape in unit space: a union of balls, each optionally deformed radially.
+
+    Ball ``b`` holds the points ``p`` with ``|p - o_b| <= r_b * f(n)``, ``n`` the unit direction
+    of ``p - o_b`` and ``f(n) = 1 + sum_k a_k cos(m_k * pi * (w_k . n) + phi_k)`` a smooth field on
+    the sphere (``f = 1`` without waves).
+    """
+
+    kind: str                  # "lobulated" (2-5 balls) or "irregular" (one deformed ball)
+    offsets: np.ndarray        # (n, 3)
+    radii: np.ndarray          # (n,)
+    waves: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # w, m, phi, a
+
+    @staticmethod
+    def draw(rng: np.random.Generator) -> _Shape:
+        if rng.random() < 0.5:
+            n = int(rng.integers(2, 6))
+            dirs = rng.standard_normal((n, 3))
+            dirs /= np.linalg.norm(dirs, axis=1, keepdims=True) + 1e-12
+            dist, radii = rng.uniform(0.35, 0.8, size=n), rng.uniform(0.45, 0.8, size=n)
+            dist[0], radii[0] = 0.0, 1.0
+            return _Shape("lobulated", dirs * dist[:, None], radii)
+        w = rng.standard_normal((3, 3))
+        w /= np.linalg.norm(w, axis=1, keepdims=True) + 1e-12
+        m = rng.integers(1, 4, size=3).astype(np.float64)
+        phi = rng.uniform(0.0, 2 * math.pi, size=3)
+        a = rng.uniform(0.2, 1.0, size=3)
+        a *= rng.uniform(0.15, 0.35) / a.sum()              # total amplitude: f in [0.65, 1.35]
+        return _Shape("irregular", np.zeros((1, 3)), np.ones(1), (w, m, phi, a))
+
+    def extent(self) -> float:
+        """Radius of a ball about the origin that holds the shape (unit space)."""
+        amp = 0.0 if self.waves is None else float(self.waves[3].sum())
+        return float(np.max(np.linalg.norm(self.offsets, axis=1) + self.radii * (1.0 + amp)))
+
+    def inside(self, ux: np.ndarray, uy: np.ndarray, uz: np.ndarray) -> np.ndarray:
+        """Bool mask of the (broadcast) unit-space points inside the shape."""
+        out: np.ndarray | None = None
+        for o, r in zip(self.offsets, self.radii, strict=True):
+            dx, dy, dz = ux - o[0], uy - o[1], uz - o[2]
+            rho2 = dx * dx + dy * dy + dz * dz
+            if self.waves is None:
+                m = rho2 <= r * r
+            else:
+                rho = np.sqrt(rho2)
+                inv = 1.0 / np.maximum(rho, 1e-6)
+                f: np.ndarray | float = 1.0
+                for wk, mk, pk, ak in zip(*self.waves, strict=True):
+                    f = f + ak * np.cos(mk * math.pi * (dx * wk[0] + dy * wk[1] + dz * wk[2]) * inv + pk)
+                m = rho <= r * f
+            out = m if out is None else out | m
+        assert out is not None
+        return out
+
+    def volume(self, n: int = 32) -> float:
+        """Volume in unit space, counted on an ``n``^3 lattice over the bounding cube."""
+        e = self.extent()
+        c = (np.arange(n) + 0.5) / n * 2 * e - e
+        inside = self.inside(c[:, None, None], c[None, :, None], c[None, None, :])
+        return float(inside.sum()) * (2 * e / n) ** 3
+
+
+@dataclass
+class _Tumour:
+    """One hard-preset tumour as drawn (world mm); ``centre`` is set once the gland is known."""
+
+    site: str
+    s: float                   # arc length of its site along the pancreas centre line, mm
+    diameter: float            # equivalent diameter, mm
+    contrast: float            # HU vs the parenchyma
+    edge: bool
+    obstructs: bool
+    direction: np.ndarray      # random direction, made perpendicular to the centre line
+    breach: float              # an edge tumour's centre lies breach x its radius inside the outline
+    shape: _Shape
+    scale: float = 1.0         # mm per unit-space unit (before the axes)
+    axes: np.ndarray = field(default_factory=lambda: np.ones(3))
+    centre: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+    def extent_mm(self) -> float:
+        """Largest distance of the mass from its centre, mm."""
+        return float(self.scale * self.shape.extent() * self.axes.max())
+
+
+class _HardLesions:
+    """Paints the pancreas of the hard preset: gland, ducts, tumours (label 2) and cysts (label 1).
+
+    Parameters come from the anatomy's ``lesion_rng`` in a fixed order: the cyst first (so it is
+    the same whether or not the case has a tumour), then the duct, then the tumours.
+    """
+
+    def __init__(self, anatomy: _Anatomy) -> None:
+        self.an, self.cfg = anatomy, anatomy.config
+        assert anatomy.lesion_rng is not None
+        self.rng = anatomy.lesion_rng
+        cp_s = anatomy.cp_s
+        self.ranges = {"head": (cp_s[0] + 3, cp_s[2]), "body": (cp_s[2], cp_s[3] + 10),
+                       "tail": (cp_s[3] + 10, cp_s[4] - 6)}
+        self.s_end = float(cp_s[4] - 8)                   # tail end of the main duct
+        # flattening of the masses like the gland's (antero-posterior), volume-preserving
+        f = anatomy.f_ap
+        self.axes = np.array([f ** (-1 / 3), f ** (2 / 3), f ** (-1 / 3)])
+
+    def u(self, low: float, high: float) -> float:
+        return _u(self.rng, low, high)
+
+    def site_of(self, s: float) -> str:
+        return "head" if s < self.ranges["head"][1] else "body" if s < self.ranges["body"][1] else "tail"
+
+    def perpendicular(self, j: int, direction: np.ndarray) -> np.ndarray:
+        """``direction`` without its component along the centre line at ``j``, unit length."""
+        pc = self.an.pc
+        t = pc[min(j + 1, len(pc) - 1)] - pc[max(j - 1, 0)]
+        t = t / (np.linalg.norm(t) + 1e-12)
+        d = direction - np.dot(direction, t) * t
+        norm = np.linalg.norm(d)
+        return d / norm if norm > 1e-6 else np.array([0.0, 1.0, 0.0])
+
+    def gland_reach(self, pr_j: float, d: np.ndarray) -> float:
+        """Distance from the centre line to the gland's outline along unit ``d`` (flattened tube)."""
+        return float(pr_j / math.sqrt(d[0] ** 2 + (d[1] / self.an.f_ap) ** 2 + d[2] ** 2))
+
+    def draw_tumour(self) -> _Tumour:
+        cfg, rng = self.cfg, self.rng
+        w = np.asarray(cfg.tumour_site_weights, dtype=np.float64)
+        site = TUMOUR_SITES[int(rng.choice(len(TUMOUR_SITES), p=w / w.sum()))]
+        lo, hi = self.ranges[site]
+        s = self.u(lo, max(lo, hi))
+        small = rng.random() < cfg.small_tumour_share
+        d_lo, d_hi = cfg.tumour_diameter_mm
+        if d_hi <= SMALL_TUMOUR_MM or d_lo >= SMALL_TUMOUR_MM:
+            diameter = self.u(d_lo, d_hi)
+        else:
+            diameter = self.u(d_lo, SMALL_TUMOUR_MM) if small else self.u(SMALL_TUMOUR_MM, d_hi)
+        contrast = self.u(*cfg.tumour_contrast_hu)
+        edge = bool(rng.random() < cfg.edge_tumour_share)
+        obstructs = bool(rng.random() < cfg.duct_dilation_probability)
+        direction, breach = rng.standard_normal(3), self.u(0.1, 0.8)
+        shape = _Shape.draw(rng)
+        scale = ((math.pi / 6.0) * diameter ** 3 / shape.volume()) ** (1.0 / 3.0)
+        return _Tumour(site, s, diameter, contrast, edge, obstructs, direction, breach, shape,
+                       scale, self.axes)
+
+    def paint(self, duct_r: float, has_duct: bool) -> None:
+        """Draw this case's lesions, shape the gland around them and paint everything."""
+        cfg, rng = self.cfg, self.rng
+        # ---- draws, in a fixed order: cyst, duct, tumours ----
+        has_cyst = rng.random() < cfg.cyst_probability
+        s_c = self.u(self.ranges["head"][0], max(self.ranges["head"][0], self.ranges["tail"][1]))
+        r_c, hu_c = 0.5 * self.u(*cfg.cyst_diameter_mm), self.u(0.0, 15.0)
+        dir_c, off_c = rng.standard_normal(3), rng.random()
+        d_duct, hu_duct = self.u(*cfg.dilated_duct_diameter_mm), self.u(0.0, 20.0)
+        atrophy = self.u(*cfg.atrophy_radius_factor)
+        second = rng.random() < cfg.second_tumour_probability
+        tumours = [self.draw_tumour() for _ in range(1 + int(second))] if self.an.has_tumour else []
+        if has_cyst:
+            self.move_off_the_cyst(tumours, s_c, r_c)
+        # the most downstream obstructing tumour with >= 10 mm of gland behind it blocks the duct
+        for t in tumours:
+            t.obstructs = t.obstructs and self.s_end - (t.s + t.extent_mm()) >= 10.0
+        first = min((t for t in tumours if t.obstructs), key=lambda t: t.s, default=None)
+        pr, r_duct, upstream = self.gland_radius(tumours, first, d_duct, atrophy)
+        if has_cyst:
+            pr = np.maximum(pr, (r_c + 1.5) / self.an.f_ap
+                            * np.exp(-((self.an.ps - s_c) / (1.2 * r_c + 6.0)) ** 2))
+        self.place(tumours, pr)
+        j_c = int(np.argmin(np.abs(self.an.ps - s_c)))
+        room = max(0.0, float(pr[j_c]) * self.an.f_ap - r_c - 1.0)   # the cyst stays round
+        c_cyst = self.an.pc[j_c] + off_c * room * self.perpendicular(j_c, dir_c)
+        # ---- painting: gland and ducts (1), tumours (2), cyst (1) ----
+        if not self.paint_gland_and_ducts(pr, duct_r, has_duct):
+            return
+        if first is not None and upstream.sum() >= 2:
+            self.paint_dilated_duct(first, r_duct, upstream, d_duct, hu_duct, atrophy)
+        gland = self.an.cv.label == PANCREAS               # the gland's own outline, ducts included
+        for t in tumours:
+            self.paint_tumour(t, gland)
+        if has_cyst:
+            self.paint_cyst(c_cyst, r_c, hu_c, self.site_of(s_c))
+        self.an.tumour_voxels = int((self.an.cv.label == TUMOUR).sum())
+
+    def move_off_the_cyst(self, tumours: list[_Tumour], s_c: float, r_c: float) -> None:
+        """A tumour on the cyst moves along the gland to just beside it, where there is room."""
+        lo, hi = self.ranges["head"][0], max(self.ranges["head"][0], self.ranges["tail"][1])
+        for t in tumours:
+            gap = r_c + t.extent_mm() + 2.0
+            if abs(t.s - s_c) < gap:
+                free = [x for x in (s_c - gap, s_c + gap) if lo <= x <= hi]
+                if free:
+                    t.s = min(free, key=lambda x: abs(x - t.s))
+                    t.site = self.site_of(t.s)
+
+    def gland_radius(self, tumours: list[_Tumour], first: _Tumour | None, d_duct: float,
+                     atrophy: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Gland radius along the centre line (mm), the dilated duct's radius and where it runs.
+
+        Tail-ward of an obstruction the gland atrophies (keeping a 1.5 mm rim around the duct);
+        it swells around an inner mass, which stays inside it, and half as much around an edge
+        mass, which protrudes from it.
+        """
+        ps, f_ap = self.an.ps, self.an.f_ap
+        pr = np.maximum(self.an.pr, 5.0)
+        r_duct = np.zeros_like(ps)
+        upstream = np.zeros(ps.shape, dtype=bool)
+        if first is not None:
+            s_a = first.s + first.extent_mm()
+            pr = pr * (1.0 - (1.0 - atrophy) * np.clip((ps - s_a) / 10.0, 0.0, 1.0))
+            upstream = (ps >= first.s) & (ps <= self.s_end)
+            taper = np.clip((ps - first.s) / max(self.s_end - first.s, 1.0), 0.0, 1.0)
+            r_duct = 0.5 * d_duct * (1.0 - 0.25 * taper)          # narrows a little to the tail
+            pr = np.where(upstream, np.maximum(pr, (r_duct + 1.5) / f_ap), pr)
+            pr = np.maximum(pr, 3.5)
+        for t in tumours:
+            e = t.extent_mm()
+            peak = 0.5 * e if t.edge else e + 2.0
+            pr = np.maximum(pr, peak * np.exp(-((ps - t.s) / (1.2 * e + 6.0)) ** 2))
+        return pr, r_duct, upstream
+
+    def place(self, tumours: list[_Tumour], pr: np.ndarray) -> None:
+        """Centre each tumour: on the centre line, or (edge) ``breach`` radii inside the outline."""
+        for t in tumours:
+            j = int(np.argmin(np.abs(self.an.ps - t.s)))
+            t.centre = self.an.pc[j].copy()
+            if t.edge:
+                d = self.perpendicular(j, t.direction)
+                r_dir = 0.5 * t.diameter / math.sqrt(float(np.sum((d / t.axes) ** 2)))
+                t.centre += max(0.0, self.gland_reach(float(pr[j]), d) - t.breach * r_dir) * d
+
+    def paint_gland_and_ducts(self, pr: np.ndarray, duct_r: float, has_duct: bool) -> bool:
+        """Paint the gland (label 1) and its normal main duct; False when it is off the grid."""
+        an, cv = self.an, self.an.cv
+        r = _tube(an.grid, an.pc, pr, y_scale=an.f_ap)
+        if r is None:
+            return False
+        box, field_ = r
+        panc = field_ <= 1
+        cv.paint(box, panc, an.hu["pancreas"])
+        cv.label[box][panc] = PANCREAS
+        an.pancreas_voxels = int(panc.sum())
+        sel = (an.ps > an.cp_s[1]) & (an.ps < an.cp_s[4] - 8)
+        if has_duct and sel.sum() >= 2:
+            d = _tube(an.grid, an.pc[sel], np.full(int(sel.sum()), duct_r))
+            if d is not None:
+                cv.paint(d[0], (d[1] <= 1) & (cv.label[d[0]] == PANCREAS), an.hu["pancreatic_duct"])
+        return True
+
+    def paint_dilated_duct(self, first: _Tumour, r_duct: np.ndarray, upstream: np.ndarray,  # noqa: PLR0917
+                           d_duct: float, hu_duct: float, atrophy: float) -> None:
+        """Fluid-filled dilated duct (label 1) from the obstructing mass to the tail."""
+        an, cv = self.an, self.an.cv
+        n_duct = 0
+        d = _tube(an.grid, an.pc[upstream], r_duct[upstream])
+        if d is not None:
+            m = (d[1] <= 1) & (cv.label[d[0]] == PANCREAS)
+            cv.paint(d[0], m, hu_duct)
+            n_duct = int(m.sum())
+        an.dilated_duct = {"diameter_mm": round(d_duct, 2), "hu": round(hu_duct, 1),
+                           "length_mm": round(self.s_end - first.s, 1),
+                           "atrophy_radius_factor": round(atrophy, 3), "voxels": n_duct}
+
+    def paint_tumour(self, t: _Tumour, gland: np.ndarray) -> None:
+        """Paint one mass (label 2): inside the gland, and for an edge mass also outside it in
+        the soft tissue of the visceral cavity (not bone); at least the voxel nearest its centre."""
+        an, g, cv = self.an, self.an.grid, self.an.cv
+        value = an.hu["pancreas"] + t.contrast
+        ext = t.scale * t.shape.extent() * t.axes
+        n_t = n_out = 0
+        tb = g.box(t.centre - ext, t.centre + ext)
+        if tb is not None:
+            dx, dy, dz = g.axes(tb, t.centre)
+            k = (1.0 / (t.scale * t.axes)).astype(np.float32)
+            mass = t.shape.inside(dx[:, None, None] * k[0], dy[None, :, None] * k[1],
+                                  dz[None, None, :] * k[2])
+            allowed = gland[tb]
+            if t.edge:
+                allowed = allowed | (an.cav[tb] & (cv.hu[tb] < 200.0))
+            m = mass & allowed
+            cv.paint(tb, m, value)
+            cv.label[tb][m] = TUMOUR
+            n_t, n_out = int(m.sum()), int((m & ~gland[tb]).sum())
+        if n_t == 0:  # too small for the grid: the voxel nearest its centre is the tumour
+            idx = np.rint((t.centre - g.origin) / g.spacing).astype(int)
+            if np.all(idx >= 0) and np.all(idx < np.array(g.shape)):
+                ix, iy, iz = (int(i) for i in idx)
+                cv.hu[ix, iy, iz], cv.label[ix, iy, iz] = np.float32(value), TUMOUR
+                n_t, n_out = 1, int(not gland[ix, iy, iz])
+        an.lesions.append({
+            "centre_mm": [round(float(v), 2) for v in t.centre],
+            "equivalent_diameter_mm": round(t.diameter, 2), "contrast_hu": round(t.contrast, 1),
+            "hu": round(value, 1), "site": t.site, "touches_edge": t.edge, "shape": t.shape.kind,
+            "n_blobs": len(t.shape.radii), "obstructs_duct": t.obstructs, "voxels": n_t,
+            "voxels_outside_gland": n_out})
+
+    def paint_cyst(self, centre: np.ndarray, r_c: float, hu_c: float, site: str) -> None:
+        """A round, water-dense cyst: label 1, painted only over gland (never over a tumour)."""
+        an, cv = self.an, self.an.cv
+        n_cyst = 0
+        cyst = _ellipsoid(an.grid, centre, np.full(3, r_c))
+        if cyst is not None:
+            m = (cyst[1] <= 1) & (cv.label[cyst[0]] == PANCREAS)
+            cv.paint(cyst[0], m, hu_c)
+            n_cyst = int(m.sum())
+        an.cysts.append({"centre_mm": [round(float(v), 2) for v in centre],
+                         "diameter_mm": round(2 * r_c, 2), "hu": round(hu_c, 1), "site": site,
+                         "voxels": n_cyst})
 
 def _finish(hu: np.ndarray, grid: _Grid, rng: np.random.Generator, noise_hu: float) -> np.ndarray:
     """Add texture, correlated noise and mild blur; round and clip to int16 HU."""
@@ -715,15 +1156,24 @@ def make_phantom(seed: int, config: PhantomConfig, store_non_ras: bool = False,
             RAS; the world-space anatomy is identical.
         has_tumour: ``None``: drawn with ``config.tumour_probability``; ``True``/``False``: the
             case has (has not) a tumour, everything else drawn as with ``None`` (how a data set
-            with ``tumour_fraction`` fixes its tumour cases, :func:`dataset_case`).
+            with ``tumour_fraction`` fixes its tumour cases, :func:`dataset_case`). With the hard
+            preset a tumour case has 1 or 2 tumours; cysts are drawn either way.
 
     Returns:
         :class:`PhantomCase` with HU int16 (X, Y, Z), label uint8 (X, Y, Z) and float64 affine.
+        With the hard preset its ``meta`` also holds ``preset: "hard"``, ``lesions`` (one dict
+        per tumour: ``centre_mm`` (RAS world, whatever the storage orientation),
+        ``equivalent_diameter_mm``, ``contrast_hu`` (vs the parenchyma), ``hu``, ``site``
+        (head/body/tail), ``touches_edge``, ``shape`` (lobulated/irregular), ``n_blobs``,
+        ``obstructs_duct``, ``voxels``, ``voxels_outside_gland``), ``cysts`` (``centre_mm``,
+        ``diameter_mm``, ``hu``, ``site``, ``voxels``) and ``dilated_duct`` (``None`` or
+        ``diameter_mm``, ``hu``, ``length_mm``, ``atrophy_radius_factor``, ``voxels``).
     """
     ss = np.random.SeedSequence(int(seed))
-    grid_ss, anat_ss, noise_ss = ss.spawn(3)
+    grid_ss, anat_ss, noise_ss, lesion_ss = ss.spawn(4)   # the 4th (hard lesions) leaves 1-3 as they were
     grid = _draw_grid(np.random.default_rng(grid_ss), config)
-    hu_f, label, meta = _Anatomy(grid, np.random.default_rng(anat_ss), config, has_tumour).render()
+    hu_f, label, meta = _Anatomy(grid, np.random.default_rng(anat_ss), config, has_tumour,
+                                 lesion_rng=np.random.default_rng(lesion_ss)).render()
     hu = _finish(hu_f, grid, np.random.default_rng(noise_ss), float(config.noise_hu))
     affine = grid.affine()
     if store_non_ras:
@@ -791,6 +1241,8 @@ def dataset_fingerprint(n_train: int, n_test: int, config: PhantomConfig, seed: 
     payload = {"generator": GENERATOR_NAME, "version": GENERATOR_VERSION,
                "config": config.to_dict(), "n_train": int(n_train), "n_test": int(n_test),
                "seed": int(seed)}
+    if config.preset != "easy":   # easy data sets keep the fingerprint they had before presets
+        payload["preset_version"] = HARD_PRESET_VERSION
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -855,6 +1307,9 @@ def _write_case(folder: Path, index: int, n_train: int, config: PhantomConfig, s
         save_nifti(folder / label_rel, case.label, case.affine)
         written["training"] = {"image": image_rel, "label": label_rel}
         entry["tumour"] = bool(case.meta["tumour_voxels"] > 0)
+        if config.preset == "hard":   # what was drawn, for analyses by size, contrast or site
+            entry["lesions"] = case.meta["lesions"]
+            entry["cysts"] = case.meta["cysts"]
     else:
         written["test"] = image_rel
     return written
