@@ -146,7 +146,7 @@ def segment_case(predictor: Any, image_path: Path, output_dir: Path, window_hu: 
 
     case_id = case_id_from_path(image_path)
     scan = nodes.Scan(str(image_path), functools.cache(functools.partial(nodes.load_nifti, image_path)))
-    volume = nodes.segment_scans(predictor, {case_id: scan})[case_id]()
+    volume = nodes.segment_scans(predictor, {case_id: scan})[case_id]().labels   # no probability map by default
     datasets.NiftiDataset(filepath=str(output_dir / f"{case_id}.nii.gz")).save(volume)
     figure = nodes.overlay_figure(scan.load(), volume.array, tuple(window_hu), predictor.name, f"{case_id}_overlay")
     datasets.FigureDataset(filepath=str(output_dir / f"{case_id}_overlay.png"), save_args=save_args).save(figure)

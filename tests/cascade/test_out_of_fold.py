@@ -269,7 +269,7 @@ def _check_the_fold_ensemble_of_cascades(models: dict, cards: dict, stage1_model
                            for k in (0, 1)], axis=0)
     expected = to_file_grid(crop.full_model_grid(stage2_mean, background_probabilities("multiclass")), crop.scan,
                             "multiclass")
-    assert np.array_equal(predictions["case_007"]().array, expected)
+    assert np.array_equal(predictions["case_007"]().labels.array, expected)
 
     # the registry's form: the fold ensemble of cascades logged to the cascade.cv run, stage 1 per member
     bundle = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{cv_run_id}/segmenter", dst_path=str(tmp_path / "dl"))

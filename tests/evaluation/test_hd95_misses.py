@@ -183,7 +183,7 @@ def test_compare_architectures_reports_misses_everywhere(monkeypatch: pytest.Mon
     monkeypatch.setattr(nodes.tracking, "log_text", lambda run_id, text, name: logged_text.update({run_id: text}))
     frames = [_frame(arch) for arch in HD95]
     summaries = [_summary(frame, arch) for frame, arch in zip(frames, HD95, strict=True)]
-    metrics, table, markdown, figure = nodes.compare_architectures(*frames, *summaries)
+    metrics, table, markdown, figure, _ = nodes.compare_architectures(*frames, *summaries)
     assert len(metrics) == 20 and int(np.isinf(metrics["hd95_mm"]).sum()) == 3
     assert table.set_index(["architecture", "class"]).loc[("missy", "pancreas"), "hd95_mm_n_inf"] == 1
     assert "1 miss of 5" in markdown and logged_text["run-steady"] == markdown
@@ -221,8 +221,10 @@ def test_score_test_cases_writes_truth_present_and_lesion_columns(tmp_path) -> N
                              _card("probe"), {"nsd_tolerance_mm": 2.0})
 
     assert list(frame.columns) == METRIC_COLUMNS
-    assert METRIC_COLUMNS[-6:] == ["truth_present", "lesions_true", "lesions_found", "lesions_predicted",
-                                   "fp_components", "lesion_sensitivity"]
+    assert METRIC_COLUMNS[-9:-3] == ["truth_present", "lesions_true", "lesions_found", "lesions_predicted",
+                                     "fp_components", "lesion_sensitivity"]
+    assert METRIC_COLUMNS[-3:] == ["patient_tumour_score", "detection_candidates", "detection_lesions"]
+    assert frame["patient_tumour_score"].isna().all()   # label maps without a probability map: no detection
     rows = frame.set_index(["case_id", "class"])
     assert rows.loc[("c0", "tumour"), ["lesions_true", "lesions_found", "lesions_predicted",
                                        "fp_components", "lesion_sensitivity"]].tolist() == [2, 1, 2, 1, 0.5]
@@ -342,7 +344,7 @@ def test_compare_architectures_reads_per_case_frames_from_before_the_lesion_colu
     for stats in old_summary["classes"].values():
         del stats["dice_truth_present"]
     new_frame = _frame("missy")
-    metrics, table, markdown, _ = nodes.compare_architectures(
+    metrics, table, markdown, _, _ = nodes.compare_architectures(
         new_frame, old_frame, _summary(new_frame, "missy"), old_summary)
     assert list(metrics.columns) == METRIC_COLUMNS
     assert metrics.loc[metrics["architecture"] == "steady", "lesions_true"].isna().all()

@@ -157,12 +157,15 @@ def test_a_zipped_series_gets_the_predictors_mask_on_the_series_grid(predictor, 
     caplog.set_level(logging.DEBUG)
     volume: DicomVolume = plain["volume"]
     answer = _serving(predictor).predict(None, _frame(plain["zip"]))
-    assert list(answer.columns) == ["case_id", "mask_nifti_base64"] and answer["case_id"][0] == "row0"
+    assert list(answer.columns) == ["case_id", "mask_nifti_base64", "patient_tumour_score"] and answer["case_id"][0] == "row0"
     mask = decode_mask(answer["mask_nifti_base64"][0])
     expected = predictor.segment(volume.array, volume.affine, "reference")
     assert set(np.unique(expected)) == {0, 1, 2}             # the check below can see every label
     assert mask.shape == volume.array.shape == (122, 101, 10) and mask.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asanyarray(mask.dataobj), expected)
+    # the patient tumour score (issue 26): the maximum of the predictor's own tumour probability map
+    exact = predictor.segment_with_probability(volume.array, volume.affine, "reference").patient_tumour_score
+    assert answer["patient_tumour_score"][0] == pytest.approx(exact) and 0.0 < exact <= 1.0
     np.testing.assert_allclose(mask.affine, volume.affine, atol=1e-5)   # the reader's grid, as the pipeline writes
     assert list(private_tmp.iterdir()) == []                            # the zip and its extraction are gone
     _no_secrets(caplog.text, str(private_tmp))
@@ -171,7 +174,8 @@ def test_a_zipped_series_gets_the_predictors_mask_on_the_series_grid(predictor, 
 def test_the_dicom_seg_is_answered_when_asked_and_holds_the_mask(predictor, plain, private_tmp: Path) -> None:
     volume: DicomVolume = plain["volume"]
     answer = _serving(predictor).predict(None, _frame(plain["zip"]), {"return_dicom_seg": True})
-    assert list(answer.columns) == ["case_id", "mask_nifti_base64", OUTPUT_SEG, OUTPUT_SEG_RECORD, OUTPUT_SEG_REFUSED]
+    assert list(answer.columns) == ["case_id", "mask_nifti_base64", "patient_tumour_score", OUTPUT_SEG, OUTPUT_SEG_RECORD,
+                                    OUTPUT_SEG_REFUSED]
     row = answer.iloc[0]
     assert row[OUTPUT_SEG_RECORD] is None and row[OUTPUT_SEG_REFUSED] is None   # the series had its UIDs
     mask = np.asanyarray(decode_mask(row["mask_nifti_base64"]).dataobj)
@@ -293,7 +297,7 @@ def test_one_input_kind_per_request_and_the_seg_needs_dicom(predictor, plain) ->
                                                {"return_dicom_seg": "yes"}).message
     # a NIfTI request answers the columns it always did
     answer = _serving(predictor).predict(None, _frame(nifti, "nifti_base64"))
-    assert list(answer.columns) == ["case_id", "mask_nifti_base64"]
+    assert list(answer.columns) == ["case_id", "mask_nifti_base64", "patient_tumour_score"]
 
 
 def test_a_header_value_highdicom_refuses_is_left_out_and_quoted_nowhere(predictor, ct, tmp_path: Path, caplog,

@@ -334,7 +334,9 @@ def test_admission_bounds_requests_in_flight_and_waiting() -> None:
 # The pyfunc model in-process: path policy, messages, logs
 # --------------------------------------------------------------------------------------------
 class _StandIn:
-    """Stands in for the Predictor (no Keras): labels 1 wherever HU > 0."""
+    """Stands in for the Predictor (no Keras): labels 1 wherever HU > 0; no tumour output (no patient score)."""
+
+    has_tumour_output = False
 
     def __init__(self) -> None:
         self.names: list[str] = []

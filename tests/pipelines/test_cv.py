@@ -59,8 +59,12 @@ def test_out_of_fold_and_test_scores(cv_project: Path) -> None:
     fold_of = manifest.set_index("case_id")["fold"]
     assert (oof["fold"] == oof["case_id"].map(fold_of)).all()
     assert {"hd95_surfel_mm", "nsd_surfel"} <= set(oof.columns)
-    assert len(list((cv_project / "data" / "07_model_output" / "cv" / "unet" / "out_of_fold").glob("*.nii.gz"))) \
+    out_of_fold = cv_project / "data" / "07_model_output" / "cv" / "unet" / "out_of_fold"
+    assert len([p for p in out_of_fold.glob("*.nii.gz") if not p.name.endswith("_tumour_probability.nii.gz")]) \
         == len(_development(manifest))
+    # detection out of fold (issue 26): each case's probability map, its patient score, the pooled summary
+    assert len(list(out_of_fold.glob("*_tumour_probability.nii.gz"))) == len(_development(manifest))
+    assert oof.loc[oof["class"] == "tumour", "patient_tumour_score"].between(0.0, 1.0).all()
 
     test = pd.read_csv(report / "unet" / "test_metrics_per_case.csv")
     test_cases = sorted(manifest.loc[manifest["split"] == "test", "case_id"])
@@ -88,6 +92,13 @@ def test_out_of_fold_and_test_scores(cv_project: Path) -> None:
     pancreas_pairs = paired[(paired["metric"] == "dice") & (paired["class"] == "pancreas")]
     assert len(pancreas_pairs) == 10 and (pancreas_pairs["n_cases"] == len(_development(manifest))).all()
     assert (report / "paired_comparison.png").is_file()
+    assert summary["cv"]["detection"]["tumour"]["patient"]["n_patients"] == len(_development(manifest))
+    tumour_rows = comparison[comparison["class"] == "tumour"]
+    assert {"cv_auroc", "cv_auroc_ci_low", "cv_ap", "cv_froc_cpm"} <= set(comparison.columns)
+    assert (tumour_rows["cv_n_patients_with_tumour"] >= 0).all()
+    assert comparison.loc[comparison["class"] == "pancreas", "cv_froc_cpm"].isna().all()
+    assert "### Tumour detection, out of fold" in (report / "cv_comparison.md").read_text()
+    assert (report / "froc.png").is_file()
 
 
 def test_mlflow_has_nested_fold_runs_and_the_registered_champion(cv_project: Path) -> None:

@@ -62,9 +62,11 @@ def test_notebook_executes_against_smoke_run(smoke_project: Path, monkeypatch: p
     assert "val_dice_pancreas" in text  # training_history_unet
     assert "optimizer_step" in text and "training_seconds" in text   # the budget table of the learning curves
     assert "Paired comparison of `dice` (pancreas" in text   # paired_comparison_markdown
+    assert "Tumour detection on the held-out test cases" in text and "froc_cpm" in text   # the detection table
+    assert "tumour in reference" in text                     # the per-case patient scores
     assert "No cross-validation yet" in text                 # the smoke project ran `train` only
     assert "No tuning yet" in text                           # nor `tune` (its section: tests/pipelines/test_tune.py)
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # Dice box plots, test overlays, paired differences, learning curves, training curves
+    assert len(images) >= 6  # Dice box plots, test overlays, FROC, paired differences, learning and training curves
     # the notebook ran from the project root: kedro-mlflow's relative sqlite store is the project's
     assert not (workdir / "mlflow.db").exists()

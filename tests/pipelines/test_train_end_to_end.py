@@ -129,6 +129,8 @@ def test_mlflow_parent_and_nested_runs(configured_learning_rates: dict[str, floa
         # lesion counts are always defined (sensitivity only when a test case has a tumour)
         assert metrics["test_lesions_true_tumour"] >= metrics["test_lesions_found_tumour"] >= 0, arch
         assert metrics["test_fp_components_per_case_tumour"] >= 0, arch
+        assert 0.0 <= metrics["test_tumour_froc_cpm"] <= 1.0 or "test_tumour_froc_cpm" not in metrics, arch
+        assert metrics["test_tumour_n_patients_with_tumour"] >= 0, arch   # detection is logged (NaN values are not)
         # artifacts, stored inside the project copy (sqlite store + local ./mlruns artifact root)
         artifacts = _artifact_paths(client, run_id)
         for expected in ("plots/training_curves.png", "model_card.json",
@@ -154,7 +156,11 @@ def test_test_predictions_keep_raw_geometry(smoke_project: Path) -> None:
     assert len(test_cases) >= 1
     for arch in ARCHITECTURES:
         folder = smoke_project / "data" / "07_model_output" / arch
-        assert sorted(p.name for p in folder.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in test_cases["case_id"])
+        labels_files = [p.name for p in folder.glob("*.nii.gz") if not p.name.endswith("_tumour_probability.nii.gz")]
+        assert sorted(labels_files) == sorted(f"{c}.nii.gz" for c in test_cases["case_id"])
+        # every smoke model has a tumour output: its probability map lies next to each label map
+        assert sorted(p.name for p in folder.glob("*_tumour_probability.nii.gz")) == sorted(
+            f"{c}_tumour_probability.nii.gz" for c in test_cases["case_id"])
         for case in test_cases.itertuples():
             raw = nib.load(case.image_path)
             prediction = nib.load(folder / f"{case.case_id}.nii.gz")
@@ -164,6 +170,10 @@ def test_test_predictions_keep_raw_geometry(smoke_project: Path) -> None:
             labels = np.asanyarray(prediction.dataobj)
             assert np.issubdtype(labels.dtype, np.integer)
             assert set(np.unique(labels)) <= {0, 1, 2}
+            probability = nib.load(folder / f"{case.case_id}_tumour_probability.nii.gz")
+            assert probability.shape == raw.shape and np.array_equal(probability.affine, raw.affine)
+            values = probability.get_fdata()
+            assert 0.0 <= values.min() and values.max() <= 1.0
 
 
 def test_evaluation_reports(smoke_project: Path) -> None:
@@ -187,6 +197,9 @@ def test_evaluation_reports(smoke_project: Path) -> None:
     assert (tumour["lesions_found"] <= tumour["lesions_true"]).all() and (tumour["fp_components"] >= 0).all()
     lesion_columns = ["lesions_true", "lesions_found", "lesions_predicted", "fp_components", "lesion_sensitivity"]
     assert per_case.loc[per_case["class"] == "pancreas", lesion_columns].isna().all().all()
+    # detection (issue 26): a patient score on every tumour row, in [0, 1]; nothing on pancreas rows
+    assert tumour["patient_tumour_score"].between(0.0, 1.0).all()
+    assert per_case.loc[per_case["class"] == "pancreas", "patient_tumour_score"].isna().all()
 
     comparison = pd.read_csv(reporting / "evaluation" / "model_comparison.csv")
     assert set(comparison["architecture"]) == set(ARCHITECTURES)
@@ -197,14 +210,29 @@ def test_evaluation_reports(smoke_project: Path) -> None:
     assert markdown.startswith("| architecture |")
     assert "| lesion sensitivity (found/true) | FP components / case |" in markdown.splitlines()[0]
     assert all(f"| {arch} |" in markdown for arch in ARCHITECTURES)
+    detection_columns = {"auroc", "auroc_ci_low", "auroc_ci_high", "ap", "froc_cpm", "froc_sensitivity_at_1_fp",
+                         "sensitivity_lt10mm", "sensitivity_10to20mm", "sensitivity_gt20mm"}
+    assert detection_columns <= set(comparison.columns)
+    tumour_rows = comparison[comparison["class"] == "tumour"]
+    assert (tumour_rows["n_patients_with_tumour"] == tumour["truth_present"].sum() / len(ARCHITECTURES)).all()
+    assert "### Tumour detection" in markdown and "FROC CPM" in markdown
 
-    for name in ("dice_boxplots.png", "test_overlays.png"):
+    for name in ("dice_boxplots.png", "test_overlays.png", "froc.png"):
         _assert_png(reporting / "evaluation" / name)
     _assert_png(reporting / "training" / "learning_curves.png")
     for arch in ARCHITECTURES:
         _assert_png(reporting / "training" / f"{arch}_training_curves.png")
         summary = json.loads((reporting / "evaluation" / arch / "summary.json").read_text())
         assert summary["architecture"] == arch and summary["n_cases"] == len(test_ids)
+        detection = summary["detection"]["tumour"]
+        assert detection["available"] and detection["patient"]["n_patients"] == len(test_ids)
+        assert len(detection["froc"]["sensitivity_at_rates"]) == 7 and len(detection["size_sensitivity"]) == 3
+        scores = tumour[tumour["architecture"] == arch]
+        if scores["truth_present"].nunique() == 2:   # both classes among the test cases: AUROC is defined
+            from sklearn.metrics import roc_auc_score  # noqa: PLC0415
+
+            assert detection["patient"]["auroc"] == pytest.approx(
+                roc_auc_score(scores["truth_present"].astype(bool), scores["patient_tumour_score"]))
 
 
 def test_champion_is_chosen_on_3d_validation_dice(smoke_project: Path) -> None:

@@ -50,6 +50,13 @@ def output_channels(label_mode: str) -> int:
     return len(LABEL_VALUES) if check_label_mode(label_mode) == "multiclass" else 1
 
 
+def tumour_channel(label_mode: str) -> int | None:
+    """The model output channel holding the tumour probability: 2 (softmax) for multiclass, 0 (sigmoid)
+    for tumour, None for pancreas (no tumour output)."""
+    mode = check_label_mode(label_mode)
+    return TUMOUR if mode == "multiclass" else (0 if mode == "tumour" else None)
+
+
 def class_mask(labels: np.ndarray, class_name: str) -> np.ndarray:
     """Boolean mask of one evaluated class (e.g. pancreas = values 1 ∪ 2) of an integer label map."""
     if class_name not in CLASS_LABELS:

@@ -437,3 +437,63 @@ def plot_paired_differences(table: pd.DataFrame, title: str) -> Figure:
     ax.set_title("\n".join(notes) if notes else "no warnings", fontsize="small", loc="left",
                  color="C1" if notes else "0.3")
     return fig
+
+
+# --------------------------------------------------------------------------- detection
+def plot_froc(detections: Mapping[str, Mapping[str, Any]], title: str = "tumour FROC") -> Figure:
+    """All models' free-response ROC curves on one plot: lesion sensitivity against false-positive
+    candidates per case (log scale), the CPM operating points marked.
+
+    Args:
+        detections: model name -> its :func:`~.scoring.summarise_detection` block (a summary's
+            ``detection["tumour"]``): ``froc`` gives the step curve (``fp_per_case``,
+            ``sensitivity``) and the operating points (``fp_rates``, ``sensitivity_at_rates``,
+            ``cpm``). A model whose block is not ``available`` (no tumour output), or whose test
+            cases hold no lesion, is named in the legend as such, without a curve.
+        title: the figure title.
+
+    Returns:
+        A Figure with one axes: one step line per model with a curve (``ax.get_lines()``), its
+        operating points as markers on the same colour, the legend giving each model's CPM and
+        lesion count; x from 1/16 to 16 FP per case (log 2; further right when a curve only rises
+        there, so every detected lesion shows), y from 0 to 1.
+    """
+    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
+    ax = fig.subplots()
+    rates: Sequence[float] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    handles = []
+    right = 16.0
+    for index, (name, detection) in enumerate(detections.items()):
+        colour = f"C{index % 10}"
+        curve = detection.get("froc") if detection.get("available") else None
+        if curve is None or not curve.get("n_lesions"):
+            why = "no tumour output" if curve is None else "no true lesion"
+            handles.append(Patch(facecolor="white", edgecolor=colour, label=f"{name}: n/a ({why})"))
+            continue
+        rates = curve["fp_rates"]
+        fp = np.asarray(curve["fp_per_case"], dtype=float)
+        sensitivity = np.asarray(curve["sensitivity"], dtype=float)
+        right = max(right, 2.0 ** np.ceil(np.log2(max(fp[-1], 1.0) * 1.5)))
+        # extend the last operating point to the right edge: the curve stays flat past the lowest threshold
+        fp = np.r_[fp, max(2.0 ** 10, fp[-1])]
+        sensitivity = np.r_[sensitivity, sensitivity[-1]]
+        (line,) = ax.step(np.maximum(fp, 1 / 16), sensitivity, where="post", color=colour,
+                          label=f"{name}: CPM {curve['cpm']:.3f} ({curve['n_detected']}/{curve['n_lesions']} lesions, "
+                                f"{curve['n_cases']} cases)")
+        ax.plot(curve["fp_rates"], curve["sensitivity_at_rates"], "o", color=colour, markersize=4)
+        handles.append(line)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(1 / 16, right)
+    ticks = [*rates, *(2.0 ** k for k in range(int(np.log2(max(rates))) + 1, int(np.log2(right)) + 1))]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"1/{round(1 / r)}" if r < 1 else f"{r:g}" for r in ticks])
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("false-positive candidates per case")
+    ax.set_ylabel("lesion sensitivity (IoU ≥ 0.1)")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(title)
+    if handles:
+        ax.legend(handles=handles, loc="lower right", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no models", ha="center", va="center", transform=ax.transAxes)
+    return fig

@@ -7,6 +7,7 @@ Pure pandas/NumPy: no Kedro, no MLflow.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,6 +16,15 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg.core.labels import class_mask
+from pancreas_seg.evaluation.detection import (
+    FROC_FP_RATES,
+    SIZE_BIN_LABELS,
+    froc,
+    lesion_candidates,
+    patient_detection,
+    patient_tumour_score,
+    size_stratified_sensitivity,
+)
 from pancreas_seg.evaluation.metrics import (
     LESION_KEYS,
     case_metrics,
@@ -25,7 +35,7 @@ from pancreas_seg.evaluation.metrics import (
 )
 from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
 from pancreas_seg.imaging.geometry import ScanGeometry
-from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
+from pancreas_seg.imaging.nifti_io import PROBABILITY_SUFFIX, CasePrediction, NiftiVolume, load_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -36,27 +46,65 @@ SCORE_METRICS = ("dice", "hd95_mm", "nsd", "hd95_surfel_mm", "nsd_surfel", "slic
 by area as DeepMind's surface-distance (and the MSD challenge) do: see :mod:`pancreas_seg.evaluation.metrics`."""
 LESION_CLASS = "tumour"
 """The class whose connected components are counted as lesions (lesion columns, ``lesions`` block)."""
-METRIC_COLUMNS = ["case_id", "architecture", "class", *SCORE_METRICS, "truth_present", *LESION_KEYS]
+DETECTION_KEYS = ("patient_tumour_score", "detection_candidates", "detection_lesions")
+"""Per-case detection columns (tumour rows; NaN elsewhere and for a model without a tumour probability):
+the patient score (:func:`~pancreas_seg.evaluation.detection.patient_tumour_score`, the maximum tumour
+probability) and, as JSON lists, the case's candidates ``[confidence, true_positive]`` and true lesions
+``[diameter_mm, detected, confidence]`` of :func:`~pancreas_seg.evaluation.detection.lesion_candidates`
+(IoU >= 0.1 hits), which :func:`build_summary` pools into the FROC."""
+METRIC_COLUMNS = ["case_id", "architecture", "class", *SCORE_METRICS, "truth_present", *LESION_KEYS,
+                  *DETECTION_KEYS]
 """The per-case CSV: ``truth_present`` (the class is in that case's ground truth) on every row; the
-lesion counts of :func:`~pancreas_seg.evaluation.metrics.lesion_detection` on the
-:data:`LESION_CLASS` rows, NaN on the others."""
+lesion counts of :func:`~pancreas_seg.evaluation.metrics.lesion_detection` and the detection columns
+(:data:`DETECTION_KEYS`) on the :data:`LESION_CLASS` rows, NaN on the others."""
+DETECTION_BOOTSTRAP = {"n_bootstrap": 2000, "confidence": 0.95, "seed": 0}
+"""Percentile bootstrap over the patients of the AUROC / AP confidence intervals (:func:`build_summary`)."""
 
 
-def score_cases(predictions: Mapping[str, Callable[[], NiftiVolume]], cases: list[str], case_manifest: pd.DataFrame,
-                slice_geometry: dict[str, Any], name: str, tolerance_mm: float) -> pd.DataFrame:
+def _labels_and_probability(value: CasePrediction | NiftiVolume, predictions: Mapping[str, Callable[[], Any]],
+                            case_id: str) -> tuple[NiftiVolume, np.ndarray | None]:
+    """A prediction partition's labels and tumour probability: from a :class:`CasePrediction` (a node's
+    own output), else from the ``<case>_tumour_probability`` partition next to it (a loaded folder)."""
+    if isinstance(value, CasePrediction):
+        return value.labels, value.tumour_probability
+    partner = predictions.get(f"{case_id}{PROBABILITY_SUFFIX}")
+    return value, None if partner is None else np.asarray(partner().array, dtype=np.float32)
+
+
+def _detection(labels: np.ndarray, probability: np.ndarray | None, truth: np.ndarray,
+               spacing: tuple[float, ...]) -> dict[str, Any]:
+    """The :data:`DETECTION_KEYS` of one case (NaN without a probability map)."""
+    if probability is None:
+        return dict.fromkeys(DETECTION_KEYS, np.nan)
+    candidates, lesions = lesion_candidates(class_mask(labels, LESION_CLASS), probability,
+                                            class_mask(truth, LESION_CLASS), spacing)
+    return {"patient_tumour_score": patient_tumour_score(probability),
+            "detection_candidates": json.dumps([[round(float(c), 6), bool(t)] for c, t in
+                                                zip(candidates["confidence"], candidates["true_positive"], strict=True)]),
+            "detection_lesions": json.dumps([[round(float(d), 3), bool(f), None if np.isnan(c) else round(float(c), 6)]
+                                             for d, f, c in zip(lesions["diameter_mm"], lesions["detected"],
+                                                                lesions["confidence"], strict=True)])}
+
+
+def score_cases(predictions: Mapping[str, Callable[[], CasePrediction | NiftiVolume]], cases: list[str],
+                case_manifest: pd.DataFrame, slice_geometry: dict[str, Any], name: str,
+                tolerance_mm: float) -> pd.DataFrame:
     """Score ``cases`` (predictions on the original grid) against their labels: rows of :data:`METRIC_COLUMNS`.
 
     Per case and class: Dice, HD95 (mm) and NSD (voxel-count and surfel-weighted) and slice Dice,
     without and with largest-component post-processing. Slice Dice is taken along each scan's
     axial axis, from its geometry in ``slice_geometry``. Every row also says whether the truth has
     the class (``truth_present``); the tumour rows carry the lesion counts and sensitivity of the
-    raw (not post-processed) prediction, the other rows NaN there. ``name`` fills ``architecture``.
+    raw (not post-processed) prediction and, when the prediction has a tumour probability map (a
+    :class:`CasePrediction`, or a ``<case>_tumour_probability`` partition next to ``<case>``), the
+    detection columns :data:`DETECTION_KEYS`; the other rows NaN there. ``name`` fills ``architecture``.
+    Each case's prediction and probability map are loaded, scored and dropped in turn.
     """
     manifest = case_manifest.set_index("case_id")
     rows = []
     for index, case_id in enumerate(cases, start=1):
         logger.info("%s: scoring case %d/%d: %s", name, index, len(cases), case_id)
-        prediction = predictions[case_id]()
+        prediction, probability = _labels_and_probability(predictions[case_id](), predictions, case_id)
         truth = load_nifti(manifest.loc[case_id, "label_path"])
         if prediction.array.shape != truth.array.shape or not np.allclose(prediction.affine, truth.affine, atol=1e-3):
             raise ValueError(f"prediction for {case_id} is not on the label's grid "
@@ -67,6 +115,8 @@ def score_cases(predictions: Mapping[str, Callable[[], NiftiVolume]], cases: lis
         raw = case_metrics(prediction.array, truth.array, spacing, tolerance_mm)
         lcc = case_metrics(keep_largest_foreground(prediction.array), truth.array, spacing, tolerance_mm)
         lesions = lesion_detection(prediction.array, truth.array, LESION_CLASS)
+        detection = _detection(prediction.array, probability, truth.array, spacing)
+        del probability
         for plain, post in zip(raw, lcc, strict=True):
             class_name = plain["class"]
             rows.append({"case_id": case_id, "architecture": name, "class": class_name,
@@ -74,7 +124,8 @@ def score_cases(predictions: Mapping[str, Callable[[], NiftiVolume]], cases: lis
                          "slice_dice": slice_dice(prediction.array, truth.array, class_name, axis=axial),
                          "dice_lcc": post["dice"], "hd95_mm_lcc": post["hd95_mm"], "nsd_lcc": post["nsd"],
                          "truth_present": bool(class_mask(truth.array, class_name).any()),
-                         **(lesions if class_name == LESION_CLASS else dict.fromkeys(LESION_KEYS, np.nan))})
+                         **(lesions if class_name == LESION_CLASS else dict.fromkeys(LESION_KEYS, np.nan)),
+                         **(detection if class_name == LESION_CLASS else dict.fromkeys(DETECTION_KEYS, np.nan))})
     return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
@@ -100,18 +151,64 @@ LESION_SUMMARY = ("lesion_sensitivity", "fp_components_per_case", "lesions_true"
 """Entries of a summary's ``lesions`` block that go to MLflow and into the comparison table."""
 
 
+def _fp_label(rate: float) -> str:
+    """``0.125`` -> ``"0.125"``, ``1.0`` -> ``"1"`` (column and metric names of FROC operating points)."""
+    return f"{rate:g}"
+
+
+def _json_rows(cells: pd.Series) -> list[list[Any]]:
+    return [item for cell in cells if isinstance(cell, str) for item in json.loads(cell)]
+
+
+def summarise_detection(tumour_rows: pd.DataFrame, n_bootstrap: int = DETECTION_BOOTSTRAP["n_bootstrap"],
+                        confidence: float = DETECTION_BOOTSTRAP["confidence"],
+                        seed: int = DETECTION_BOOTSTRAP["seed"]) -> dict[str, Any]:
+    """Tumour detection of one model from its :data:`LESION_CLASS` rows (one per case).
+
+    Returns ``patient`` (:func:`~pancreas_seg.evaluation.detection.patient_detection`: AUROC and AP
+    of ``patient_tumour_score`` against ``truth_present``, with percentile bootstrap CIs over the
+    cases), ``froc`` (:func:`~pancreas_seg.evaluation.detection.froc` of the pooled candidates and
+    lesions: ``fp_rates``, ``sensitivity_at_rates``, ``cpm``, the curve ``fp_per_case`` /
+    ``sensitivity`` as lists, counts, ``note``), ``size_sensitivity`` (rows of
+    :func:`~pancreas_seg.evaluation.detection.size_stratified_sensitivity`) and ``n_cases``; or
+    ``{"available": False, "note": ...}`` when no case has a tumour probability map (a ``pancreas``
+    model, or a CSV written before detection was scored).
+    """
+    rows = tumour_rows[tumour_rows["patient_tumour_score"].notna()] if "patient_tumour_score" in tumour_rows else \
+        tumour_rows.iloc[0:0]
+    if rows.empty:
+        return {"available": False, "note": "no tumour probability map: the model has no tumour output, "
+                                            "or the scores predate detection"}
+    patient = patient_detection(rows["patient_tumour_score"].to_numpy(dtype=float),
+                                rows["truth_present"].eq(True).to_numpy(), n_bootstrap, confidence, seed)
+    candidates = pd.DataFrame(_json_rows(rows["detection_candidates"]), columns=["confidence", "true_positive"])
+    lesions = pd.DataFrame(_json_rows(rows["detection_lesions"]), columns=["diameter_mm", "detected", "confidence"])
+    candidates["true_positive"] = candidates["true_positive"].astype(bool)
+    lesions["detected"] = lesions["detected"].astype(bool)
+    lesions["confidence"] = lesions["confidence"].astype(float)
+    curve = froc(candidates, lesions, len(rows))
+    return {"available": True, "n_cases": len(rows), "patient": patient,
+            "froc": {"fp_rates": curve["fp_rates"].tolist(), "sensitivity_at_rates": curve["sensitivity_at_rates"].tolist(),
+                     "cpm": curve["cpm"], "fp_per_case": curve["fp_per_case"].tolist(),
+                     "sensitivity": curve["sensitivity"].tolist(),
+                     **{key: curve[key] for key in ("n_cases", "n_lesions", "n_detected", "n_candidates",
+                                                    "n_false_positives", "note")}},
+            "size_sensitivity": size_stratified_sensitivity(lesions).to_dict(orient="records")}
+
+
 def build_summary(metrics_per_case: pd.DataFrame, architecture: str, mlflow_run_id: str | None,
                   data_source: str | None) -> dict[str, Any]:
-    """Mean/median/std per class and metric (NaN excluded, inf counted separately), plus lesions.
+    """Mean/median/std per class and metric (NaN excluded, inf counted separately), lesions, detection.
 
     ``classes[<class>]`` holds :func:`summarise` of every :data:`SCORE_METRICS` column and of
     ``dice_truth_present`` (Dice over the cases where ``truth_present`` is true). ``lesions``
     holds, for :data:`LESION_CLASS`, :func:`summarise_lesions` over all its rows (pooled lesion
-    sensitivity, false-positive components per case, counts).
+    sensitivity, false-positive components per case, counts); ``detection`` holds, for it,
+    :func:`summarise_detection` (patient AUROC/AP with CIs, FROC, size-stratified sensitivity).
     """
     summary: dict[str, Any] = {"architecture": architecture, "mlflow_run_id": mlflow_run_id,
                                "n_cases": int(metrics_per_case["case_id"].nunique()),
-                               "data_source": data_source, "classes": {}, "lesions": {}}
+                               "data_source": data_source, "classes": {}, "lesions": {}, "detection": {}}
     for class_name, frame in metrics_per_case.groupby("class"):
         stats = {m: summarise(frame[m].to_numpy(dtype=float)) for m in SCORE_METRICS}
         # eq(True): a bool column, also when read back from the CSV; NaN never counts as present
@@ -120,7 +217,40 @@ def build_summary(metrics_per_case: pd.DataFrame, architecture: str, mlflow_run_
     lesion_rows = metrics_per_case[metrics_per_case["class"] == LESION_CLASS]
     if not lesion_rows.empty:
         summary["lesions"][LESION_CLASS] = summarise_lesions(lesion_rows[list(LESION_KEYS)].to_dict(orient="records"))
+        summary["detection"][LESION_CLASS] = summarise_detection(lesion_rows)
     return summary
+
+
+_SIZE_KEYS = dict(zip(SIZE_BIN_LABELS, ("lt10mm", "10to20mm", "gt20mm"), strict=True))
+"""Size bin label -> the suffix of its column / metric name."""
+
+
+def detection_values(detection: Mapping[str, Any]) -> dict[str, float]:
+    """The flat detection numbers of one :func:`summarise_detection` block (NaN when not available):
+    :data:`DETECTION_COLUMNS`."""
+    values = dict.fromkeys(DETECTION_COLUMNS, np.nan)
+    if not detection.get("available"):
+        return values
+    patient, curve = detection["patient"], detection["froc"]
+    values |= {key: patient[key] for key in ("auroc", "auroc_ci_low", "auroc_ci_high", "ap", "ap_ci_low", "ap_ci_high")}
+    values |= {"n_patients_with_tumour": patient["n_positive"], "froc_cpm": curve["cpm"]}
+    values |= {f"froc_sensitivity_at_{_fp_label(r)}_fp": v
+               for r, v in zip(curve["fp_rates"], curve["sensitivity_at_rates"], strict=True)}
+    for row in detection["size_sensitivity"]:
+        key = _SIZE_KEYS[row["size_bin"]]
+        values |= {f"sensitivity_{key}": row["sensitivity"], f"lesions_{key}": row["n_lesions"],
+                   f"detected_{key}": row["n_detected"]}
+    return values
+
+
+DETECTION_COLUMNS = ("auroc", "auroc_ci_low", "auroc_ci_high", "ap", "ap_ci_low", "ap_ci_high", "n_patients_with_tumour",
+                     "froc_cpm", *(f"froc_sensitivity_at_{_fp_label(r)}_fp" for r in FROC_FP_RATES),
+                     *(f"{kind}_{key}" for key in _SIZE_KEYS.values()
+                       for kind in ("sensitivity", "lesions", "detected")))
+"""Detection columns of the comparison table (on :data:`LESION_CLASS` rows) and, as
+``test_tumour_<column>``, MLflow metrics: patient AUROC and AP with their bootstrap CI, the number of
+cases with a tumour, FROC CPM and sensitivity at 1/8 ... 8 false positives per case, and per size bin
+(equivalent diameter < 10, 10-20, > 20 mm) the lesion sensitivity, lesions and detected lesions."""
 
 
 def flat_test_metrics(summary: dict[str, Any]) -> dict[str, float | int]:
@@ -132,7 +262,9 @@ def flat_test_metrics(summary: dict[str, Any]) -> dict[str, float | int]:
     ``dice_truth_present`` (e.g. ``test_dice_truth_present_tumour_mean``) also gets ``n``, the
     cases whose truth has the class. The pooled lesion values are not per-case statistics and
     have no ``<stat>``: ``test_<name>_<class>`` for every name in :data:`LESION_SUMMARY`, e.g.
-    ``test_lesion_sensitivity_tumour`` and ``test_fp_components_per_case_tumour``.
+    ``test_lesion_sensitivity_tumour`` and ``test_fp_components_per_case_tumour``. Detection:
+    ``test_tumour_<name>`` for every name in :data:`DETECTION_COLUMNS`, e.g. ``test_tumour_auroc``,
+    ``test_tumour_ap``, ``test_tumour_froc_cpm`` (NaN values are not logged).
     """
     flat: dict[str, float | int] = {}
     for class_name, metrics in summary["classes"].items():
@@ -144,6 +276,8 @@ def flat_test_metrics(summary: dict[str, Any]) -> dict[str, float | int]:
     for class_name, lesions in summary.get("lesions", {}).items():
         for name in LESION_SUMMARY:
             flat[f"test_{name}_{class_name}"] = lesions[name]
+    for class_name, detection in summary.get("detection", {}).items():
+        flat |= {f"test_{class_name}_{name}": value for name, value in detection_values(detection).items()}
     return flat
 
 
@@ -155,7 +289,8 @@ def comparison_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
     ``dice_truth_present_{mean,std,n}`` is the Dice over the ``n`` cases whose truth has the
     class. The lesion columns (:data:`LESION_SUMMARY`: ``lesion_sensitivity``,
     ``fp_components_per_case``, ``lesions_true``, ...) are filled on the :data:`LESION_CLASS` rows
-    and NaN on the others (also for a summary written before lesions were counted).
+    and NaN on the others (also for a summary written before lesions were counted); so are the
+    detection columns (:data:`DETECTION_COLUMNS`: ``auroc``, ``ap`` with CIs, ``froc_cpm``, ...).
     """
     rows = []
     for summary in summaries:
@@ -172,6 +307,7 @@ def comparison_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
                     row[f"{metric}_n"] = int(stats["n"])
             lesions = summary.get("lesions", {}).get(class_name, {})
             row.update({name: lesions.get(name, np.nan) for name in LESION_SUMMARY})
+            row.update(detection_values(summary.get("detection", {}).get(class_name, {})))
             rows.append(row)
     table = pd.DataFrame(rows)
     for column in (f"{TRUTH_PRESENT_DICE}_{s}" for s in ("mean", "std", "n")):
@@ -247,12 +383,58 @@ def _lesion_cells(row: pd.Series) -> tuple[str, str, str]:
     return dice_cell, sensitivity_cell, fp_cell
 
 
+DETECTION_NOTE = (
+    "**Tumour detection.** The **patient score** is the maximum tumour probability over the scan; "
+    "**AUROC** and **AP** (average precision) rank the test cases by it against whether their ground truth has "
+    "a tumour (n with tumour in brackets; AP of a random ranking is the prevalence), with a 95 % percentile "
+    "bootstrap CI over the cases (n/a with one class only). A **candidate** is a predicted tumour component, "
+    "its confidence the maximum tumour probability inside it; it **hits** a true lesion when their voxel IoU is "
+    "at least 0.1 (one candidate per lesion, most confident first; other candidates are false positives). "
+    "**FROC**: lesion sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false-positive candidates per case "
+    "(the best sensitivity reached without exceeding the rate); **CPM** is their mean. **By size**: sensitivity "
+    "per equivalent diameter of the true lesion (found/true), counting every candidate however many false "
+    "positives come with it (so it can exceed the FROC's sensitivity at 8 FP/case). See docs/detection.md."
+)
+
+
+def _detection_lines(table: pd.DataFrame) -> list[str]:
+    """The tumour-detection markdown table (one row per architecture), or nothing without detection columns."""
+    rows = table[table["class"] == LESION_CLASS] if "auroc" in table else table.iloc[0:0]
+    if rows.empty or rows["n_patients_with_tumour"].isna().all():   # no model had a tumour probability map
+        return []
+
+    def value(v: Any, digits: int = 3) -> str:
+        return "n/a" if pd.isna(v) else f"{v:.{digits}f}"
+
+    def with_ci(row: pd.Series, name: str) -> str:
+        if pd.isna(row[name]):
+            return "n/a"
+        return f"{row[name]:.3f} [{value(row[f'{name}_ci_low'])}, {value(row[f'{name}_ci_high'])}]"
+
+    rates = [f"{_fp_label(r)}" for r in FROC_FP_RATES]
+    lines = ["| architecture | n (with tumour) | AUROC [95% CI] | AP [95% CI] | FROC CPM "
+             f"| sensitivity at {', '.join(rates)} FP/case | <10 mm | 10-20 mm | >20 mm |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, r in rows.iterrows():
+        if pd.isna(r["froc_cpm"]) and pd.isna(r["auroc"]) and pd.isna(r["n_patients_with_tumour"]):
+            lines.append(f"| {r['architecture']} | {r['n_cases']} | n/a (no tumour probability) | | | | | | |")
+            continue
+        sizes = [f"{value(r[f'sensitivity_{k}'], 2)} ({_count(r[f'detected_{k}'])}/{_count(r[f'lesions_{k}'])})"
+                 for k in _SIZE_KEYS.values()]
+        lines.append(f"| {r['architecture']} | {r['n_cases']} ({_count(r['n_patients_with_tumour'])}) "
+                     f"| {with_ci(r, 'auroc')} | {with_ci(r, 'ap')} | {value(r['froc_cpm'])} "
+                     f"| {', '.join(value(r[f'froc_sensitivity_at_{x}_fp'], 2) for x in rates)} | {' | '.join(sizes)} |")
+    return lines
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-markdown version of the comparison table (mean ± std; HD95 with its miss counts).
 
     The last three columns are for the tumour class only ("–" on pancreas rows): tumour Dice over
     the cases with a tumour, pooled lesion sensitivity (found/true) and false-positive components
-    per case; :data:`HD95_NOTE` and :data:`LESION_NOTE` below the table define them.
+    per case; :data:`HD95_NOTE` and :data:`LESION_NOTE` below the table define them. A second
+    table, *Tumour detection*, gives each model's patient AUROC and AP with CIs, FROC CPM and
+    operating points and size-stratified sensitivity (:data:`DETECTION_NOTE`).
     """
     header = ("| architecture | class | n | Dice | HD95 (mm) | NSD | HD95 (mm, surfel) | NSD (surfel) | slice Dice "
               "| Dice (LCC) | HD95 (mm, LCC) | Dice (cases with tumour) | lesion sensitivity (found/true) "
@@ -267,4 +449,7 @@ def markdown_table(table: pd.DataFrame) -> str:
              f"| {fmt(r, 'nsd')} | {_hd95_cell(r, 'hd95_surfel_mm')} | {fmt(r, 'nsd_surfel')} | {fmt(r, 'slice_dice')} | {fmt(r, 'dice_lcc')} | {_hd95_cell(r, 'hd95_mm_lcc')} "
              f"| {' | '.join(_lesion_cells(r))} |"
              for _, r in table.iterrows()]
-    return header + "\n".join(lines) + "\n\n" + HD95_NOTE + "\n\n" + LESION_NOTE + "\n"
+    detection = _detection_lines(table)
+    detection_text = ("\n\n### Tumour detection\n\n" + "\n".join(detection) + "\n\n" + DETECTION_NOTE
+                      if detection else "")
+    return header + "\n".join(lines) + "\n\n" + HD95_NOTE + "\n\n" + LESION_NOTE + detection_text + "\n"

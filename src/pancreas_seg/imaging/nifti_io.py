@@ -119,6 +119,58 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray,
     return gzip.compress(raw, compresslevel=1, mtime=0) if compress else raw
 
 
+PROBABILITY_SUFFIX = "_tumour_probability"
+"""A tumour probability map is saved as ``<case>_tumour_probability.nii.gz`` next to ``<case>.nii.gz``."""
+PROBABILITY_LEVELS = 255
+"""A probability map is stored as uint8 ``round(p * 255)`` with ``scl_slope = 1/255``: readers that apply
+the NIfTI scaling (nibabel ``get_fdata``, SimpleITK, ITK-SNAP, 3D Slicer) get [0, 1] to within 1/510."""
+
+
+@dataclass(frozen=True)
+class CasePrediction:
+    """A case's predicted labels with its tumour probability map on the same grid (None: no tumour output).
+
+    What :class:`pancreas_seg.datasets.PredictionDataset` saves as ``<case>.nii.gz`` and
+    ``<case>_tumour_probability.nii.gz``.
+    """
+
+    labels: NiftiVolume
+    tumour_probability: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.tumour_probability is not None and self.tumour_probability.shape != self.labels.array.shape:
+            raise ValueError(f"tumour probability {self.tumour_probability.shape} is not on the labels' grid "
+                             f"{self.labels.array.shape}")
+
+
+def probability_path(label_path: str | os.PathLike[str]) -> str:
+    """``<case>.nii.gz`` (or ``.nii``) -> ``<case>_tumour_probability.nii.gz`` (``.nii``) in the same folder."""
+    path = os.fspath(label_path)
+    for suffix in (".nii.gz", ".nii"):
+        if path.endswith(suffix):
+            return path[:-len(suffix)] + PROBABILITY_SUFFIX + suffix
+    raise ValueError(f"{path}: not a .nii or .nii.gz path")
+
+
+def quantise_probability(probability: np.ndarray) -> np.ndarray:
+    """[0, 1] float -> uint8 ``round(p * 255)`` (the stored form; NaN or values outside [0, 1] refused)."""
+    values = np.asarray(probability, dtype=np.float32)
+    if values.size and (np.isnan(values).any() or values.min() < 0.0 or values.max() > 1.0):
+        raise ValueError("a probability map must lie in [0, 1] without NaN")
+    return np.rint(values * PROBABILITY_LEVELS).astype(np.uint8)
+
+
+def probability_nifti_bytes(probability: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None,
+                            compress: bool = True) -> bytes:
+    """A [0, 1] probability map as NIfTI bytes: uint8 with ``scl_slope = 1/255`` (:data:`PROBABILITY_LEVELS`),
+    on the grid (and, with the input's ``header``, the qform/sform) of :func:`nifti_bytes`."""
+    image = to_nifti_image(quantise_probability(probability), affine, header)
+    image.header.set_slope_inter(1.0 / PROBABILITY_LEVELS, 0.0)
+    image.header["descrip"] = b"tumour probability (uint8 * scl_slope = [0, 1])"
+    raw = image.to_bytes()
+    return gzip.compress(raw, compresslevel=1, mtime=0) if compress else raw
+
+
 def save_nifti(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray,
                header: nib.Nifti1Header | None = None) -> None:
     """Atomically write ``array`` with ``affine`` to ``path`` (gzip if it ends in ``.gz``)."""

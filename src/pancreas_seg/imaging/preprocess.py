@@ -10,6 +10,7 @@ The same :class:`ScanGeometry` maps model output back onto the original file's v
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +165,42 @@ def restore_label_volume(probabilities: np.ndarray, geometry: ScanGeometry,
         chunk = active[start:start + _RESTORE_CHUNK_SLICES]
         labels[chunk] = probabilities_to_labels(geometry.probabilities_to_slices(probs[chunk]), label_mode)
     return geometry.from_slices(labels)
+
+
+def _restored_channel_chunks(probabilities: np.ndarray, geometry: ScanGeometry,
+                             channel: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first slice, values)`` of one channel restored to canonical source slices, a few slices at a
+    time: :meth:`ScanGeometry.probabilities_to_slices` (linear in-plane, 0 where the scan was cropped
+    away on the way in), clipped to [0, 1] (float rounding of the interpolation weights only)."""
+    probs = np.asarray(probabilities, dtype=np.float32)
+    if probs.ndim != 4 or tuple(probs.shape[:3]) != geometry.model_shape:
+        raise ValueError(f"probabilities {probs.shape} do not fit the geometry's model grid "
+                         f"(Z, H, W) = {geometry.model_shape}")
+    if not 0 <= channel < probs.shape[-1]:
+        raise ValueError(f"channel {channel} is not one of the {probs.shape[-1]} output channels")
+    for start in range(0, len(probs), _RESTORE_CHUNK_SLICES):   # a few slices at a time, as the labels
+        chunk = probs[start:start + _RESTORE_CHUNK_SLICES, :, :, channel:channel + 1]
+        yield start, np.clip(geometry.probabilities_to_slices(chunk)[..., 0], 0.0, 1.0)
+
+
+def restore_channel_volume(probabilities: np.ndarray, geometry: ScanGeometry, channel: int) -> np.ndarray:
+    """One channel of (Z, H, W, C) model probabilities -> float32 on the original (X, Y, Z) grid.
+
+    The same inverse as :func:`restore_label_volume` (:meth:`ScanGeometry.probabilities_to_slices`:
+    linear in-plane interpolation, 0 where the scan was cropped away on the way in; then
+    :meth:`ScanGeometry.from_slices`), applied to every slice, so the labels are the argmax /
+    threshold of these values voxel by voxel. The result has exactly ``geometry.shape``, belongs
+    with ``geometry.affine`` and stays in [0, 1] (a linear interpolation is a convex combination).
+    """
+    values = np.zeros(geometry.slice_shape, dtype=np.float32)
+    for start, chunk in _restored_channel_chunks(probabilities, geometry, channel):
+        values[start:start + len(chunk)] = chunk
+    return geometry.from_slices(values)
+
+
+def restore_channel_max(probabilities: np.ndarray, geometry: ScanGeometry, channel: int) -> float:
+    """The maximum of :func:`restore_channel_volume` without holding the volume (a few slices at a time)."""
+    return max(float(chunk.max()) for _, chunk in _restored_channel_chunks(probabilities, geometry, channel))
 
 
 def context_stack(slices: np.ndarray, indices: np.ndarray, context_slices: int) -> np.ndarray:

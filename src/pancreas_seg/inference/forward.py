@@ -1,8 +1,9 @@
 """The forward pass over slices and the way back to the file's grid: the predictor's primitives.
 
 :func:`predict_slices` is the one loop that feeds a Keras model, :func:`to_file_grid` the one
-map-back of model-grid probabilities onto a scan's voxel grid, and :func:`use_xla` the one switch
-for XLA. :class:`ModelGridOutput` is what a forward pass hands to the map-back.
+map-back of model-grid probabilities onto a scan's voxel grid (:func:`tumour_probability_to_file_grid`
+the same inverse for the tumour probability), and :func:`use_xla` the one switch for XLA.
+:class:`ModelGridOutput` is what a forward pass hands to the map-back.
 :class:`pancreas_seg.inference.predictor.Predictor` and the cascade's two stages
 (:mod:`pancreas_seg.inference.cascade`) are built from them; nothing else calls them.
 """
@@ -15,8 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from pancreas_seg.core.labels import tumour_channel
 from pancreas_seg.imaging.geometry import ScanGeometry
-from pancreas_seg.imaging.preprocess import context_stack, restore_label_volume
+from pancreas_seg.imaging.preprocess import (
+    context_stack,
+    restore_channel_max,
+    restore_channel_volume,
+    restore_label_volume,
+)
 
 
 @dataclass(frozen=True)
@@ -105,3 +112,23 @@ def to_file_grid(probabilities: np.ndarray, geometry: ScanGeometry, label_mode: 
     The labels are on the scan's file grid (X, Y, Z in file order) and belong with ``geometry.affine``.
     """
     return restore_label_volume(probabilities, geometry, label_mode)
+
+
+def tumour_probability_to_file_grid(probabilities: np.ndarray, geometry: ScanGeometry,
+                                    label_mode: str) -> np.ndarray | None:
+    """(Z, H, W, C) model-grid probabilities -> float32 tumour probability in [0, 1] of exactly
+    ``geometry.shape`` (the file grid, with ``geometry.affine``); None for a ``pancreas`` model.
+
+    The geometry inverse of :func:`to_file_grid`, interpolated linearly (not nearest), so a voxel is
+    labelled tumour by a ``tumour`` model exactly where this is >= 0.5, and by a ``multiclass``
+    model only where it is the largest of the three interpolated class probabilities.
+    """
+    channel = tumour_channel(label_mode)
+    return None if channel is None else restore_channel_volume(probabilities, geometry, channel)
+
+
+def tumour_score_on_file_grid(probabilities: np.ndarray, geometry: ScanGeometry, label_mode: str) -> float | None:
+    """The maximum of :func:`tumour_probability_to_file_grid` (the patient tumour score), computed a
+    few slices at a time without the file-grid volume; None for a ``pancreas`` model."""
+    channel = tumour_channel(label_mode)
+    return None if channel is None else restore_channel_max(probabilities, geometry, channel)

@@ -11,7 +11,9 @@ served MLflow model and the benchmarks. It owns
 * checking the cards: consistent, of one ensemble, bound to these weights;
 * the settings (:class:`PredictionSettings`: batch size, XLA, flip TTA, post-processing), read
   from the ``inference`` or ``evaluation`` parameters;
-* the forward pass, the ensemble average and the map-back to the file's grid.
+* the forward pass, the ensemble average and the map-back to the file's grid: the labels and, on
+  request (:meth:`Predictor.segment_with_probability`, :class:`ScanPrediction`), the tumour
+  probability map with the patient-level tumour score.
 
 Modelled on nnU-Net's ``nnUNetPredictor`` (``initialize_from_trained_model_folder`` +
 ``predict_from_files``).
@@ -26,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from pancreas_seg.core.labels import tumour_channel
+from pancreas_seg.evaluation.detection import patient_tumour_score
 from pancreas_seg.evaluation.postprocessing import keep_largest_foreground
 from pancreas_seg.imaging.geometry import ScanGeometry
 from pancreas_seg.imaging.intensity import ForegroundIntensityStats
@@ -36,6 +40,8 @@ from pancreas_seg.inference.forward import (
     mean_probabilities,
     predict_slices,
     to_file_grid,
+    tumour_probability_to_file_grid,
+    tumour_score_on_file_grid,
     use_xla,
 )
 from pancreas_seg.inference.model_card import ModelCard, ModelMismatchError, check_fold_ensemble
@@ -71,6 +77,31 @@ class PredictionSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ScanPrediction:
+    """One scan segmented, on its file grid (the input's shape; it belongs with the input's affine).
+
+    Attributes:
+        labels: uint8 MSD labels {0, 1, 2}, post-processed as the settings say; bit-identical to
+            :meth:`Predictor.segment` / :meth:`Predictor.segment_slices`.
+        tumour_probability: float32 tumour probability in [0, 1], same shape: the (ensemble-mean)
+            model-grid tumour output mapped back with the labels' geometry inverse, interpolated
+            linearly. For the cascade: stage 2's tumour probability inside its crop, 0 outside.
+            Before post-processing (largest component, the cascade's minimum tumour volume): a
+            voxel may keep a probability >= 0.5 where those steps removed the tumour label. None for
+            a model without a tumour output (label mode ``pancreas``).
+        report: the cascade's report (see :meth:`Predictor.segment_with_report`); empty otherwise.
+        patient_tumour_score: the patient-level tumour score, the maximum of the tumour probability
+            map (:func:`pancreas_seg.evaluation.detection.patient_tumour_score`); None without a
+            tumour output. :meth:`Predictor.segment_with_score` gives it without the map.
+    """
+
+    labels: np.ndarray
+    tumour_probability: np.ndarray | None
+    report: dict[str, Any]
+    patient_tumour_score: float | None = None
 
 
 class Predictor:
@@ -225,6 +256,13 @@ class Predictor:
     def is_cascade(self) -> bool:
         return self.cascade is not None
 
+    @property
+    def has_tumour_output(self) -> bool:
+        """Whether the model outputs a tumour probability (the cascade: its stage 2); False for
+        label mode ``pancreas``, whose :class:`ScanPrediction` has no tumour probability."""
+        label_mode = self.cascade.stage2_label_mode if self.cascade is not None else self.label_mode
+        return tumour_channel(label_mode) is not None
+
     def check_disjoint(self, case_ids: Iterable[str], purpose: str) -> None:
         """Refuse when any member was trained or validated on one of ``case_ids``."""
         for card in self.cards:
@@ -252,12 +290,22 @@ class Predictor:
 
     def to_labels(self, probabilities: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
         """Model-grid probabilities -> uint8 labels on the scan's file grid, post-processed as set."""
-        (labels,) = self._map_back([ModelGridOutput(probabilities, geometry, self.label_mode)])
-        return self._postprocess(labels)
+        return self.to_prediction(probabilities, geometry, with_probability=False).labels
+
+    def to_prediction(self, probabilities: np.ndarray, geometry: ScanGeometry,
+                      with_probability: bool = True) -> ScanPrediction:
+        """Model-grid probabilities -> :class:`ScanPrediction` on the scan's file grid: the labels of
+        :meth:`to_labels` and (``with_probability``) the tumour probability map and its maximum."""
+        return self._prediction([ModelGridOutput(probabilities, geometry, self.label_mode)],
+                                "map" if with_probability else None, geometry.shape, {})
 
     def segment_slices(self, image_slices: np.ndarray, geometry: ScanGeometry) -> np.ndarray:
         """Preprocessed (Z, H, W) slices of a scan with ``geometry`` -> uint8 labels of ``geometry.shape``."""
         return self.to_labels(self.predict_probabilities(image_slices), geometry)
+
+    def segment_slices_with_probability(self, image_slices: np.ndarray, geometry: ScanGeometry) -> ScanPrediction:
+        """:meth:`segment_slices` and the tumour probability map on the same grid (:class:`ScanPrediction`)."""
+        return self.to_prediction(self.predict_probabilities(image_slices), geometry)
 
     def segment(self, hu: np.ndarray, affine: np.ndarray, name: str = "scan") -> np.ndarray:
         """Raw CT (X, Y, Z) HU in file order, any axis order -> uint8 labels of exactly its shape.
@@ -270,21 +318,60 @@ class Predictor:
                             name: str = "scan") -> tuple[np.ndarray, dict[str, Any]]:
         """:meth:`segment` and a report (for the cascade: where stage 1 found the pancreas, how
         many slices and tiles stage 2 ran on; empty for other models)."""
+        prediction = self._segment(hu, affine, name, None)
+        return prediction.labels, prediction.report
+
+    def segment_with_probability(self, hu: np.ndarray, affine: np.ndarray, name: str = "scan") -> ScanPrediction:
+        """:meth:`segment_with_report` and the tumour probability map of the scan (:class:`ScanPrediction`;
+        its ``patient_tumour_score`` is the map's maximum). Costs one float32 volume of the scan's
+        shape more than :meth:`segment`."""
+        return self._segment(hu, affine, name, "map")
+
+    def segment_with_score(self, hu: np.ndarray, affine: np.ndarray, name: str = "scan") -> ScanPrediction:
+        """:meth:`segment_with_probability` without keeping the map: the labels, the report and the
+        patient tumour score (the same maximum, taken a few slices at a time; ``tumour_probability``
+        None). What the served model answers: no float32 volume of the scan's shape is held."""
+        return self._segment(hu, affine, name, "max")
+
+    def _segment(self, hu: np.ndarray, affine: np.ndarray, name: str, probability: str | None) -> ScanPrediction:
         if self.cascade is None:
             image, geometry = preprocess_image(hu, affine, self.preprocessing, self.foreground_stats)
-            return self.segment_slices(image, geometry), {}
+            return self._prediction([ModelGridOutput(self.predict_probabilities(image), geometry, self.label_mode)],
+                                    probability, hu.shape, {})
         settings = self.settings
         outputs, report = predict_cascade(self.cascade, hu, affine, settings.batch_size, settings.flip_tta, name)
-        labels, removed = merge_stages(self.cascade, self._map_back(outputs), hu.shape, affine)
-        if outputs:
-            report["small_tumour_components_removed"] = removed
-        return self._postprocess(labels), report
+        return self._prediction(outputs, probability, hu.shape, report, affine)
 
-    @staticmethod
-    def _map_back(outputs: Sequence[ModelGridOutput]) -> list[np.ndarray]:
-        """Model-grid outputs -> uint8 labels on the file's grid: the one map-back of every path
-        (single model, ensemble mean, both stages of the cascade)."""
-        return [to_file_grid(output.probabilities, output.geometry, output.label_mode) for output in outputs]
+    def _prediction(self, outputs: Sequence[ModelGridOutput], probability: str | None, shape: tuple[int, ...],
+                    report: dict[str, Any], affine: np.ndarray | None = None) -> ScanPrediction:
+        """Model-grid outputs -> :class:`ScanPrediction`: the one map-back of every path (single model,
+        ensemble mean, both stages of the cascade), then the cascade's merge and the post-processing.
+
+        ``probability``: None (labels only), ``"map"`` (the tumour probability map and its maximum)
+        or ``"max"`` (the maximum only). The tumour probability is the first output's (the model's;
+        the cascade's stage 2, whose crop grid puts 0 outside the crop; 0 everywhere when stage 1
+        found nothing); none for a model without a tumour output.
+        """
+        labels = [to_file_grid(o.probabilities, o.geometry, o.label_mode) for o in outputs]
+        tumour_map, score = None, None
+        if probability is not None and self.has_tumour_output:
+            if not outputs:   # the cascade's stage 1 found no pancreas: stage 2 never looked
+                score = 0.0
+                tumour_map = np.zeros(shape, dtype=np.float32) if probability == "map" else None
+            elif probability == "map":
+                first = outputs[0]
+                tumour_map = tumour_probability_to_file_grid(first.probabilities, first.geometry, first.label_mode)
+                score = patient_tumour_score(tumour_map)
+            else:
+                first = outputs[0]
+                score = tumour_score_on_file_grid(first.probabilities, first.geometry, first.label_mode)
+        if self.cascade is None:
+            (merged,) = labels
+        else:
+            merged, removed = merge_stages(self.cascade, labels, shape, affine)
+            if outputs:
+                report["small_tumour_components_removed"] = removed
+        return ScanPrediction(self._postprocess(merged), tumour_map, report, score)
 
     def _postprocess(self, labels: np.ndarray) -> np.ndarray:
         return keep_largest_foreground(labels) if self.settings.keep_largest_component else labels

@@ -26,7 +26,10 @@ inference pipeline's ``inference`` settings (their defaults are the recorded set
 
 Output, one row per input row: ``mask_nifti_base64``, the label map (uint8, 0 background,
 1 pancreas, 2 tumour) as a base64-encoded ``.nii.gz`` with the input's shape, affine and header,
-and ``case_id`` (``row<i>`` for uploaded bytes, the file's case id for a ``path``). For a DICOM
+``case_id`` (``row<i>`` for uploaded bytes, the file's case id for a ``path``) and
+``patient_tumour_score``: the maximum tumour probability over the scan (float in [0, 1], the
+patient-level tumour score of :class:`~pancreas_seg.inference.predictor.ScanPrediction`; null for
+a model without a tumour output). Clients that read only the mask are unaffected by that column. For a DICOM
 series the mask is on the series grid as the inference pipeline writes it for DICOM input: the
 array and affine of :func:`pancreas_seg.imaging.dicom_io.read_dicom_archive` (``mask[i, j, k]`` =
 column i, row j of the k-th slice along the slice normal; affine voxel -> RAS mm; not dcm2niix's
@@ -141,6 +144,8 @@ BASE64_COLUMNS = (INPUT_BASE64, INPUT_DICOM)
 DICOM_COLUMNS = (INPUT_DICOM,)
 """Input columns of DICOM uploads: a request's rows are all DICOM or all NIfTI (``nifti_base64``, ``path``)."""
 OUTPUT_BASE64, OUTPUT_CASE = "mask_nifti_base64", "case_id"
+OUTPUT_SCORE = "patient_tumour_score"
+"""Output column: the patient-level tumour score (maximum tumour probability), null without a tumour output."""
 OUTPUT_SEG, OUTPUT_SEG_RECORD, OUTPUT_SEG_REFUSED = "dicom_seg_base64", "dicom_seg_record", "dicom_seg_refused"
 """Output columns of a DICOM request with ``return_dicom_seg``: the SEG's bytes (base64), the JSON record of
 the source UIDs generated for it (when the series lacked usable ones), and why no SEG was made."""
@@ -170,6 +175,7 @@ def signature(settings: PredictionSettings) -> ModelSignature:
     return ModelSignature(
         inputs=Schema([ColSpec("string", column, required=False) for column in INPUT_COLUMNS]),
         outputs=Schema([ColSpec("string", OUTPUT_CASE), ColSpec("string", OUTPUT_BASE64),
+                        ColSpec("double", OUTPUT_SCORE, required=False),
                         *(ColSpec("string", column, required=False) for column in SEG_COLUMNS)]),
         params=ParamSchema([*(ParamSpec(name, "boolean", getattr(settings, name)) for name in REQUEST_PARAMS),
                             *(ParamSpec(name, "boolean", default) for name, default in RESPONSE_PARAMS.items())]),
@@ -451,11 +457,13 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                         continue
                     ct = self._read(row)
                     row.payload = b""                      # the compressed bytes are not needed any more
-                    labels = predictor.segment(ct.array, ct.affine, row.name)
+                    labels, score = _segment(predictor, ct.array, ct.affine, row.name)
                     mask = nifti_bytes(labels, ct.affine, ct.header, compress=True)
-                    outputs.append({OUTPUT_CASE: row.case_id, OUTPUT_BASE64: base64.b64encode(mask).decode("ascii")})
+                    outputs.append({OUTPUT_CASE: row.case_id, OUTPUT_BASE64: base64.b64encode(mask).decode("ascii"),
+                                    OUTPUT_SCORE: score})
                     del ct, labels, mask
-        return pd.DataFrame(outputs, columns=[OUTPUT_CASE, OUTPUT_BASE64, *(SEG_COLUMNS if want_seg else ())])
+        return pd.DataFrame(outputs, columns=[OUTPUT_CASE, OUTPUT_BASE64, OUTPUT_SCORE,
+                                              *(SEG_COLUMNS if want_seg else ())])
 
     def _checked_rows(self, model_input: Any, folder: _RequestFolder) -> list[_Row]:
         """Every row's bytes with its size and NIfTI header checked (nothing inflated yet); a DICOM
@@ -589,9 +597,10 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         DICOM input (the reader's array and affine, no header), and the DICOM-SEG when asked."""
         volume = self._read_dicom(row)
         ticket.check_deadline(f"segmenting row {row.index}")
-        labels = predictor.segment(volume.array, volume.affine, row.name)
+        labels, score = _segment(predictor, volume.array, volume.affine, row.name)
         mask = nifti_bytes(labels, volume.affine, None, compress=True)
-        answer = {OUTPUT_CASE: row.case_id, OUTPUT_BASE64: base64.b64encode(mask).decode("ascii")}
+        answer = {OUTPUT_CASE: row.case_id, OUTPUT_BASE64: base64.b64encode(mask).decode("ascii"),
+                  OUTPUT_SCORE: score}
         del mask
         if want_seg:
             answer |= self._dicom_seg(row, volume, labels, predictor.name)
@@ -657,6 +666,15 @@ _READERS: dict[str, Callable[[SegmentationModel, str, int], tuple[bytes, str]]] 
     INPUT_DICOM: SegmentationModel._from_dicom_base64,
 }
 """Input column -> how a row's value becomes the scan's bytes and its output case id."""
+
+
+def _segment(predictor: Predictor, hu: Any, affine: Any, name: str) -> tuple[Any, float | None]:
+    """The labels of a scan and its patient tumour score (None without a tumour output), without a
+    probability map of the scan's size (:meth:`Predictor.segment_with_score`)."""
+    if not predictor.has_tumour_output:
+        return predictor.segment(hu, affine, name), None
+    prediction = predictor.segment_with_score(hu, affine, name)
+    return prediction.labels, prediction.patient_tumour_score
 
 
 def _read_capped(path: Path, max_bytes: int, index: int) -> bytes:

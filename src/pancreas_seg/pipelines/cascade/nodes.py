@@ -594,5 +594,6 @@ def evaluate_cascade_fold_ensemble(fold_models: Mapping[str, Any], fold_cards: M
     tolerance = float(evaluation["nsd_tolerance_mm"])
     frames = [score_cases(predict_cases(predictor, cases, model_input_slices, slice_geometry, case_manifest, "test"),
                           cases, case_manifest, slice_geometry, predictor.name, tolerance) for predictor in predictors]
-    return (predict_cases(ensemble, cases, model_input_slices, slice_geometry, case_manifest, "test"),
+    return (predict_cases(ensemble, cases, model_input_slices, slice_geometry, case_manifest, "test",
+                          with_probability=False),   # saved labels only, as every architecture's ensemble
             pd.concat(frames, ignore_index=True))

@@ -17,11 +17,18 @@ import numpy as np
 import pandas as pd
 
 from pancreas_seg import tracking
-from pancreas_seg.evaluation.scoring import build_summary, flat_test_metrics, score_cases, score_out_of_fold_cases
+from pancreas_seg.evaluation.scoring import (
+    LESION_CLASS,
+    build_summary,
+    detection_values,
+    flat_test_metrics,
+    score_cases,
+    score_out_of_fold_cases,
+)
 from pancreas_seg.evaluation.selection import SelectionRule, check_selection_cases, rank_models, scored_case_ids
 from pancreas_seg.evaluation.statistics import bootstrap_mean_ci
 from pancreas_seg.imaging.geometry import ScanGeometry
-from pancreas_seg.imaging.nifti_io import NiftiVolume
+from pancreas_seg.imaging.nifti_io import CasePrediction, NiftiVolume
 from pancreas_seg.inference.forward import mean_probabilities
 from pancreas_seg.inference.model_card import ModelCard, ModelMismatchError, check_fold_ensemble
 from pancreas_seg.inference.model_store import ENSEMBLE_SUFFIX
@@ -134,10 +141,12 @@ def check_fold_models(models: list[tuple[int, Any]], cards: list[tuple[int, Mode
 def predict_out_of_fold(fold_models: Mapping[str, Any], fold_cards: Mapping[str, Any],
                         model_input_slices: Mapping[str, Callable[[], np.ndarray]], slice_geometry: dict[str, Any],
                         case_manifest: pd.DataFrame, intensity_stats: dict[str, Any], preprocessing: dict[str, Any],
-                        evaluation: dict[str, Any]) -> dict[str, Callable[[], NiftiVolume]]:
+                        evaluation: dict[str, Any]) -> dict[str, Callable[[], CasePrediction]]:
     """Predict every development case with the model of the fold that held it out (lazily, per case).
 
-    Returns ``{case_id: fn}`` on each case's original grid (saved one case at a time).
+    Returns ``{case_id: fn}`` on each case's original grid (saved one case at a time): the labels
+    and, for a model with a tumour output, the tumour probability map out-of-fold detection is
+    scored on.
     """
     models, cards = _fold_items(fold_models), _fold_items(fold_cards)
     check_fold_models(models, cards, case_manifest, preprocessing, intensity_stats)
@@ -148,12 +157,14 @@ def predict_out_of_fold(fold_models: Mapping[str, Any], fold_cards: Mapping[str,
     cases = development_case_ids(case_manifest)
     name = cards[0][1].architecture
 
-    def predict(index: int, case_id: str) -> NiftiVolume:
+    def predict(index: int, case_id: str) -> CasePrediction:
         fold = fold_of[case_id]
         logger.info("%s: out-of-fold prediction %d/%d: %s (fold %d)", name, index, len(cases), case_id, fold)
         geometry = ScanGeometry.from_dict(slice_geometry[case_id])
-        return NiftiVolume(by_fold[fold].segment_slices(model_input_slices[f"{case_id}/image"](), geometry),
-                           geometry.affine)
+        predictor = by_fold[fold]
+        prediction = predictor.to_prediction(predictor.predict_probabilities(model_input_slices[f"{case_id}/image"]()),
+                                             geometry, with_probability=predictor.has_tumour_output)
+        return CasePrediction(NiftiVolume(prediction.labels, geometry.affine), prediction.tumour_probability)
 
     return {case_id: functools.partial(predict, i, case_id) for i, case_id in enumerate(cases, start=1)}
 
@@ -199,20 +210,21 @@ def evaluate_fold_ensemble(fold_models: Mapping[str, Any], fold_cards: Mapping[s
     def fold_probabilities(case_id: str) -> list[np.ndarray]:
         return list(ensemble.member_probabilities(model_input_slices[f"{case_id}/image"]()))
 
-    def volume(probabilities: np.ndarray, case_id: str) -> NiftiVolume:
+    def volume(probabilities: np.ndarray, case_id: str) -> CasePrediction:
         geometry = ScanGeometry.from_dict(slice_geometry[case_id])
-        return NiftiVolume(ensemble.to_labels(probabilities, geometry), geometry.affine)
+        prediction = ensemble.to_prediction(probabilities, geometry, with_probability=ensemble.has_tumour_output)
+        return CasePrediction(NiftiVolume(prediction.labels, geometry.affine), prediction.tumour_probability)
 
     frames = []
     for index, case_id in enumerate(cases, start=1):
         logger.info("%s: test case %d/%d: %s (%d fold models and their ensemble)", ensemble_name, index,
                     len(cases), case_id, len(models))
         per_fold = fold_probabilities(case_id)
-        scored = {f"{name}.fold{fold}": volume(p, case_id) for (fold, _), p in zip(models, per_fold, strict=True)}
-        scored[ensemble_name] = volume(mean_probabilities(per_fold), case_id)
-        for model_name, prediction in scored.items():
-            frames.append(score_cases({case_id: lambda v=prediction: v}, [case_id], case_manifest, slice_geometry,
-                                      model_name, tolerance))
+        scored = {f"{name}.fold{fold}": p for (fold, _), p in zip(models, per_fold, strict=True)}
+        scored[ensemble_name] = mean_probabilities(per_fold)
+        for model_name, probabilities in scored.items():   # one file-grid prediction in memory at a time
+            frames.append(score_cases({case_id: functools.partial(volume, probabilities, case_id)}, [case_id],
+                                      case_manifest, slice_geometry, model_name, tolerance))
 
     def predict_ensemble(case_id: str) -> NiftiVolume:
         geometry = ScanGeometry.from_dict(slice_geometry[case_id])
@@ -291,7 +303,9 @@ def compare_cross_validation(cv_metrics_per_case: pd.DataFrame, statistics: dict
                 **{f"{fold}_dice": values[class_name] for fold, values in summary["folds"].items()},
                 "test_fold_mean_dice": versus["fold_mean_dice"], "test_ensemble_dice": versus["ensemble_dice"],
                 "ensemble_at_least_fold_mean": versus["ensemble_at_least_fold_mean"],
-                "mlflow_run_id": summary["mlflow_run_id"]})
+                "mlflow_run_id": summary["mlflow_run_id"],
+                **{f"cv_{key}": value if class_name == LESION_CLASS else np.nan
+                   for key, value in detection_values(summary["cv"].get("detection", {}).get(LESION_CLASS, {})).items()}})
     table = pd.DataFrame(rows).sort_values(["class", "cv_dice_mean"], ascending=[True, False])
     confidence = float(statistics["confidence"])
     lines = [f"| architecture | class | out-of-fold Dice ± std (n) | {confidence:.0%} CI of the mean | per-fold Dice "
@@ -312,8 +326,35 @@ def compare_cross_validation(cv_metrics_per_case: pd.DataFrame, statistics: dict
         f"CI: percentile bootstrap of the mean over those cases ({int(statistics['n_bootstrap'])} resamples). "
         "Test Dice: the held-out test cases, scored by each fold model (their mean) and by the fold "
         "ensemble (softmax averaged).\n")
+    detection = table[table["class"] == LESION_CLASS]
+    if detection["cv_n_patients_with_tumour"].notna().any():
+        def with_ci(row: pd.Series, name: str) -> str:
+            return (f"{number(row[f'cv_{name}'])} [{number(row[f'cv_{name}_ci_low'])}, "
+                    f"{number(row[f'cv_{name}_ci_high'])}]")
+
+        lines = ["| architecture | out-of-fold cases (with tumour) | AUROC [95% CI] | AP [95% CI] | FROC CPM "
+                 "| sensitivity at 1 FP/case |", "|---|---|---|---|---|---|"]
+        lines += [f"| {row['architecture']} | {int(row['cv_n_cases'])} ("
+                  f"{'n/a' if pd.isna(row['cv_n_patients_with_tumour']) else int(row['cv_n_patients_with_tumour'])}) "
+                  f"| {with_ci(row, 'auroc')} | {with_ci(row, 'ap')} | {number(row['cv_froc_cpm'])} "
+                  f"| {number(row['cv_froc_sensitivity_at_1_fp'])} |" for _, row in detection.iterrows()]
+        markdown += ("\n### Tumour detection, out of fold\n\n" + "\n".join(lines) + "\n\nPatient score: the maximum "
+                     "tumour probability of the scan; AUROC and AP of it against a tumour in the truth, with a "
+                     "95 % percentile bootstrap CI over the out-of-fold cases; FROC: lesion hits at IoU >= 0.1, "
+                     "CPM = mean sensitivity at 1/8 ... 8 false positives per case (docs/detection.md).\n")
     logger.info("Cross-validation comparison:\n%s", markdown)
     return table, markdown
+
+
+def plot_cross_validation_froc(*summaries: dict[str, Any]) -> Any:
+    """The out-of-fold tumour FROC of every architecture on one plot
+    (:func:`~pancreas_seg.evaluation.plots.plot_froc`), also logged to the active MLflow run."""
+    from pancreas_seg.evaluation.plots import plot_froc  # noqa: PLC0415 - matplotlib
+
+    figure = plot_froc({s["architecture"]: s["cv"].get("detection", {}).get(LESION_CLASS, {}) for s in summaries},
+                       "tumour FROC, out-of-fold cases")
+    tracking.log_figure_to_active_run(figure, "cv/froc.png")
+    return figure
 
 
 # --------------------------------------------------------------------------- selection + registry

@@ -70,6 +70,8 @@ def create_pipeline(models: Iterable[str] = ARCHITECTURE_NAMES, external: Iterab
         Node(nodes.compare_cross_validation,
              ["cv_metrics_per_case", "params:statistics", *(f"cv_summary_{a}" for a in archs)],
              ["cv_comparison", "cv_comparison_markdown"], name="compare_cross_validation"),
+        Node(nodes.plot_cross_validation_froc, [f"cv_summary_{a}" for a in archs], "cv_froc_plot",
+             name="plot_cross_validation_froc"),
         Node(nodes.compare_statistically,
              ["cv_metrics_per_case", "params:statistics"],
              ["cv_paired_comparison", "cv_paired_comparison_markdown", "cv_paired_comparison_plot"],

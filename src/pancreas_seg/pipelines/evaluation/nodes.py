@@ -24,7 +24,7 @@ from pancreas_seg.evaluation.scoring import (
     markdown_table,
     score_cases,
 )
-from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
+from pancreas_seg.imaging.nifti_io import CasePrediction, NiftiVolume, load_nifti
 from pancreas_seg.imaging.preprocess import axial_view
 from pancreas_seg.inference.case_predictions import predict_cases
 from pancreas_seg.inference.model_card import ModelCard
@@ -56,14 +56,15 @@ def check_model_binding(model_card: ModelCard, case_manifest: pd.DataFrame,
 def predict_test_cases(model: Any, model_card: ModelCard, model_check: dict[str, Any],
                        model_input_slices: Mapping[str, Callable[[], np.ndarray]],
                        slice_geometry: dict[str, Any], case_manifest: pd.DataFrame, evaluation: dict[str, Any],
-                       stage1_model: Any = None) -> dict[str, Callable[[], NiftiVolume]]:
+                       stage1_model: Any = None) -> dict[str, Callable[[], CasePrediction]]:
     """Lazily predict every test case on the original file's grid and affine, with the predictor.
 
     ``model_check`` (from :func:`check_model_binding`) is taken only so that the binding is
     checked first. A single model predicts the preprocessed slices; the cascade (its card and
     ``stage1_model``) runs both stages on each test case's CT file, as inference does.
     Returns ``{case_id: fn}``; Kedro calls each ``fn`` when it saves that partition, so only one
-    case is in memory at a time. Saved predictions are not post-processed.
+    case is in memory at a time. Saved predictions are not post-processed; a model with a tumour
+    output also saves ``<case>_tumour_probability.nii.gz`` (detection is scored on it).
     """
     predictor = Predictor.from_models([model], [model_card], PredictionSettings.from_params(evaluation),
                                       stage1=stage1_model)
@@ -82,7 +83,8 @@ def score_test_cases(test_predictions: Mapping[str, Callable[[], NiftiVolume]], 
 
 
 def summarise_model(metrics_per_case: pd.DataFrame, model_card: ModelCard) -> dict[str, Any]:
-    """Build the model's summary and log it (and test metrics) to the model's MLflow run."""
+    """Build the model's summary and log it (and test metrics, detection's ``test_tumour_auroc``,
+    ``test_tumour_ap``, ``test_tumour_froc_cpm`` ... among them) to the model's MLflow run."""
     summary = build_summary(metrics_per_case, model_card.architecture, model_card.mlflow_run_id,
                             model_card.data_source)
     run_id = model_card.mlflow_run_id
@@ -103,14 +105,23 @@ def summarise_model(metrics_per_case: pd.DataFrame, model_card: ModelCard) -> di
                 present.get("mean", float("nan")), lesions.get("lesion_sensitivity", float("nan")),
                 lesions.get("lesions_found"), lesions.get("lesions_true"),
                 lesions.get("fp_components_per_case", float("nan")), lesions.get("n_cases"))
+    detection = summary["detection"].get(LESION_CLASS, {})
+    if detection.get("available"):
+        patient = detection["patient"]
+        logger.info("%s: test %s detection: patient AUROC %.3f [%.3f, %.3f], AP %.3f (%s of %s cases with a %s); "
+                    "FROC CPM %.3f", model_card.architecture, LESION_CLASS, patient["auroc"], patient["auroc_ci_low"],
+                    patient["auroc_ci_high"], patient["ap"], patient["n_positive"], patient["n_patients"],
+                    LESION_CLASS, detection["froc"]["cpm"])
     return summary
 
 
-def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str, Any]:
+def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str, Any, Any]:
     """Inputs: each architecture's metrics frame, then each one's summary (same order).
 
-    Returns the combined per-case CSV, the comparison table (CSV and markdown) and the Dice and
-    HD95 box plots (misses counted in the labels and caption), also logged to every architecture's run.
+    Returns the combined per-case CSV, the comparison table (CSV and markdown, with the tumour
+    detection columns and table), the Dice and HD95 box plots (misses counted in the labels and
+    caption) and the tumour FROC plot of all models, the plots and markdown also logged to every
+    architecture's run.
     """
     n = len(inputs) // 2
     frames, summaries = list(inputs[:n]), list(inputs[n:])
@@ -118,14 +129,17 @@ def compare_architectures(*inputs: Any) -> tuple[pd.DataFrame, pd.DataFrame, str
     metrics = pd.concat(frames, ignore_index=True).reindex(columns=METRIC_COLUMNS)
     table = comparison_table(summaries)
     markdown = markdown_table(table)
-    from pancreas_seg.evaluation.plots import plot_dice_boxplots  # noqa: PLC0415 - matplotlib when plotting only
+    from pancreas_seg.evaluation.plots import plot_dice_boxplots, plot_froc  # noqa: PLC0415 - matplotlib when plotting only
 
     figure = plot_dice_boxplots(metrics)
+    froc_figure = plot_froc({s["architecture"]: s.get("detection", {}).get(LESION_CLASS, {}) for s in summaries},
+                            "tumour FROC, held-out test cases")
     for summary in summaries:
         tracking.log_figure(summary["mlflow_run_id"], figure, "plots/dice_boxplots.png")
+        tracking.log_figure(summary["mlflow_run_id"], froc_figure, "plots/froc.png")
         tracking.log_text(summary["mlflow_run_id"], markdown, "evaluation/comparison.md")
     logger.info("Held-out test comparison:\n%s", markdown)
-    return metrics, table, markdown, figure
+    return metrics, table, markdown, figure, froc_figure
 
 
 def compare_statistically(metrics_per_case: pd.DataFrame,

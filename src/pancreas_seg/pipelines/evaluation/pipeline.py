@@ -55,7 +55,7 @@ def create_pipeline(models: Iterable[str] = MODEL_NAMES) -> Pipeline:
     comparison = Pipeline([
         Node(nodes.compare_architectures,
              [f"metrics_per_case_{a}" for a in archs] + [f"evaluation_summary_{a}" for a in archs],
-             ["metrics_per_case", "model_comparison", "model_comparison_markdown", "dice_boxplots"],
+             ["metrics_per_case", "model_comparison", "model_comparison_markdown", "dice_boxplots", "froc_plot"],
              name="compare_architectures"),
         Node(nodes.plot_test_overlays,
              ["case_manifest", "params:evaluation"] + [f"evaluation_summary_{a}" for a in archs]

@@ -1,6 +1,7 @@
 """Inference nodes: CT scans (NIfTI files or DICOM series) -> label maps in each input's own geometry.
 
-The pipeline is find -> load the predictor -> segment -> write: the masks, overlay PNGs and
+The pipeline is find -> load the predictor -> segment -> write: the masks (with
+``inference.write_tumour_probability`` also the tumour probability maps), overlay PNGs and
 DICOM-SEG objects are lazy partitions that the catalog saves one case at a time
 (``inference_masks``, ``inference_overlays``, ``inference_dicom_seg`` in ``inference.output_dir``);
 the report lists what was written and what was skipped.
@@ -27,7 +28,8 @@ from pancreas_seg.imaging.dicom_io import (
     is_dicomdir,
     read_dicom_input,
 )
-from pancreas_seg.imaging.nifti_io import NiftiVolume, load_nifti
+from pancreas_seg.evaluation.detection import patient_tumour_score
+from pancreas_seg.imaging.nifti_io import PROBABILITY_SUFFIX, CasePrediction, NiftiVolume, load_nifti
 from pancreas_seg.imaging.preprocess import axial_view
 from pancreas_seg.inference.predictor import PredictionSettings, Predictor
 from pancreas_seg.task07.layout import CaseFiles, case_id_from_path, list_nifti_files
@@ -150,16 +152,28 @@ def load_predictor(inference: dict[str, Any], scans: Mapping[str, Scan]) -> Pred
     return predictor
 
 
-def segment_scans(predictor: Predictor, scans: Mapping[str, Scan]) -> dict[str, Callable[[], NiftiVolume]]:
+def segment_scans(predictor: Predictor, scans: Mapping[str, Scan],
+                  inference: Mapping[str, Any] | None = None) -> dict[str, Callable[[], CasePrediction]]:
     """``{case_id: fn}``: each ``fn`` segments its scan; the catalog saves ``<case>.nii.gz`` with the
-    input's shape, affine and header, one case at a time."""
+    input's shape, affine and header, one case at a time. With ``inference.write_tumour_probability``
+    (and a model with a tumour output) also ``<case>_tumour_probability.nii.gz`` next to it: the
+    tumour probability on the same grid, uint8 with ``scl_slope = 1/255`` (readers get [0, 1])."""
+    with_probability = bool((inference or {}).get("write_tumour_probability", False))
+    if with_probability and not predictor.has_tumour_output:
+        logger.warning("inference.write_tumour_probability: %s has no tumour output (label mode %s); only the "
+                       "label maps are written", predictor.name, predictor.label_mode)
+        with_probability = False
 
-    def segment(index: int, case_id: str) -> NiftiVolume:
+    def segment(index: int, case_id: str) -> CasePrediction:
         scan = scans[case_id]
         logger.info("Segmenting %d/%d: %s%s", index, len(scans), case_id,
                     f" ({scan.description})" if scan.description else "")
         ct = scan.load()
-        return NiftiVolume(predictor.segment(ct.array, ct.affine, case_id), ct.affine, ct.header)
+        if not with_probability:
+            return CasePrediction(NiftiVolume(predictor.segment(ct.array, ct.affine, case_id), ct.affine, ct.header))
+        prediction = predictor.segment_with_probability(ct.array, ct.affine, case_id)
+        logger.info("%s: patient tumour score %.3f", case_id, prediction.patient_tumour_score)
+        return CasePrediction(NiftiVolume(prediction.labels, ct.affine, ct.header), prediction.tumour_probability)
 
     return {case_id: functools.partial(segment, i, case_id) for i, case_id in enumerate(scans, start=1)}
 
@@ -276,16 +290,24 @@ def report_inference(masks: Mapping[str, Callable[[], NiftiVolume]], overlays: M
     (``dicom_seg_refused``, ``dicom_seg`` None), or which UIDs were generated for its source series
     (``dicom_seg_generated_uids``: study, series, frame of reference, and the SOP Instance UID of
     every source image by index, file and InstanceNumber), as recorded in ``dicom_seg_record``.
+    With ``write_tumour_probability`` a row also names its ``tumour_probability`` map and gives the
+    ``patient_tumour_score`` (the map's maximum, to its 1/255 steps); both are None otherwise.
     """
     output_dir = Path(inference["output_dir"])
     dicom_seg = inference.get("output_format", "nifti") == "dicom_seg"
+    with_probability = bool(inference.get("write_tumour_probability", False)) and predictor.has_tumour_output
     outputs = []
     for case_id, scan in scans.items():
         labels = masks[case_id]().array
         row = {"case_id": case_id, "input": scan.source, "mask": str(output_dir / f"{case_id}.nii.gz"),
                "overlay": str(output_dir / f"{case_id}_overlay.png"), "shape": list(labels.shape),
                "voxels_pancreas": int(np.count_nonzero(labels == PANCREAS)),
-               "voxels_tumour": int(np.count_nonzero(labels == TUMOUR))}
+               "voxels_tumour": int(np.count_nonzero(labels == TUMOUR)),
+               "tumour_probability": None, "patient_tumour_score": None}
+        probability = masks.get(f"{case_id}{PROBABILITY_SUFFIX}") if with_probability else None
+        if probability is not None:   # this run's map (an earlier run's is removed when this one writes none)
+            row["tumour_probability"] = str(output_dir / f"{case_id}{PROBABILITY_SUFFIX}.nii.gz")
+            row["patient_tumour_score"] = patient_tumour_score(probability().array)
         if scan.is_dicom and dicom_seg:
             row |= _dicom_seg_row(output_dir / f"{case_id}_seg.dcm")
         if scan.is_dicom:

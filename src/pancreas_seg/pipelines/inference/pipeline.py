@@ -11,7 +11,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(nodes.find_scans, "params:inference", ["inference_scans", "inference_skipped"], name="find_scans"),
         Node(nodes.load_predictor, ["params:inference", "inference_scans"], "inference_predictor",
              name="load_predictor"),
-        Node(nodes.segment_scans, ["inference_predictor", "inference_scans"], "inference_masks",
+        Node(nodes.segment_scans, ["inference_predictor", "inference_scans", "params:inference"], "inference_masks",
              name="segment_scans"),
         Node(nodes.plot_overlays, ["inference_masks", "inference_scans", "inference_predictor", "params:inference"],
              "inference_overlays", name="plot_overlays"),
