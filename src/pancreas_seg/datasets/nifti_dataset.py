@@ -36,14 +36,17 @@ class NiftiDataset(FsspecFileDataset):
     """
 
     def load(self) -> NiftiVolume:
-        path = self._load_path()
+        return self._load_volume(self._load_path(), self._load_args.get("dtype"))
+
+    def _load_volume(self, path: str, dtype: Any = None) -> NiftiVolume:
+        """The file at ``path`` (local or remote, gzip or not) as a NiftiVolume, cast to ``dtype``
+        (float dtypes through the header's scaling)."""
         if self._is_local:
-            return load_nifti(path, **self._load_args)
+            return load_nifti(path, dtype=dtype)
         payload = self._read_bytes()
         if payload[:2] == b"\x1f\x8b":
             payload = gzip.decompress(payload)
         image = nib.Nifti1Image.from_bytes(payload)
-        dtype = self._load_args.get("dtype")
         if dtype is None:
             array = np.asanyarray(image.dataobj)
         elif np.dtype(dtype).kind == "f":
@@ -83,11 +86,7 @@ class PredictionDataset(NiftiDataset):
         path = self._load_path()
         if not path.endswith((PROBABILITY_SUFFIX + ".nii.gz", PROBABILITY_SUFFIX + ".nii")):
             return super().load()
-        if self._is_local:
-            return load_nifti(path, dtype=np.float32)
-        payload = self._read_bytes()
-        image = nib.Nifti1Image.from_bytes(gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload)
-        return NiftiVolume(image.get_fdata(dtype=np.float32), np.asarray(image.affine, dtype=np.float64), image.header)
+        return self._load_volume(path, np.float32)
 
     def save(self, data: CasePrediction | NiftiVolume | tuple[np.ndarray, np.ndarray]) -> None:
         prediction = data if isinstance(data, CasePrediction) else CasePrediction(
