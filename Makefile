@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DO_NOT_TRACK := 1          # kedro-telemetry: never phone home
 export KEDRO_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test test-fast smoke study viz mlflow-ui benchmarks clean
+.PHONY: install run test test-fast smoke study viz mlflow-ui mlflow-server postgres postgres-stop benchmarks clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,20 @@ viz: install
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+## A lab's tracking server (docs/team.md): mlflow server on PostgreSQL, artifacts proxied from one shared
+## folder, bound to 127.0.0.1. Set MLFLOW_BACKEND_STORE_URI=postgresql+psycopg://<user>@<host>:<port>/mlflow,
+## MLFLOW_ARTIFACTS_DESTINATION=<shared folder> and PGPASSWORD (never in the URI).
+MLFLOW_SERVER_PORT ?= 5000
+mlflow-server: install
+	$(BIN)/python -m pancreas_seg.tracking.server --port $(MLFLOW_SERVER_PORT)
+
+## A lab's own PostgreSQL in PG_ROOT (initdb on first use, then pg_ctl start on 127.0.0.1; prints the URLs
+## and the PG* variables): `make postgres PG_ROOT=/srv/pancreas_seg/pg`, `make postgres-stop PG_ROOT=...`
+postgres: install
+	$(BIN)/python -m pancreas_seg.tracking.postgres start --root $(PG_ROOT) $(if $(PG_PORT),--port $(PG_PORT))
+postgres-stop: install
+	$(BIN)/python -m pancreas_seg.tracking.postgres stop --root $(PG_ROOT)
 
 ## The benchmarks are modules of the dev-only `benchmarks` package: run from the repository root
 benchmarks: install

@@ -41,7 +41,7 @@ def _budget(settings: dict) -> tuple[int, int, int]:
 
 
 def test_the_shipped_environments_are_the_documented_ones() -> None:
-    assert ENVIRONMENTS == ["base", "cv", "hard", "msd", "slurm", "smoke", "study"]
+    assert ENVIRONMENTS == ["base", "cv", "hard", "msd", "slurm", "smoke", "study", "team"]
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS)

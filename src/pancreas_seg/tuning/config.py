@@ -17,13 +17,36 @@ from pancreas_seg.learning.setup import merge_settings
 from pancreas_seg.tuning.search_space import SearchSpace, SearchSpaceError
 
 #: Keys of ``tuning`` (per architecture after the merge); anything else is a typo.
-KNOWN_KEYS = {"n_trials", "n_workers", "threads_per_worker", "pin_cores", "storage_dir", "seed", "sampler", "pruner",
+KNOWN_KEYS = {"n_trials", "n_workers", "threads_per_worker", "pin_cores", "storage_dir", "storage", "seed", "sampler", "pruner",
               "heartbeat_interval_s", "grace_period_s", "max_retry", "trial", "search_space", "architectures",
               "importance_evaluator"}
 SAMPLER_KEYS = {"n_startup_trials", "constant_liar", "multivariate"}
 PRUNER_KEYS = {"n_startup_trials", "n_warmup_steps", "interval_steps"}
 #: ``importance_evaluator`` values (``optuna.importance``; see :mod:`pancreas_seg.tuning.importance`).
 IMPORTANCE_EVALUATORS = ("fanova", "ped_anova")
+#: ``tuning.storage: env:<VARIABLE>`` reads the database URL from that environment variable at run time.
+ENV_PREFIX = "env:"
+
+
+def resolve_storage(value: str | None, key: str = "tuning.storage") -> str | None:
+    """``tuning.storage`` as a URL: None (the journal file), a database URL as written, or the value
+    of the environment variable named by ``env:<VARIABLE>`` (so a password never sits in a
+    parameter, which kedro-mlflow would log)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise SearchSpaceError(f"{key}: expected null, a database URL or env:<VARIABLE>, got {value!r}")
+    if value.startswith(ENV_PREFIX):
+        name = value[len(ENV_PREFIX):].strip()
+        url = os.environ.get(name, "").strip()
+        if not url:
+            raise SearchSpaceError(f"{key} is {value!r}, but the environment variable {name} is not set: export "
+                                   f"{name}=postgresql+psycopg://<user>@<host>:<port>/<database> (docs/team.md)")
+        value = url
+    if "://" not in value:
+        raise SearchSpaceError(f"{key}: expected a database URL (postgresql+psycopg://...), got {value!r}; "
+                               f"null keeps the journal file in tuning.storage_dir")
+    return value
 
 
 def available_cores() -> int:
@@ -40,6 +63,16 @@ def _positive_int(value: Any, key: str, minimum: int = 1, allow_none: bool = Fal
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SearchSpaceError(f"{key}: expected an integer >= {minimum}{' or null' if allow_none else ''}, "
                                f"got {value!r}")
+    return value
+
+
+def _storage_setting(value: Any, key: str) -> str | None:
+    """Check ``tuning.storage``'s form now (an ``env:`` variable is read when the study opens)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not (value.startswith(ENV_PREFIX) or "://" in value):
+        raise SearchSpaceError(f"{key}: expected null, a database URL (postgresql+psycopg://...) or "
+                               f"env:<VARIABLE>, got {value!r}")
     return value
 
 
@@ -64,6 +97,7 @@ class TuningConfig:
     threads_per_worker: int | None = None    # None = available cores // n_workers
     pin_cores: bool = False                  # several workers: each on its own cores (Linux affinity)
     storage_dir: str = "data/06_models/tuning"
+    storage: str | None = None               # None = journal file; a database URL or env:<VARIABLE>
     seed: int = 42
     sampler: dict[str, Any] = field(default_factory=dict)
     pruner: dict[str, Any] = field(default_factory=dict)
@@ -116,6 +150,7 @@ class TuningConfig:
                                              allow_none=True),
             pin_cores=pin_cores,
             storage_dir=str(merged.get("storage_dir") or "data/06_models/tuning"),
+            storage=_storage_setting(merged.get("storage"), f"{where}.storage"),
             seed=_positive_int(merged.get("seed", 42), f"{where}.seed", minimum=0),
             sampler=_section(merged, "sampler", SAMPLER_KEYS, where),
             pruner=_section(merged, "pruner", PRUNER_KEYS, where),
@@ -128,6 +163,11 @@ class TuningConfig:
     def storage_path(self) -> Path:
         """The study's journal file: ``<storage_dir>/<architecture>.optuna.log``."""
         return Path(self.storage_dir) / f"{self.architecture}.optuna.log"
+
+    def storage_location(self) -> str:
+        """Where the study lives: the database URL of ``tuning.storage`` (``env:`` resolved now), else
+        the absolute path of :attr:`storage_path`."""
+        return resolve_storage(self.storage) or str(self.storage_path.resolve())
 
     def threads(self, cores: int | None = None) -> int:
         """Threads per worker: the configured number, else ``cores // n_workers`` (at least 1)."""

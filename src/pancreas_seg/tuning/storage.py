@@ -20,6 +20,11 @@
 * **Study fingerprint**: the settings a study's trials are comparable under (search space, trial
   settings, data) are stored in the study; :func:`open_study` refuses to continue a study made
   with other ones and names what differs.
+* **Or a database** (``tuning.storage``: ``postgresql+psycopg://...``, a lab's shared server;
+  docs/team.md): Optuna's ``RDBStorage`` with its own heartbeats (:class:`HeartbeatRDBStorage`
+  adds the same-host "worker process gone" check), and the claim is a PostgreSQL advisory lock
+  (:class:`AdvisoryClaim`), which the server drops when its holder's connection dies, so workers
+  on several hosts share one study. ``sqlite:///<file>`` works too (claim: a lock file beside it).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._heartbeat import BaseHeartbeat  # the interface study.optimize checks for
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -152,9 +158,94 @@ def retry_stale_trials(max_retry: int | None) -> StaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
 
+#: Trial system attribute where :class:`HeartbeatRDBStorage` records a trial's worker (host, pid).
+WORKER_ATTR = "pancreas_seg:worker"
+#: Database URL schemes a study may live in (psycopg 3's SQLAlchemy dialect; sqlite for one host).
+DATABASE_SCHEMES = ("postgresql+psycopg", "sqlite")
+
+
+def is_database_url(location: Path | str) -> bool:
+    """True when ``location`` is a database URL (``scheme://...``), False for a journal file path."""
+    return "://" in str(location)
+
+
+def check_database_url(url: str) -> None:
+    """Refuse a URL scheme the claim lock cannot cover, naming what works."""
+    scheme = url.partition("://")[0]
+    if scheme not in DATABASE_SCHEMES:
+        hint = " (write postgresql+psycopg://: plain postgresql:// means psycopg2, not installed)" \
+            if scheme == "postgresql" else ""
+        raise ValueError(f"Optuna storage {describe_storage(url)}: scheme {scheme!r} is not supported{hint}; "
+                         f"use one of {[s + '://' for s in DATABASE_SCHEMES]} or a journal file")
+
+
+def describe_storage(location: Path | str) -> str:
+    """``location`` for logs, tags and messages: a file path as is, a URL without its password."""
+    location = str(location)
+    if not is_database_url(location):
+        return location
+    scheme, _, rest = location.partition("://")
+    credentials, at, host = rest.partition("@")
+    if not at:
+        return location
+    return f"{scheme}://{credentials.partition(':')[0]}{':***' if ':' in credentials else ''}@{host}"
+
+
+class HeartbeatRDBStorage(RDBStorage):
+    """Optuna's ``RDBStorage`` with heartbeats, plus the journal storage's same-host check: the first
+    heartbeat of a trial records its worker's host and process id (:data:`WORKER_ATTR`), and a
+    RUNNING trial whose worker on this host is gone is stale at once, not only after
+    ``grace_period_s`` (Optuna's own rule, which covers other hosts)."""
+
+    def __init__(self, url: str, heartbeat_interval_s: int = 10, grace_period_s: int = 60,
+                 stale_trial_callback: StaleTrialCallback | None = None) -> None:
+        check_database_url(url)
+        with warnings.catch_warnings():   # heartbeat_interval is experimental in Optuna 5.0
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            super().__init__(url, engine_kwargs={"pool_pre_ping": True},   # reconnect after a server restart
+                             heartbeat_interval=int(heartbeat_interval_s), grace_period=int(grace_period_s),
+                             heartbeat_stale_trial_callback=stale_trial_callback)
+        self.path = describe_storage(url)   # what messages name
+        self._host = socket.gethostname()
+        self._recorded: set[int] = set()
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        if trial_id not in self._recorded:
+            self.set_trial_system_attr(trial_id, WORKER_ATTR, {"host": self._host, "pid": os.getpid()})
+            self._recorded.add(trial_id)
+        super().record_heartbeat(trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = set(super()._get_stale_trial_ids(study_id))
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = trial.system_attrs.get(WORKER_ATTR) or {}
+            if worker.get("host") == self._host and not process_alive(int(worker.get("pid", -1))):
+                stale.add(trial._trial_id)
+        return sorted(stale)
+
+    def stale_reason(self, trial: FrozenTrial) -> str | None:
+        """Why RUNNING ``trial`` is stale by the same-host rule (None: alive, or judged by Optuna's
+        heartbeat age, which :meth:`_get_stale_trial_ids` applies)."""
+        worker = trial.system_attrs.get(WORKER_ATTR) or {}
+        if worker.get("host") == self._host and not process_alive(int(worker.get("pid", -1))):
+            return f"its worker process {worker.get('pid')} on {self._host} is gone"
+        return None
+
+
 def open_storage(path: Path | str, heartbeat_interval_s: int = 10, grace_period_s: int = 60,
-                 stale_trial_callback: StaleTrialCallback | None = None) -> HeartbeatJournalStorage:
+                 stale_trial_callback: StaleTrialCallback | None = None) -> HeartbeatJournalStorage | HeartbeatRDBStorage:
+    """The study storage at ``path``: a journal file, or a database URL (:func:`is_database_url`)."""
+    if is_database_url(path):
+        return HeartbeatRDBStorage(str(path), heartbeat_interval_s, grace_period_s, stale_trial_callback)
     return HeartbeatJournalStorage(path, heartbeat_interval_s, grace_period_s, stale_trial_callback)
+
+
+def load_storage(path: Path | str) -> JournalStorage | RDBStorage:
+    """The storage at ``path`` for reading a finished study (no heartbeats, nothing created)."""
+    if is_database_url(path):
+        check_database_url(str(path))
+        return RDBStorage(str(path), engine_kwargs={"pool_pre_ping": True})
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -193,10 +284,13 @@ def open_study(storage: JournalStorage, study_name: str, settings: Mapping[str, 
     elif stored != fingerprint(settings):
         differences = _differences(study.user_attrs.get(SETTINGS_ATTR, {}), settings)
         path = getattr(storage, "path", "the storage")
+        remedy = (f"Delete the study (optuna delete-study --study-name {study_name} --storage <url>) or use "
+                  f"another database" if isinstance(storage, RDBStorage)
+                  else f"Delete {path} (and {heartbeat_dir(path).name}/)")
         raise StudySettingsMismatchError(
             f"study {study_name!r} in {path} was made with other settings, so its trials are not "
             f"comparable with new ones: {'; '.join(differences[:12]) or 'fingerprint differs'}. "
-            f"Delete {path} (and {heartbeat_dir(path).name}/) to start a new study, or restore the settings.")
+            f"{remedy} to start a new study, or restore the settings.")
     return study
 
 
@@ -216,10 +310,16 @@ def recover_stale_trials(study: optuna.Study) -> list[int]:
     """Fail the study's stale RUNNING trials now (and run the storage's stale-trial callback,
     which queues them again); returns their numbers."""
     storage = study._storage
-    if not isinstance(storage, HeartbeatJournalStorage):
+    if isinstance(storage, _CachedStorage):   # what optuna.load_study makes of an RDBStorage
+        storage = storage._backend
+    if not isinstance(storage, (HeartbeatJournalStorage, HeartbeatRDBStorage)):
         return []
     running = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
     reasons = {t.number: storage.stale_reason(t) for t in running}
+    if isinstance(storage, HeartbeatRDBStorage):   # Optuna judges heartbeat age itself
+        stale_ids = set(storage._get_stale_trial_ids(study._study_id))
+        reasons = {t.number: reasons[t.number] or (f"no heartbeat for over {storage.grace_period} s"
+                                                   if t._trial_id in stale_ids else None) for t in running}
     with warnings.catch_warnings():   # fail_stale_trials is experimental since Optuna 2.9, still in 5.0
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -257,6 +357,56 @@ def claim_path(storage_path: Path | str) -> Path:
     return Path(f"{storage_path}.claim.lock")
 
 
+class AdvisoryClaim:
+    """A PostgreSQL session-level advisory lock named after the study (its key: the first 8 bytes of
+    SHA-256 of ``<database>/<study>``), on a connection of its own: every host that reaches the
+    server shares it, and the server drops it when the holder's connection dies (``kill -9``
+    included). Same interface as :class:`Claim`."""
+
+    def __init__(self, url: str, study_name: str) -> None:
+        self.url = url
+        digest = hashlib.sha256(f"{url.rpartition('/')[2]}/{study_name}".encode()).digest()
+        self.key = int.from_bytes(digest[:8], "big", signed=True)
+        self._connection: Any = None
+        self._engine: Any = None
+
+    def acquire(self) -> None:
+        import sqlalchemy  # noqa: PLC0415
+        from sqlalchemy.pool import NullPool  # noqa: PLC0415
+
+        self._engine = sqlalchemy.create_engine(self.url, poolclass=NullPool)
+        self._connection = self._engine.connect()
+        self._connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
+
+    def release(self) -> None:
+        if self._connection is not None:
+            import sqlalchemy  # noqa: PLC0415
+
+            try:
+                self._connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+            except Exception as exc:  # noqa: BLE001 - a lost connection has dropped the lock already
+                logger.debug("advisory unlock failed (%s): the lock went with the connection", exc)
+            finally:
+                self._connection.close()
+                self._engine.dispose()
+                self._connection = self._engine = None
+
+    @property
+    def held(self) -> bool:
+        return self._connection is not None
+
+
+def claim_for(storage_path: Path | str, study_name: str) -> Claim | AdvisoryClaim:
+    """The claim lock of a study: an advisory lock on PostgreSQL, else a lock file beside the
+    journal (or the sqlite database) file."""
+    location = str(storage_path)
+    if location.startswith("postgresql"):
+        return AdvisoryClaim(location, study_name)
+    if location.startswith("sqlite:///"):
+        return Claim(Path(f"{location.removeprefix('sqlite:///')}.{study_name}.claim.lock"))
+    return Claim(claim_path(storage_path))
+
+
 def optimize_until(study: optuna.Study, objective: Callable[[optuna.Trial], float], n_trials: int,
                    storage_path: Path | str, max_consecutive_failures: int = 3,
                    callbacks: list[Callable[..., None]] | None = None) -> int:
@@ -272,7 +422,7 @@ def optimize_until(study: optuna.Study, objective: Callable[[optuna.Trial], floa
     """
     ran, failures = 0, 0
     while True:
-        claim = Claim(claim_path(storage_path))
+        claim = claim_for(storage_path, study.study_name)
         claim.acquire()
         started: list[int] = []
         try:
@@ -280,7 +430,7 @@ def optimize_until(study: optuna.Study, objective: Callable[[optuna.Trial], floa
             if trials_to_start(study, n_trials) <= 0:
                 return ran
 
-            def claimed(trial: optuna.Trial, claim: Claim = claim, started: list[int] = started) -> float:
+            def claimed(trial: optuna.Trial, claim: Claim | AdvisoryClaim = claim, started: list[int] = started) -> float:
                 started.append(trial._trial_id)
                 claim.release()   # the trial exists (RUNNING): other workers count it from now on
                 return objective(trial)

@@ -51,7 +51,7 @@ class WorkerSpec:
 
     context: TrialContext
     config: TuningConfig
-    storage_path: str
+    storage_path: str                        # the journal file, or a database URL (tuning.storage)
     index: int = 0
     threads: int = 1
     cores: tuple[int, ...] | None = None     # CPU affinity; None = not pinned
@@ -147,7 +147,7 @@ def worker_main(spec: WorkerSpec) -> None:
     optuna.logging.disable_default_handler()   # Optuna's records go through the handler above
     optuna.logging.enable_propagation()
     from pancreas_seg.tuning.objective import KerasObjective  # noqa: PLC0415
-    from pancreas_seg.tuning.storage import optimize_until  # noqa: PLC0415
+    from pancreas_seg.tuning.storage import describe_storage, optimize_until  # noqa: PLC0415
 
     if spec.context.mlflow is not None:
         import mlflow  # noqa: PLC0415
@@ -160,7 +160,7 @@ def worker_main(spec: WorkerSpec) -> None:
                               sampler=make_sampler(spec.config, seed), pruner=make_pruner(spec.config))
     logger.info("%d thread(s)%s, pid %d, study %r in %s", spec.threads,
                 f" on core(s) {list(spec.cores)}" if spec.cores else "", os.getpid(), study.study_name,
-                spec.storage_path)
+                describe_storage(spec.storage_path))
     ran = optimize_until(study, KerasObjective(spec.context, spec.context.architecture), spec.config.n_trials,
                          spec.storage_path)
     logger.info("done: ran %d trial(s)", ran)
@@ -200,7 +200,7 @@ def run_study(context: TrialContext, config: TuningConfig, storage_path: str | P
 
     from pancreas_seg.tuning.storage import recover_stale_trials, trial_counts, trials_to_start  # noqa: PLC0415
 
-    storage_path = str(storage_path or config.storage_path)
+    storage_path = str(storage_path or config.storage_location())
     n_workers = n_workers or config.n_workers
     threads = threads or replace(config, n_workers=n_workers).threads()
     if pin_cores is not None:

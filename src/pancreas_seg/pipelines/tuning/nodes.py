@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,7 +59,8 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
                       tuning: dict[str, Any], architecture: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame, Any]:
     """Run (or continue) the Optuna study of one architecture to ``tuning.n_trials`` trials.
 
-    The study lives in ``<tuning.storage_dir>/<architecture>.optuna.log``; trials run in
+    The study lives in ``<tuning.storage_dir>/<architecture>.optuna.log``, or in the database of
+    ``tuning.storage`` (docs/team.md); trials run in
     ``tuning.n_workers`` worker processes. Each trial is a nested MLflow run under this node's
     study run (itself nested under kedro-mlflow's run).
 
@@ -69,7 +71,12 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
     from pancreas_seg.tuning import mlflow_runs  # noqa: PLC0415
     from pancreas_seg.tuning.objective import TrialContext, shard_sources  # noqa: PLC0415
     from pancreas_seg.tuning.report import best_trial_summary, plot_study, trials_table  # noqa: PLC0415
-    from pancreas_seg.tuning.storage import open_study, recover_stale_trials, trial_counts  # noqa: PLC0415
+    from pancreas_seg.tuning.storage import (  # noqa: PLC0415
+        describe_storage,
+        open_study,
+        recover_stale_trials,
+        trial_counts,
+    )
     from pancreas_seg.tuning.workers import open_config_storage, run_study  # noqa: PLC0415
 
     name = architecture["name"]
@@ -87,14 +94,15 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
         "preprocessing": preprocessing, "intensity_stats": intensity_stats, "cases": cases,
     }
     source = str(case_manifest["source"].iloc[0]) if "source" in case_manifest else "unknown"
-    storage_path = config.storage_path.resolve()
+    storage_path = config.storage_location()   # the journal file's absolute path, or a database URL
+    where = describe_storage(storage_path)      # without a password: for tags and logs
     start = time.perf_counter()
     with optuna_logs_through_logging():
         storage = open_config_storage(config, storage_path, mark_mlflow=True)
         study = open_study(storage, name, study_settings)
         recover_stale_trials(study)
         with tracking.architecture_run(f"{name} study") as run:
-            tracking.set_tags({**mlflow_runs.study_run_tags(name), "optuna_storage": str(storage_path),
+            tracking.set_tags({**mlflow_runs.study_run_tags(name), "optuna_storage": where,
                                "data_source": source, "git_commit": tracking.git_commit()})
             mlflow_runs.close_interrupted_study_runs(run.info.experiment_id, name, run.info.run_id)
             tracking.log_params({
@@ -103,7 +111,7 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
                            "pruner": config.pruner, "trial": config.trial, "max_retry": config.max_retry},
                 "search_space": {p.name: p.describe().partition(": ")[2] for p in config.search_space}})
             logger.info("%s: tuning %s in %s (%d trials; %s)%s", name, ", ".join(config.search_space.names),
-                        storage_path, config.n_trials, "; ".join(config.search_space.describe()),
+                        where, config.n_trials, "; ".join(config.search_space.describe()),
                         " - SYNTHETIC phantoms" if source == "synthetic" else "")
             context = TrialContext(
                 architecture=name, study_name=name, settings=settings, search_space=config.search_space,
@@ -116,7 +124,7 @@ def tune_architecture(model_input_slices: Mapping[str, Callable[[], np.ndarray]]
             counts = trial_counts(study)
             monitor = context.monitor
             best = best_trial_summary(study, config.search_space, monitor, config.n_trials,
-                                      architecture=name, storage=str(storage_path),
+                                      architecture=name, storage=where,
                                       mlflow_study_run_id=run.info.run_id, data_source=source)
             table = trials_table(study)
             figure = plot_study(study, config.search_space, monitor,
@@ -165,14 +173,20 @@ def report_importances(best_trial: dict[str, Any], training: dict[str, Any], tun
     name = architecture["name"]
     config = TuningConfig.from_params(tuning, name)
     monitor = str(config.trial_settings(training, architecture).get("monitor", "val_dice_pancreas"))
-    storage_path = config.storage_path.resolve()
-    if not storage_path.is_file():
+    from pancreas_seg.tuning.storage import describe_storage, is_database_url, load_storage  # noqa: PLC0415
+
+    storage_path = config.storage_location()
+    if not is_database_url(storage_path) and not Path(storage_path).is_file():
         raise FileNotFoundError(f"{name}: no study at {storage_path}: run `kedro run --pipelines=tune_{name}` first")
     with optuna_logs_through_logging():
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage_path)))
-        study = optuna.load_study(study_name=name, storage=storage)
+        storage = load_storage(storage_path)
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError as error:   # a database without this study
+            raise FileNotFoundError(f"{name}: no study {name!r} in {describe_storage(storage_path)}: run "
+                                    f"`kedro run --pipelines=tune_{name}` first") from error
         logger.info("%s: parameter importances (%s) of study %s: %d trial(s)", name, config.importance_evaluator,
-                    storage_path, len(study.get_trials(deepcopy=False)))
+                    describe_storage(storage_path), len(study.get_trials(deepcopy=False)))
         result = study_importances(study, config.importance_evaluator, seed=config.seed, objective=monitor,
                                    search_space=config.search_space)
         importance_plot = plot_param_importances(study, result, seed=config.seed)
