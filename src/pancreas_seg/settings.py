@@ -3,6 +3,7 @@
 from kedro.config import OmegaConfigLoader
 
 from pancreas_seg.core.warnings_filter import install as install_warning_filters
+from pancreas_seg.tracking.team_env import required_env
 
 install_warning_filters()  # known-harmless third-party warnings off, in one place
 
@@ -17,4 +18,6 @@ CONFIG_LOADER_ARGS = {
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"], "dask": ["dask*", "dask*/**"]},
     # Environments (smoke, msd, local) override single keys, not whole top-level sections.
     "merge_strategy": {"parameters": "soft", "mlflow": "soft", "catalog": "soft", "dask": "soft"},
+    # ${required_env:NAME}: an environment variable that must be set (conf/team's tracking server).
+    "custom_resolvers": {"required_env": required_env},
 }

@@ -11,7 +11,7 @@ are skipped on a developer's machine and FAIL under ``CI=true``, as the real-CT 
 
 from __future__ import annotations
 
-import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks.support.local_server import ServerError
 from benchmarks.support.team_stack import TeamStack, team_stack
-from tests.team.team_support import make_team_project, require_postgres, run_team_kedro
+from tests.team.team_support import TeamTrained, make_team_project, require_postgres, run_team_kedro
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +41,12 @@ def fresh_team_stack(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], o
 
 
 @pytest.fixture(scope="session")
-def team_trained(team: TeamStack, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """A project copy after ``kedro run --pipelines=train --env team_smoke`` into the session's server."""
+def team_trained(team: TeamStack, tmp_path_factory: pytest.TempPathFactory) -> TeamTrained:
+    """A project copy after ``kedro run --pipelines=train --env team_smoke`` into the session's server.
+
+    The session's server also holds the runs of other tests (the heavy ones use the same
+    experiment): select this training's runs with ``started_ms``.
+    """
     project = make_team_project(tmp_path_factory.mktemp("team_project") / "pancreas_seg")
-    return project, run_team_kedro(project, team, "--pipelines=train")
+    started_ms = int(time.time() * 1000)
+    return TeamTrained(project, run_team_kedro(project, team, "--pipelines=train"), started_ms)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -24,6 +25,15 @@ SMOKE_EXPERIMENT = "pancreas_seg_smoke"
 
 def _in_ci() -> bool:   # the rule of tests/conftest.py's in_ci
     return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+class TeamTrained(NamedTuple):
+    """What :func:`team_trained` leaves: the project copy, its ``kedro run`` and when it started
+    (ms since the epoch, as MLflow's ``start_time``)."""
+
+    project: Path
+    result: subprocess.CompletedProcess[str]
+    started_ms: int
 
 
 def require_postgres() -> None:

@@ -27,9 +27,10 @@ def _load(conf: Path, env: str, key: str) -> dict:
     return OmegaConfigLoader(str(conf), **{**CONFIG_LOADER_ARGS, "default_run_env": env})[key]
 
 
-def test_the_team_environment_sets_only_tracking(tmp_path: Path) -> None:
+def test_the_team_environment_sets_only_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     mlflow_conf = _load(REPO_ROOT / "conf", "team", "mlflow")
-    assert mlflow_conf["server"]["mlflow_tracking_uri"] is None        # kedro-mlflow: $MLFLOW_TRACKING_URI
+    assert mlflow_conf["server"]["mlflow_tracking_uri"] == "http://127.0.0.1:5999"   # from the environment
     assert mlflow_conf["server"]["mlflow_registry_uri"] is None
     assert mlflow_conf["tracking"]["experiment"]["name"] == "pancreas_seg"
     params = _load(REPO_ROOT / "conf", "team", "parameters")
@@ -47,7 +48,14 @@ def test_the_team_environment_sets_only_tracking(tmp_path: Path) -> None:
             assert "://" not in str(value), (path, key, value)
 
 
-def test_team_over_smoke_is_smoke_tracked_on_the_server(tmp_path: Path) -> None:
+def test_the_team_environment_without_its_server_stops_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(Exception, match=r"MLFLOW_TRACKING_URI is not set.*tracking server"):
+        _load(REPO_ROOT / "conf", "team", "mlflow")
+
+
+def test_team_over_smoke_is_smoke_tracked_on_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     project = copy_project(REPO_ROOT, tmp_path / "pancreas_seg")
     target = compose_environment(project / "conf", ["smoke", "team"], "team_smoke")
     assert sorted(p.name for p in target.iterdir()) == ["mlflow.yml", "parameters.yml"]
@@ -59,7 +67,7 @@ def test_team_over_smoke_is_smoke_tracked_on_the_server(tmp_path: Path) -> None:
         {k: v for k, v in smoke["tuning"].items() if k != "storage"}
     assert {k: v for k, v in params.items() if k != "tuning"} == {k: v for k, v in smoke.items() if k != "tuning"}
     mlflow_conf = _load(project / "conf", "team_smoke", "mlflow")
-    assert mlflow_conf["server"]["mlflow_tracking_uri"] is None          # team's, not smoke's sqlite
+    assert mlflow_conf["server"]["mlflow_tracking_uri"] == "http://127.0.0.1:5999"   # team's, not smoke's sqlite
     assert mlflow_conf["tracking"]["experiment"]["name"] == "pancreas_seg_smoke"   # smoke's
     # later sources win key by key; credentials files are never copied
     (project / "conf" / "team" / "credentials.yml").write_text("secret: {password: x}\n")

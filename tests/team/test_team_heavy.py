@@ -178,6 +178,20 @@ def test_a_database_restart_mid_train_never_leaves_a_finished_run_short(fresh_te
             for run in runs:   # what finished must be complete
                 if run.info.status == "FINISHED" and run.data.tags.get("architecture"):
                     assert "val_dice_pancreas" in run.data.metrics, run.info.run_name
+        # re-running (the database is back) resumes from the checkpoints, as without a server
+        checkpointed = sorted(p.parent.name for p in (project / "data" / "06_models" / "checkpoints").glob("*/state.json"))
+        rerun = run_team_kedro(project, stack, "--pipelines=train", timeout=3000)
+        rerun_log = rerun.stdout + rerun.stderr
+        continued = rerun_log.count(": resuming from") + rerun_log.count("epochs already completed in")
+        assert continued >= len(checkpointed), (checkpointed, rerun_log[-4000:])   # each committed epoch is kept
+        print(f"RESUMED {json.dumps(checkpointed)}")  # noqa: T201
+        latest = {}
+        for run in sorted(_all_runs(client).values(), key=lambda r: r.info.start_time):
+            if run.data.tags.get("architecture"):
+                latest[run.data.tags["architecture"]] = run
+        assert set(latest) == set(MODEL_NAMES)
+        for name, run in latest.items():
+            assert run.info.status == "FINISHED" and "test_dice_pancreas_mean" in run.data.metrics, name
 
 
 def test_migrating_a_projects_mlflow_db_copies_everything(fresh_team_stack, tmp_path: Path) -> None:

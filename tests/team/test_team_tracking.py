@@ -13,7 +13,7 @@ the champion through the server.
 from __future__ import annotations
 
 import json
-import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -23,22 +23,25 @@ from mlflow import MlflowClient
 from benchmarks.support.team_stack import TeamStack
 from pancreas_seg.models.names import MODEL_NAMES
 
-from tests.team.team_support import SMOKE_EXPERIMENT, run_team_kedro, through
+from tests.team.team_support import SMOKE_EXPERIMENT, TeamTrained, run_team_kedro, through
 
 pytestmark = [pytest.mark.postgres, pytest.mark.subprocess, pytest.mark.slow]
 
 
-def _runs(client: MlflowClient, experiment_name: str) -> list:
+def _runs(client: MlflowClient, experiment_name: str, since_ms: int = 0) -> list:
+    """The experiment's runs started at or after ``since_ms`` (the session's server also holds the
+    runs of other tests)."""
     experiment = client.get_experiment_by_name(experiment_name)
     assert experiment is not None, f"no experiment {experiment_name} on the server"
-    return client.search_runs([experiment.experiment_id], max_results=1000)
+    return [run for run in client.search_runs([experiment.experiment_id], max_results=1000)
+            if run.info.start_time >= since_ms]
 
 
 def test_a_smoke_train_records_runs_params_metrics_and_artifacts_in_the_server(
-        team: TeamStack, team_trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
-    project, _ = team_trained
+        team: TeamStack, team_trained: TeamTrained) -> None:
+    project = team_trained.project
     client = MlflowClient(tracking_uri=team.tracking_uri)
-    runs = _runs(client, SMOKE_EXPERIMENT)
+    runs = _runs(client, SMOKE_EXPERIMENT, team_trained.started_ms)
     [parent] = [r for r in runs if r.info.run_name == "train" and "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["training.epochs"] == "1" and parent.data.params["preprocessing.image_size_px"] == "64"
@@ -70,11 +73,11 @@ def test_a_smoke_train_records_runs_params_metrics_and_artifacts_in_the_server(
 
 
 def test_the_champion_resolves_through_the_server(
-        team: TeamStack, team_trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
-    project, _ = team_trained
+        team: TeamStack, team_trained: TeamTrained) -> None:
+    project = team_trained.project
     client = MlflowClient(tracking_uri=team.tracking_uri, registry_uri=team.tracking_uri)
     champion = client.get_model_version_by_alias("pancreas_seg", "champion")
-    runs = {r.info.run_id: r for r in _runs(client, SMOKE_EXPERIMENT)}
+    runs = {r.info.run_id: r for r in _runs(client, SMOKE_EXPERIMENT, team_trained.started_ms)}
     assert champion.run_id in runs and champion.tags["selection_score"] == "validation_dice_pancreas_mean"
     with through(team.tracking_uri):
         model_dir = Path(mlflow.artifacts.download_artifacts("models:/pancreas_seg@champion"))
@@ -93,22 +96,24 @@ def test_the_champion_resolves_through_the_server(
 
 
 def test_tune_keeps_its_study_in_postgres_and_its_runs_on_the_server(
-        team: TeamStack, team_trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+        team: TeamStack, team_trained: TeamTrained) -> None:
     import optuna  # noqa: PLC0415
 
     from pancreas_seg.tuning.storage import load_storage  # noqa: PLC0415
 
-    project, _ = team_trained
-    run_team_kedro(project, team, "--pipelines=tune_unet_small")
+    project = team_trained.project
+    # fcn: the heavy tests tune unet_small into the same database (one study per architecture)
+    tune_started_ms = int(time.time() * 1000)
+    run_team_kedro(project, team, "--pipelines=tune_fcn")
     assert not list((project / "data" / "06_models" / "tuning").glob("*.optuna.log")), "a journal file was written"
     with pytest.MonkeyPatch.context() as patch:
         for key, value in team.postgres.environment().items():
             patch.setenv(key, value)
-        study = optuna.load_study(study_name="unet_small", storage=load_storage(team.optuna_url))
+        study = optuna.load_study(study_name="fcn", storage=load_storage(team.optuna_url))
         states = [t.state.name for t in study.get_trials(deepcopy=False)]
     assert states.count("COMPLETE") + states.count("PRUNED") == 3, states      # conf/smoke: 3 trials
     client = MlflowClient(tracking_uri=team.tracking_uri)
-    runs = _runs(client, SMOKE_EXPERIMENT)
+    runs = _runs(client, SMOKE_EXPERIMENT, tune_started_ms)
     [study_run] = [r for r in runs if r.data.tags.get("kind") == "optuna_study"]
     assert study_run.data.tags["optuna_storage"] == team.optuna_url            # no password in the URL
     assert study_run.data.params["tuning.n_trials"] == "3"
@@ -116,5 +121,46 @@ def test_tune_keeps_its_study_in_postgres_and_its_runs_on_the_server(
     assert sorted(int(r.data.tags["trial_number"]) for r in trials) == list(range(len(states)))
     assert {a.path for a in client.list_artifacts(study_run.info.run_id, "tuning")} >= {
         "tuning/best_trial.json", "tuning/trials.csv", "tuning/importances.json"}
-    importances = json.loads((project / "data" / "08_reporting" / "tuning" / "unet_small_importances.json").read_text())
+    importances = json.loads((project / "data" / "08_reporting" / "tuning" / "fcn_importances.json").read_text())
     assert importances["n_trials"] == len(states)
+
+
+def test_mlflow_models_serve_loads_the_champion_from_the_server(
+        team: TeamStack, team_trained: TeamTrained, tmp_path: Path) -> None:
+    """``mlflow models serve -m models:/pancreas_seg@champion`` in a new process, with only
+    ``MLFLOW_TRACKING_URI`` pointing at the lab's server: it resolves the alias and downloads the
+    bundle through the server, and segments a scan sent over HTTP (an HTTP client we did not write:
+    urllib, a NIfTI read back with nibabel)."""
+    import base64
+    import gzip
+    import os
+    import sys
+    import urllib.request
+
+    import nibabel as nib
+
+    from benchmarks.support.local_server import LocalServer, free_port
+
+    project = team_trained.project
+    scan = sorted((project / "data" / "01_raw" / "Task07_Pancreas_smoke").glob("images*/*.nii.gz"))[0]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/pancreas_seg@champion",
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with LocalServer(command, f"{base}/ping", tmp_path / "serve.log", tmp_path,
+                     team.environment(MLFLOW_REGISTRY_URI=team.tracking_uri,   # uvicorn: the venv's bin
+                                      PATH=os.pathsep.join([str(Path(sys.executable).parent),
+                                                            os.environ.get("PATH", "")]))) as server:
+        server.wait_ready(300, interval_s=1)
+        body = json.dumps({"dataframe_split": {"columns": ["nifti_base64"],
+                                               "data": [[base64.b64encode(scan.read_bytes()).decode()]]}}).encode()
+        request = urllib.request.Request(f"{base}/invocations", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            assert response.status == 200
+            answer = json.loads(response.read())
+    predictions = answer["predictions"]
+    row = predictions[0] if isinstance(predictions, list) else {k: v[0] for k, v in predictions.items()}
+    mask = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(row["mask_nifti_base64"])))
+    assert mask.shape == nib.load(scan).shape
+    assert set(map(int, set(mask.get_fdata().astype(int).ravel()))) <= {0, 1, 2}
