@@ -5,15 +5,27 @@ BIN := $(VENV)/bin
 export DO_NOT_TRACK := 1          # kedro-telemetry: never phone home
 export KEDRO_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test test-fast smoke study viz mlflow-ui mlflow-server postgres postgres-stop benchmarks clean
+.PHONY: install install-gpu run test test-fast smoke study viz mlflow-ui mlflow-server postgres postgres-stop benchmarks clean
 
+## The CPU default: Keras on TensorFlow (`tf` extra) and the test tools
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[tf,test]"
 	touch $@
 
 install: $(VENV)/.installed
+
+## An NVIDIA GPU (driver for CUDA 12): JAX with CUDA (`gpu` extra) and the test tools, no TensorFlow.
+## runtime.keras_backend: auto then trains on JAX on the GPU. Then `$(BIN)/kedro run ...` (not `make run`,
+## which would add TensorFlow for the CPU default).
+$(VENV)/.installed-gpu: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[gpu,test]"
+	touch $@
+
+install-gpu: $(VENV)/.installed-gpu
 
 ## Fresh environment + the main job (ingestion -> preprocessing -> 4 models -> evaluation) on the phantoms
 run: install

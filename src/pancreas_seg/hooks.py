@@ -1,6 +1,10 @@
-"""Project hooks: join a multi-process training run; keep MLflow's training comparison clean and
-its UI on the training view.
+"""Project hooks: choose Keras' backend; join a multi-process training run; keep MLflow's training
+comparison clean and its UI on the training view.
 
+* :class:`KerasBackendHook`: applies ``runtime.keras_backend`` (``conf/base/parameters_runtime.yml``,
+  ``--params`` included) to ``KERAS_BACKEND`` when the context is created, before any other hook
+  and before any node imports Keras (see :mod:`pancreas_seg.core.backend`); logs the backend and
+  its devices when the pipeline starts and tags the run's MLflow run with them.
 * :class:`MultiProcessHook`: with ``KERAS_DISTRIBUTION_NUM_PROCESSES`` > 1 in the environment, the
   process joins the multi-process run before any node computes anything
   (:func:`pancreas_seg.learning.distribution.initialize_multi_process`).
@@ -22,6 +26,8 @@ import os
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
+
+from pancreas_seg.core.backend import AUTO, apply_backend, describe_devices_if_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +144,49 @@ class MultiProcessHook:
         from pancreas_seg.learning.distribution import initialize_multi_process  # noqa: PLC0415
 
         initialize_multi_process()
+
+
+#: MLflow tags of the backend and of its devices (training runs set them too: tracking/training_run.py).
+BACKEND_TAG = "keras_backend"
+DEVICES_TAG = "keras_devices"
+MAX_TAG_CHARS = 5000
+
+
+class KerasBackendHook:
+    """Sets ``KERAS_BACKEND`` from ``runtime.keras_backend`` before Keras is imported.
+
+    ``after_context_created`` runs (``tryfirst``, so before this project's other hooks and the
+    plugins') when ``KedroSession.run`` / ``load_context`` builds the context: after the project's
+    settings and hooks are imported, but before the pipeline registry is read and before any node
+    or dataset imports Keras. Nothing on Kedro's start-up path imports Keras
+    (tests/test_keras_backend.py runs ``kedro run`` asking for another backend than the
+    environment's to prove it). ``before_pipeline_run`` (``trylast``: after kedro-mlflow opened its
+    run) logs the backend and its devices and tags the active MLflow run. The devices of a
+    TensorFlow backend that is not imported yet (a data-only run) are not listed, to spare its
+    ~9 s import; each training run lists them when it starts (tag ``keras_devices``).
+    """
+
+    def __init__(self) -> None:
+        self.backend: str | None = None
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        runtime = context.params.get("runtime") or {}
+        setting = runtime.get("keras_backend", AUTO) if isinstance(runtime, dict) else AUTO
+        self.backend = apply_backend(setting)
+        logger.debug("Keras backend %s (runtime.keras_backend=%s)", self.backend, setting)
+
+    @hook_impl(trylast=True)
+    def before_pipeline_run(self) -> None:
+        if self.backend is None:
+            return
+        devices = describe_devices_if_loaded(self.backend)
+        listed = ", ".join(devices) if devices is not None else "listed when Keras first runs"
+        logger.info("Keras backend: %s; devices: %s", self.backend, listed)
+        import mlflow  # noqa: PLC0415
+
+        if mlflow.active_run() is not None:
+            tags = {BACKEND_TAG: self.backend}
+            if devices is not None:
+                tags[DEVICES_TAG] = ", ".join(devices)[:MAX_TAG_CHARS]
+            mlflow.set_tags(tags)

@@ -7,9 +7,16 @@ from pancreas_seg.tracking.team_env import required_env
 
 install_warning_filters()  # known-harmless third-party warnings off, in one place
 
-from pancreas_seg.hooks import DaskConfigHook, MlflowExperimentsHook, MultiProcessHook  # noqa: E402
+from pancreas_seg.hooks import (  # noqa: E402
+    DaskConfigHook,
+    KerasBackendHook,
+    MlflowExperimentsHook,
+    MultiProcessHook,
+)
 
-HOOKS = (MultiProcessHook(), MlflowExperimentsHook(), DaskConfigHook())
+# KerasBackendHook's after_context_created is `tryfirst`: KERAS_BACKEND is set before any other hook
+# (MultiProcessHook imports Keras) and before any node runs.
+HOOKS = (KerasBackendHook(), MultiProcessHook(), MlflowExperimentsHook(), DaskConfigHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

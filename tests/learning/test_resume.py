@@ -3,7 +3,8 @@ epoch's checkpoint resumes at the next epoch in a fresh process, a finished trai
 repeated, another fingerprint starts afresh (the old checkpoint is moved aside), and the resumed
 run reproduces an uninterrupted one: with the poly schedule (conf/base) and with conf/msd's
 ReduceLROnPlateau + EarlyStopping (same learning rates per epoch, same stopping epoch, same
-weights), and an early-stopped run is not continued when re-run.
+weights) and with the augmentation applied in the training step (``augmentation.on_device``, the
+draws keyed on seed, epoch and batch), and an early-stopped run is not continued when re-run.
 
 ``RESUME_TEST_KERAS_BACKEND=jax`` runs the training processes under another backend
 (default: tensorflow)."""
@@ -36,6 +37,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from pancreas_seg.learning.augmentation import AugmentationConfig
 from pancreas_seg.learning.loader import SliceLoader
 from pancreas_seg.learning.training import FitConfig, committed_checkpoint, fit_with_resume, read_checkpoint_state
 from pancreas_seg.models.io import load_model
@@ -94,8 +96,9 @@ def fit(call):
                             dropout=0.0, l2_weight=0.0)
         return compile_model(model, settings, "multiclass", total_steps=3 * STEPS)
 
+    augmentation = AugmentationConfig.from_params(call.get("augmentation", {"enabled": False}))
     train = SliceLoader(cases("train"), 4, "multiclass", training=True, foreground_fraction=0.5,
-                        seed=config.seed, steps_per_epoch=config.steps_per_epoch)
+                        seed=config.seed, steps_per_epoch=config.steps_per_epoch, augmentation=augmentation)
     validation = SliceLoader(cases("val"), 4, "multiclass", training=False)
     trained = EpochsTrained()
     result = fit_with_resume(build, train, validation, config, Path(call["checkpoint_dir"]),
@@ -129,6 +132,10 @@ BACKEND = os.environ.get("RESUME_TEST_KERAS_BACKEND", "tensorflow")
 MSD_FIT = {"lr_schedule": "constant", "monitor": "val_dice_tumour", "reduce_lr_patience": 1,
            "reduce_lr_factor": 0.5, "early_stopping_patience": 3, "min_learning_rate": 1e-6}
 MSD_EPOCHS = 8
+#: The default augmentation, applied in the training step (conf/msd's on_device).
+DEVICE_AUGMENTATION = {"on_device": True}
+#: Calls per process of the reference and rerun chains (see `runs`).
+CHAIN_CALLS = 5
 
 
 def _first_cut(learning_rates: list[float]) -> int | None:
@@ -196,6 +203,8 @@ def runs(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     * side by side: a poly 3-epoch training killed with SIGKILL after epoch 1;
     * then the msd training killed with SIGKILL right after the epoch whose end cut the learning
       rate first in the reference (the cut must be in the checkpoint; early stopping is waiting);
+    * the same poly training with the augmentation on the device: uninterrupted (last call of the
+      reference chain) and killed after epoch 1 (beside the msd one);
     * then one fresh process that reruns each killed one (resume) and reruns it again (nothing left).
     """
     root = tmp_path_factory.mktemp("run")
@@ -204,10 +213,13 @@ def runs(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     poly = {"checkpoint_dir": str(checkpoint_dir)}
     msd = {"checkpoint_dir": str(msd_dir), "epochs": MSD_EPOCHS, "fit": MSD_FIT}
     msd_reference = {**msd, "checkpoint_dir": str(msd_reference_dir)}
+    device_dir = root / "device"
+    device = {"checkpoint_dir": str(device_dir), "augmentation": DEVICE_AUGMENTATION}
+    device_reference = {**device, "checkpoint_dir": str(root / "device_reference")}
     started = [_start(shards, [{**poly, "kill_after_epoch": 1}]),
                _start(shards, [{"checkpoint_dir": str(reference_dir)},
                                {"checkpoint_dir": str(reference_dir), "fingerprint": "other", "epochs": 1},
-                               msd_reference, msd_reference])]
+                               msd_reference, msd_reference, device_reference])]
     try:
         out = {"checkpoint_dir": checkpoint_dir, "reference_dir": reference_dir, "msd_dir": msd_dir,
                "killed": _finish(started[0])}
@@ -215,13 +227,15 @@ def runs(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         out["state_after_kill"] = _state(checkpoint_dir) if (checkpoint_dir / "state.json").exists() else None
         out["reference"] = _finish(started[1])
         out["msd_reference_state"] = _state(msd_reference_dir)
-        msd_reference_result = _ok(_results(out["reference"], expected=4)[2])
+        msd_reference_result = _ok(_results(out["reference"], expected=CHAIN_CALLS)[2])
         out["msd_kill_after"] = _first_cut(msd_reference_result["epoch_learning_rates"]) or 1
         started.append(_start(shards, [{**msd, "kill_after_epoch": out["msd_kill_after"]}]))
+        started.append(_start(shards, [{**device, "kill_after_epoch": 1}]))
         out["msd_killed"] = _finish(started[2])
         out["msd_state_after_kill"] = _state(msd_dir) if (msd_dir / "state.json").exists() else None
-        started.append(_start(shards, [poly, poly, msd, msd]))
-        out["rerun"] = _finish(started[3])
+        out["device_killed"] = _finish(started[3])
+        started.append(_start(shards, [poly, poly, msd, msd, device]))
+        out["rerun"] = _finish(started[4])
     finally:
         for process in started:
             if process.poll() is None:
@@ -251,7 +265,7 @@ def test_rerun_resumes_after_epoch_one_and_then_has_nothing_left_to_do(runs: dic
     """Fails while ``fit_with_resume`` loads the last checkpoint before the custom loss/metric classes
     are registered in a fresh process ("Could not locate class 'DiceCrossEntropyLoss'")."""
     rerun = runs["rerun"]
-    resumed, finished = (_ok(r) for r in _results(rerun, expected=4)[:2])
+    resumed, finished = (_ok(r) for r in _results(rerun, expected=CHAIN_CALLS)[:2])
     assert resumed["backend"] == BACKEND
     assert resumed["resumed_from_epoch"] == 1
     assert "resuming from" in rerun.stderr and "after epoch 1" in rerun.stderr
@@ -278,7 +292,7 @@ def test_rerun_resumes_after_epoch_one_and_then_has_nothing_left_to_do(runs: dic
 
 def test_other_fingerprint_starts_afresh_and_moves_the_old_checkpoint_aside(runs: dict) -> None:
     reference_dir = runs["reference_dir"]
-    finished, other = (_ok(r) for r in _results(runs["reference"], expected=4)[:2])
+    finished, other = (_ok(r) for r in _results(runs["reference"], expected=CHAIN_CALLS)[:2])
     assert finished["resumed_from_epoch"] == 0 and finished["epochs_trained"] == [0, 1, 2]
     assert other["resumed_from_epoch"] == 0 and other["epochs_trained"] == [0]
     assert all(len(values) == 1 for values in other["history"].values())
@@ -296,9 +310,9 @@ def test_resumed_training_reproduces_the_uninterrupted_one(runs: dict) -> None:
     order as the uninterrupted one, so the per-epoch losses agree (both runs are on one CPU;
     fresh runs here are bit-identical). Fails while Keras' own batch shuffling (``fit`` with
     ``shuffle=True``, drawn from Python's ``random`` re-seeded at resume) reorders the batches."""
-    reference = _ok(_results(runs["reference"], expected=4)[0])
+    reference = _ok(_results(runs["reference"], expected=CHAIN_CALLS)[0])
     assert reference["resumed_from_epoch"] == 0 and reference["epochs_trained"] == [0, 1, 2]
-    resumed = _ok(_results(runs["rerun"], expected=4)[0])
+    resumed = _ok(_results(runs["rerun"], expected=CHAIN_CALLS)[0])
     for key in ("loss", "val_loss", "dice_pancreas", "val_dice_pancreas"):
         np.testing.assert_allclose(resumed["history"][key], reference["history"][key], rtol=1e-5,
                                    err_msg=key)
@@ -332,7 +346,7 @@ def _assert_same_weights(actual: list[list[float]], expected: list[list[float]])
 def test_msd_callbacks_fire_in_the_reference_run(runs: dict) -> None:
     """The scenario the resume tests rely on: the learning rate is cut at the end of the killed
     epoch, early stopping's wait counter is running at the kill, and the run stops early."""
-    reference = _ok(_results(runs["reference"], expected=4)[2])
+    reference = _ok(_results(runs["reference"], expected=CHAIN_CALLS)[2])
     lrs = reference["epoch_learning_rates"]
     kill_after = _first_cut(lrs)
     stopped_after = len(reference["epochs_trained"])
@@ -361,8 +375,8 @@ def test_msd_callbacks_resume_exactly_after_kill(runs: dict) -> None:
     killed = runs["msd_killed"]
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
     kill_after = runs["msd_kill_after"]
-    reference = _ok(_results(runs["reference"], expected=4)[2])
-    resumed = _ok(_results(runs["rerun"], expected=4)[2])
+    reference = _ok(_results(runs["reference"], expected=CHAIN_CALLS)[2])
+    resumed = _ok(_results(runs["rerun"], expected=CHAIN_CALLS)[2])
     assert resumed["resumed_from_epoch"] == kill_after
     assert resumed["epochs_trained"] == reference["epochs_trained"][kill_after:]
     np.testing.assert_allclose(resumed["epoch_learning_rates"], reference["epoch_learning_rates"][kill_after:],
@@ -380,7 +394,7 @@ def test_msd_callbacks_resume_exactly_after_kill(runs: dict) -> None:
 def test_early_stopped_run_is_not_continued_when_rerun(runs: dict) -> None:
     """Fails while a rerun only compares completed epochs with ``epochs`` (it trains on)."""
     for chain in ("reference", "rerun"):
-        first, again = (_ok(r) for r in _results(runs[chain], expected=4)[2:])
+        first, again = (_ok(r) for r in _results(runs[chain], expected=CHAIN_CALLS)[2:4])
         stopped_after = len(first["history"]["loss"])
         assert stopped_after < MSD_EPOCHS
         assert again["resumed_from_epoch"] == stopped_after
@@ -404,3 +418,21 @@ def test_an_orphan_checkpoint_of_an_uncommitted_epoch_is_ignored(tmp_path: Path)
     assert state is not None and committed_checkpoint(tmp_path, state).read_bytes() == b"epoch 1"
     (tmp_path / last_checkpoint_name(1)).unlink()  # a state whose model file is gone is no checkpoint
     assert read_checkpoint_state(tmp_path) is None
+
+
+def test_augmentation_on_the_device_resumes_exactly(runs: dict) -> None:
+    """With the draws applied in the training step, the run killed after epoch 1 and resumed
+    equals the uninterrupted one (the draws are keyed on seed, epoch and batch, like the batches),
+    and the augmentation did change what was trained (other losses than without it)."""
+    killed = runs["device_killed"]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    reference = _ok(_results(runs["reference"], expected=CHAIN_CALLS)[4])
+    resumed = _ok(_results(runs["rerun"], expected=CHAIN_CALLS)[4])
+    assert reference["epochs_trained"] == [0, 1, 2]
+    assert resumed["resumed_from_epoch"] == 1 and resumed["epochs_trained"] == [1, 2]
+    for key in ("loss", "val_loss", "dice_pancreas", "val_dice_pancreas"):
+        np.testing.assert_allclose(resumed["history"][key], reference["history"][key], rtol=1e-5, err_msg=key)
+    _assert_same_weights(resumed["last_weights"], reference["last_weights"])
+    _assert_same_weights(resumed["best_weights"], reference["best_weights"])
+    plain = _ok(_results(runs["reference"], expected=CHAIN_CALLS)[0])
+    assert not np.allclose(reference["history"]["loss"], plain["history"]["loss"], rtol=1e-3)

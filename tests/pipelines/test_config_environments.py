@@ -111,6 +111,12 @@ def test_resume_fingerprint_ignores_speed_only_settings() -> None:
     assert fingerprint(learning_rate=1e-4) != fingerprint()
     assert fingerprint(foreground_fraction=0.5) != fingerprint()   # a loader setting outside FitConfig
     assert resume_fingerprint(FitConfig.from_settings(settings), "unet_small", settings, *parts) != fingerprint()
+    # augmenting on the device is not bit-identical to the host: another checkpoint; the host path
+    # keeps the fingerprint of the versions before the setting existed
+    augmentation = settings["augmentation"]
+    assert augmentation["on_device"] is False  # conf/base: on the host
+    assert fingerprint(augmentation={**augmentation, "on_device": True}) != fingerprint()
+    assert fingerprint(augmentation={k: v for k, v in augmentation.items() if k != "on_device"}) == fingerprint()
 
 
 def test_the_study_environment_trains_as_base_on_a_sample_that_can_reach_significance() -> None:

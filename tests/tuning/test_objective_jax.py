@@ -1,7 +1,8 @@
 """A study's objective end to end under KERAS_BACKEND=jax (the GPU machines have no TensorFlow), in
 a fresh interpreter: two real trials of a tiny U-Net from in-memory arrays (shards that have no
 file, the fallback the node uses for them), the second stopped by a pruner after its first epoch;
-values are Dice scores, reports are per epoch."""
+values are Dice scores, reports are per epoch. The augmentation runs in the training step, as
+conf/msd (the GPU environment) sets it."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ for i, split in enumerate(["train", "train", "validation"]):
     rows.append({"case_id": f"case{i}", "split": split})
 settings = {"seed": 1, "epochs": 3, "batch_size": 4, "steps_per_epoch": 2, "learning_rate": 1e-3,
             "lr_schedule": "constant", "loss": "dice_ce", "dice_smooth": 1.0, "monitor": "val_dice_pancreas",
-            "foreground_fraction": 0.5, "retain_heap": False, "augmentation": {"enabled": False},
+            "foreground_fraction": 0.5, "retain_heap": False, "augmentation": {"on_device": True},
             "model": {"base_filters": 4, "depth": 2, "dropout": 0.0, "l2_weight": 0.0}}
 space = SearchSpace.from_config({"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
 context = TrialContext(architecture="unet", study_name="jax", settings=settings, search_space=space,

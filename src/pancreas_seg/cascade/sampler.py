@@ -22,7 +22,7 @@ import numpy as np
 from pancreas_seg.cascade.crops import extract_window
 from pancreas_seg.core.labels import TUMOUR, to_training_target
 from pancreas_seg.imaging.preprocess import context_stack
-from pancreas_seg.learning.loader import CaseSliceDataset, encode_targets
+from pancreas_seg.learning.loader import CaseSliceDataset
 
 
 class CropLoader(CaseSliceDataset):
@@ -97,7 +97,7 @@ class CropLoader(CaseSliceDataset):
                 corners[i] = np.round(top_left + shift).astype(np.int64)
         return slices, corners
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
         self._check_index(index)
         slices, corners = self.window_positions(index)
         images, labels = [], []
@@ -109,5 +109,4 @@ class CropLoader(CaseSliceDataset):
             labels.append(extract_window(label, int(top), int(left), self.window_hw, 0)[0])
         batch_images = np.stack(images).astype(np.float32, copy=False)
         batch_labels = to_training_target(np.stack(labels), self.label_mode)
-        batch_images, batch_labels = self._augment(batch_images, batch_labels, index)
-        return batch_images, encode_targets(batch_labels, self.label_mode)
+        return self._finish_batch(batch_images, batch_labels, index)

@@ -108,6 +108,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from pancreas_seg.core.backend import AUTO, apply_backend
 from pancreas_seg.imaging.nifti_io import NiftiVolume, nifti_bytes
 from pancreas_seg.imaging.nifti_upload import UploadRefused, VolumeLimits, read_upload, read_upload_header
 from pancreas_seg.inference import scoring_server_guard
@@ -392,6 +393,11 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.local_paths = local_paths
 
     def load_context(self, context: Any) -> None:
+        # The served model loads Keras here, in a process Kedro never set up: choose the backend first
+        # (a GPU install has no TensorFlow, Keras' default). `auto`: KERAS_BACKEND when set, else JAX on
+        # a GPU, else TensorFlow when installed; Keras already imported keeps its backend.
+        backend = apply_backend(AUTO)
+        logger.info("serving on the Keras %s backend", backend)
         folder = Path(context.artifacts[BUNDLE_ARTIFACT])
         trained = read_bundle(folder, "the pyfunc bundle")
         # the models are loaded and checked now, not on the first request

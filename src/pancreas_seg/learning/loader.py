@@ -6,6 +6,10 @@
   never augmented.
 * Batch ``i`` of epoch ``e`` depends only on ``(seed, e, i)``: runs are reproducible and a resumed
   run sees exactly the batches an uninterrupted one would.
+* Training batches are ``(images, targets)``, augmented on the host; with
+  ``augmentation.on_device`` they are ``(images, labels uint8, draws float32)`` instead, the same
+  random draws left for the training step to apply (:mod:`pancreas_seg.learning.device_augmentation`;
+  ``fit_with_resume`` does it). Validation batches are always ``(images, targets)``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import keras
 import numpy as np
 
 from pancreas_seg.imaging.preprocess import context_stack
-from pancreas_seg.learning.augmentation import AugmentationConfig, augment_batch
+from pancreas_seg.learning.augmentation import AugmentationConfig, apply_augmentation_numpy, draw_augmentation
+from pancreas_seg.learning.device_augmentation import DeviceAugmentation
 
 
 def encode_targets(labels: np.ndarray, label_mode: str) -> np.ndarray:
@@ -41,7 +46,8 @@ class CaseSliceDataset(keras.utils.PyDataset):
         label_mode: ``multiclass`` | ``pancreas`` | ``tumour`` (target encoding).
         training: True = sampled, augmented, ``steps_per_epoch`` batches; False = every slice once.
         context_slices: k neighbouring slices stacked as channels (odd).
-        augmentation: applied to training batches only.
+        augmentation: applied to training batches only (on the host, or drawn here and applied in
+            the training step when ``augmentation.on_device``: see :attr:`augments_on_device`).
         seed: base seed of every random choice.
         steps_per_epoch: training batches per epoch (default: enough to see every slice once).
     """
@@ -83,11 +89,28 @@ class CaseSliceDataset(keras.utils.PyDataset):
         if index >= len(self):
             raise IndexError(f"batch {index} out of range ({len(self)} batches)")
 
-    def _augment(self, images: np.ndarray, labels: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Training batches: the configured augmentation, keyed on (seed, epoch, batch)."""
-        if not self.training:
-            return images, labels
-        return augment_batch(images, labels, self.augmentation, np.random.default_rng([self.seed, self.epoch, index, 1]))
+    @property
+    def augments_on_device(self) -> bool:
+        """True when training batches are ``(images, labels uint8, draws float32)`` for the training
+        step to augment (:meth:`device_augmentation`), not augmented ``(images, targets)``."""
+        return self.training and self.augmentation.enabled and self.augmentation.on_device
+
+    def device_augmentation(self) -> DeviceAugmentation | None:
+        """What the training step must apply to this loader's batches (None: they are ready)."""
+        return DeviceAugmentation(self.label_mode) if self.augments_on_device else None
+
+    def _finish_batch(self, images: np.ndarray, labels: np.ndarray, index: int) -> tuple[np.ndarray, ...]:
+        """The batch ``fit`` receives: training batches augmented with the draws keyed on
+        (seed, epoch, batch), on the host or (:attr:`augments_on_device`) in the training step."""
+        if not self.training or not self.augmentation.enabled:
+            return images, encode_targets(labels, self.label_mode)
+        draws = draw_augmentation(self.augmentation, np.random.default_rng([self.seed, self.epoch, index, 1]),
+                                  images.shape[0])
+        if self.augments_on_device:
+            return (np.ascontiguousarray(images, np.float32), np.ascontiguousarray(labels, np.uint8),
+                    draws.as_array())
+        images, labels = apply_augmentation_numpy(images, labels, draws)
+        return images, encode_targets(labels, self.label_mode)
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
@@ -127,11 +150,10 @@ class SliceLoader(CaseSliceDataset):
             chosen[background_positions[:missing]] = rng.choice(self.foreground_slices, size=missing)
         return chosen
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
         self._check_index(index)
         slices = self.batch_indices(index)
         images = np.stack([context_stack(self._images[self._case_of[s]], np.array([self._z_of[s]]),
                                          self.context_slices)[0] for s in slices])
         labels = np.stack([np.asarray(self._labels[self._case_of[s]][self._z_of[s]]) for s in slices])
-        images, labels = self._augment(images, labels, index)
-        return images, encode_targets(labels, self.label_mode)
+        return self._finish_batch(images, labels, index)

@@ -94,8 +94,15 @@ RESULT_NEUTRAL_SETTINGS = ("retain_heap", "distribution")
 
 def resume_fingerprint(fit_config: Any, name: str, settings: Mapping[str, Any], *parts: Any) -> str:
     """The checkpoint fingerprint: fit settings, architecture, merged training settings (less
-    :data:`RESULT_NEUTRAL_SETTINGS`) and ``parts`` (preprocessing, intensity stats, case ids)."""
+    :data:`RESULT_NEUTRAL_SETTINGS`) and ``parts`` (preprocessing, intensity stats, case ids).
+
+    ``augmentation.on_device`` counts (float32 sampling on the device is not bit-identical to the
+    host's), but only when true: a checkpoint of the host path keeps the fingerprint it had before
+    the setting existed."""
     relevant = {k: v for k, v in settings.items() if k not in RESULT_NEUTRAL_SETTINGS}
+    augmentation = relevant.get("augmentation")
+    if isinstance(augmentation, Mapping) and not augmentation.get("on_device", False):
+        relevant["augmentation"] = {k: v for k, v in augmentation.items() if k != "on_device"}
     return fit_config.fingerprint(name, relevant, *parts)
 
 

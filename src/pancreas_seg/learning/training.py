@@ -31,6 +31,7 @@ import keras
 
 from pancreas_seg.core.atomic import atomic_write_bytes
 from pancreas_seg.learning.curves import SECONDS_KEY, STEP_KEY, pad_curve_record, seconds_so_far
+from pancreas_seg.learning.device_augmentation import train_step_augmentation
 from pancreas_seg.learning.distribution import DistributionConfig, placement
 from pancreas_seg.models.io import load_model, save_model
 
@@ -314,6 +315,10 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
                     callbacks: Sequence[keras.callbacks.Callback] = ()) -> FitResult:
     """Train ``build_model()`` (compiled) for ``config.epochs``, resuming from ``checkpoint_dir``.
 
+    A loader that augments on the device (``augmentation.on_device``,
+    :mod:`pancreas_seg.learning.device_augmentation`) has its draws applied inside the training step;
+    the checkpoints and the returned model stay plain Keras models.
+
     With ``config.distribution`` set (:mod:`pancreas_seg.learning.distribution`), the model is
     built (or restored from the checkpoint), compiled and trained on the configured devices; the
     returned best model is loaded on one device, as without it.
@@ -373,11 +378,13 @@ def fit_with_resume(build_model: Callable[[], keras.Model], train_data: keras.ut
         # Order matters: the curve record and state-changing callbacks, then the commit, then observers.
         fit_callbacks: list[keras.callbacks.Callback] = [
             *where.callbacks(), clock, *stateful, checkpoint, EpochProgress(label, config.epochs), *callbacks]
+        fit_data = where.training_data(train_data)
         with where.scope():  # build or restore, compile and fit on the configured devices
             model = build_model() if state is None else _restore(checkpoint_dir, state, label)
-            model.fit(where.training_data(train_data), validation_data=validation_data, epochs=config.epochs,
-                      initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0,
-                      shuffle=False)  # the loader shuffles, keyed on (seed, epoch, batch): resume-exact
+            with train_step_augmentation(model, train_data, fit_data):
+                model.fit(fit_data, validation_data=validation_data, epochs=config.epochs,
+                          initial_epoch=initial_epoch, callbacks=fit_callbacks, verbose=0,
+                          shuffle=False)  # the loader shuffles, keyed on (seed, epoch, batch): resume-exact
         best_value, stopped_early = checkpoint.best_value, checkpoint.stopped_early
         if stopped_early:
             logger.info("%s: stopped early after epoch %d (no %s improvement)", label,

@@ -49,6 +49,8 @@ from kedro.pipeline.node import Node
 from kedro.runner import AbstractRunner
 from kedro.runner.task import Task
 
+from pancreas_seg.core.backend import ENV_VAR as KERAS_BACKEND_ENV_VAR
+from pancreas_seg.core.backend import JAX, TENSORFLOW, apply_backend
 from pancreas_seg.pipelines import NO_MLFLOW_RUN_TAG
 from pancreas_seg.runners.cluster import (
     ClusterSettings,
@@ -414,9 +416,15 @@ class ProjectOnWorker(WorkerPlugin):
         self.warm_modules = tuple(warm_modules)
         self.mlflow_parent = mlflow_parent
         self.trim_after_task = trim_after_task
+        # The driver's Keras backend (KerasBackendHook wrote runtime.keras_backend there): a LocalCluster's
+        # workers inherit it, workers started elsewhere (a scheduler address, SLURM) get it in setup().
+        self.keras_backend = os.environ.get(KERAS_BACKEND_ENV_VAR) or None
 
     def setup(self, worker: Any) -> None:
         from kedro.framework.project import configure_logging, configure_project  # noqa: PLC0415
+
+        if self.keras_backend in (JAX, TENSORFLOW):   # before warm_up imports the node modules (and Keras)
+            apply_backend(self.keras_backend)
 
         if Path(self.project_path).is_dir():
             os.chdir(self.project_path)

@@ -51,7 +51,11 @@ def log_run_setup(name: str, settings: dict[str, Any], preprocessing: dict[str, 
     import keras  # noqa: PLC0415
     import mlflow  # noqa: PLC0415
 
-    mlflow.set_tags({"architecture": name, "data_source": source, "keras_backend": keras.backend.backend(),
+    from pancreas_seg.core.backend import describe_devices  # noqa: PLC0415
+
+    backend = keras.backend.backend()
+    mlflow.set_tags({"architecture": name, "data_source": source, "keras_backend": backend,
+                     "keras_devices": ", ".join(describe_devices(backend))[:5000],   # e.g. gpu:0 NVIDIA H100
                      "git_commit": tracking.git_commit(), "label_mode": label_mode})
     mlflow.log_params(tracking.flatten({"architecture": name, "training": settings,
                                         "preprocessing": preprocessing}))

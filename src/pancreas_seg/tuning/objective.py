@@ -153,6 +153,7 @@ class KerasObjective:
         from pancreas_seg import tracking  # noqa: PLC0415
         from pancreas_seg.core.runtime import dtype_policy, retained_heap  # noqa: PLC0415
         from pancreas_seg.imaging.preprocess import PreprocessingConfig  # noqa: PLC0415
+        from pancreas_seg.learning.device_augmentation import train_step_augmentation  # noqa: PLC0415
         from pancreas_seg.learning.setup import compile_model, make_loaders  # noqa: PLC0415
         from pancreas_seg.learning.training import FitConfig  # noqa: PLC0415
         from pancreas_seg.models.registry import build_model  # noqa: PLC0415
@@ -190,8 +191,9 @@ class KerasObjective:
             with dtype_policy(policy), retained_heap(bool(settings.get("retain_heap", False))):
                 model = build_model(context.architecture, input_shape, config.label_mode, **settings["model"])
                 compile_model(model, settings, config.label_mode, total_steps=fit_config.epochs * len(train_loader))
-                history = model.fit(train_loader, validation_data=val_loader, epochs=fit_config.epochs,
-                                    callbacks=callbacks, verbose=0, shuffle=False)
+                with train_step_augmentation(model, train_loader):  # augmentation.on_device: in the step
+                    history = model.fit(train_loader, validation_data=val_loader, epochs=fit_config.epochs,
+                                        callbacks=callbacks, verbose=0, shuffle=False)
         finally:
             keras.backend.clear_session()
         return {k: [float(v) for v in vs] for k, vs in history.history.items()}, pruning.pruned_at_epoch
