@@ -2,8 +2,8 @@
 
 from kedro.config import OmegaConfigLoader
 
+from pancreas_seg.core.environment import required_env
 from pancreas_seg.core.warnings_filter import install as install_warning_filters
-from pancreas_seg.tracking.team_env import required_env
 
 install_warning_filters()  # known-harmless third-party warnings off, in one place
 

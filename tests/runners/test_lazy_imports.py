@@ -51,3 +51,16 @@ def test_sequential_work_does_not_import_distributed() -> None:
 
 def test_the_runner_is_still_found_by_its_dotted_path() -> None:
     assert _run(RUNNER) == "pancreas_seg.runners.dask_runner True"
+
+
+SETTINGS = """
+import sys
+import pancreas_seg.settings   # what every process that configures the project imports (Dask workers too)
+print(sorted(name for name in ("mlflow", "keras", "tensorflow", "jax", "distributed") if name in sys.modules))
+"""
+
+
+def test_the_project_settings_import_no_mlflow_and_no_keras() -> None:
+    """Dask workers configure the project (settings.py) before any node runs: a node tagged
+    ``no_mlflow_run`` must find MLflow unloaded there, and the backend must still be choosable."""
+    assert _run(SETTINGS) == "[]"

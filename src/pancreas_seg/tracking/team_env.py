@@ -30,28 +30,6 @@ KINDS = ("parameters", "mlflow", "catalog", "dask", "globals")
 TEAM_ENV = "team"
 
 
-#: The variables a team environment reads, and what each must hold (for the error when unset).
-REQUIRED_VARIABLES = {
-    "MLFLOW_TRACKING_URI": "the lab's MLflow tracking server, e.g. http://127.0.0.1:5000 (`make mlflow-server`)",
-}
-
-
-def required_env(name: str) -> str:
-    """The value of the environment variable ``name``; a clear error when it is unset or empty.
-
-    Kedro's config loader calls it for ``${required_env:NAME}`` (settings.py registers it), so an
-    environment that needs a server says so before kedro-mlflow falls back to a local store.
-    """
-    import os  # noqa: PLC0415
-
-    value = os.environ.get(name, "").strip()
-    if not value:
-        meaning = REQUIRED_VARIABLES.get(name, "a value this environment needs")
-        raise ValueError(f"the environment variable {name} is not set: this Kedro environment reads "
-                         f"{meaning} from it. Export it before `kedro run` (docs/team.md).")
-    return value
-
-
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """``override`` over ``base``: dictionaries merge key by key, other values are replaced."""
     merged = dict(base)
