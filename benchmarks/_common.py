@@ -165,6 +165,24 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def fit_epoch_seconds(model: Any, *fit_args: Any, **fit_kwargs: Any) -> float:
+    """``model.fit(*fit_args, epochs=1, verbose=0, **fit_kwargs)``; returns the epoch's seconds from
+    Keras' ``on_epoch_begin`` to ``on_epoch_end`` (the fit call's own set-up left out)."""
+    import keras  # noqa: PLC0415 - lazy: most benchmarks import this module without Keras
+
+    span: list[float] = []
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            span.append(time.perf_counter())
+
+        def on_epoch_end(self, epoch, logs=None):
+            span.append(time.perf_counter())
+
+    model.fit(*fit_args, epochs=1, verbose=0, callbacks=[EpochTimer()], **fit_kwargs)
+    return span[1] - span[0]
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

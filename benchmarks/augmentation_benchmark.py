@@ -73,19 +73,8 @@ def run(args: argparse.Namespace) -> dict:
         models[name] = compile_model(build_model("unet", (args.size, args.size, 1), "multiclass",
                                                  base_filters=args.base_filters, depth=args.depth,
                                                  dropout=0.1, l2_weight=1e-4), settings, "multiclass")
-    span: list[float] = []
-
-    class EpochTimer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            span.append(time.perf_counter())
-
-        def on_epoch_end(self, epoch, logs=None):
-            span.append(time.perf_counter())
-
     def epoch(name: str) -> float:
-        span.clear()
-        models[name].fit(loaders[name], epochs=1, verbose=0, shuffle=False, callbacks=[EpochTimer()])
-        return span[1] - span[0]
+        return _common.fit_epoch_seconds(models[name], loaders[name], shuffle=False)
 
     times: dict[str, list[float]] = {"host": [], "device": []}
     ratios = []

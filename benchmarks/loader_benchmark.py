@@ -153,30 +153,20 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _fit_epoch(keras, model, loader, arrays, steps: int) -> tuple[float, float, int]:
+def _fit_epoch(model, loader, arrays, steps: int) -> tuple[float, float, int]:
     """One ``model.fit(..., epochs=1)``: (epoch time from callbacks, wall time of fit, minor faults)."""
-    span: list[float] = []
-
-    class EpochTimer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            span.append(time.perf_counter())
-
-        def on_epoch_end(self, epoch, logs=None):
-            span.append(time.perf_counter())
-
     t0, faults = time.perf_counter(), _minor_faults()
     if loader is not None:
-        model.fit(loader, epochs=1, verbose=0, callbacks=[EpochTimer()])
+        epoch_s = _common.fit_epoch_seconds(model, loader)
     else:
-        model.fit(*arrays, batch_size=BATCH, shuffle=True, steps_per_epoch=steps, epochs=1, verbose=0,
-                  callbacks=[EpochTimer()])
-    return span[1] - span[0], time.perf_counter() - t0, _minor_faults() - faults
+        epoch_s = _common.fit_epoch_seconds(model, *arrays, batch_size=BATCH, shuffle=True, steps_per_epoch=steps)
+    return epoch_s, time.perf_counter() - t0, _minor_faults() - faults
 
 
 def child_fit(args: argparse.Namespace) -> dict:
     """``loader`` / ``memory``: peak RSS of a short fit (compile + a few steps) in its own process."""
     keras, model, loader, arrays, info = _setup_fit(args)
-    epoch_s, fit_s, _ = _fit_epoch(keras, model, loader, arrays, args.steps)
+    epoch_s, fit_s, _ = _fit_epoch(model, loader, arrays, args.steps)
     return {"variant": args.variant, "arch": args.arch, "steps": args.steps, **info,
             "first_epoch_s": epoch_s, "first_fit_wall_s": fit_s}
 
@@ -185,13 +175,13 @@ def child_interleaved(args: argparse.Namespace) -> dict:
     """Both variants on one model in one process, epochs alternating, so noise hits both alike."""
     keras, model, loader, arrays, info = _setup_fit(args)
     variants = {"loader": (loader, None), "memory": (None, arrays)}
-    warm = {name: _fit_epoch(keras, model, *variants[name], args.steps)[0] for name in variants}
+    warm = {name: _fit_epoch(model, *variants[name], args.steps)[0] for name in variants}
     epochs: dict[str, list[float]] = {name: [] for name in variants}
     faults: dict[str, list[int]] = {name: [] for name in variants}
     ratios = []
     for r in range(args.epochs):
         for name in ("loader", "memory") if r % 2 == 0 else ("memory", "loader"):
-            epoch_s, _, epoch_faults = _fit_epoch(keras, model, *variants[name], args.steps)
+            epoch_s, _, epoch_faults = _fit_epoch(model, *variants[name], args.steps)
             epochs[name].append(epoch_s)
             faults[name].append(epoch_faults)
         ratios.append(epochs["memory"][-1] / epochs["loader"][-1])  # = loader sl/s / memory sl/s
